@@ -1,0 +1,30 @@
+"""wayang-mq: Wayang's execution fabric on RabbitMQ.
+
+Executors are worker daemons bound to capability queues; the dispatcher publishes signed msgpack
+tasks and collects results; see README.md and docs/.
+"""
+
+from wayang_mq.context import TaskContext, current
+from wayang_mq.errors import ErrorCode, ExecutorError, WayangError
+from wayang_mq.executor import Executor, TaskState, TaskStatus
+from wayang_mq.model import ErrorInfo, Heartbeat, Progress, Registration, Result, Status, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ErrorCode",
+    "ErrorInfo",
+    "Executor",
+    "ExecutorError",
+    "Heartbeat",
+    "Progress",
+    "Registration",
+    "Result",
+    "Status",
+    "Task",
+    "TaskContext",
+    "TaskState",
+    "TaskStatus",
+    "WayangError",
+    "current",
+]

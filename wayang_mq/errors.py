@@ -1,0 +1,161 @@
+"""One error root for the fabric, and the closed set of error codes that tests and the wire share.
+
+Every error knows whether retrying can help (``retryable``), so the layer that decides ack,
+retry or dead-letter never has to guess from an exception's type.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Machine-readable reasons a task ends FAILED. Closed: the wire carries only these."""
+
+    TIMEOUT = "timeout"  # queue, execution or heartbeat deadline passed
+    CANCELLED = "cancelled"  # a cancel request reached the task
+    INVALID_TASK = "invalid_task"  # body is not msgpack, or fails the task schema
+    BAD_SIGNATURE = "bad_signature"  # missing, unknown key id, or forged signature
+    TOKEN_EXPIRED = "token_expired"  # the task's deadline had passed when it was received
+    NO_EXECUTOR = "no_executor"  # no queue serves the capability, or the worker does not
+    DELIVERY_LIMIT = "delivery_limit"  # the task crashed its workers too often (poison)
+    EXECUTOR_ERROR = "executor_error"  # the executor raised
+    INVALID_RESULT = "invalid_result"  # the executor returned something that is not a result
+    OVERSIZED = "oversized"  # body larger than the worker accepts
+    RETRIES_EXHAUSTED = "retries_exhausted"  # every attempt the retry policy allowed failed
+    BACKPRESSURE = "backpressure"  # the capability's queue is full
+
+
+class WayangError(Exception):
+    """Root of every error wayang-mq raises on purpose.
+
+    ``hint`` says what to do about it; the CLI prints ``message`` and ``hint`` on one line.
+    """
+
+    code: ErrorCode | None = None
+    retryable: bool = False
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        """The message and what to do, as the CLI prints it."""
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ConfigError(WayangError):
+    """A setting, file or argument is wrong; fix the input and run again."""
+
+
+class StackError(WayangError):
+    """The local broker or database could not be started or reached."""
+
+
+class BrokerUnreachable(WayangError):
+    """The AMQP broker did not answer or refused our credentials."""
+
+    retryable = True
+
+
+class TopologyError(WayangError):
+    """The declarative topology file is malformed or could not be applied."""
+
+
+class WireError(WayangError):
+    """A message could not be decoded; carries the raw body so it can be dead-lettered intact."""
+
+    code = ErrorCode.INVALID_TASK
+
+    def __init__(self, message: str, *, body: bytes = b"", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.body = body
+
+
+class InvalidMessage(WireError):
+    """The body is not msgpack, or does not match the schema its ``type`` names."""
+
+
+class OversizedMessage(WireError):
+    """The body is larger than the receiver accepts."""
+
+    code = ErrorCode.OVERSIZED
+
+
+class SignatureError(WireError):
+    """The signature is missing, names an unknown key, or does not match the body."""
+
+    code = ErrorCode.BAD_SIGNATURE
+
+
+class TokenExpired(WireError):
+    """The task's deadline had passed before it could start."""
+
+    code = ErrorCode.TOKEN_EXPIRED
+
+
+class ExecutorError(WayangError):
+    """Raised by executor code: says whether the fabric may retry, and after how long."""
+
+    code = ErrorCode.EXECUTOR_ERROR
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = True,
+        retry_after_s: float | None = None,
+        code: ErrorCode = ErrorCode.EXECUTOR_ERROR,
+        details: dict[str, object] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+        self.code = code
+        self.details = details or {}
+
+
+class WrongCapability(WireError):
+    """A task arrived on a queue of a capability it does not name, or the worker does not serve."""
+
+    code = ErrorCode.NO_EXECUTOR
+
+
+class NoExecutor(WayangError):
+    """No queue is bound for the capability: the broker returned the task unrouted."""
+
+    code = ErrorCode.NO_EXECUTOR
+
+    def __init__(self, capability: str) -> None:
+        super().__init__(
+            f"no queue serves capability {capability!r}: the broker returned the task unrouted",
+            hint="add the capability to topology/wayang.toml and run `wayang-mq topology apply`",
+        )
+        self.capability = capability
+
+
+class Backpressure(WayangError):
+    """The capability's queue is full and stayed full for the whole bounded retry."""
+
+    code = ErrorCode.BACKPRESSURE
+    retryable = True
+
+    def __init__(self, queue: str, waited_s: float) -> None:
+        super().__init__(
+            f"queue {queue} is full (the broker refused the task for {waited_s:.1f}s)",
+            hint="start more workers for it, or raise its max_length in topology/wayang.toml",
+        )
+        self.queue = queue
+
+
+class PublishFailed(WayangError):
+    """A publish was not confirmed by the broker (channel closed or nack)."""
+
+    retryable = True
+
+
+class ResultTimeout(WayangError):
+    """No terminal result arrived within the caller's wait."""
+
+    code = ErrorCode.TIMEOUT

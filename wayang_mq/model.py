@@ -1,0 +1,256 @@
+"""The fabric's messages (spec §4–§7) as immutable values.
+
+Field names are the wire names: what ``model_dump`` gives is exactly what goes into the msgpack
+map, so ``docs/wire-format.md`` and this module describe one thing. Times are integer
+milliseconds since the Unix epoch (``*_ms``), durations integer milliseconds, so a publisher in
+any language needs no date parsing. Unknown fields are rejected: a new field means a new
+``type`` version, never a silent drop.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from wayang_mq.errors import ErrorCode
+from wayang_mq.names import valid_capability
+
+JsonLike = Any  # any msgpack-representable value: nil, bool, int, float, str, bin, array, map
+
+
+def now_ms() -> int:
+    """Wall-clock time in the wire's unit."""
+    return time.time_ns() // 1_000_000
+
+
+def new_id() -> str:
+    """A fresh task or executor id: a random UUID, lowercase, hyphenated."""
+    return str(uuid.uuid4())
+
+
+def ms_to_datetime(ms: int) -> datetime:
+    """For display and logs; the wire stays in integer milliseconds."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+class WireModel(BaseModel):
+    """Base of every message body: frozen, strict about unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+    #: the AMQP ``type`` property of this body
+    wire_type: ClassVar[str]
+
+
+class Status(StrEnum):
+    """Outcome of a task as a result reports it (spec §7)."""
+
+    SUCCESS = "SUCCESS"  # terminal: output is the answer
+    FAILED = "FAILED"  # terminal: error says why, output may hold partial work
+    PENDING = "PENDING"  # not terminal: accepted and persisted, the answer comes later
+
+
+class RetryHints(WireModel):
+    """How the fabric may retry a failed attempt; a retry builds a new task, never mutates one."""
+
+    max_attempts: int = Field(default=1, ge=1, le=100)
+    initial_backoff_ms: int = Field(default=1000, ge=0)
+    backoff_multiplier: float = Field(default=2.0, ge=1.0)
+    max_backoff_ms: int = Field(default=300_000, ge=0)
+    non_retryable: tuple[ErrorCode, ...] = ()
+
+
+class PolicyConstraints(WireModel):
+    """Where and how a task may run (spec §6 'policy constraints')."""
+
+    executor_id: str | None = None  # pin to one executor (reassignment off)
+    labels: dict[str, str] = Field(default_factory=dict)  # executor metadata that must match
+    max_cost: float | None = None  # budget hint for agent or paid executors
+
+
+class Task(WireModel):
+    """One unit of work for one capability (spec §6). Immutable, idempotent by ``task_id``."""
+
+    wire_type: ClassVar[str] = "wayang.task.v1"
+
+    task_id: str = Field(min_length=1, max_length=128)
+    token: str = Field(min_length=1, max_length=1024)  # execution token: fences late results
+    node_id: str = Field(min_length=1, max_length=256)  # the workflow node this task executes
+    capability: str
+    input: dict[str, JsonLike] = Field(default_factory=dict)  # the context snapshot
+    policy: PolicyConstraints = Field(default_factory=PolicyConstraints)
+    retry: RetryHints = Field(default_factory=RetryHints)
+    timeout_ms: int | None = Field(default=None, gt=0)  # start-to-close execution timeout
+    heartbeat_timeout_ms: int | None = Field(default=None, gt=0)
+    issued_at_ms: int = Field(ge=0)
+    deadline_ms: int = Field(ge=0)  # nothing may start after this instant
+    attempt: int = Field(default=1, ge=1)
+    reply_to: str = ""  # routing key on wayang.results; signed, so a result cannot be redirected
+    partition_key: str | None = None  # sharded capabilities keep order per key
+    idempotency_key: str | None = None  # executors with side effects do them once per key
+    issuer: str = ""  # who signed: a dispatcher id
+
+    @field_validator("capability")
+    @classmethod
+    def _capability_is_routable(cls, value: str) -> str:
+        if not valid_capability(value):
+            raise ValueError(
+                "capability must be dotted lowercase words like 'http.call' "
+                "(letters, digits, '_' or '-'; not starting with 'retry.')"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _deadline_after_issue(self) -> Self:
+        if self.deadline_ms < self.issued_at_ms:
+            raise ValueError("deadline_ms is before issued_at_ms")
+        return self
+
+    @classmethod
+    def create(
+        cls,
+        capability: str,
+        input: dict[str, JsonLike] | None = None,
+        *,
+        queue_timeout_ms: int = 60_000,
+        **fields: Any,
+    ) -> Task:
+        """A new task with fresh ids, issued now, with a deadline ``queue_timeout_ms`` from now."""
+        issued = now_ms()
+        fields.setdefault("task_id", new_id())
+        fields.setdefault("token", new_id())
+        fields.setdefault("node_id", fields["task_id"])
+        return cls(
+            capability=capability,
+            input=input or {},
+            issued_at_ms=issued,
+            deadline_ms=issued + queue_timeout_ms,
+            **fields,
+        )
+
+    def expired(self, at_ms: int | None = None) -> bool:
+        """True when the task may no longer start."""
+        return (now_ms() if at_ms is None else at_ms) > self.deadline_ms
+
+    def next_attempt(self, **changes: Any) -> Task:
+        """A copy for the next attempt: a new value, the original stays untouched."""
+        return self.model_copy(update={"attempt": self.attempt + 1, **changes})
+
+
+class ErrorInfo(WireModel):
+    """Why a task failed, and whether trying again can help."""
+
+    code: ErrorCode
+    message: str = ""
+    retryable: bool = False
+    retry_after_ms: int | None = Field(default=None, ge=0)
+    details: dict[str, JsonLike] = Field(default_factory=dict)
+
+
+class Result(WireModel):
+    """An executor's answer (spec §7), correlated by task id, token and node id."""
+
+    wire_type: ClassVar[str] = "wayang.result.v1"
+
+    task_id: str
+    token: str
+    node_id: str
+    capability: str
+    status: Status
+    executor_id: str
+    attempt: int = Field(default=1, ge=1)
+    output: JsonLike = None  # the answer on SUCCESS, partial output on FAILED
+    error: ErrorInfo | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)  # e.g. duration_ms, queue_ms
+    logs: tuple[str, ...] = ()
+    finished_at_ms: int = Field(default_factory=now_ms)
+
+    @model_validator(mode="after")
+    def _error_matches_status(self) -> Self:
+        if self.status is Status.FAILED and self.error is None:
+            raise ValueError("a FAILED result needs an error")
+        if self.status is Status.SUCCESS and self.error is not None:
+            raise ValueError("a SUCCESS result cannot carry an error")
+        return self
+
+    @property
+    def terminal(self) -> bool:
+        """SUCCESS and FAILED end a task; PENDING does not."""
+        return self.status is not Status.PENDING
+
+    @classmethod
+    def failure(
+        cls,
+        task: Task,
+        executor_id: str,
+        error: ErrorInfo,
+        **fields: Any,
+    ) -> Result:
+        """A FAILED result answering ``task``."""
+        return cls(
+            task_id=task.task_id,
+            token=task.token,
+            node_id=task.node_id,
+            capability=task.capability,
+            status=Status.FAILED,
+            executor_id=executor_id,
+            attempt=task.attempt,
+            error=error,
+            **fields,
+        )
+
+
+class Registration(WireModel):
+    """An executor announcing itself to the control plane (spec §4.1)."""
+
+    wire_type: ClassVar[str] = "wayang.registration.v1"
+
+    executor_id: str
+    capabilities: tuple[str, ...]
+    protocol: str = "amqp-0-9-1"
+    metadata: dict[str, str] = Field(default_factory=dict)
+    concurrency: int = Field(default=1, ge=1)
+    version: str = ""
+    started_at_ms: int = Field(default_factory=now_ms)
+
+
+class Heartbeat(WireModel):
+    """Liveness and load, sent every few seconds (spec §4.6)."""
+
+    wire_type: ClassVar[str] = "wayang.heartbeat.v1"
+
+    executor_id: str
+    capabilities: tuple[str, ...]
+    in_flight: tuple[str, ...] = ()  # task ids running now
+    concurrency: int = Field(default=1, ge=1)
+    sequence: int = Field(default=0, ge=0)
+    sent_at_ms: int = Field(default_factory=now_ms)
+
+    @property
+    def load(self) -> float:
+        """Share of the executor's slots in use, 0.0 to 1.0."""
+        return len(self.in_flight) / self.concurrency
+
+
+class Progress(WireModel):
+    """A running task's progress (spec §4.4), for watchers and the heartbeat detail."""
+
+    wire_type: ClassVar[str] = "wayang.progress.v1"
+
+    task_id: str
+    executor_id: str
+    attempt: int = Field(default=1, ge=1)
+    fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    message: str = ""
+    details: dict[str, JsonLike] = Field(default_factory=dict)
+    sent_at_ms: int = Field(default_factory=now_ms)
+
+
+WIRE_TYPES: dict[str, type[WireModel]] = {
+    model.wire_type: model for model in (Task, Result, Registration, Heartbeat, Progress)
+}

@@ -1,0 +1,83 @@
+"""Every RabbitMQ name the fabric uses, built in one place (the names are a public contract)."""
+
+from __future__ import annotations
+
+import re
+
+TASKS_EXCHANGE = "wayang.tasks"
+RESULTS_EXCHANGE = "wayang.results"
+EVENTS_EXCHANGE = "wayang.events"
+CONTROL_EXCHANGE = "wayang.control"
+RETRY_EXCHANGE = "wayang.retry"
+DEAD_LETTER_EXCHANGE = "wayang.dlx"
+
+# Capabilities are dotted lowercase words (``http.call``); ``retry`` is reserved as a first
+# word because retry routing keys are ``retry.<tier>.<capability>``.
+_CAPABILITY = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)*$")
+_WORD = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+def valid_capability(capability: str) -> bool:
+    """True when ``capability`` can be used as a routing key and a queue-name suffix."""
+    return bool(_CAPABILITY.match(capability)) and not capability.startswith("retry.")
+
+
+def valid_word(word: str) -> bool:
+    """True for one routing-key word (tier names, executor and dispatcher ids)."""
+    return bool(_WORD.match(word))
+
+
+def task_queue(capability: str, shard: int | None = None) -> str:
+    """The quorum queue executors consume for a capability (or one shard of it)."""
+    base = f"wayang.task.{capability}"
+    return base if shard is None else f"{base}.{shard}"
+
+
+def shard_exchange(capability: str) -> str:
+    """The consistent-hash exchange that spreads a sharded capability over its queues."""
+    return f"wayang.shard.{capability}"
+
+
+def retry_queue(tier: str) -> str:
+    """The fixed-TTL queue of one retry tier."""
+    return f"wayang.retry.{tier}"
+
+
+def retry_routing_key(tier: str, capability: str) -> str:
+    """Routing key of a delayed retry: selects the tier, then routes back to the capability."""
+    return f"retry.{tier}.{capability}"
+
+
+def retry_binding_for_capability(capability: str) -> str:
+    """Binding on ``wayang.tasks`` that brings any tier's expired retry back to the capability."""
+    return f"retry.*.{capability}"
+
+
+def dead_queue(capability: str) -> str:
+    """Where a capability's dead letters wait for inspection and replay."""
+    return f"wayang.dead.{capability}"
+
+
+def reply_queue(dispatcher_id: str) -> str:
+    """One dispatcher's result queue."""
+    return f"wayang.reply.{dispatcher_id}"
+
+
+def reply_routing_key(dispatcher_id: str) -> str:
+    """The reply address a dispatcher puts in ``reply_to``."""
+    return f"reply.{dispatcher_id}"
+
+
+def policy_name(capability: str) -> str:
+    """The RabbitMQ policy that carries a capability's tunables."""
+    return f"wayang.task.{capability}"
+
+
+def policy_pattern(capability: str) -> str:
+    """Regex matching the capability's queue and its shard queues, and nothing else."""
+    return "^" + re.escape(task_queue(capability)) + r"(\.[0-9]+)?$"
+
+
+def event_key(kind: str, subject: str) -> str:
+    """Routing key on ``wayang.events``: ``heartbeat.<executor>``, ``progress.<task>``, ..."""
+    return f"{kind}.{subject}"

@@ -1,0 +1,166 @@
+"""Ed25519 signatures over the exact body bytes, with key ids so keys can rotate.
+
+The signature covers the bytes as they travel, so a receiver verifies before it decodes
+anything: a forged body never reaches the msgpack parser or the schema.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from wayang_mq.errors import ConfigError, SignatureError
+
+KEY_ID_HEADER = "wayang-key-id"
+SIGNATURE_HEADER = "wayang-signature"
+
+_RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+
+
+def key_id_of(public_key: Ed25519PublicKey) -> str:
+    """The key's id: first 16 hex digits of SHA-256 over the raw 32-byte public key."""
+    return hashlib.sha256(public_key.public_bytes(*_RAW)).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Signer:
+    """Signs bodies with one private key; the key itself never appears in ``repr``."""
+
+    private_key: Ed25519PrivateKey = field(repr=False)
+    key_id: str
+
+    @classmethod
+    def from_private_key(cls, private_key: Ed25519PrivateKey) -> Signer:
+        """Wrap a key, deriving its id."""
+        return cls(private_key, key_id_of(private_key.public_key()))
+
+    @classmethod
+    def generate(cls) -> Signer:
+        """A fresh random key (tests, `wayang-mq dev`)."""
+        return cls.from_private_key(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Signer:
+        """A key from its 32-byte seed (test vectors)."""
+        return cls.from_private_key(Ed25519PrivateKey.from_private_bytes(seed))
+
+    @classmethod
+    def from_file(cls, path: Path) -> Signer:
+        """Load a PKCS#8 PEM private key written by ``wayang-mq keys new``."""
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot read signing key {path}: {exc}",
+                hint="create one with `wayang-mq keys new --dir DIR`",
+            ) from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"{path} is not an Ed25519 private key")
+        return cls.from_private_key(key)
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        """The matching public key, for a receiver's key ring."""
+        return self.private_key.public_key()
+
+    def sign(self, body: bytes) -> bytes:
+        """The 64-byte signature of ``body``."""
+        return self.private_key.sign(body)
+
+    def headers(self, body: bytes) -> dict[str, str]:
+        """The AMQP headers that carry this body's signature."""
+        return {
+            KEY_ID_HEADER: self.key_id,
+            SIGNATURE_HEADER: base64.b64encode(self.sign(body)).decode("ascii"),
+        }
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """Public keys a receiver trusts, by id; several at once so a key can be rotated."""
+
+    keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, public_keys: Iterable[Ed25519PublicKey]) -> KeyRing:
+        """A ring of the given keys, each under its derived id."""
+        return cls({key_id_of(key): key for key in public_keys})
+
+    @classmethod
+    def load_dir(cls, directory: Path) -> KeyRing:
+        """Every ``*.pub`` PEM in ``directory``."""
+        if not directory.is_dir():
+            raise ConfigError(
+                f"key directory {directory} does not exist",
+                hint="create keys with `wayang-mq keys new --dir DIR`",
+            )
+        keys = []
+        for path in sorted(directory.glob("*.pub")):
+            key = serialization.load_pem_public_key(path.read_bytes())
+            if not isinstance(key, Ed25519PublicKey):
+                raise ConfigError(f"{path} is not an Ed25519 public key")
+            keys.append(key)
+        return cls.of(keys)
+
+    def __contains__(self, key_id: object) -> bool:
+        return key_id in self.keys
+
+    def verify(self, body: bytes, headers: Mapping[str, object]) -> str:
+        """Check ``body`` against its signature headers; returns the key id or raises."""
+        key_id = headers.get(KEY_ID_HEADER)
+        signature = headers.get(SIGNATURE_HEADER)
+        if isinstance(key_id, bytes):
+            key_id = key_id.decode("utf-8", "replace")
+        if isinstance(signature, bytes):
+            signature = signature.decode("ascii", "replace")
+        if not isinstance(key_id, str) or not isinstance(signature, str):
+            raise SignatureError(
+                f"message is not signed: headers {KEY_ID_HEADER!r} and {SIGNATURE_HEADER!r} "
+                "are required",
+                body=body,
+                hint="sign the exact body bytes with Ed25519, see docs/wire-format.md",
+            )
+        public_key = self.keys.get(key_id)
+        if public_key is None:
+            raise SignatureError(
+                f"unknown signing key id {key_id!r}",
+                body=body,
+                hint="add the publisher's public key to the receiver's key directory",
+            )
+        try:
+            public_key.verify(base64.b64decode(signature, validate=True), body)
+        except (InvalidSignature, ValueError) as exc:
+            raise SignatureError(
+                f"signature does not match the body (key id {key_id})", body=body
+            ) from exc
+        return key_id
+
+
+def write_keypair(directory: Path, signer: Signer | None = None) -> tuple[Path, Path]:
+    """Write ``<id>.key`` (private, mode 0600) and ``<id>.pub``; returns both paths."""
+    signer = signer or Signer.generate()
+    directory.mkdir(parents=True, exist_ok=True)
+    private_path = directory / f"{signer.key_id}.key"
+    public_path = directory / f"{signer.key_id}.pub"
+    private_pem = signer.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(private_pem)
+    public_path.write_bytes(
+        signer.public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return private_path, public_path

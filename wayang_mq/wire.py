@@ -1,0 +1,174 @@
+"""The wire codec: msgpack bodies, their AMQP properties and headers, and the checks a
+receiver runs in order (size, signature, msgpack, schema, deadline) before trusting a task.
+
+Kept free of any AMQP client so that the same code serves aio-pika, pika and the docs' vector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgpack
+from pydantic import ValidationError
+
+from wayang_mq.errors import InvalidMessage, OversizedMessage, TokenExpired
+from wayang_mq.model import Task, WireModel, now_ms
+from wayang_mq.signing import KeyRing, Signer
+
+CONTENT_TYPE = "application/msgpack"
+APP_ID = "wayang-mq"
+PARTITION_KEY_HEADER = "x-partition-key"  # what sharded capabilities hash on
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+M = TypeVar("M", bound=WireModel)
+
+
+def encode(model: WireModel) -> bytes:
+    """The msgpack body: a map in field order, strings as str, binary as bin.
+
+    Fields still at their default are left out (readers fill them back in), which keeps a
+    small task around 200 bytes.
+    """
+    fields = model.model_dump(mode="python", exclude_defaults=True)
+    packed = msgpack.packb(fields, use_bin_type=True)
+    assert isinstance(packed, bytes)
+    return packed
+
+
+def decode(body: bytes, model: type[M]) -> M:
+    """Parse and validate a body as ``model``; raises InvalidMessage carrying the body."""
+    try:
+        raw = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise InvalidMessage(f"body is not valid msgpack: {exc}", body=body) from exc
+    if not isinstance(raw, dict):
+        raise InvalidMessage(f"body is a msgpack {type(raw).__name__}, expected a map", body=body)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidMessage(
+            f"body does not match {model.wire_type}: {_summarise(exc)}", body=body
+        ) from exc
+
+
+def _summarise(exc: ValidationError) -> str:
+    """pydantic's errors as one line: 'field: problem; field: problem'."""
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        parts.append(f"{where}: {error['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+@dataclass(frozen=True)
+class WireMessage:
+    """A body with the AMQP properties that travel with it, independent of any client."""
+
+    body: bytes
+    type: str
+    message_id: str
+    correlation_id: str
+    timestamp_s: int
+    reply_to: str | None = None
+    expiration_ms: int | None = None
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    content_type: str = CONTENT_TYPE
+    delivery_mode: int = 2  # persistent: survives a broker restart
+    app_id: str = APP_ID
+
+    def amqp_properties(self) -> dict[str, Any]:
+        """Properties as keyword arguments for ``aio_pika.Message``."""
+        props: dict[str, Any] = {
+            "content_type": self.content_type,
+            "type": self.type,
+            "message_id": self.message_id,
+            "correlation_id": self.correlation_id,
+            "timestamp": self.timestamp_s,
+            "delivery_mode": self.delivery_mode,
+            "app_id": self.app_id,
+            "headers": dict(self.headers),
+        }
+        if self.reply_to is not None:
+            props["reply_to"] = self.reply_to
+        if self.expiration_ms is not None:
+            # AMQP carries expiration as a string of milliseconds; aio-pika takes seconds.
+            props["expiration"] = self.expiration_ms / 1000
+        return props
+
+
+def signed_message(
+    model: WireModel,
+    signer: Signer,
+    *,
+    message_id: str,
+    correlation_id: str | None = None,
+    reply_to: str | None = None,
+    expiration_ms: int | None = None,
+    extra_headers: Mapping[str, Any] | None = None,
+) -> WireMessage:
+    """Encode ``model``, sign the exact bytes, and attach the standard properties."""
+    body = encode(model)
+    headers: dict[str, Any] = dict(extra_headers or {})
+    headers.update(signer.headers(body))
+    return WireMessage(
+        body=body,
+        type=model.wire_type,
+        message_id=message_id,
+        correlation_id=correlation_id or message_id,
+        timestamp_s=now_ms() // 1000,
+        reply_to=reply_to,
+        expiration_ms=expiration_ms,
+        headers=headers,
+    )
+
+
+def task_message(task: Task, signer: Signer) -> WireMessage:
+    """A task as the dispatcher publishes it: expiration = time left until its deadline."""
+    headers = {PARTITION_KEY_HEADER: task.partition_key or task.task_id}
+    return signed_message(
+        task,
+        signer,
+        message_id=task.task_id,
+        reply_to=task.reply_to or None,
+        expiration_ms=max(1, task.deadline_ms - now_ms()),
+        extra_headers=headers,
+    )
+
+
+def open_verified(
+    body: bytes,
+    headers: Mapping[str, Any],
+    keyring: KeyRing,
+    model: type[M],
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> M:
+    """Size, then signature, then msgpack and schema: nothing is parsed before it is trusted."""
+    if len(body) > max_body_bytes:
+        raise OversizedMessage(
+            f"body is {len(body)} bytes, the limit is {max_body_bytes}",
+            body=body,
+            hint="pass large inputs by reference (a URL or object key), not inline",
+        )
+    keyring.verify(body, headers)
+    return decode(body, model)
+
+
+def open_task(
+    body: bytes,
+    headers: Mapping[str, Any],
+    keyring: KeyRing,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    at_ms: int | None = None,
+) -> Task:
+    """A received task, verified and decoded, refused if its deadline has passed."""
+    task = open_verified(body, headers, keyring, Task, max_body_bytes=max_body_bytes)
+    if task.expired(at_ms):
+        raise TokenExpired(
+            f"task {task.task_id} passed its deadline before it could start", body=body
+        )
+    return task
