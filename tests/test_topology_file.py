@@ -1,0 +1,221 @@
+"""The topology file and what it turns into, without a broker: pure logic."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from wayang_mq import names
+from wayang_mq.definitions import export_definitions, write_definitions
+from wayang_mq.errors import BrokerUnreachable, TopologyError
+from wayang_mq.management import ManagementClient
+from wayang_mq.topology import (
+    DEFAULT_TOPOLOGY_PATH,
+    PARTITION_KEY_HEADER,
+    ExchangeType,
+    Topology,
+    as_dict,
+    load_topology,
+)
+
+SPEC_CAPABILITIES = {
+    "demo.echo",
+    "demo.sleep",
+    "demo.fail",
+    "http.call",
+    "db.query",
+    "payment.charge",
+    "agent.reason",
+    "approval.request",
+}
+
+
+@pytest.fixture(scope="module")
+def default() -> Topology:
+    return load_topology(DEFAULT_TOPOLOGY_PATH)
+
+
+def _load(tmp_path: Path, text: str) -> Topology:
+    path = tmp_path / "wayang.toml"
+    path.write_text(text)
+    return load_topology(path)
+
+
+# -- the default file --------------------------------------------------------------------
+
+
+def test_default_file_lists_the_spec_capabilities_and_a_sharded_one(default: Topology) -> None:
+    assert {c.name for c in default.capabilities} == SPEC_CAPABILITIES
+    assert default.capability("db.query").shards == 4
+    assert [t.name for t in default.retry_tiers] == ["1s", "5s", "30s", "5m"]
+    assert default.defaults.overflow == "reject-publish"
+    assert default.defaults.dead_letter_strategy == "at-least-once"
+
+
+def test_capability_overrides_replace_only_their_own_limits(default: Topology) -> None:
+    limits = default.limits_for(default.capability("payment.charge"))
+    assert (limits.max_length, limits.delivery_limit) == (10000, 3)
+    assert default.limits_for(default.capability("http.call")) == default.defaults
+
+
+def test_every_capability_gets_its_queues_dead_queue_and_policy(default: Topology) -> None:
+    queues = {q.name for q in default.queues()}
+    policies = {p.name: p for p in default.policies()}
+    for capability in default.capabilities:
+        assert set(capability.task_queues) <= queues
+        assert names.dead_queue(capability.name) in queues
+        definition = as_dict(policies[names.policy_name(capability.name)].definition)
+        assert definition["dead-letter-exchange"] == names.DEAD_LETTER_EXCHANGE
+        assert definition["dead-letter-routing-key"] == capability.name
+        assert definition["dead-letter-strategy"] == "at-least-once"
+        assert definition["overflow"] == "reject-publish"
+    assert all(dict(q.arguments) == {"x-queue-type": "quorum"} for q in default.queues())
+
+
+def test_each_policy_pattern_matches_exactly_its_own_queues(default: Topology) -> None:
+    queues = [q.name for q in default.queues()]
+    governed = {tier.queue: tier.queue for tier in default.retry_tiers} | {
+        queue: names.policy_name(c.name) for c in default.capabilities for queue in c.task_queues
+    }
+    for policy in default.policies():
+        matched = {q for q in queues if re.search(policy.pattern, q)}
+        assert matched == {q for q, name in governed.items() if name == policy.name}
+    # Dead-letter queues stay unbounded and never dead-letter again: no policy matches them.
+    dead = [names.dead_queue(c.name) for c in default.capabilities]
+    assert not [q for q in dead for p in default.policies() if re.search(p.pattern, q)]
+
+
+def test_a_sharded_capability_hashes_on_the_partition_header(default: Topology) -> None:
+    shard = names.shard_exchange("db.query")
+    exchange = next(e for e in default.exchanges() if e.name == shard)
+    assert exchange.type is ExchangeType.CONSISTENT_HASH
+    assert as_dict(exchange.arguments) == {"hash-header": PARTITION_KEY_HEADER}
+    bindings = default.bindings()
+    into_shard = {(b.source, b.routing_key) for b in bindings if b.destination == shard}
+    assert into_shard == {
+        (names.TASKS_EXCHANGE, "db.query"),
+        (names.TASKS_EXCHANGE, names.retry_binding_for_capability("db.query")),
+    }
+    out_of_shard = sorted((b.destination, b.routing_key) for b in bindings if b.source == shard)
+    assert out_of_shard == [(names.task_queue("db.query", n), "1") for n in range(4)]
+
+
+def test_retry_tiers_expire_back_to_the_tasks_exchange_keeping_the_key(default: Topology) -> None:
+    policies = {p.name: as_dict(p.definition) for p in default.policies()}
+    for tier in default.retry_tiers:
+        definition = policies[tier.queue]
+        assert definition["message-ttl"] == tier.ttl_ms
+        assert definition["dead-letter-exchange"] == names.TASKS_EXCHANGE
+        assert "dead-letter-routing-key" not in definition  # keeps retry.<tier>.<cap>
+        binding_keys = [b.routing_key for b in default.bindings() if b.destination == tier.queue]
+        assert binding_keys == [names.retry_routing_key(tier.name, "#")]
+
+
+def test_exported_definitions_hold_exactly_the_topology(default: Topology, tmp_path: Path) -> None:
+    path = tmp_path / "definitions.json"
+    write_definitions(default, path)
+    document = json.loads(path.read_text())
+    assert document == export_definitions(default)
+    assert document["vhosts"] == [{"name": "/"}]
+    assert [e["name"] for e in document["exchanges"]] == [e.name for e in default.exchanges()]
+    assert [q["name"] for q in document["queues"]] == [q.name for q in default.queues()]
+    assert len(document["bindings"]) == len(default.bindings())
+    assert {p["name"] for p in document["policies"]} == {p.name for p in default.policies()}
+    assert {
+        item["vhost"] for key in ("exchanges", "queues", "bindings") for item in document[key]
+    } == {"/"}
+
+
+def test_a_minimal_file_gets_the_built_in_defaults(tmp_path: Path) -> None:
+    topology = _load(tmp_path, '[capabilities."demo.echo"]\n')
+    assert topology.defaults.max_length > 0 and topology.retry_tiers == ()
+    assert [q.name for q in topology.queues()] == ["wayang.task.demo.echo", "wayang.dead.demo.echo"]
+
+
+# -- malformed files: one line naming the file, the key and the problem -------------------
+
+MALFORMED = [
+    pytest.param("[defaults]\nmax_length = \n", "not valid TOML", "line 2, column", id="toml"),
+    pytest.param("colour = 1\n", "colour", "unknown key", id="unknown-top-key"),
+    pytest.param("[defaults]\nmax_lenght = 3\n", "defaults.max_lenght", "unknown key", id="typo"),
+    pytest.param(
+        '[capabilities."demo.echo"]\nshard = 3\n',
+        'capabilities."demo.echo".shard',
+        "unknown key",
+        id="unknown-capability-key",
+    ),
+    pytest.param(
+        '[capabilities."Demo Echo"]\n', '"Demo Echo"', "invalid capability name", id="bad-name"
+    ),
+    pytest.param('[capabilities."retry.x"]\n', '"retry.x"', "invalid capability", id="reserved"),
+    pytest.param(
+        "[capabilities.demo.echo]\n", 'capabilities."demo".echo', "unknown key", id="unquoted"
+    ),
+    pytest.param(
+        '[[retry_tiers]]\nname = "1s"\nttl_ms = 1000\n[[retry_tiers]]\nname = "1s"\nttl_ms = 9\n',
+        "retry_tiers",
+        "duplicate retry tier '1s'",
+        id="duplicate-tier",
+    ),
+    pytest.param(
+        '[[retry_tiers]]\nname = "1s"\n', "retry_tiers[0].ttl_ms", "missing", id="tier-no-ttl"
+    ),
+    pytest.param(
+        '[capabilities."db.query"]\nshards = 0\n', ".shards", "must be at least 1", id="shards-0"
+    ),
+    pytest.param(
+        '[capabilities."db.query"]\nshards = "4"\n', ".shards", "must be an integer", id="str"
+    ),
+    pytest.param(
+        '[defaults]\noverflow = "drop-head"\n', "defaults", "needs overflow", id="drop-head"
+    ),
+    pytest.param(
+        '[capabilities."db.query"]\nshards = 2\n[capabilities."db.query.1"]\n',
+        "wayang.task.db.query.1",
+        "share the queue",
+        id="queue-collision",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "problem"), MALFORMED)
+def test_malformed_file_is_one_clear_line(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
+    with pytest.raises(TopologyError) as caught:
+        _load(tmp_path, text)
+    message = caught.value.message
+    assert message.startswith(str(tmp_path / "wayang.toml") + ": ")
+    assert key in message and problem in message
+    assert "\n" not in caught.value.one_line()
+    assert "pydantic" not in message and "validation error" not in message.lower()
+
+
+def test_an_unquoted_dotted_name_gets_a_hint_to_quote_it(tmp_path: Path) -> None:
+    with pytest.raises(TopologyError) as caught:
+        _load(tmp_path, "[capabilities.demo.echo]\n")
+    assert caught.value.hint is not None and '[capabilities."demo.echo"]' in caught.value.hint
+
+
+def test_a_missing_file_names_itself(tmp_path: Path) -> None:
+    with pytest.raises(TopologyError, match="topology file not found"):
+        load_topology(tmp_path / "absent.toml")
+
+
+# -- the management client, without a broker ----------------------------------------------
+
+
+def test_management_client_hides_its_password() -> None:
+    client = ManagementClient("http://127.0.0.1:1", username="ops", password="s3cret-pw")
+    assert "s3cret-pw" not in repr(client) and "s3cret-pw" not in repr(client.for_vhost("x"))
+
+
+def test_a_closed_port_is_broker_unreachable_with_a_hint() -> None:
+    client = ManagementClient("http://127.0.0.1:9", username="guest", password="guest")
+    with pytest.raises(BrokerUnreachable) as caught:
+        client.overview()
+    assert "127.0.0.1:9" in caught.value.message
+    assert caught.value.hint is not None and "wayang-mq dev" in caught.value.hint

@@ -1,0 +1,223 @@
+"""A small client for the RabbitMQ management HTTP API, on the standard library.
+
+Policies and definitions import exist only in the HTTP API (not in AMQP), and it is also how
+``topology apply`` sees what the broker already has. Calls block: async code runs them in a
+thread (``asyncio.to_thread``).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import html
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from typing import Any, Final
+from urllib.parse import quote, urlsplit
+
+from wayang_mq.errors import BrokerUnreachable, TopologyError
+
+JSON = dict[str, Any]
+
+_START_HINT: Final = "is the broker running? start one with `wayang-mq dev`"
+_BODY_IN_ERRORS: Final = 300  # characters of an error body worth a one-line message
+
+
+class ManagementClient:
+    """The management API of one broker, acting on one vhost (default ``/``)."""
+
+    __slots__ = ("_auth", "_base_url", "_timeout_s", "_username", "_vhost")
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        username: str,
+        password: str,
+        vhost: str = "/",
+        timeout_s: float = 10.0,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError(f"management URL must be http(s)://host:port, got {base_url!r}")
+        self._base_url = base_url.rstrip("/")
+        self._username = username
+        token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+        self._auth = f"Basic {token}"  # the password is kept only inside this header
+        self._vhost = vhost
+        self._timeout_s = timeout_s
+
+    def __repr__(self) -> str:
+        return (
+            f"ManagementClient({self._base_url!r}, username={self._username!r},"
+            f" vhost={self._vhost!r})"
+        )
+
+    @property
+    def base_url(self) -> str:
+        """The API's root URL, e.g. ``http://127.0.0.1:15672``."""
+        return self._base_url
+
+    @property
+    def vhost(self) -> str:
+        """The vhost the object-level calls act on."""
+        return self._vhost
+
+    def for_vhost(self, vhost: str) -> ManagementClient:
+        """The same broker and credentials, acting on another vhost."""
+        clone = copy.copy(self)
+        clone._vhost = vhost
+        return clone
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def overview(self) -> JSON:
+        """Broker-wide facts: versions, enabled exchange types, cluster name."""
+        result: JSON = self._request("GET", "/api/overview")
+        return result
+
+    def vhost_exists(self) -> bool:
+        """True when the client's vhost exists (object calls on a missing one answer 404)."""
+        return self._request("GET", f"/api/vhosts/{self._v}", none=True) is not None
+
+    def list_exchanges(self) -> list[JSON]:
+        """The vhost's exchanges, including the built-in ``amq.*`` ones."""
+        return self._list(f"/api/exchanges/{self._v}")
+
+    def list_queues(self) -> list[JSON]:
+        """The vhost's queues; ``policy`` fields lag up to one stats interval (~5 s)."""
+        return self._list(f"/api/queues/{self._v}")
+
+    def get_queue(self, name: str) -> JSON | None:
+        """One queue, or None when it does not exist."""
+        result: JSON | None = self._request("GET", f"/api/queues/{self._v}/{_seg(name)}", none=True)
+        return result
+
+    def list_bindings(self) -> list[JSON]:
+        """The vhost's bindings, including the implicit default-exchange ones (source "")."""
+        return self._list(f"/api/bindings/{self._v}")
+
+    def list_policies(self) -> list[JSON]:
+        """The vhost's (user) policies."""
+        return self._list(f"/api/policies/{self._v}")
+
+    def get_policy(self, name: str) -> JSON | None:
+        """One policy, or None when it does not exist."""
+        path = f"/api/policies/{self._v}/{_seg(name)}"
+        result: JSON | None = self._request("GET", path, none=True)
+        return result
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def put_policy(
+        self,
+        name: str,
+        *,
+        pattern: str,
+        definition: Mapping[str, Any],
+        priority: int = 0,
+        apply_to: str = "queues",
+    ) -> None:
+        """Create or replace a policy; the broker applies it to matching queues at once."""
+        body = {
+            "pattern": pattern,
+            "definition": dict(definition),
+            "priority": priority,
+            "apply-to": apply_to,
+        }
+        self._request("PUT", f"/api/policies/{self._v}/{_seg(name)}", body)
+
+    def delete_policy(self, name: str) -> None:
+        """Delete a policy (absent is fine)."""
+        self._request("DELETE", f"/api/policies/{self._v}/{_seg(name)}", none=True)
+
+    def import_definitions(self, definitions: Mapping[str, Any]) -> None:
+        """Import a definitions document, as the console's "Import definitions" does.
+
+        Objects go to the vhosts the document names (creating those listed in ``vhosts``).
+        """
+        self._request("POST", "/api/definitions", dict(definitions))
+
+    def create_vhost(self, name: str) -> None:
+        """Create a vhost (existing is fine) and give this client's user full permissions."""
+        self._request("PUT", f"/api/vhosts/{_seg(name)}", {})
+        perms = {"configure": ".*", "write": ".*", "read": ".*"}
+        self._request("PUT", f"/api/permissions/{_seg(name)}/{_seg(self._username)}", perms)
+
+    def delete_vhost(self, name: str) -> None:
+        """Delete a vhost and everything in it (absent is fine)."""
+        self._request("DELETE", f"/api/vhosts/{_seg(name)}", none=True)
+
+    # -- transport -------------------------------------------------------------------------
+
+    @property
+    def _v(self) -> str:
+        return _seg(self._vhost)
+
+    def _list(self, path: str) -> list[JSON]:
+        result: list[JSON] = self._request("GET", path)
+        return result
+
+    def _request(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None, *, none: bool = False
+    ) -> Any:
+        """Send one request; JSON back. ``none``: a 404 answers None instead of raising."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self._base_url + path, data=data, method=method)
+        request.add_header("Authorization", self._auth)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404 and none:
+                return None
+            raise self._http_error(method, path, exc) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise self._unreachable(exc) from None
+        return json.loads(payload) if payload else None
+
+    def _http_error(
+        self, method: str, path: str, exc: urllib.error.HTTPError
+    ) -> BrokerUnreachable | TopologyError:
+        if exc.code == 401:
+            return BrokerUnreachable(
+                f"management API at {self._base_url} refused user {self._username!r} (HTTP 401)",
+                hint="check the username and password; the user needs the management tag",
+            )
+        text = exc.read().decode("utf-8", "replace")
+        return TopologyError(
+            f"management API {method} {path} failed: HTTP {exc.code} {_reason(text)}",
+            hint="see the broker log for details" if exc.code >= 500 else None,
+        )
+
+    def _unreachable(self, exc: OSError) -> BrokerUnreachable:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, socket.timeout | TimeoutError):
+            what = f"timed out after {self._timeout_s:g} s"
+        else:
+            what = str(reason)
+        return BrokerUnreachable(
+            f"cannot reach the management API at {self._base_url}: {what}", hint=_START_HINT
+        )
+
+
+def _seg(value: str) -> str:
+    """One URL path segment: the default vhost ``/`` must travel as ``%2F``."""
+    return quote(value, safe="")
+
+
+def _reason(text: str) -> str:
+    """The broker's own explanation out of an error body, kept to one short line."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("reason"):
+        text = str(body["reason"])
+    # The broker HTML-escapes Erlang terms in reasons (&lt;&lt;"key"&gt;&gt;).
+    return " ".join(html.unescape(text).split())[:_BODY_IN_ERRORS]

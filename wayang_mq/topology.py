@@ -1,0 +1,460 @@
+"""The declarative topology: one TOML file in, the RabbitMQ objects it stands for out.
+
+``apply`` (``declare.py``) and ``export`` (``definitions.py``) both read the desired objects
+from :class:`Topology`'s methods, so the broker and the definitions file cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from wayang_mq import names
+from wayang_mq.errors import TopologyError
+from wayang_mq.wire import PARTITION_KEY_HEADER
+
+__all__ = [
+    "DEFAULT_TOPOLOGY_PATH",
+    "PARTITION_KEY_HEADER",
+    "POLICY_PRIORITY",
+    "QUORUM",
+    "SHARD_WEIGHT",
+    "ArgValue",
+    "BindingSpec",
+    "Capability",
+    "ExchangeSpec",
+    "ExchangeType",
+    "Pairs",
+    "PolicySpec",
+    "QueueLimits",
+    "QueueSpec",
+    "RetryTier",
+    "Topology",
+    "as_dict",
+    "exact_pattern",
+    "load_topology",
+    "parse_topology",
+]
+
+DEFAULT_TOPOLOGY_PATH: Final = Path(__file__).resolve().parents[1] / "topology" / "wayang.toml"
+
+# PARTITION_KEY_HEADER (from the wire format, which the dispatcher fills in) is what a sharded
+# capability's consistent-hash exchange hashes on, so tasks with one key land on one shard and
+# keep their order. A message without it is not dropped: all such messages share one shard.
+
+# Only one policy applies to a queue: the matching one with the highest priority. Ours sit
+# above the default 0 so that a catch-all policy an operator adds does not silently replace
+# them; an operator policy (``rabbitmqctl set_operator_policy``) still caps them.
+POLICY_PRIORITY: Final = 10
+
+# Consistent-hash binding keys are weights (the share of the hash ring), not patterns.
+SHARD_WEIGHT: Final = "1"
+
+# RabbitMQ's limit on exchange and queue names.
+_MAX_NAME_BYTES: Final = 255
+
+ArgValue = str | int
+Pairs = tuple[tuple[str, ArgValue], ...]
+
+
+class ExchangeType(StrEnum):
+    """The exchange types the fabric declares."""
+
+    TOPIC = "topic"
+    CONSISTENT_HASH = "x-consistent-hash"  # plugin rabbitmq_consistent_hash_exchange
+
+
+# Queue type is the one thing a policy cannot set or change, so it is the only argument we
+# declare; every tunable lives in a policy that operators can edit in the console.
+QUORUM: Final[Pairs] = (("x-queue-type", "quorum"),)
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeSpec:
+    """A durable exchange the topology needs."""
+
+    name: str
+    type: ExchangeType
+    arguments: Pairs = ()
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """A durable queue the topology needs (quorum: replicated, delivery limits, safe DLX)."""
+
+    name: str
+    arguments: Pairs = QUORUM
+
+
+@dataclass(frozen=True, slots=True)
+class BindingSpec:
+    """A binding from an exchange to a queue or (for shards) to another exchange."""
+
+    source: str
+    destination: str
+    routing_key: str
+    destination_type: Literal["queue", "exchange"] = "queue"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySpec:
+    """A policy carrying the tunables of the queues its pattern matches."""
+
+    name: str
+    pattern: str
+    definition: Pairs
+    priority: int = POLICY_PRIORITY
+    apply_to: Literal["queues"] = "queues"
+
+
+def as_dict(pairs: Pairs) -> dict[str, ArgValue]:
+    """Arguments or a policy definition as the dict AMQP and the HTTP API take."""
+    return dict(pairs)
+
+
+def exact_pattern(name: str) -> str:
+    """A policy pattern matching exactly one queue name (patterns are unanchored regexes)."""
+    return "^" + re.escape(name) + "$"
+
+
+# TOML integers only: "4" or true for a count is a mistake to report, not to coerce.
+Count = Annotated[int, Field(strict=True, ge=1)]
+Limit = Annotated[int, Field(strict=True, ge=0)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class QueueLimits(_Frozen):
+    """What bounds a capability queue; applied as a policy, so changeable without redeclaring."""
+
+    max_length: Count = 100_000
+    delivery_limit: Limit = 5
+    overflow: Literal["reject-publish", "drop-head"] = "reject-publish"
+    dead_letter_strategy: Literal["at-least-once", "at-most-once"] = "at-least-once"
+
+    @model_validator(mode="after")
+    def _at_least_once_needs_reject_publish(self) -> Self:
+        # With drop-head RabbitMQ silently falls back to at-most-once dead-lettering.
+        if self.dead_letter_strategy == "at-least-once" and self.overflow != "reject-publish":
+            raise ValueError('dead_letter_strategy "at-least-once" needs overflow "reject-publish"')
+        return self
+
+
+class RetryTier(_Frozen):
+    """A fixed delay: retries wait ``ttl_ms`` in the tier's queue, then route back."""
+
+    name: str
+    ttl_ms: Count
+    max_length: Count | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _one_word(cls, name: str) -> str:
+        # The tier is one word of the routing key retry.<tier>.<capability>.
+        if not names.valid_word(name):
+            raise ValueError(f"tier name {name!r} must be one lowercase word (e.g. 5s)")
+        return name
+
+    @property
+    def queue(self) -> str:
+        """The tier's queue."""
+        return names.retry_queue(self.name)
+
+
+class Capability(_Frozen):
+    """A capability executors serve: one queue, or ``shards`` queues behind a hash exchange."""
+
+    name: str
+    shards: Count | None = None
+    max_length: Count | None = None
+    delivery_limit: Limit | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not names.valid_capability(name):
+            raise ValueError(
+                f"invalid capability name {name!r}: use dotted lowercase words like http.call"
+                " (the first word may not be retry)"
+            )
+        return name
+
+    @property
+    def sharded(self) -> bool:
+        """True when tasks go through a consistent-hash exchange to several queues."""
+        return self.shards is not None
+
+    @property
+    def task_queues(self) -> tuple[str, ...]:
+        """The queues executors of this capability consume."""
+        if self.shards is None:
+            return (names.task_queue(self.name),)
+        return tuple(names.task_queue(self.name, n) for n in range(self.shards))
+
+    @property
+    def task_routing_keys(self) -> tuple[str, str]:
+        """Keys on ``wayang.tasks`` that reach the capability: new tasks and expired retries."""
+        return (self.name, names.retry_binding_for_capability(self.name))
+
+
+class Topology(_Frozen):
+    """The whole declarative topology, validated; its methods list the RabbitMQ objects."""
+
+    defaults: QueueLimits = QueueLimits()
+    retry_tiers: tuple[RetryTier, ...] = ()
+    capabilities: tuple[Capability, ...] = ()
+
+    @field_validator("capabilities", mode="before")
+    @classmethod
+    def _named_tables(cls, value: Any) -> Any:
+        # In TOML capabilities are tables keyed by name; the key becomes Capability.name.
+        if not isinstance(value, Mapping):
+            return value
+        tables = []
+        for name, table in value.items():
+            if isinstance(table, Mapping) and "name" in table:
+                raise ValueError(f'[capabilities."{name}"] has an unknown key: name')
+            tables.append({"name": name, **table} if isinstance(table, Mapping) else table)
+        return tables
+
+    @field_validator("retry_tiers")
+    @classmethod
+    def _unique_tiers(cls, tiers: tuple[RetryTier, ...]) -> tuple[RetryTier, ...]:
+        twice = [name for name, n in Counter(t.name for t in tiers).items() if n > 1]
+        if twice:
+            raise ValueError(f"duplicate retry tier {twice[0]!r}")
+        return tiers
+
+    @model_validator(mode="after")
+    def _names_do_not_collide(self) -> Self:
+        _check_names(self)
+        return self
+
+    def capability(self, name: str) -> Capability:
+        """The capability called ``name`` (KeyError when the file does not list it)."""
+        for capability in self.capabilities:
+            if capability.name == name:
+                return capability
+        raise KeyError(name)
+
+    def limits_for(self, capability: Capability) -> QueueLimits:
+        """The defaults with the capability's own overrides."""
+        overrides = capability.model_dump(include={"max_length", "delivery_limit"})
+        return self.defaults.model_copy(
+            update={k: v for k, v in overrides.items() if v is not None}
+        )
+
+    def exchanges(self) -> tuple[ExchangeSpec, ...]:
+        """Every exchange: the six fabric exchanges, then one hash exchange per sharded cap."""
+        core = (
+            names.TASKS_EXCHANGE,
+            names.RESULTS_EXCHANGE,
+            names.EVENTS_EXCHANGE,
+            names.CONTROL_EXCHANGE,
+            names.RETRY_EXCHANGE,
+            names.DEAD_LETTER_EXCHANGE,
+        )
+        shards = tuple(
+            ExchangeSpec(
+                names.shard_exchange(c.name),
+                ExchangeType.CONSISTENT_HASH,
+                (("hash-header", PARTITION_KEY_HEADER),),
+            )
+            for c in self.capabilities
+            if c.sharded
+        )
+        return tuple(ExchangeSpec(name, ExchangeType.TOPIC) for name in core) + shards
+
+    def queues(self) -> tuple[QueueSpec, ...]:
+        """Every queue, all quorum: task queues (or shards), dead-letter queues, retry tiers."""
+        out: list[QueueSpec] = []
+        for capability in self.capabilities:
+            out.extend(QueueSpec(name) for name in capability.task_queues)
+            out.append(QueueSpec(names.dead_queue(capability.name)))
+        out.extend(QueueSpec(tier.queue) for tier in self.retry_tiers)
+        return tuple(out)
+
+    def bindings(self) -> tuple[BindingSpec, ...]:
+        """Every binding: tasks and retries to capabilities, dead letters, retry tiers."""
+        out: list[BindingSpec] = []
+        for capability in self.capabilities:
+            out.extend(_task_bindings(capability))
+            out.append(
+                BindingSpec(
+                    names.DEAD_LETTER_EXCHANGE, names.dead_queue(capability.name), capability.name
+                )
+            )
+        # retry.<tier>.# : the tier word picks the queue, whatever the capability after it.
+        out.extend(
+            BindingSpec(names.RETRY_EXCHANGE, tier.queue, names.retry_routing_key(tier.name, "#"))
+            for tier in self.retry_tiers
+        )
+        return tuple(out)
+
+    def policies(self) -> tuple[PolicySpec, ...]:
+        """One policy per capability (its queue and shards), one per retry tier."""
+        return tuple(self._capability_policy(c) for c in self.capabilities) + tuple(
+            self._tier_policy(t) for t in self.retry_tiers
+        )
+
+    def _capability_policy(self, capability: Capability) -> PolicySpec:
+        limits = self.limits_for(capability)
+        # Every key here is one quorum queues honour in 3.10: a policy holding any key the
+        # queue type does not support (e.g. queue-mode) is not applied to the queue at all.
+        definition: Pairs = (
+            ("max-length", limits.max_length),
+            ("overflow", limits.overflow),
+            ("delivery-limit", limits.delivery_limit),
+            ("dead-letter-exchange", names.DEAD_LETTER_EXCHANGE),
+            # Without it a dead letter keeps its routing key, and retries (retry.<tier>.<cap>)
+            # would miss the <cap> binding of wayang.dead.<cap>.
+            ("dead-letter-routing-key", capability.name),
+            ("dead-letter-strategy", limits.dead_letter_strategy),
+        )
+        return PolicySpec(
+            names.policy_name(capability.name), names.policy_pattern(capability.name), definition
+        )
+
+    def _tier_policy(self, tier: RetryTier) -> PolicySpec:
+        # No dead-letter-routing-key: an expired retry keeps retry.<tier>.<cap>, which
+        # wayang.tasks routes to the capability's retry.*.<cap> binding.
+        definition: Pairs = (
+            ("message-ttl", tier.ttl_ms),
+            ("dead-letter-exchange", names.TASKS_EXCHANGE),
+            # at-least-once also needs overflow reject-publish, even without a max-length.
+            ("dead-letter-strategy", self.defaults.dead_letter_strategy),
+            ("overflow", self.defaults.overflow),
+        )
+        if tier.max_length is not None:
+            definition += (("max-length", tier.max_length),)
+        return PolicySpec(tier.queue, exact_pattern(tier.queue), definition)
+
+
+def _task_bindings(capability: Capability) -> list[BindingSpec]:
+    keys = capability.task_routing_keys
+    if not capability.sharded:
+        (queue,) = capability.task_queues
+        return [BindingSpec(names.TASKS_EXCHANGE, queue, key) for key in keys]
+    # Sharded: wayang.tasks -> wayang.shard.<cap> (exchange-to-exchange), which hashes each
+    # message onto one of its equally weighted queues.
+    shard = names.shard_exchange(capability.name)
+    out = [BindingSpec(names.TASKS_EXCHANGE, shard, key, "exchange") for key in keys]
+    out.extend(BindingSpec(shard, queue, SHARD_WEIGHT) for queue in capability.task_queues)
+    return out
+
+
+def _check_names(topology: Topology) -> None:
+    """Reject capabilities that would share a queue or a policy (a.b.0 vs the shards of a.b)."""
+    queues = [q.name for q in topology.queues()]
+    twice = [name for name, n in Counter(queues).items() if n > 1]
+    if twice:
+        raise ValueError(f"two capabilities would share the queue {twice[0]}; rename one")
+    for name in queues + [e.name for e in topology.exchanges()]:
+        if len(name.encode()) > _MAX_NAME_BYTES:
+            raise ValueError(f"name {name[:40]}... is longer than RabbitMQ's 255 bytes")
+    for capability in topology.capabilities:
+        pattern = re.compile(names.policy_pattern(capability.name))
+        stray = [q for q in queues if pattern.search(q) and q not in capability.task_queues]
+        if stray:
+            raise ValueError(
+                f"the policy of {capability.name!r} would also govern {stray[0]}; rename one"
+            )
+
+
+def load_topology(path: Path) -> Topology:
+    """Read and validate a topology file; every mistake is one TopologyError line."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise TopologyError(
+            f"{path}: topology file not found",
+            hint="pass --topology or set WAYANG_TOPOLOGY",
+        ) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TopologyError(f"{path}: cannot read: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        # The message carries the position: "... (at line 3, column 7)".
+        raise TopologyError(f"{path}: not valid TOML: {exc}", hint=_FIX) from exc
+    return parse_topology(raw, source=str(path))
+
+
+def parse_topology(raw: Mapping[str, Any], *, source: str = "<topology>") -> Topology:
+    """Validate already-parsed TOML (``source`` names it in errors)."""
+    try:
+        return Topology.model_validate(raw)
+    except ValidationError as exc:
+        raise _topology_error(exc, raw, source) from None
+
+
+_FIX = "fix the file and run again"
+_QUOTE_HINT = 'quote dotted capability names: [capabilities."demo.echo"]'
+
+
+def _topology_error(exc: ValidationError, raw: Mapping[str, Any], source: str) -> TopologyError:
+    """One line out of pydantic's report: the file, the key, what is wrong."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    key = _key_path(first["loc"], raw)
+    where = f"{source}: {key}: " if key else f"{source}: "
+    # A capability written unquoted ([capabilities.demo.echo]) nests "echo" inside "demo".
+    nested = first["type"] == "extra_forbidden" and isinstance(first["input"], Mapping)
+    return TopologyError(where + _problem(first) + more, hint=_QUOTE_HINT if nested else _FIX)
+
+
+def _problem(error: ErrorDetails) -> str:
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "missing"
+    if kind in {"model_type", "dict_type", "model_attributes_type"}:
+        return "must be a table"
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    if kind in {"tuple_type", "list_type"}:
+        example = (
+            '[capabilities."http.call"]' if error["loc"][0] == "capabilities" else "[[retry_tiers]]"
+        )
+        return f"must be tables like {example}"
+    if kind == "int_type":
+        return f"must be an integer (got {error['input']!r})"
+    if kind == "greater_than_equal":
+        return f"must be at least {error.get('ctx', {}).get('ge')} (got {error['input']!r})"
+    return f"{msg.replace('Input should be', 'must be')} (got {error['input']!r})"
+
+
+def _key_path(loc: tuple[int | str, ...], raw: Mapping[str, Any]) -> str:
+    """Render a pydantic location as the TOML key the operator wrote."""
+    parts: list[str] = []
+    items = list(loc)
+    if items[:1] == ["capabilities"] and len(items) > 1 and isinstance(items[1], int):
+        tables = raw.get("capabilities")
+        cap_names = list(tables) if isinstance(tables, Mapping) else []
+        index = items[1]
+        name = cap_names[index] if index < len(cap_names) else str(index)
+        parts.append(f'capabilities."{name}"')
+        items = [k for k in items[2:] if k != "name"]  # the key *is* the name
+    elif items[:1] == ["retry_tiers"] and len(items) > 1 and isinstance(items[1], int):
+        parts.append(f"retry_tiers[{items[1]}]")
+        items = items[2:]
+    parts.extend(str(k) for k in items)
+    return ".".join(parts)
