@@ -1,0 +1,20 @@
+"""Shared test setup: real RabbitMQ and PostgreSQL come from the ``wayang_mq.testing`` plugin."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from wayang_mq.harness import Fabric
+
+pytest_plugins = ["wayang_mq.testing"]
+
+
+@pytest.fixture(scope="session")
+async def fabric(rabbitmq: Any, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fabric]:
+    """The session's broker with the default topology applied and a trusted key pair."""
+    fabric = await Fabric.create(rabbitmq.endpoint, tmp_path_factory.mktemp("fabric"))
+    yield fabric
+    fabric.stop_processes()

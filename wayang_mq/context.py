@@ -1,0 +1,83 @@
+"""What executor code reaches while it runs: progress, heartbeat details, cancellation, logs.
+
+Like Temporal's ``activity.info()``, the context travels in a contextvar, so an executor stays
+plain async code and never sees AMQP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from wayang_mq.model import JsonLike, Progress, Task
+
+ProgressSink = Callable[[Progress], Awaitable[None]]
+
+_current: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("wayang_task_context")
+
+
+@dataclass
+class TaskContext:
+    """The running task's handle on the fabric."""
+
+    task: Task
+    executor_id: str
+    _emit: ProgressSink = field(repr=False)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    logs: list[str] = field(default_factory=list)
+    last_progress: Progress | None = None
+    heartbeat_details: dict[str, JsonLike] = field(default_factory=dict)
+
+    async def progress(
+        self, fraction: float | None = None, message: str = "", **details: Any
+    ) -> None:
+        """Report progress: published as an event and remembered for ``status``."""
+        self.last_progress = Progress(
+            task_id=self.task.task_id,
+            executor_id=self.executor_id,
+            attempt=self.task.attempt,
+            fraction=fraction,
+            message=message,
+            details=details,
+        )
+        await self._emit(self.last_progress)
+
+    def heartbeat(self, **details: Any) -> None:
+        """Record liveness details; the next heartbeat carries the latest (they coalesce)."""
+        self.heartbeat_details = details
+
+    def log(self, line: str) -> None:
+        """A line for the result's ``logs``."""
+        self.logs.append(line)
+
+    @property
+    def is_cancelled(self) -> bool:
+        """True once a cancel request reached this task."""
+        return self.cancelled.is_set()
+
+
+def current() -> TaskContext:
+    """The context of the task the calling coroutine is executing."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise RuntimeError("wayang_mq.context.current() called outside a running task") from None
+
+
+def bind(ctx: TaskContext) -> contextvars.Token[TaskContext]:
+    """Make ``ctx`` current for the calling task (the runtime does this around ``execute``)."""
+    return _current.set(ctx)
+
+
+def unbind(token: contextvars.Token[TaskContext]) -> None:
+    """Undo :func:`bind` when the task ends."""
+    _current.reset(token)
+
+
+def progress(fraction: float | None = None, message: str = "", **details: Any) -> Awaitable[None]:
+    """Shortcut for ``current().progress(...)``."""
+    return current().progress(fraction, message, **details)

@@ -1,0 +1,239 @@
+"""The dispatcher: what a workflow engine uses to publish tasks and collect their results.
+
+Tasks are signed, published ``mandatory`` with publisher confirms (a capability with no queue
+is a typed :class:`NoExecutor`, never a silent drop; a full queue is retried with backoff for
+a bounded time, then a typed :class:`Backpressure`). Results come back on the dispatcher's own
+durable reply queue and are deduplicated by task id: the first terminal result wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from wayang_mq import logs, names
+from wayang_mq.connect import connect
+from wayang_mq.errors import Backpressure, NoExecutor, ResultTimeout, WayangError
+from wayang_mq.model import JsonLike, PolicyConstraints, Result, RetryHints, Task, new_id
+from wayang_mq.publisher import ConfirmedPublisher, Rejected, Unroutable, to_amqp
+from wayang_mq.signing import KeyRing, Signer
+from wayang_mq.wire import decode, open_verified, task_message
+
+log = logging.getLogger("wayang_mq.dispatcher")
+
+#: an idle reply queue (its dispatcher gone) is deleted by the broker after this long
+REPLY_QUEUE_EXPIRES_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class DispatcherConfig:
+    """How a dispatcher connects, signs and waits."""
+
+    amqp_url: str = field(repr=False)
+    signer: Signer
+    dispatcher_id: str = field(default_factory=lambda: f"d-{new_id()[:8]}")
+    results_keyring: KeyRing | None = None  # verify executors' result signatures when given
+    backpressure_wait_s: float = 10.0  # how long a full queue is retried before Backpressure
+    prefetch: int = 512
+    seen_results: int = 100_000  # task ids remembered to drop duplicate results
+
+
+class TaskHandle:
+    """A submitted task; await ``result()`` for its terminal Result."""
+
+    def __init__(self, task: Task, future: asyncio.Future[Result]) -> None:
+        self.task = task
+        self._future = future
+
+    @property
+    def task_id(self) -> str:
+        """The submitted task's id."""
+        return self.task.task_id
+
+    def done(self) -> bool:
+        """True once a terminal result has arrived."""
+        return self._future.done()
+
+    async def result(self, timeout_s: float | None = None) -> Result:
+        """The terminal result; ``ResultTimeout`` if none arrives within ``timeout_s``."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._future), timeout_s)
+        except TimeoutError:
+            raise ResultTimeout(
+                f"no result for task {self.task_id} within {timeout_s}s",
+                hint="is a worker running for "
+                f"{self.task.capability!r}? see `wayang-mq status {self.task_id}`",
+            ) from None
+
+
+class Dispatcher:
+    """Publishes signed tasks and routes their results back to waiting handles."""
+
+    def __init__(self, config: DispatcherConfig) -> None:
+        if not names.valid_word(config.dispatcher_id):
+            raise ValueError(f"dispatcher id {config.dispatcher_id!r} is not one lowercase word")
+        self.config = config
+        self.dispatcher_id = config.dispatcher_id
+        self.reply_to = names.reply_routing_key(config.dispatcher_id)
+        self._pending: dict[str, asyncio.Future[Result]] = {}
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: ConfirmedPublisher | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect, declare and bind the reply queue, start consuming results."""
+        self._connection = await connect(self.config.amqp_url, self.dispatcher_id)
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._publisher = ConfirmedPublisher(channel)
+        replies = await self._connection.channel()
+        await replies.set_qos(prefetch_count=self.config.prefetch)
+        # Durable, so results published while the broker restarts are kept; x-expires so the
+        # queue of a dispatcher that never comes back is cleaned up by the broker.
+        queue = await replies.declare_queue(
+            names.reply_queue(self.dispatcher_id),
+            durable=True,
+            arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
+        )
+        await queue.bind(names.RESULTS_EXCHANGE, self.reply_to)
+        await queue.consume(self._on_result)
+
+    async def close(self) -> None:
+        """Close the connection; handles still waiting get ``ResultTimeout`` when awaited."""
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    def task(
+        self,
+        capability: str,
+        input: dict[str, JsonLike] | None = None,
+        *,
+        queue_timeout_s: float = 60.0,
+        timeout_s: float | None = None,
+        retry: RetryHints | None = None,
+        policy: PolicyConstraints | None = None,
+        **fields: Any,
+    ) -> Task:
+        """Build a task addressed back to this dispatcher (not yet published)."""
+        extra: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+        if timeout_s is not None:
+            extra["timeout_ms"] = int(timeout_s * 1000)
+        if retry is not None:
+            extra["retry"] = retry
+        if policy is not None:
+            extra["policy"] = policy
+        return Task.create(
+            capability,
+            input,
+            queue_timeout_ms=int(queue_timeout_s * 1000),
+            reply_to=self.reply_to,
+            issuer=self.dispatcher_id,
+            **extra,
+        )
+
+    async def submit(
+        self, capability: str, input: dict[str, JsonLike] | None = None, **options: Any
+    ) -> TaskHandle:
+        """Build, sign and publish a task; returns once the broker has confirmed it.
+
+        Options: ``node_id``, ``token``, ``task_id``, ``queue_timeout_s``, ``timeout_s``,
+        ``retry``, ``policy``, ``partition_key``, ``idempotency_key``.
+        """
+        return await self.submit_task(self.task(capability, input, **options))
+
+    async def submit_task(self, task: Task) -> TaskHandle:
+        """Publish an already built task (its ``reply_to`` should be this dispatcher's)."""
+        if self._publisher is None:
+            raise WayangError("dispatcher is not started", hint="use `async with Dispatcher(...)`")
+        future = self._pending.get(task.task_id)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._pending[task.task_id] = future
+        message = to_amqp(task_message(task, self.config.signer))
+        await self._publish_with_backpressure(task, message)
+        return TaskHandle(task, future)
+
+    async def _publish_with_backpressure(self, task: Task, message: aio_pika.Message) -> None:
+        assert self._publisher is not None
+        started = time.monotonic()
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(Rejected),
+            stop=stop_after_delay(self.config.backpressure_wait_s),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._publisher.publish(
+                        names.TASKS_EXCHANGE, task.capability, message, mandatory=True
+                    )
+        except Unroutable:
+            self._pending.pop(task.task_id, None)
+            raise NoExecutor(task.capability) from None
+        except Rejected:
+            self._pending.pop(task.task_id, None)
+            raise Backpressure(
+                names.task_queue(task.capability), time.monotonic() - started
+            ) from None
+
+    async def run(
+        self, capability: str, input: dict[str, JsonLike] | None = None, **options: Any
+    ) -> Result:
+        """Submit and wait for the terminal result (until the task's deadline by default)."""
+        wait_s = options.pop("wait_s", None)
+        handle = await self.submit(capability, input, **options)
+        return await handle.result(wait_s)
+
+    async def _on_result(self, message: AbstractIncomingMessage) -> None:
+        try:
+            if self.config.results_keyring is not None:
+                result = open_verified(
+                    message.body, message.headers or {}, self.config.results_keyring, Result
+                )
+            else:
+                result = decode(message.body, Result)
+        except WayangError as exc:
+            logs.event(log, "result.invalid", logging.WARNING, id=message.message_id, error=exc)
+            await message.reject(requeue=False)
+            return
+        self._deliver(result)
+        await message.ack()
+
+    def _deliver(self, result: Result) -> None:
+        """First terminal result per task id wins; later ones are duplicates and dropped."""
+        if not result.terminal:
+            return
+        if result.task_id in self._seen:
+            logs.event(log, "result.duplicate", logging.DEBUG, task_id=result.task_id)
+            return
+        self._seen[result.task_id] = None
+        while len(self._seen) > self.config.seen_results:
+            self._seen.popitem(last=False)
+        future = self._pending.pop(result.task_id, None)
+        if future is None:
+            # A task this process did not submit, e.g. before it restarted under the same id.
+            logs.event(log, "result.unclaimed", task_id=result.task_id, status=result.status)
+        elif not future.done():
+            future.set_result(result)

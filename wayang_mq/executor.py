@@ -1,0 +1,135 @@
+"""The executor contract (spec §5): ``execute``, ``status``, ``cancel``, ``capabilities``,
+``heartbeat``.
+
+An author subclasses :class:`Executor`, names what it serves and writes ``execute`` as plain
+async code. The other four contract methods are answered by the runtime the executor is
+attached to, because only the runtime knows what is in flight.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from wayang_mq.errors import ConfigError
+from wayang_mq.model import Heartbeat, JsonLike, Progress, Task
+from wayang_mq.names import valid_capability
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+class TaskState(StrEnum):
+    """Where a task stands, as one executor sees it."""
+
+    UNKNOWN = "unknown"  # this executor has not seen it (it may be queued, or elsewhere)
+    RUNNING = "running"
+    FINISHED = "finished"  # answered recently by this executor
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    """The answer to ``status(task_id)``."""
+
+    task_id: str
+    state: TaskState
+    executor_id: str
+    attempt: int | None = None
+    progress: Progress | None = None
+
+
+class Runtime(Protocol):
+    """What an attached executor asks of the worker that runs it."""
+
+    executor_id: str
+
+    def status(self, task_id: str) -> TaskStatus: ...
+
+    def cancel(self, task_id: str, reason: str = "") -> bool: ...
+
+    def heartbeat(self) -> Heartbeat: ...
+
+
+class Executor:
+    """Base class of executors. Override ``execute``; set ``serves`` to your capabilities."""
+
+    #: the capabilities this executor serves, e.g. ``("http.call",)``
+    serves: ClassVar[tuple[str, ...]] = ()
+    #: free-form metadata published at registration (region, version, labels)
+    metadata: ClassVar[dict[str, str]] = {}
+
+    _runtime: Runtime | None = None
+
+    async def setup(self) -> None:
+        """Open pools and clients once, before the first task."""
+
+    async def teardown(self) -> None:
+        """Close what ``setup`` opened, after the last task."""
+
+    async def execute(self, task: Task) -> JsonLike:
+        """Run one task and return its output; raise ``ExecutorError`` to fail it."""
+        raise NotImplementedError(f"{type(self).__name__}.execute")
+
+    # The rest of the contract is answered by the runtime.
+
+    def capabilities(self) -> tuple[str, ...]:
+        """What this executor serves."""
+        return self.serves
+
+    def attach(self, runtime: Runtime) -> None:
+        """Called by the worker before it starts consuming."""
+        self._runtime = runtime
+
+    def _attached(self) -> Runtime:
+        if self._runtime is None:
+            raise RuntimeError(f"{type(self).__name__} is not attached to a running worker")
+        return self._runtime
+
+    def status(self, task_id: str) -> TaskStatus:
+        """Running, finished or unknown here, with the last progress."""
+        return self._attached().status(task_id)
+
+    def cancel(self, task_id: str, reason: str = "") -> bool:
+        """Cancel a running task; False when it is not running here."""
+        return self._attached().cancel(task_id, reason)
+
+    def heartbeat(self) -> Heartbeat:
+        """Liveness and load as the next heartbeat will report them."""
+        return self._attached().heartbeat()
+
+
+def load_executor(spec: str) -> Executor:
+    """Import ``module:Class`` and instantiate it, with one-line errors for the CLI."""
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise ConfigError(f"executor {spec!r} is not MODULE:CLASS", hint="e.g. workers.demo:Echo")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"cannot import module {module_name!r}: {exc}",
+            hint="is it installed, or on PYTHONPATH?",
+        ) from exc
+    cls: Any = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Executor)):
+        raise ConfigError(f"{spec} is not a wayang_mq.Executor subclass")
+    executor = cls()
+    check_capabilities([executor])
+    return executor
+
+
+def check_capabilities(executors: Sequence[Executor]) -> dict[str, Executor]:
+    """Map each capability to its executor; reject bad names and two executors for one."""
+    by_capability: dict[str, Executor] = {}
+    for executor in executors:
+        if not executor.capabilities():
+            raise ConfigError(f"{type(executor).__name__} serves no capability (set `serves`)")
+        for capability in executor.capabilities():
+            if not valid_capability(capability):
+                raise ConfigError(f"{type(executor).__name__}: bad capability {capability!r}")
+            if capability in by_capability:
+                raise ConfigError(f"two executors serve {capability!r}")
+            by_capability[capability] = executor
+    return by_capability

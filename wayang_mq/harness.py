@@ -1,0 +1,188 @@
+"""A harness for testing executors against a real broker, in-process or as real daemons.
+
+``Fabric`` is a broker with the topology applied and a signing key: it hands out workers,
+dispatchers and worker processes configured to trust each other. Users test their own
+executors with it the way wayang-mq tests its own (``wayang_mq.testing`` provides the broker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from wayang_mq import names
+from wayang_mq.connect import management_client
+from wayang_mq.declare import apply_topology
+from wayang_mq.dispatcher import Dispatcher, DispatcherConfig
+from wayang_mq.executor import Executor
+from wayang_mq.localstack import BrokerEndpoint
+from wayang_mq.signing import KeyRing, Signer, write_keypair
+from wayang_mq.topology import DEFAULT_TOPOLOGY_PATH, Topology, load_topology
+from wayang_mq.worker import Worker, WorkerConfig
+
+
+@dataclass
+class WorkerProcess:
+    """A ``wayang-mq worker`` daemon started as its own OS process."""
+
+    executor_id: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the daemon logged so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_started(self, timeout_s: float = 30.0) -> None:
+        """Until the daemon logs that it consumes; raises with its log if it died first."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if "event=worker.started" in self.log():
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"worker {self.executor_id} did not start:\n{self.log()[-3000:]}")
+
+    def signal(self, signum: signal.Signals) -> None:
+        """Send a signal (SIGTERM to stop gently, SIGKILL to crash, SIGSTOP to hang)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        """The exit code, once the process has ended."""
+        return self.process.wait(timeout=timeout_s)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it lingers; safe to call twice."""
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@dataclass
+class Fabric:
+    """A broker with the topology applied, a key pair both sides trust, and a scratch dir."""
+
+    endpoint: BrokerEndpoint
+    workdir: Path
+    signer: Signer = field(default_factory=Signer.generate)
+    processes: list[WorkerProcess] = field(default_factory=list)
+
+    @classmethod
+    async def create(
+        cls, endpoint: BrokerEndpoint, workdir: Path, topology: Topology | Path | None = None
+    ) -> Fabric:
+        """Apply the topology (idempotent) and write the key pair into ``workdir/keys``."""
+        if not isinstance(topology, Topology):
+            topology = load_topology(topology or DEFAULT_TOPOLOGY_PATH)
+        await apply_topology(topology, endpoint.amqp_url, management_client(endpoint))
+        fabric = cls(endpoint, workdir)
+        write_keypair(fabric.key_dir, fabric.signer)
+        return fabric
+
+    @property
+    def key_dir(self) -> Path:
+        """Holds the signing key and its public half; worker daemons trust it."""
+        return self.workdir / "keys"
+
+    @property
+    def keyring(self) -> KeyRing:
+        """The public key of the fabric's signer."""
+        return KeyRing.of([self.signer.public_key])
+
+    def worker_config(self, **overrides: Any) -> WorkerConfig:
+        """A worker config trusting this fabric's key."""
+        values: dict[str, Any] = {
+            "amqp_url": self.endpoint.amqp_url,
+            "keyring": self.keyring,
+            "signer": Signer.generate(),
+            "heartbeat_interval_s": 1.0,
+            "grace_s": 5.0,
+        }
+        return WorkerConfig(**(values | overrides))
+
+    def dispatcher_config(self, **overrides: Any) -> DispatcherConfig:
+        """A dispatcher config signing with this fabric's key."""
+        values: dict[str, Any] = {"amqp_url": self.endpoint.amqp_url, "signer": self.signer}
+        return DispatcherConfig(**(values | overrides))
+
+    @contextlib.asynccontextmanager
+    async def worker(self, executors: Sequence[Executor], **config: Any) -> AsyncIterator[Worker]:
+        """An in-process worker, consuming until the block ends."""
+        worker = Worker(executors, self.worker_config(**config))
+        running = asyncio.create_task(worker.run())
+        ready = asyncio.create_task(worker.wait_ready())
+        done, _ = await asyncio.wait({running, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if running in done:
+            ready.cancel()
+            running.result()  # raises the start-up error
+        try:
+            yield worker
+        finally:
+            worker.stop()
+            await running
+
+    @contextlib.asynccontextmanager
+    async def dispatcher(self, **config: Any) -> AsyncIterator[Dispatcher]:
+        """A started dispatcher, closed when the block ends."""
+        async with Dispatcher(self.dispatcher_config(**config)) as dispatcher:
+            yield dispatcher
+
+    def spawn_worker(
+        self,
+        executors: Sequence[str] = ("workers.demo:Echo", "workers.demo:Sleep", "workers.demo:Fail"),
+        *,
+        executor_id: str,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> WorkerProcess:
+        """Start ``wayang-mq worker`` as a daemon, exactly as a user would."""
+        log_path = self.workdir / f"{executor_id}.log"
+        environment = {
+            **os.environ,
+            "WAYANG_AMQP_URL": self.endpoint.amqp_url,
+            "WAYANG_MANAGEMENT_URL": self.endpoint.management_url,
+            "WAYANG_KEY_DIR": str(self.key_dir),
+            **(env or {}),
+        }
+        command = [sys.executable, "-m", "wayang_mq.cli", "worker", *executors]
+        command += ["--id", executor_id, "--heartbeat", "1", *args]
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(
+                command, env=environment, stdout=log_file, stderr=subprocess.STDOUT
+            )
+        spawned = WorkerProcess(executor_id, process, log_path)
+        self.processes.append(spawned)
+        return spawned
+
+    def stop_processes(self) -> None:
+        """Stop every daemon this fabric started."""
+        for process in self.processes:
+            process.stop()
+        self.processes.clear()
+
+    async def purge(self, *capabilities: str) -> None:
+        """Empty the capabilities' task and dead-letter queues (between tests)."""
+        connection = await aio_pika.connect(self.endpoint.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            for capability in capabilities:
+                for name in (names.task_queue(capability), names.dead_queue(capability)):
+                    queue = await channel.get_queue(name, ensure=False)
+                    await queue.purge()

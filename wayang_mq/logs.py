@@ -1,0 +1,38 @@
+"""Structured log lines: ``event=task.done task_id=... executor=... duration_ms=...``.
+
+One line per event, key=value (logfmt), so a daemon's log can be grepped by task id and parsed
+by any log shipper without a JSON dependency.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+
+def _value(value: Any) -> str:
+    text = str(value)
+    if text == "" or any(ch in text for ch in ' "=\n'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log one structured line: the event name, then the fields in the order given."""
+    if logger.isEnabledFor(level):
+        pairs = " ".join(f"{key}={_value(val)}" for key, val in fields.items() if val is not None)
+        logger.log(level, "event=%s %s", name, pairs)
+
+
+def configure(level: str = "INFO") -> None:
+    """Daemon logging to stderr with a timestamp and the logger name; called once by the CLI."""
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    # aiormq logs a dropped connection as an ERROR with a traceback; our own
+    # broker.disconnected / broker.reconnected lines say what happened and what comes next.
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+    logging.getLogger("aio_pika").setLevel(logging.WARNING)

@@ -1,0 +1,563 @@
+"""The worker daemon: consumes its capabilities' queues and runs executors on them.
+
+Per delivery the worker reads as a sentence: open the task (size, signature, schema, deadline,
+capability) → run it → publish the result and wait for the broker's confirm → ack. Every other
+exit is handled in :meth:`Worker._handle` too: bad input is dead-lettered with its reason and
+answered FAILED; a shutdown returns the delivery to the queue; an ack on a channel that died
+meanwhile is skipped (the broker redelivers, results are deduplicated by task id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import aiormq
+import msgpack
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from wayang_mq import logs, names
+from wayang_mq.connect import connect
+from wayang_mq.context import TaskContext, bind, unbind
+from wayang_mq.errors import (
+    ConfigError,
+    ErrorCode,
+    ExecutorError,
+    PublishFailed,
+    WayangError,
+    WireError,
+    WrongCapability,
+)
+from wayang_mq.executor import Executor, TaskState, TaskStatus, check_capabilities
+from wayang_mq.model import (
+    ErrorInfo,
+    Heartbeat,
+    Progress,
+    Registration,
+    Result,
+    Status,
+    Task,
+    WireModel,
+    new_id,
+    now_ms,
+)
+from wayang_mq.publisher import ConfirmedPublisher, to_amqp
+from wayang_mq.signing import KeyRing, Signer
+from wayang_mq.wire import DEFAULT_MAX_BODY_BYTES, open_task, signed_message
+
+log = logging.getLogger("wayang_mq.worker")
+
+ERROR_CODE_HEADER = "wayang-error-code"
+ERROR_MESSAGE_HEADER = "wayang-error-message"
+DEAD_LETTERED_BY_HEADER = "wayang-dead-lettered-by"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How one worker process runs; built once by the CLI or a test."""
+
+    amqp_url: str = field(repr=False)
+    keyring: KeyRing
+    signer: Signer
+    executor_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    concurrency: int = 8
+    prefetch: int | None = None  # default: concurrency (held but not running counts too)
+    heartbeat_interval_s: float = 5.0
+    grace_s: float = 30.0  # SIGTERM: how long in-flight tasks may finish
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    recent_results: int = 10_000  # results kept to answer a redelivered finished task
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigError("concurrency must be at least 1")
+        if self.prefetch is not None and self.prefetch < 1:
+            raise ConfigError("prefetch must be at least 1")
+        if not names.valid_word(self.executor_id):
+            raise ConfigError(
+                f"executor id {self.executor_id!r} must be lowercase letters, digits, '-' or '_'"
+            )
+
+
+@dataclass
+class _Running:
+    """A task this worker is executing."""
+
+    task: Task
+    context: TaskContext
+    job: asyncio.Task[Any]
+    cancel_reason: str | None = None
+
+
+class Worker:
+    """Runs executors on their capabilities' queues until ``stop()``."""
+
+    def __init__(self, executors: Sequence[Executor], config: WorkerConfig) -> None:
+        self.config = config
+        self.executor_id = config.executor_id
+        self._by_capability = check_capabilities(executors)
+        self._executors = list(executors)
+        self._slots = asyncio.Semaphore(config.concurrency)
+        self._running: dict[str, _Running] = {}
+        self._recent: OrderedDict[str, Result] = OrderedDict()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._shutting_down = False
+        self._heartbeat_seq = 0
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: ConfirmedPublisher | None = None
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        for executor in executors:
+            executor.attach(self)
+
+    # -- the executor contract, answered for attached executors -------------------------
+
+    def status(self, task_id: str) -> TaskStatus:
+        """Running here (with its last progress), finished here recently, or unknown."""
+        running = self._running.get(task_id)
+        if running is not None:
+            return TaskStatus(
+                task_id,
+                TaskState.RUNNING,
+                self.executor_id,
+                running.task.attempt,
+                running.context.last_progress,
+            )
+        if task_id in self._recent:
+            return TaskStatus(
+                task_id, TaskState.FINISHED, self.executor_id, self._recent[task_id].attempt
+            )
+        return TaskStatus(task_id, TaskState.UNKNOWN, self.executor_id)
+
+    def cancel(self, task_id: str, reason: str = "") -> bool:
+        """Cancel a running task; it ends FAILED ``cancelled``."""
+        running = self._running.get(task_id)
+        if running is None:
+            return False
+        running.cancel_reason = reason or "cancel requested"
+        running.context.cancelled.set()
+        running.job.cancel()
+        return True
+
+    def heartbeat(self) -> Heartbeat:
+        """This worker's liveness and load right now."""
+        return Heartbeat(
+            executor_id=self.executor_id,
+            capabilities=tuple(self._by_capability),
+            in_flight=tuple(self._running),
+            concurrency=self.config.concurrency,
+            sequence=self._heartbeat_seq,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, register, consume and heartbeat until ``stop()``; then drain and close."""
+        for executor in self._executors:
+            await executor.setup()
+        connection = await connect(self.config.amqp_url, self.executor_id)
+        self._connection = connection
+        try:
+            await self._start(connection)
+            logs.event(
+                log,
+                "worker.started",
+                executor=self.executor_id,
+                capabilities=",".join(self._by_capability),
+                concurrency=self.config.concurrency,
+            )
+            self._ready.set()
+            beat = asyncio.create_task(self._heartbeat_loop())
+            await self._stopping.wait()
+            beat.cancel()
+            await self._drain()
+        finally:
+            await connection.close()
+            for executor in self._executors:
+                await executor.teardown()
+            logs.event(log, "worker.stopped", executor=self.executor_id)
+
+    async def wait_ready(self) -> None:
+        """Until the worker is consuming (tests and the dev stack use this)."""
+        await self._ready.wait()
+
+    def stop(self) -> None:
+        """Stop consuming; in-flight tasks get ``grace_s`` to finish."""
+        self._stopping.set()
+
+    async def _start(self, connection: AbstractRobustConnection) -> None:
+        publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._publisher = ConfirmedPublisher(publish_channel)
+        await self._emit(
+            Registration(
+                executor_id=self.executor_id,
+                capabilities=tuple(self._by_capability),
+                concurrency=self.config.concurrency,
+                metadata={k: v for e in self._executors for k, v in e.metadata.items()},
+            ),
+            names.event_key("registered", self.executor_id),
+        )
+        consume_channel = await connection.channel()
+        prefetch = self.config.prefetch or self.config.concurrency
+        await consume_channel.set_qos(prefetch_count=prefetch)
+        for capability in self._by_capability:
+            for queue_name in await _discover_queues(connection, capability):
+                # declare_queue (passive), not get_queue: only declared queues are recorded by
+                # the robust channel, and only recorded ones get their consumers back after a
+                # reconnect.
+                queue = await consume_channel.declare_queue(queue_name, passive=True)
+                tag = await queue.consume(self._spawner(capability))
+                self._consumers.append((queue, tag))
+
+    def _spawner(self, capability: str) -> Any:
+        """The consume callback: start a handler task and return at once (prefetch bounds)."""
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            handler = asyncio.create_task(self._handle(capability, message))
+            self._handlers.add(handler)
+            handler.add_done_callback(self._handlers.discard)
+
+        return on_message
+
+    async def _drain(self) -> None:
+        """Cancel consumers, let in-flight work finish within the grace, return the rest."""
+        for queue, tag in self._consumers:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        if self._handlers:
+            logs.event(
+                log,
+                "worker.draining",
+                executor=self.executor_id,
+                in_flight=len(self._handlers),
+                grace_s=self.config.grace_s,
+            )
+            _, pending = await asyncio.wait(set(self._handlers), timeout=self.config.grace_s)
+            self._shutting_down = True
+            for handler in pending:
+                handler.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- one delivery ---------------------------------------------------------------------
+
+    async def _handle(self, capability: str, message: AbstractIncomingMessage) -> None:
+        """The one place that decides ack, dead-letter or return-to-queue for a delivery."""
+        try:
+            async with self._slots:
+                try:
+                    task = self._open(capability, message)
+                except WireError as exc:
+                    await self._dead_letter(capability, message, exc)
+                    return
+                result = self._recent.get(task.task_id) or await self._execute(task)
+                await self._publish_result(task, result)
+                await _settle(message, "ack")
+        except asyncio.CancelledError:
+            # Shutdown past the grace period: the broker gets the delivery back, unharmed.
+            await _settle(message, "requeue")
+            raise
+        except PublishFailed as exc:
+            # The broker is gone past our reconnect wait; the delivery returns with the channel.
+            logs.event(
+                log,
+                "result.unconfirmed",
+                logging.WARNING,
+                task_id=message.message_id,
+                error=str(exc),
+            )
+
+    def _open(self, capability: str, message: AbstractIncomingMessage) -> Task:
+        task = open_task(
+            message.body,
+            message.headers or {},
+            self.config.keyring,
+            max_body_bytes=self.config.max_body_bytes,
+        )
+        if task.capability != capability:
+            raise WrongCapability(
+                f"task {task.task_id} names capability {task.capability!r} but arrived on "
+                f"{capability!r}",
+                body=message.body,
+            )
+        return task
+
+    async def _execute(self, task: Task) -> Result:
+        """Run the executor; every way it can end becomes a Result (SUCCESS or FAILED)."""
+        started = time.monotonic()
+        context = TaskContext(task, self.executor_id, self._progress_sink)
+        job = asyncio.create_task(self._call(task, context))
+        running = _Running(task, context, job)
+        self._running[task.task_id] = running
+        logs.event(
+            log,
+            "task.started",
+            task_id=task.task_id,
+            capability=task.capability,
+            attempt=task.attempt,
+            executor=self.executor_id,
+        )
+        try:
+            output = await job
+            status, error = Status.SUCCESS, None
+        except asyncio.CancelledError:
+            if running.cancel_reason is None or self._shutting_down:
+                job.cancel()
+                raise
+            output = None
+            status, error = (
+                Status.FAILED,
+                ErrorInfo(code=ErrorCode.CANCELLED, message=running.cancel_reason),
+            )
+        except Exception as exc:  # executor code may raise anything; it becomes a result
+            output, status, error = None, Status.FAILED, _error_info(exc)
+        finally:
+            del self._running[task.task_id]
+        result = _result(task, self.executor_id, status, output, error, context, started)
+        self._remember(result)
+        logs.event(
+            log,
+            "task.finished",
+            task_id=task.task_id,
+            status=result.status,
+            code=error.code if error else None,
+            duration_ms=result.metrics["duration_ms"],
+        )
+        return result
+
+    async def _call(self, task: Task, context: TaskContext) -> Any:
+        token = bind(context)
+        try:
+            executor = self._by_capability[task.capability]
+            if task.timeout_ms is None:
+                return await executor.execute(task)
+            try:
+                async with asyncio.timeout(task.timeout_ms / 1000):
+                    return await executor.execute(task)
+            except TimeoutError:
+                raise ExecutorError(
+                    f"execution passed its timeout of {task.timeout_ms} ms",
+                    code=ErrorCode.TIMEOUT,
+                    retryable=True,
+                ) from None
+        finally:
+            unbind(token)
+
+    def _remember(self, result: Result) -> None:
+        """Keep recent results so a redelivered, already-finished task is answered, not rerun."""
+        self._recent[result.task_id] = result
+        self._recent.move_to_end(result.task_id)
+        while len(self._recent) > self.config.recent_results:
+            self._recent.popitem(last=False)
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def _signed(self, model: WireModel, message_id: str, **kwargs: Any) -> aio_pika.Message:
+        return to_amqp(signed_message(model, self.config.signer, message_id=message_id, **kwargs))
+
+    async def _publish_result(self, task: Task, result: Result, reply_to: str = "") -> None:
+        """Publish and wait for the confirm; only then may the delivery be acked."""
+        assert self._publisher is not None
+        routing_key = task.reply_to or reply_to or f"noreply.{task.capability}"
+        message = self._signed(result, task.task_id, reply_to=routing_key)
+        await self._publisher.publish(names.RESULTS_EXCHANGE, routing_key, message)
+
+    async def _emit(self, event: WireModel, routing_key: str) -> None:
+        """Events are best-effort: a lost heartbeat is replaced by the next one."""
+        if self._publisher is None:
+            return
+        message = self._signed(event, routing_key)
+        message.delivery_mode = aio_pika.DeliveryMode.NOT_PERSISTENT
+        try:
+            await self._publisher.publish_once(names.EVENTS_EXCHANGE, routing_key, message)
+        except WayangError as exc:
+            logs.event(log, "event.dropped", logging.DEBUG, key=routing_key, error=str(exc))
+
+    async def _progress_sink(self, progress: Progress) -> None:
+        await self._emit(progress, names.event_key("progress", progress.task_id))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            self._heartbeat_seq += 1
+            await self._emit(self.heartbeat(), names.event_key("heartbeat", self.executor_id))
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+
+    async def _dead_letter(
+        self, capability: str, message: AbstractIncomingMessage, error: WireError
+    ) -> None:
+        """Bad input: a copy with the reason to ``wayang.dlx``, a FAILED result, then ack."""
+        assert self._publisher is not None
+        code = error.code or ErrorCode.INVALID_TASK
+        task_id = message.message_id or message.correlation_id or f"unknown-{new_id()}"
+        headers = {
+            **(message.headers or {}),
+            ERROR_CODE_HEADER: str(code),
+            ERROR_MESSAGE_HEADER: error.message[:1000],
+            DEAD_LETTERED_BY_HEADER: self.executor_id,
+        }
+        # No expiration on the copy: a dead letter must wait for inspection, not expire.
+        copy = aio_pika.Message(
+            message.body,
+            headers=headers,
+            message_id=task_id,
+            correlation_id=task_id,
+            content_type=message.content_type,
+            type=message.type,
+            reply_to=message.reply_to,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            timestamp=message.timestamp,
+        )
+        try:
+            await self._publisher.publish(names.DEAD_LETTER_EXCHANGE, capability, copy)
+        except WayangError:
+            # Fall back on the queue's own dead-lettering (reason "rejected"): never lost.
+            await _settle(message, "reject")
+            raise
+        logs.event(
+            log,
+            "task.dead_lettered",
+            logging.WARNING,
+            task_id=task_id,
+            capability=capability,
+            code=code,
+            reason=error.message,
+        )
+        if message.reply_to:
+            failed = _uncorrelated_failure(task_id, capability, self.executor_id, code, error)
+            with contextlib.suppress(WayangError):
+                await self._publisher.publish(
+                    names.RESULTS_EXCHANGE,
+                    message.reply_to,
+                    self._signed(failed, task_id, reply_to=message.reply_to),
+                )
+        await _settle(message, "ack")
+
+
+async def _settle(message: AbstractIncomingMessage, how: str) -> None:
+    """Ack, reject or requeue; skipped when the delivery's channel has died meanwhile.
+
+    A delivery tag belongs to the channel it came on: after a reconnect, the broker has
+    already returned that delivery to the queue, and acking the tag on the new channel would
+    ack a different message.
+    """
+    try:
+        if how == "ack":
+            await message.ack()
+        elif how == "reject":
+            await message.reject(requeue=False)
+        else:
+            await message.nack(requeue=True)
+    except (
+        aio_pika.exceptions.ChannelInvalidStateError,
+        aiormq.exceptions.AMQPError,
+        ConnectionError,
+        RuntimeError,
+    ) as exc:
+        logs.event(
+            log,
+            "delivery.unsettled",
+            logging.INFO,
+            task_id=message.message_id,
+            action=how,
+            reason=f"channel closed ({type(exc).__name__}); the broker redelivers it",
+        )
+
+
+async def _discover_queues(connection: AbstractRobustConnection, capability: str) -> list[str]:
+    """The capability's queue, or its shard queues; a clear error when neither exists."""
+    if await _queue_exists(connection, names.task_queue(capability)):
+        return [names.task_queue(capability)]
+    shards: list[str] = []
+    while await _queue_exists(connection, names.task_queue(capability, len(shards))):
+        shards.append(names.task_queue(capability, len(shards)))
+    if not shards:
+        raise ConfigError(
+            f"queue {names.task_queue(capability)} does not exist",
+            hint=f"add {capability!r} to topology/wayang.toml and run `wayang-mq topology apply`",
+        )
+    return shards
+
+
+async def _queue_exists(connection: AbstractRobustConnection, name: str) -> bool:
+    # A passive declare of a missing queue closes its channel (404): one channel per check.
+    channel = await connection.channel()
+    try:
+        await channel.declare_queue(name, passive=True)
+        return True
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+def _error_info(exc: BaseException) -> ErrorInfo:
+    if isinstance(exc, ExecutorError):
+        return ErrorInfo(
+            code=exc.code or ErrorCode.EXECUTOR_ERROR,
+            message=exc.message,
+            retryable=exc.retryable,
+            retry_after_ms=None if exc.retry_after_s is None else int(exc.retry_after_s * 1000),
+            details=exc.details,
+        )
+    # An unexpected exception is a bug or a transient fault: retryable, like Temporal's default.
+    return ErrorInfo(
+        code=ErrorCode.EXECUTOR_ERROR, message=f"{type(exc).__name__}: {exc}", retryable=True
+    )
+
+
+def _result(
+    task: Task,
+    executor_id: str,
+    status: Status,
+    output: Any,
+    error: ErrorInfo | None,
+    context: TaskContext,
+    started: float,
+) -> Result:
+    """Build the result, turning an output msgpack cannot carry into ``invalid_result``."""
+    metrics = {
+        "duration_ms": round((time.monotonic() - started) * 1000, 3),
+        "queue_ms": float(max(0, now_ms() - task.issued_at_ms)),
+    }
+    try:
+        msgpack.packb(output, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        status, output = Status.FAILED, None
+        error = ErrorInfo(code=ErrorCode.INVALID_RESULT, message=f"output cannot be sent: {exc}")
+    return Result(
+        task_id=task.task_id,
+        token=task.token,
+        node_id=task.node_id,
+        capability=task.capability,
+        status=status,
+        executor_id=executor_id,
+        attempt=task.attempt,
+        output=output,
+        error=error,
+        metrics=metrics,
+        logs=tuple(context.logs),
+    )
+
+
+def _uncorrelated_failure(
+    task_id: str, capability: str, executor_id: str, code: ErrorCode, error: WireError
+) -> Result:
+    """A FAILED result for a task whose body could not be trusted: ids from AMQP properties."""
+    return Result(
+        task_id=task_id,
+        token="",
+        node_id="",
+        capability=capability,
+        status=Status.FAILED,
+        executor_id=executor_id,
+        error=ErrorInfo(code=code, message=error.message),
+    )

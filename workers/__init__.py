@@ -1,0 +1,1 @@
+"""Concrete executors shipped with wayang-mq."""
