@@ -1,0 +1,256 @@
+"""The ``wayang-mq`` command. Settings are read here, once, and passed down.
+
+Every failure the user can cause or fix (bad input, unreachable broker, a full queue) ends as
+one line on stderr, ``wayang-mq: error: <what> (<what to do>)``, and a distinct exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from wayang_mq import __version__, logs
+from wayang_mq.errors import (
+    Backpressure,
+    BrokerUnreachable,
+    ConfigError,
+    NoExecutor,
+    ResultTimeout,
+    WayangError,
+)
+from wayang_mq.settings import Settings
+
+
+class Exit(IntEnum):
+    """Exit codes, documented in README.md."""
+
+    OK = 0
+    TASK_FAILED = 1  # the task ended FAILED (or PENDING without --wait answering)
+    USAGE = 2  # bad arguments, settings, files
+    UNREACHABLE = 3  # broker down or credentials refused
+    NO_EXECUTOR = 4  # no queue serves the capability
+    BACKPRESSURE = 5  # the capability's queue stayed full
+    TIMEOUT = 6  # no result within --timeout
+    INTERRUPTED = 130
+
+
+_EXIT_FOR: list[tuple[type[WayangError], Exit]] = [
+    (NoExecutor, Exit.NO_EXECUTOR),
+    (Backpressure, Exit.BACKPRESSURE),
+    (ResultTimeout, Exit.TIMEOUT),
+    (BrokerUnreachable, Exit.UNREACHABLE),
+]
+
+
+def exit_code_for(error: WayangError) -> Exit:
+    """The exit code a WayangError maps to."""
+    for kind, code in _EXIT_FOR:
+        if isinstance(error, kind):
+            return code
+    return Exit.USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; each subcommand names its handler in ``func``."""
+    parser = argparse.ArgumentParser(
+        prog="wayang-mq", description="Wayang's execution fabric on RabbitMQ."
+    )
+    parser.add_argument("--version", action="version", version=f"wayang-mq {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="daemon log level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_dev(sub)
+    _add_topology(sub)
+    _add_keys(sub)
+    _add_worker(sub)
+    _add_submit(sub)
+    return parser
+
+
+def _add_dev(sub: Any) -> None:
+    p = sub.add_parser("dev", help="run a local broker, the topology and demo workers")
+    p.add_argument("--state-dir", type=Path, help="where the stack keeps its state (.wayang)")
+    p.add_argument("--amqp-port", type=int, help="AMQP port (default: a free one)")
+    p.add_argument("--management-port", type=int, help="console port (default: a free one)")
+    p.add_argument("--workers", type=int, default=2, help="demo worker processes (default 2)")
+    p.add_argument("--demo-tasks", type=int, default=20, help="tasks to send at start")
+    p.add_argument("--no-wait", action="store_true", help="exit after the demo (for scripts)")
+    p.set_defaults(func=_cmd_dev)
+
+
+def _add_topology(sub: Any) -> None:
+    p = sub.add_parser("topology", help="declare or export the RabbitMQ topology")
+    tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    apply = tsub.add_parser("apply", help="declare exchanges, queues, bindings and policies")
+    apply.add_argument("--file", type=Path, help="topology file (default topology/wayang.toml)")
+    apply.set_defaults(func=_cmd_topology_apply)
+    export = tsub.add_parser("export", help="write a definitions.json for the console import")
+    export.add_argument("--file", type=Path, help="topology file (default topology/wayang.toml)")
+    export.add_argument("--out", type=Path, required=True, help="where to write the JSON")
+    export.set_defaults(func=_cmd_topology_export)
+
+
+def _add_keys(sub: Any) -> None:
+    p = sub.add_parser("keys", help="manage Ed25519 signing keys")
+    ksub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    new = ksub.add_parser("new", help="write a new keypair: <id>.key and <id>.pub")
+    new.add_argument("--dir", type=Path, required=True, help="directory for the key files")
+    new.set_defaults(func=_cmd_keys_new)
+
+
+def _add_worker(sub: Any) -> None:
+    p = sub.add_parser("worker", help="run a worker daemon for one or more executors")
+    p.add_argument("executors", nargs="+", metavar="MODULE:CLASS", help="e.g. workers.demo:Echo")
+    p.add_argument("--concurrency", type=int, default=8, help="tasks run at once (default 8)")
+    p.add_argument("--prefetch", type=int, help="deliveries held (default: concurrency)")
+    p.add_argument("--id", dest="executor_id", help="executor id (default: host-pid)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds to finish on SIGTERM")
+    p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats")
+    p.set_defaults(func=_cmd_worker)
+
+
+def _add_submit(sub: Any) -> None:
+    p = sub.add_parser("submit", help="publish one task; with --wait, print its result")
+    p.add_argument("capability", help="e.g. demo.echo")
+    p.add_argument("--input", default="{}", help="the input context as a JSON object")
+    p.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    p.add_argument("--queue-timeout", type=float, default=60.0, help="seconds it may wait queued")
+    p.add_argument("--exec-timeout", type=float, help="seconds it may run")
+    p.add_argument("--node-id", help="workflow node id (default: the task id)")
+    p.add_argument("--partition-key", help="keeps order per key on sharded capabilities")
+    p.set_defaults(func=_cmd_submit)
+
+
+# -- handlers -------------------------------------------------------------------------------
+
+
+def _cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.devstack import DevOptions, run_dev
+
+    options = DevOptions(
+        state_dir=args.state_dir or settings.state_dir,
+        amqp_port=args.amqp_port,
+        management_port=args.management_port,
+        workers=args.workers,
+        demo_tasks=args.demo_tasks,
+        wait=not args.no_wait,
+    )
+    return int(run_dev(options, settings))
+
+
+def _cmd_topology_apply(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.connect import broker_endpoint, management_client
+    from wayang_mq.declare import apply_topology
+    from wayang_mq.topology import load_topology
+
+    topology = load_topology(args.file or settings.topology)
+    endpoint = broker_endpoint(settings)
+    report = asyncio.run(apply_topology(topology, endpoint.amqp_url, management_client(endpoint)))
+    print("\n".join(report.lines()))
+    return Exit.OK
+
+
+def _cmd_topology_export(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.definitions import write_definitions
+    from wayang_mq.topology import load_topology
+
+    write_definitions(load_topology(args.file or settings.topology), args.out)
+    print(f"wrote {args.out} (import it in the console: Overview → Import definitions)")
+    return Exit.OK
+
+
+def _cmd_keys_new(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.signing import write_keypair
+
+    private_path, public_path = write_keypair(args.dir)
+    print(f"private key {private_path} (keep secret: publishers sign with it)")
+    print(f"public key  {public_path} (copy to receivers' key directories)")
+    return Exit.OK
+
+
+def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.connect import broker_endpoint, keyring, signer
+    from wayang_mq.executor import load_executor
+    from wayang_mq.worker import Worker, WorkerConfig
+
+    executors = [load_executor(spec) for spec in args.executors]
+    extra = {"executor_id": args.executor_id} if args.executor_id else {}
+    config = WorkerConfig(
+        amqp_url=broker_endpoint(settings).amqp_url,
+        keyring=keyring(settings),
+        signer=signer(settings),
+        concurrency=args.concurrency,
+        prefetch=args.prefetch,
+        grace_s=args.grace,
+        heartbeat_interval_s=args.heartbeat,
+        **extra,
+    )
+    worker = Worker(executors, config)
+    asyncio.run(_run_until_signal(worker.run, worker.stop))
+    return Exit.OK
+
+
+async def _run_until_signal(run: Callable[[], Any], stop: Callable[[], None]) -> None:
+    """Run a daemon; SIGTERM and SIGINT ask it to stop gracefully instead of killing it."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+    await run()
+
+
+def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.connect import broker_endpoint, signer
+    from wayang_mq.dispatcher import Dispatcher, DispatcherConfig
+
+    try:
+        task_input = json.loads(args.input)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--input is not JSON: {exc}", hint="e.g. --input '{\"x\": 1}'") from exc
+    if not isinstance(task_input, dict):
+        raise ConfigError("--input must be a JSON object", hint="e.g. --input '{\"x\": 1}'")
+    config = DispatcherConfig(amqp_url=broker_endpoint(settings).amqp_url, signer=signer(settings))
+
+    async def submit() -> int:
+        async with Dispatcher(config) as dispatcher:
+            handle = await dispatcher.submit(
+                args.capability,
+                task_input,
+                queue_timeout_s=args.queue_timeout,
+                timeout_s=args.exec_timeout,
+                node_id=args.node_id,
+                partition_key=args.partition_key,
+            )
+            if not args.wait:
+                print(json.dumps({"task_id": handle.task_id, "status": "SUBMITTED"}))
+                return Exit.OK
+            result = await handle.result(args.timeout)
+            print(result.model_dump_json(indent=2, exclude_defaults=False))
+            return Exit.OK if result.status == "SUCCESS" else Exit.TASK_FAILED
+
+    return asyncio.run(submit())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``wayang-mq`` script."""
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level)
+    try:
+        settings = Settings()
+        code = int(args.func(args, settings))
+    except WayangError as exc:
+        print(f"wayang-mq: error: {exc.one_line()}", file=sys.stderr)
+        return exit_code_for(exc)
+    except KeyboardInterrupt:
+        return Exit.INTERRUPTED
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""``wayang-mq dev``: the whole fabric on one machine, in the foreground.
+
+A private RabbitMQ node (unless ``WAYANG_AMQP_URL`` names a broker), the topology, a signing
+key, demo worker daemons as real processes, and a burst of demo tasks whose results are shown;
+then it stays up until Ctrl-C, printing where the console is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from wayang_mq.connect import broker_endpoint, management_client, save_endpoint
+from wayang_mq.declare import apply_topology
+from wayang_mq.dispatcher import Dispatcher, DispatcherConfig
+from wayang_mq.localstack import BrokerEndpoint, RabbitNode
+from wayang_mq.model import Result
+from wayang_mq.settings import Settings
+from wayang_mq.signing import Signer, write_keypair
+from wayang_mq.topology import load_topology
+
+DEMO_EXECUTORS = ("workers.demo:Echo", "workers.demo:Sleep", "workers.demo:Fail")
+
+
+@dataclass(frozen=True)
+class DevOptions:
+    """What ``wayang-mq dev`` was asked for."""
+
+    state_dir: Path
+    amqp_port: int | None = None
+    management_port: int | None = None
+    workers: int = 2
+    demo_tasks: int = 20
+    wait: bool = True
+
+
+def say(line: str) -> None:
+    """Progress for the person at the terminal."""
+    print(line, flush=True)
+
+
+def run_dev(options: DevOptions, settings: Settings) -> int:
+    """Start everything, show tasks flowing, then stay up until interrupted."""
+    state_dir = options.state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    node: RabbitNode | None = None
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        if settings.amqp_url is None:
+            node = RabbitNode(
+                state_dir / "rabbitmq",
+                amqp_port=options.amqp_port,
+                management_port=options.management_port,
+                server_binary=settings.rabbitmq_server,
+            )
+            say(f"==> starting a private RabbitMQ node (state in {node.state_dir})")
+            endpoint = node.start()
+            save_endpoint(state_dir, endpoint)
+        else:
+            endpoint = broker_endpoint(settings)
+            say("==> using the broker in WAYANG_AMQP_URL")
+        keys = _ensure_keys(settings.key_dir or state_dir / "keys")
+        say(f"==> applying topology {settings.topology}")
+        report = asyncio.run(
+            apply_topology(
+                load_topology(settings.topology), endpoint.amqp_url, management_client(endpoint)
+            )
+        )
+        say("    " + report.lines()[-1])
+        workers = _start_workers(options.workers, endpoint, keys, state_dir / "logs")
+        _print_endpoint(endpoint, keys, state_dir)
+        asyncio.run(_demo(endpoint, keys, options.demo_tasks))
+        if options.wait:
+            say("==> running; Ctrl-C stops the workers and the broker")
+            _wait_for_signal()
+    finally:
+        _stop_workers(workers)
+        if node is not None:
+            say("==> stopping RabbitMQ")
+            node.stop()
+    return 0
+
+
+def _ensure_keys(keys_path: Path) -> Path:
+    if not any(keys_path.glob("*.key")):
+        private_path, _ = write_keypair(keys_path)
+        say(f"==> created signing key {private_path}")
+    return keys_path
+
+
+def _start_workers(
+    count: int, endpoint: BrokerEndpoint, keys: Path, log_dir: Path
+) -> list[subprocess.Popen[bytes]]:
+    """Demo worker daemons as real processes, exactly as a user would start them."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "WAYANG_AMQP_URL": endpoint.amqp_url, "WAYANG_KEY_DIR": str(keys)}
+    env.setdefault("WAYANG_MANAGEMENT_URL", endpoint.management_url)
+    processes = []
+    for index in range(count):
+        executor_id = f"demo-{index}"
+        log_path = log_dir / f"{executor_id}.log"
+        command = [sys.executable, "-m", "wayang_mq.cli", "worker", *DEMO_EXECUTORS]
+        command += ["--id", executor_id, "--concurrency", "16"]
+        with log_path.open("ab") as log_file:
+            processes.append(
+                subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            )
+        say(f"==> started worker {executor_id} (pid {processes[-1].pid}, log {log_path})")
+    return processes
+
+
+def _stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _print_endpoint(endpoint: BrokerEndpoint, keys: Path, state_dir: Path) -> None:
+    say("")
+    say(f"    RabbitMQ console  {endpoint.console_url}")
+    say(f"    login             {endpoint.username} / {endpoint.password}")
+    say(f"    AMQP URL          {endpoint.amqp_url}")
+    say(f"    signing keys      {keys}")
+    say(
+        "    try (another terminal, same directory):  wayang-mq submit demo.echo "
+        '--input \'{"hello": "world"}\' --wait'
+    )
+    say(f"    (state in {state_dir}: other commands find it there, or set WAYANG_STATE_DIR)")
+    say("")
+
+
+async def _demo(endpoint: BrokerEndpoint, keys: Path, count: int) -> None:
+    """Send a burst of demo tasks and show each result as it arrives."""
+    if count <= 0:
+        return
+    signing_key = sorted(keys.glob("*.key"))[0]
+    config = DispatcherConfig(amqp_url=endpoint.amqp_url, signer=Signer.from_file(signing_key))
+    say(f"==> sending {count} demo tasks (echo, one sleep with progress, one failure)")
+    started = time.monotonic()
+    async with Dispatcher(config) as dispatcher:
+        handles = [await dispatcher.submit("demo.sleep", {"seconds": 2})]
+        handles.append(await dispatcher.submit("demo.fail", {"mode": "permanent"}))
+        handles += [
+            await dispatcher.submit("demo.echo", {"n": n}) for n in range(max(0, count - 2))
+        ]
+        for next_done in asyncio.as_completed([h.result(60) for h in handles]):
+            say("    " + _describe(await next_done))
+    say(f"==> {len(handles)} results in {time.monotonic() - started:.2f}s")
+
+
+def _describe(result: Result) -> str:
+    outcome = str(result.status)
+    if result.error is not None:
+        outcome += f" {result.error.code}: {result.error.message}"
+    else:
+        outcome += f" output={result.output}"
+    duration = result.metrics.get("duration_ms", 0.0)
+    return (
+        f"task {result.task_id[:8]} {result.capability:<10} {outcome} "
+        f"(by {result.executor_id}, attempt {result.attempt}, ran {duration:.1f} ms)"
+    )
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    received = []
+    handler = lambda signum, frame: received.append(signum)  # noqa: E731
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not received:
+            with contextlib.suppress(InterruptedError):
+                signal.pause()
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
