@@ -178,6 +178,7 @@ def _cmd_keys_new(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from wayang_mq.connect import broker_endpoint, keyring, signer
     from wayang_mq.executor import load_executor
+    from wayang_mq.topology import load_topology
     from wayang_mq.worker import Worker, WorkerConfig
 
     executors = [load_executor(spec) for spec in args.executors]
@@ -190,6 +191,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         prefetch=args.prefetch,
         grace_s=args.grace,
         heartbeat_interval_s=args.heartbeat,
+        retry_tiers=load_topology(settings.topology).retry_tiers,
         **extra,
     )
     worker = Worker(executors, config)

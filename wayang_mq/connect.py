@@ -102,8 +102,11 @@ async def connect(url: str, name: str) -> AbstractRobustConnection:
             hint="is it running? start a local one with `wayang-mq dev`, or fix WAYANG_AMQP_URL",
         ) from exc
     where = redact_url(url)
-    connection.close_callbacks.add(
-        lambda _conn, exc: logs.event(
+
+    def on_close(closed: object, exc: BaseException | None) -> None:
+        if connection.is_closed:
+            return  # we closed it ourselves: nothing to reconnect
+        logs.event(
             log,
             "broker.disconnected",
             logging.WARNING,
@@ -112,7 +115,8 @@ async def connect(url: str, name: str) -> AbstractRobustConnection:
             reason=exc,
             next="reconnecting; unacked deliveries return to their queues",
         )
-    )
+
+    connection.close_callbacks.add(on_close)
     connection.reconnect_callbacks.add(
         lambda _conn: logs.event(log, "broker.reconnected", connection=name, broker=where)
     )

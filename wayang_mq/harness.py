@@ -81,6 +81,7 @@ class Fabric:
 
     endpoint: BrokerEndpoint
     workdir: Path
+    topology: Topology
     signer: Signer = field(default_factory=Signer.generate)
     processes: list[WorkerProcess] = field(default_factory=list)
 
@@ -92,7 +93,7 @@ class Fabric:
         if not isinstance(topology, Topology):
             topology = load_topology(topology or DEFAULT_TOPOLOGY_PATH)
         await apply_topology(topology, endpoint.amqp_url, management_client(endpoint))
-        fabric = cls(endpoint, workdir)
+        fabric = cls(endpoint, workdir, topology)
         write_keypair(fabric.key_dir, fabric.signer)
         return fabric
 
@@ -111,7 +112,9 @@ class Fabric:
         values: dict[str, Any] = {
             "amqp_url": self.endpoint.amqp_url,
             "keyring": self.keyring,
-            "signer": Signer.generate(),
+            # Workers sign retries; other workers must trust them, so they share the key here.
+            "signer": self.signer,
+            "retry_tiers": self.topology.retry_tiers,
             "heartbeat_interval_s": 1.0,
             "grace_s": 5.0,
         }

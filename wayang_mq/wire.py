@@ -125,15 +125,19 @@ def signed_message(
     )
 
 
-def task_message(task: Task, signer: Signer) -> WireMessage:
-    """A task as the dispatcher publishes it: expiration = time left until its deadline."""
+def task_message(task: Task, signer: Signer, *, expire: bool = True) -> WireMessage:
+    """A task as the dispatcher publishes it: expiration = time left until its deadline.
+
+    Retries pass ``expire=False``: they wait in a retry tier whose queue TTL is the delay, and
+    the worker's deadline check still refuses them if they arrive too late.
+    """
     headers = {PARTITION_KEY_HEADER: task.partition_key or task.task_id}
     return signed_message(
         task,
         signer,
         message_id=task.task_id,
         reply_to=task.reply_to or None,
-        expiration_ms=max(1, task.deadline_ms - now_ms()),
+        expiration_ms=max(1, task.deadline_ms - now_ms()) if expire else None,
         extra_headers=headers,
     )
 

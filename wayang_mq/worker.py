@@ -25,7 +25,7 @@ import aiormq
 import msgpack
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from wayang_mq import logs, names
+from wayang_mq import logs, names, retry
 from wayang_mq.connect import connect
 from wayang_mq.context import TaskContext, bind, unbind
 from wayang_mq.errors import (
@@ -50,9 +50,10 @@ from wayang_mq.model import (
     new_id,
     now_ms,
 )
-from wayang_mq.publisher import ConfirmedPublisher, to_amqp
+from wayang_mq.publisher import ConfirmedPublisher, Unroutable, to_amqp
 from wayang_mq.signing import KeyRing, Signer
-from wayang_mq.wire import DEFAULT_MAX_BODY_BYTES, open_task, signed_message
+from wayang_mq.topology import RetryTier
+from wayang_mq.wire import DEFAULT_MAX_BODY_BYTES, open_task, signed_message, task_message
 
 log = logging.getLogger("wayang_mq.worker")
 
@@ -75,6 +76,7 @@ class WorkerConfig:
     grace_s: float = 30.0  # SIGTERM: how long in-flight tasks may finish
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     recent_results: int = 10_000  # results kept to answer a redelivered finished task
+    retry_tiers: tuple[RetryTier, ...] = ()  # from the topology; none: failures are final
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -258,9 +260,8 @@ class Worker:
                 except WireError as exc:
                     await self._dead_letter(capability, message, exc)
                     return
-                result = self._recent.get(task.task_id) or await self._execute(task)
-                await self._publish_result(task, result)
-                await _settle(message, "ack")
+                result = self._already_answered(task) or await self._execute(task)
+                await self._conclude(capability, message, task, result)
         except asyncio.CancelledError:
             # Shutdown past the grace period: the broker gets the delivery back, unharmed.
             await _settle(message, "requeue")
@@ -351,6 +352,11 @@ class Worker:
         finally:
             unbind(token)
 
+    def _already_answered(self, task: Task) -> Result | None:
+        """This attempt's result, if this worker finished it before (a redelivery)."""
+        recent = self._recent.get(task.task_id)
+        return recent if recent is not None and recent.attempt == task.attempt else None
+
     def _remember(self, result: Result) -> None:
         """Keep recent results so a redelivered, already-finished task is answered, not rerun."""
         self._recent[result.task_id] = result
@@ -362,6 +368,63 @@ class Worker:
 
     def _signed(self, model: WireModel, message_id: str, **kwargs: Any) -> aio_pika.Message:
         return to_amqp(signed_message(model, self.config.signer, message_id=message_id, **kwargs))
+
+    async def _conclude(
+        self, capability: str, message: AbstractIncomingMessage, task: Task, result: Result
+    ) -> None:
+        """Send the next attempt through a retry tier, or the final result; then ack."""
+        error = result.error
+        decision = retry.decide(task, error, self.config.retry_tiers) if error else None
+        if decision is not None and await self._retry(task, result, decision):
+            await _settle(message, "ack")
+            return
+        if error is not None and retry.exhausted(task, error):
+            result = _exhausted(result)
+            reason = result.error.message if result.error else ""
+            kept = await self._keep_dead_letter(
+                capability, message, task.task_id, ErrorCode.RETRIES_EXHAUSTED, reason
+            )
+            if not kept:
+                return  # rejected instead: the queue's own dead-lettering keeps it
+        await self._publish_result(task, result)
+        await _settle(message, "ack")
+
+    async def _retry(self, task: Task, failed: Result, decision: retry.RetryDecision) -> bool:
+        """Publish the next attempt (a new, re-signed task) to its tier; False if unroutable.
+
+        The next attempt keeps its schedule-to-start window, counted from when it leaves the
+        tier, so a long backoff does not eat the time it may wait for a worker.
+        """
+        assert self._publisher is not None
+        window_ms = task.deadline_ms - task.issued_at_ms
+        next_task = task.next_attempt(
+            deadline_ms=now_ms() + decision.tier.ttl_ms + window_ms,
+        )
+        key = names.retry_routing_key(decision.tier.name, task.capability)
+        message = to_amqp(task_message(next_task, self.config.signer, expire=False))
+        try:
+            await self._publisher.publish(names.RETRY_EXCHANGE, key, message, mandatory=True)
+        except Unroutable:
+            logs.event(
+                log,
+                "retry.unroutable",
+                logging.ERROR,
+                task_id=task.task_id,
+                key=key,
+                hint="apply the topology: the retry tier queue is missing",
+            )
+            return False
+        await self._emit(failed, names.event_key("attempt", task.task_id))
+        logs.event(
+            log,
+            "task.retrying",
+            task_id=task.task_id,
+            attempt=decision.attempt,
+            backoff_ms=decision.backoff_ms,
+            tier=decision.tier.name,
+            code=failed.error.code if failed.error else None,
+        )
+        return True
 
     async def _publish_result(self, task: Task, result: Result, reply_to: str = "") -> None:
         """Publish and wait for the confirm; only then may the delivery be acked."""
@@ -394,13 +457,38 @@ class Worker:
         self, capability: str, message: AbstractIncomingMessage, error: WireError
     ) -> None:
         """Bad input: a copy with the reason to ``wayang.dlx``, a FAILED result, then ack."""
-        assert self._publisher is not None
         code = error.code or ErrorCode.INVALID_TASK
         task_id = message.message_id or message.correlation_id or f"unknown-{new_id()}"
+        if not await self._keep_dead_letter(capability, message, task_id, code, error.message):
+            return
+        if message.reply_to and self._publisher is not None:
+            failed = _uncorrelated_failure(task_id, capability, self.executor_id, code, error)
+            with contextlib.suppress(WayangError):
+                await self._publisher.publish(
+                    names.RESULTS_EXCHANGE,
+                    message.reply_to,
+                    self._signed(failed, task_id, reply_to=message.reply_to),
+                )
+        await _settle(message, "ack")
+
+    async def _keep_dead_letter(
+        self,
+        capability: str,
+        message: AbstractIncomingMessage,
+        task_id: str,
+        code: ErrorCode,
+        reason: str,
+    ) -> bool:
+        """Copy the delivery, with the reason, to ``wayang.dlx`` and wait for the confirm.
+
+        If that fails the delivery is rejected instead, so the queue's own dead-lettering
+        (reason ``rejected``) keeps it: never lost. Returns whether the copy was kept.
+        """
+        assert self._publisher is not None
         headers = {
             **(message.headers or {}),
             ERROR_CODE_HEADER: str(code),
-            ERROR_MESSAGE_HEADER: error.message[:1000],
+            ERROR_MESSAGE_HEADER: reason[:1000],
             DEAD_LETTERED_BY_HEADER: self.executor_id,
         }
         # No expiration on the copy: a dead letter must wait for inspection, not expire.
@@ -417,10 +505,16 @@ class Worker:
         )
         try:
             await self._publisher.publish(names.DEAD_LETTER_EXCHANGE, capability, copy)
-        except WayangError:
-            # Fall back on the queue's own dead-lettering (reason "rejected"): never lost.
+        except WayangError as exc:
+            logs.event(
+                log,
+                "dead_letter.rejected",
+                logging.WARNING,
+                task_id=task_id,
+                reason=f"copy not confirmed ({exc}); rejected to the queue's own DLX",
+            )
             await _settle(message, "reject")
-            raise
+            return False
         logs.event(
             log,
             "task.dead_lettered",
@@ -428,17 +522,9 @@ class Worker:
             task_id=task_id,
             capability=capability,
             code=code,
-            reason=error.message,
+            reason=reason,
         )
-        if message.reply_to:
-            failed = _uncorrelated_failure(task_id, capability, self.executor_id, code, error)
-            with contextlib.suppress(WayangError):
-                await self._publisher.publish(
-                    names.RESULTS_EXCHANGE,
-                    message.reply_to,
-                    self._signed(failed, task_id, reply_to=message.reply_to),
-                )
-        await _settle(message, "ack")
+        return True
 
 
 async def _settle(message: AbstractIncomingMessage, how: str) -> None:
@@ -546,6 +632,18 @@ def _result(
         metrics=metrics,
         logs=tuple(context.logs),
     )
+
+
+def _exhausted(result: Result) -> Result:
+    """The last attempt's failure, restated as the task's terminal ``retries_exhausted``."""
+    last = result.error
+    assert last is not None
+    error = ErrorInfo(
+        code=ErrorCode.RETRIES_EXHAUSTED,
+        message=f"all {result.attempt} attempts failed; last: {last.code}: {last.message}",
+        details={"last_error": last.model_dump(mode="json")},
+    )
+    return result.model_copy(update={"error": error})
 
 
 def _uncorrelated_failure(
