@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_keys(sub)
     _add_worker(sub)
     _add_submit(sub)
+    _add_control(sub)
     return parser
 
 
@@ -126,6 +127,17 @@ def _add_submit(sub: Any) -> None:
     p.add_argument("--node-id", help="workflow node id (default: the task id)")
     p.add_argument("--partition-key", help="keeps order per key on sharded capabilities")
     p.set_defaults(func=_cmd_submit)
+
+
+def _add_control(sub: Any) -> None:
+    cancel = sub.add_parser("cancel", help="cancel a task, running or still queued")
+    cancel.add_argument("task_id")
+    cancel.add_argument("--reason", default="", help="recorded in the FAILED result")
+    cancel.set_defaults(func=_cmd_cancel)
+    status = sub.add_parser("status", help="ask the executors where a task stands")
+    status.add_argument("task_id")
+    status.add_argument("--wait", type=float, default=1.0, help="seconds to gather answers")
+    status.set_defaults(func=_cmd_status)
 
 
 # -- handlers -------------------------------------------------------------------------------
@@ -237,6 +249,37 @@ def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             return Exit.OK if result.status == "SUCCESS" else Exit.TASK_FAILED
 
     return asyncio.run(submit())
+
+
+def _cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.connect import broker_endpoint, signer
+    from wayang_mq.dispatcher import Dispatcher, DispatcherConfig
+
+    config = DispatcherConfig(amqp_url=broker_endpoint(settings).amqp_url, signer=signer(settings))
+
+    async def cancel() -> bool:
+        async with Dispatcher(config) as dispatcher:
+            return await dispatcher.cancel(args.task_id, args.reason)
+
+    listening = asyncio.run(cancel())
+    print(json.dumps({"task_id": args.task_id, "cancel_sent": listening}))
+    if not listening:
+        print("wayang-mq: warning: no executor is listening on wayang.control", file=sys.stderr)
+    return Exit.OK
+
+
+def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.connect import broker_endpoint, signer
+    from wayang_mq.dispatcher import Dispatcher, DispatcherConfig
+
+    config = DispatcherConfig(amqp_url=broker_endpoint(settings).amqp_url, signer=signer(settings))
+
+    async def status() -> dict[str, Any]:
+        async with Dispatcher(config) as dispatcher:
+            return (await dispatcher.status(args.task_id, args.wait)).as_dict()
+
+    print(json.dumps(asyncio.run(status()), indent=2))
+    return Exit.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -104,7 +104,7 @@ async def connect(url: str, name: str) -> AbstractRobustConnection:
     where = redact_url(url)
 
     def on_close(closed: object, exc: BaseException | None) -> None:
-        if connection.is_closed:
+        if connection.is_closed or connection.close_called:
             return  # we closed it ourselves: nothing to reconnect
         logs.event(
             log,

@@ -22,8 +22,17 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from wayang_mq import logs, names
 from wayang_mq.connect import connect
+from wayang_mq.control import ControlClient, StatusSummary, summarize
 from wayang_mq.errors import Backpressure, NoExecutor, ResultTimeout, WayangError
-from wayang_mq.model import JsonLike, PolicyConstraints, Result, RetryHints, Task, new_id
+from wayang_mq.model import (
+    JsonLike,
+    PolicyConstraints,
+    Result,
+    RetryHints,
+    Status,
+    Task,
+    new_id,
+)
 from wayang_mq.publisher import ConfirmedPublisher, Rejected, Unroutable, to_amqp
 from wayang_mq.signing import KeyRing, Signer
 from wayang_mq.wire import decode, open_verified, task_message
@@ -85,7 +94,8 @@ class Dispatcher:
         self.dispatcher_id = config.dispatcher_id
         self.reply_to = names.reply_routing_key(config.dispatcher_id)
         self._pending: dict[str, asyncio.Future[Result]] = {}
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen: OrderedDict[str, Status] = OrderedDict()  # terminal results handed out
+        self._control: ControlClient | None = None
         self._connection: AbstractRobustConnection | None = None
         self._publisher: ConfirmedPublisher | None = None
 
@@ -117,6 +127,8 @@ class Dispatcher:
         )
         await queue.bind(names.RESULTS_EXCHANGE, self.reply_to)
         await queue.consume(self._on_result)
+        self._control = ControlClient(self._publisher, self.config.signer, self.dispatcher_id)
+        await self._control.start(replies)
 
     async def close(self) -> None:
         """Close the connection; handles still waiting get ``ResultTimeout`` when awaited."""
@@ -206,6 +218,24 @@ class Dispatcher:
         handle = await self.submit(capability, input, **options)
         return await handle.result(wait_s)
 
+    async def cancel(self, task_id: str, reason: str = "") -> bool:
+        """Ask every executor to cancel the task; False when no executor is listening.
+
+        A running task ends FAILED ``cancelled``; one still queued is answered ``cancelled``
+        by the executor that receives it (executors started after the request do not know).
+        """
+        return await self._started_control().cancel(task_id, reason)
+
+    async def status(self, task_id: str, wait_s: float = 1.0) -> StatusSummary:
+        """Ask the executors, for ``wait_s``, what they know of the task."""
+        reports = await self._started_control().status(task_id, wait_s)
+        return summarize(task_id, reports, self._seen.get(task_id))
+
+    def _started_control(self) -> ControlClient:
+        if self._control is None:
+            raise WayangError("dispatcher is not started", hint="use `async with Dispatcher(...)`")
+        return self._control
+
     async def _on_result(self, message: AbstractIncomingMessage) -> None:
         try:
             if self.config.results_keyring is not None:
@@ -228,7 +258,7 @@ class Dispatcher:
         if result.task_id in self._seen:
             logs.event(log, "result.duplicate", logging.DEBUG, task_id=result.task_id)
             return
-        self._seen[result.task_id] = None
+        self._seen[result.task_id] = result.status
         while len(self._seen) > self.config.seen_results:
             self._seen.popitem(last=False)
         future = self._pending.pop(result.task_id, None)

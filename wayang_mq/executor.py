@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from wayang_mq.errors import ConfigError
-from wayang_mq.model import Heartbeat, JsonLike, Progress, Task
+from wayang_mq.model import Heartbeat, JsonLike, Progress, Status, Task
 from wayang_mq.names import valid_capability
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ class TaskStatus:
     executor_id: str
     attempt: int | None = None
     progress: Progress | None = None
+    outcome: Status | None = None  # for FINISHED: how it ended
 
 
 class Runtime(Protocol):

@@ -204,6 +204,25 @@ class Result(WireModel):
             **fields,
         )
 
+    @classmethod
+    def uncorrelated_failure(
+        cls, task_id: str, capability: str, executor_id: str, error: ErrorInfo
+    ) -> Result:
+        """A FAILED result for a task whose body could not be trusted (or read).
+
+        Nothing in an unverified body is used: the task id comes from the AMQP properties
+        (``message_id``), and the token and node id, which only the body carries, stay empty.
+        """
+        return cls(
+            task_id=task_id,
+            token="",
+            node_id="",
+            capability=capability,
+            status=Status.FAILED,
+            executor_id=executor_id,
+            error=error,
+        )
+
 
 class Registration(WireModel):
     """An executor announcing itself to the control plane (spec §4.1)."""
@@ -251,6 +270,56 @@ class Progress(WireModel):
     sent_at_ms: int = Field(default_factory=now_ms)
 
 
+class CancelRequest(WireModel):
+    """Ask every executor to cancel a task: running → FAILED ``cancelled``; not yet received →
+    answered ``cancelled`` when it arrives. Broadcast on ``wayang.control`` as ``cancel.<task>``."""
+
+    wire_type: ClassVar[str] = "wayang.cancel.v1"
+
+    task_id: str
+    reason: str = ""
+    requester: str = ""
+    requested_at_ms: int = Field(default_factory=now_ms)
+    forget_after_ms: int = Field(default=3_600_000, gt=0)  # how long executors remember it
+
+
+class StatusRequest(WireModel):
+    """Ask every executor what it knows of a task; answers go to ``reply_to`` on
+    ``wayang.control`` (``status-reply.<requester>``)."""
+
+    wire_type: ClassVar[str] = "wayang.status-request.v1"
+
+    request_id: str
+    task_id: str
+    reply_to: str
+    requested_at_ms: int = Field(default_factory=now_ms)
+
+
+class StatusReport(WireModel):
+    """One executor's answer to a status request."""
+
+    wire_type: ClassVar[str] = "wayang.status.v1"
+
+    request_id: str
+    task_id: str
+    executor_id: str
+    state: str  # "running" or "finished" (executors that know nothing stay silent)
+    attempt: int | None = None
+    progress: Progress | None = None
+    outcome: Status | None = None  # for "finished": how it ended
+    sent_at_ms: int = Field(default_factory=now_ms)
+
+
 WIRE_TYPES: dict[str, type[WireModel]] = {
-    model.wire_type: model for model in (Task, Result, Registration, Heartbeat, Progress)
+    model.wire_type: model
+    for model in (
+        Task,
+        Result,
+        Registration,
+        Heartbeat,
+        Progress,
+        CancelRequest,
+        StatusRequest,
+        StatusReport,
+    )
 }

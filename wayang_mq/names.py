@@ -58,6 +58,17 @@ def dead_queue(capability: str) -> str:
     return f"wayang.dead.{capability}"
 
 
+# The reaper's own queue: bound to wayang.dlx with "#", so it gets a copy of every dead letter
+# (wayang.dead.<capability> keeps the other copy, for inspection and replay).
+REAPER_QUEUE = "wayang.reaper"
+ALL_DEAD_LETTERS = "#"
+
+
+def noreply_routing_key(capability: str) -> str:
+    """Where a result goes on ``wayang.results`` when its task named no reply address."""
+    return f"noreply.{capability}"
+
+
 def reply_queue(dispatcher_id: str) -> str:
     """One dispatcher's result queue."""
     return f"wayang.reply.{dispatcher_id}"
@@ -81,3 +92,18 @@ def policy_pattern(capability: str) -> str:
 def event_key(kind: str, subject: str) -> str:
     """Routing key on ``wayang.events``: ``heartbeat.<executor>``, ``progress.<task>``, ..."""
     return f"{kind}.{subject}"
+
+
+def cancel_key(task_id: str) -> str:
+    """Routing key of a cancel request on ``wayang.control``."""
+    return f"cancel.{task_id}"
+
+
+def status_key(task_id: str) -> str:
+    """Routing key of a status request on ``wayang.control``."""
+    return f"status.{task_id}"
+
+
+def status_reply_key(requester_id: str) -> str:
+    """Where executors answer one requester's status requests, on ``wayang.control``."""
+    return f"status-reply.{requester_id}"

@@ -28,6 +28,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from wayang_mq import logs, names, retry
 from wayang_mq.connect import connect
 from wayang_mq.context import TaskContext, bind, unbind
+from wayang_mq.control import ControlServer
 from wayang_mq.errors import (
     ConfigError,
     ErrorCode,
@@ -118,6 +119,7 @@ class Worker:
         self._connection: AbstractRobustConnection | None = None
         self._publisher: ConfirmedPublisher | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._control: ControlServer | None = None
         for executor in executors:
             executor.attach(self)
 
@@ -135,8 +137,13 @@ class Worker:
                 running.context.last_progress,
             )
         if task_id in self._recent:
+            recent = self._recent[task_id]
             return TaskStatus(
-                task_id, TaskState.FINISHED, self.executor_id, self._recent[task_id].attempt
+                task_id,
+                TaskState.FINISHED,
+                self.executor_id,
+                recent.attempt,
+                outcome=recent.status,
             )
         return TaskStatus(task_id, TaskState.UNKNOWN, self.executor_id)
 
@@ -209,6 +216,10 @@ class Worker:
             names.event_key("registered", self.executor_id),
         )
         consume_channel = await connection.channel()
+        self._control = ControlServer(
+            self, self.config.keyring, self.config.signer, self._publisher
+        )
+        await self._control.start(consume_channel)
         prefetch = self.config.prefetch or self.config.concurrency
         await consume_channel.set_qos(prefetch_count=prefetch)
         for capability in self._by_capability:
@@ -260,7 +271,11 @@ class Worker:
                 except WireError as exc:
                     await self._dead_letter(capability, message, exc)
                     return
-                result = self._already_answered(task) or await self._execute(task)
+                result = (
+                    self._already_answered(task)
+                    or self._cancelled_before_start(task)
+                    or await self._execute(task)
+                )
                 await self._conclude(capability, message, task, result)
         except asyncio.CancelledError:
             # Shutdown past the grace period: the broker gets the delivery back, unharmed.
@@ -356,6 +371,15 @@ class Worker:
         """This attempt's result, if this worker finished it before (a redelivery)."""
         recent = self._recent.get(task.task_id)
         return recent if recent is not None and recent.attempt == task.attempt else None
+
+    def _cancelled_before_start(self, task: Task) -> Result | None:
+        """A task whose cancel arrived before it did is answered, not run."""
+        reason = self._control.cancelled(task.task_id) if self._control else None
+        if reason is None:
+            return None
+        logs.event(log, "task.discarded", task_id=task.task_id, reason=reason)
+        error = ErrorInfo(code=ErrorCode.CANCELLED, message=reason)
+        return Result.failure(task, self.executor_id, error)
 
     def _remember(self, result: Result) -> None:
         """Keep recent results so a redelivered, already-finished task is answered, not rerun."""
@@ -462,7 +486,9 @@ class Worker:
         if not await self._keep_dead_letter(capability, message, task_id, code, error.message):
             return
         if message.reply_to and self._publisher is not None:
-            failed = _uncorrelated_failure(task_id, capability, self.executor_id, code, error)
+            failed = Result.uncorrelated_failure(
+                task_id, capability, self.executor_id, ErrorInfo(code=code, message=error.message)
+            )
             with contextlib.suppress(WayangError):
                 await self._publisher.publish(
                     names.RESULTS_EXCHANGE,
@@ -644,18 +670,3 @@ def _exhausted(result: Result) -> Result:
         details={"last_error": last.model_dump(mode="json")},
     )
     return result.model_copy(update={"error": error})
-
-
-def _uncorrelated_failure(
-    task_id: str, capability: str, executor_id: str, code: ErrorCode, error: WireError
-) -> Result:
-    """A FAILED result for a task whose body could not be trusted: ids from AMQP properties."""
-    return Result(
-        task_id=task_id,
-        token="",
-        node_id="",
-        capability=capability,
-        status=Status.FAILED,
-        executor_id=executor_id,
-        error=ErrorInfo(code=code, message=error.message),
-    )

@@ -1,0 +1,246 @@
+"""Cancel and status over ``wayang.control`` (spec §5's ``cancel(taskId)``, ``status(taskId)``).
+
+Requests are broadcast: a caller does not know which executor holds a task, so every worker
+gets every request on its own exclusive queue (``wayang.control.<executor>``) and answers
+only what it knows. Requests are signed like tasks and verified against the worker's key
+ring, so nobody without a trusted key can cancel work. Control messages are not persistent
+and are consumed without acks: a request lost in a crash is simply asked again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, TypeVar
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from wayang_mq import logs, names
+from wayang_mq.errors import WayangError
+from wayang_mq.executor import TaskState, TaskStatus
+from wayang_mq.model import (
+    CancelRequest,
+    Progress,
+    Status,
+    StatusReport,
+    StatusRequest,
+    WireModel,
+    new_id,
+    now_ms,
+)
+from wayang_mq.publisher import ConfirmedPublisher, Unroutable, to_amqp
+from wayang_mq.signing import KeyRing, Signer
+from wayang_mq.wire import decode, open_verified, signed_message
+
+log = logging.getLogger("wayang_mq.control")
+M = TypeVar("M", bound=WireModel)
+
+
+class ControlTarget(Protocol):
+    """What the control server asks of a worker."""
+
+    executor_id: str
+
+    def status(self, task_id: str) -> TaskStatus: ...
+
+    def cancel(self, task_id: str, reason: str = "") -> bool: ...
+
+
+def _message(model: WireModel, signer: Signer, message_id: str) -> aio_pika.Message:
+    return to_amqp(signed_message(model, signer, message_id=message_id), persistent=False)
+
+
+class ControlServer:
+    """The executor side: cancels running tasks, remembers cancels of tasks not yet received,
+    and answers status requests."""
+
+    def __init__(
+        self,
+        target: ControlTarget,
+        keyring: KeyRing,
+        signer: Signer,
+        publisher: ConfirmedPublisher,
+        *,
+        remember: int = 100_000,
+    ) -> None:
+        self._target = target
+        self._keyring = keyring
+        self._signer = signer
+        self._publisher = publisher
+        self._remember = remember
+        self._cancelled: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id → reason, until
+
+    async def start(self, channel: AbstractChannel) -> None:
+        """Declare this worker's control queue, bind it to every request, consume it."""
+        queue = await channel.declare_queue(
+            f"wayang.control.{self._target.executor_id}", exclusive=True, auto_delete=True
+        )
+        await queue.bind(names.CONTROL_EXCHANGE, "cancel.#")
+        await queue.bind(names.CONTROL_EXCHANGE, "status.#")
+        await queue.consume(self._on_message, no_ack=True)
+
+    def cancelled(self, task_id: str) -> str | None:
+        """The reason, when a cancel for this task arrived before the task itself."""
+        entry = self._cancelled.get(task_id)
+        if entry is None or entry[1] < now_ms():
+            return None
+        return entry[0]
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            if message.type == CancelRequest.wire_type:
+                self._on_cancel(self._open(message, CancelRequest))
+            elif message.type == StatusRequest.wire_type:
+                await self._on_status(self._open(message, StatusRequest))
+        except WayangError as exc:
+            logs.event(log, "control.refused", logging.WARNING, type=message.type, error=exc)
+
+    def _open(self, message: AbstractIncomingMessage, model: type[M]) -> M:
+        return open_verified(message.body, message.headers or {}, self._keyring, model)
+
+    def _on_cancel(self, request: CancelRequest) -> None:
+        reason = request.reason or f"cancelled by {request.requester or 'a caller'}"
+        running = self._target.cancel(request.task_id, reason)
+        if not running:
+            self._cancelled[request.task_id] = (reason, now_ms() + request.forget_after_ms)
+            self._cancelled.move_to_end(request.task_id)
+            while len(self._cancelled) > self._remember:
+                self._cancelled.popitem(last=False)
+        logs.event(
+            log, "task.cancel_requested", task_id=request.task_id, running=running, reason=reason
+        )
+
+    async def _on_status(self, request: StatusRequest) -> None:
+        status = self._target.status(request.task_id)
+        if status.state is TaskState.UNKNOWN:
+            return  # only executors that know the task answer
+        report = StatusReport(
+            request_id=request.request_id,
+            task_id=request.task_id,
+            executor_id=self._target.executor_id,
+            state=str(status.state),
+            attempt=status.attempt,
+            progress=status.progress,
+            outcome=status.outcome,
+        )
+        await self._publisher.publish_once(
+            names.CONTROL_EXCHANGE,
+            request.reply_to,
+            _message(report, self._signer, request.request_id),
+        )
+
+
+@dataclass(frozen=True)
+class StatusSummary:
+    """What the fabric knows of a task, for people and scripts (``wayang-mq status``)."""
+
+    task_id: str
+    state: str  # "finished", "running", or "not running" (queued, waiting to retry, or unknown)
+    executor_id: str | None = None
+    attempt: int | None = None
+    outcome: str | None = None
+    progress: float | None = None
+    message: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """For JSON output; empty fields left out."""
+        return {k: v for k, v in asdict(self).items() if v not in (None, "")}
+
+
+def summarize(task_id: str, reports: list[StatusReport], outcome: Status | None) -> StatusSummary:
+    """One answer from many executors' reports and what the caller already received."""
+    running = [r for r in reports if r.state == TaskState.RUNNING]
+    finished = [r for r in reports if r.state == TaskState.FINISHED]
+    if outcome is not None or finished:
+        last = max(finished, key=lambda r: r.attempt or 0) if finished else None
+        return StatusSummary(
+            task_id,
+            "finished",
+            last.executor_id if last else None,
+            last.attempt if last else None,
+            str(outcome or (last and last.outcome)),
+        )
+    if running:
+        report = max(running, key=lambda r: r.attempt or 0)
+        progress: Progress | None = report.progress
+        return StatusSummary(
+            task_id,
+            "running",
+            report.executor_id,
+            report.attempt,
+            progress=progress.fraction if progress else None,
+            message=progress.message if progress else "",
+        )
+    return StatusSummary(
+        task_id,
+        "not running",
+        message="no executor runs it or finished it recently: it is queued, waiting in a "
+        "retry tier, or unknown",
+    )
+
+
+class ControlClient:
+    """The caller side: broadcast cancels, ask status and gather the answers."""
+
+    def __init__(self, publisher: ConfirmedPublisher, signer: Signer, requester_id: str) -> None:
+        self._publisher = publisher
+        self._signer = signer
+        self._requester_id = requester_id
+        self._waiting: dict[str, list[StatusReport]] = {}
+
+    async def start(self, channel: AbstractChannel) -> None:
+        """Declare the queue that collects status answers for this requester."""
+        queue = await channel.declare_queue(
+            f"wayang.status-reply.{self._requester_id}", exclusive=True, auto_delete=True
+        )
+        await queue.bind(names.CONTROL_EXCHANGE, names.status_reply_key(self._requester_id))
+        await queue.consume(self._on_report, no_ack=True)
+
+    async def cancel(self, task_id: str, reason: str = "") -> bool:
+        """Broadcast a cancel; False when no executor is listening at all."""
+        request = CancelRequest(task_id=task_id, reason=reason, requester=self._requester_id)
+        try:
+            await self._publisher.publish(
+                names.CONTROL_EXCHANGE,
+                names.cancel_key(task_id),
+                _message(request, self._signer, task_id),
+                mandatory=True,
+            )
+        except Unroutable:
+            return False
+        return True
+
+    async def status(self, task_id: str, wait_s: float = 1.0) -> list[StatusReport]:
+        """Every executor's answer that arrives within ``wait_s``."""
+        request = StatusRequest(
+            request_id=new_id(),
+            task_id=task_id,
+            reply_to=names.status_reply_key(self._requester_id),
+        )
+        self._waiting[request.request_id] = []
+        try:
+            await self._publisher.publish(
+                names.CONTROL_EXCHANGE,
+                names.status_key(task_id),
+                _message(request, self._signer, request.request_id),
+                mandatory=True,
+            )
+        except Unroutable:
+            return []
+        try:
+            await asyncio.sleep(wait_s)
+            return self._waiting[request.request_id]
+        finally:
+            del self._waiting[request.request_id]
+
+    async def _on_report(self, message: AbstractIncomingMessage) -> None:
+        try:
+            report = decode(message.body, StatusReport)
+        except WayangError:
+            return
+        answers = self._waiting.get(report.request_id)
+        if answers is not None:
+            answers.append(report)
