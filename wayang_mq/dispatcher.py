@@ -23,18 +23,20 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from wayang_mq import logs, names
 from wayang_mq.connect import connect
 from wayang_mq.control import ControlClient, StatusSummary, summarize
-from wayang_mq.errors import Backpressure, NoExecutor, ResultTimeout, WayangError
+from wayang_mq.errors import Backpressure, ErrorCode, NoExecutor, ResultTimeout, WayangError
 from wayang_mq.model import (
+    ErrorInfo,
     JsonLike,
     PolicyConstraints,
     Result,
     RetryHints,
-    Status,
     Task,
     new_id,
+    now_ms,
 )
 from wayang_mq.publisher import ConfirmedPublisher, Rejected, Unroutable, to_amqp
 from wayang_mq.signing import KeyRing, Signer
+from wayang_mq.supervisor import SupervisionConfig, Supervisor
 from wayang_mq.wire import decode, open_verified, task_message
 
 log = logging.getLogger("wayang_mq.dispatcher")
@@ -53,7 +55,8 @@ class DispatcherConfig:
     results_keyring: KeyRing | None = None  # verify executors' result signatures when given
     backpressure_wait_s: float = 10.0  # how long a full queue is retried before Backpressure
     prefetch: int = 512
-    seen_results: int = 100_000  # task ids remembered to drop duplicate results
+    seen_results: int = 10_000  # terminal results kept: duplicates dropped, resubmits answered
+    supervision: SupervisionConfig | None = field(default_factory=SupervisionConfig)
 
 
 class TaskHandle:
@@ -94,8 +97,10 @@ class Dispatcher:
         self.dispatcher_id = config.dispatcher_id
         self.reply_to = names.reply_routing_key(config.dispatcher_id)
         self._pending: dict[str, asyncio.Future[Result]] = {}
-        self._seen: OrderedDict[str, Status] = OrderedDict()  # terminal results handed out
+        self._tasks: dict[str, Task] = {}  # the current attempt of each pending task
+        self._seen: OrderedDict[str, Result] = OrderedDict()  # terminal results handed out
         self._control: ControlClient | None = None
+        self._supervisor: Supervisor | None = None
         self._connection: AbstractRobustConnection | None = None
         self._publisher: ConfirmedPublisher | None = None
 
@@ -129,9 +134,14 @@ class Dispatcher:
         await queue.consume(self._on_result)
         self._control = ControlClient(self._publisher, self.config.signer, self.dispatcher_id)
         await self._control.start(replies)
+        if self.config.supervision is not None:
+            self._supervisor = Supervisor(self, self.config.supervision)
+            await self._supervisor.start(replies)
 
     async def close(self) -> None:
         """Close the connection; handles still waiting get ``ResultTimeout`` when awaited."""
+        if self._supervisor is not None:
+            await self._supervisor.stop()
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
@@ -178,12 +188,24 @@ class Dispatcher:
         """Publish an already built task (its ``reply_to`` should be this dispatcher's)."""
         if self._publisher is None:
             raise WayangError("dispatcher is not started", hint="use `async with Dispatcher(...)`")
-        future = self._pending.get(task.task_id)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._pending[task.task_id] = future
-        message = to_amqp(task_message(task, self.config.signer))
-        await self._publish_with_backpressure(task, message)
+        loop = asyncio.get_running_loop()
+        finished = self._seen.get(task.task_id)
+        if finished is not None:  # idempotent: the same task id is answered, not run again
+            future: asyncio.Future[Result] = loop.create_future()
+            future.set_result(finished)
+            return TaskHandle(task, future)
+        pending = self._pending.get(task.task_id)
+        if pending is not None:  # already on its way: one run, one handle's worth of result
+            return TaskHandle(self._tasks[task.task_id], pending)
+        future = self._pending[task.task_id] = loop.create_future()
+        self._tasks[task.task_id] = task
+        try:
+            await self._publish_with_backpressure(
+                task, to_amqp(task_message(task, self.config.signer))
+            )
+        except BaseException:
+            self._forget(task.task_id)
+            raise
         return TaskHandle(task, future)
 
     async def _publish_with_backpressure(self, task: Task, message: aio_pika.Message) -> None:
@@ -202,10 +224,8 @@ class Dispatcher:
                         names.TASKS_EXCHANGE, task.capability, message, mandatory=True
                     )
         except Unroutable:
-            self._pending.pop(task.task_id, None)
             raise NoExecutor(task.capability) from None
         except Rejected:
-            self._pending.pop(task.task_id, None)
             raise Backpressure(
                 names.task_queue(task.capability), time.monotonic() - started
             ) from None
@@ -229,7 +249,53 @@ class Dispatcher:
     async def status(self, task_id: str, wait_s: float = 1.0) -> StatusSummary:
         """Ask the executors, for ``wait_s``, what they know of the task."""
         reports = await self._started_control().status(task_id, wait_s)
-        return summarize(task_id, reports, self._seen.get(task_id))
+        finished = self._seen.get(task_id)
+        return summarize(task_id, reports, finished.status if finished else None)
+
+    # -- supervision: what the Supervisor asks of the dispatcher ---------------------------
+
+    def pending_tasks(self) -> list[Task]:
+        """The current attempt of every task still waiting for its terminal result."""
+        return list(self._tasks.values())
+
+    def is_pending(self, task_id: str) -> bool:
+        """True while the task waits for its terminal result here."""
+        return task_id in self._tasks
+
+    async def expire(self, task: Task) -> None:
+        """End a task nobody started before its deadline: FAILED ``timeout``, decided here."""
+        logs.event(
+            log, "task.expired", logging.WARNING, task_id=task.task_id, deadline_ms=task.deadline_ms
+        )
+        self._deliver(
+            Result.failure(
+                task,
+                f"dispatcher:{self.dispatcher_id}",
+                ErrorInfo(
+                    code=ErrorCode.TIMEOUT,
+                    message="no executor started the task before "
+                    "its deadline (it may wait behind others in its queue)",
+                ),
+            )
+        )
+
+    async def reassign(self, task: Task, silent_executor: str) -> None:
+        """Re-dispatch a task whose executor went silent: a new attempt with a new token,
+        so the old attempt's late result is recognised and discarded."""
+        window_ms = task.deadline_ms - task.issued_at_ms
+        fresh = task.next_attempt(token=new_id(), deadline_ms=now_ms() + window_ms)
+        self._tasks[task.task_id] = fresh
+        logs.event(
+            log,
+            "task.reassigned",
+            logging.WARNING,
+            task_id=task.task_id,
+            silent_executor=silent_executor,
+            attempt=fresh.attempt,
+        )
+        await self._publish_with_backpressure(
+            fresh, to_amqp(task_message(fresh, self.config.signer))
+        )
 
     def _started_control(self) -> ControlClient:
         if self._control is None:
@@ -252,18 +318,38 @@ class Dispatcher:
         await message.ack()
 
     def _deliver(self, result: Result) -> None:
-        """First terminal result per task id wins; later ones are duplicates and dropped."""
+        """First terminal result per task id wins; duplicates and fenced results are dropped."""
         if not result.terminal:
             return
         if result.task_id in self._seen:
             logs.event(log, "result.duplicate", logging.DEBUG, task_id=result.task_id)
             return
-        self._seen[result.task_id] = result.status
+        current = self._tasks.get(result.task_id)
+        # An empty token marks a result for a body nobody could trust (bad input): terminal.
+        if current is not None and result.token and result.token != current.token:
+            logs.event(
+                log,
+                "result.fenced",
+                logging.WARNING,
+                task_id=result.task_id,
+                executor=result.executor_id,
+                attempt=result.attempt,
+                reason="a newer attempt replaced the one this result answers",
+            )
+            return
+        self._seen[result.task_id] = result
         while len(self._seen) > self.config.seen_results:
             self._seen.popitem(last=False)
-        future = self._pending.pop(result.task_id, None)
+        future = self._pending.get(result.task_id)
+        self._forget(result.task_id)
         if future is None:
             # A task this process did not submit, e.g. before it restarted under the same id.
             logs.event(log, "result.unclaimed", task_id=result.task_id, status=result.status)
         elif not future.done():
             future.set_result(result)
+
+    def _forget(self, task_id: str) -> None:
+        self._pending.pop(task_id, None)
+        self._tasks.pop(task_id, None)
+        if self._supervisor is not None:
+            self._supervisor.forget(task_id)

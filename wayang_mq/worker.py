@@ -313,6 +313,10 @@ class Worker:
         job = asyncio.create_task(self._call(task, context))
         running = _Running(task, context, job)
         self._running[task.task_id] = running
+        if task.heartbeat_timeout_ms is not None:
+            # A supervisor watches only tasks it has seen in flight: show this one at once,
+            # so a hang within the first heartbeat interval is caught too.
+            await self._send_heartbeat()
         logs.event(
             log,
             "task.started",
@@ -473,9 +477,12 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            self._heartbeat_seq += 1
-            await self._emit(self.heartbeat(), names.event_key("heartbeat", self.executor_id))
+            await self._send_heartbeat()
             await asyncio.sleep(self.config.heartbeat_interval_s)
+
+    async def _send_heartbeat(self) -> None:
+        self._heartbeat_seq += 1
+        await self._emit(self.heartbeat(), names.event_key("heartbeat", self.executor_id))
 
     async def _dead_letter(
         self, capability: str, message: AbstractIncomingMessage, error: WireError

@@ -1,0 +1,127 @@
+"""The dispatcher's watch over its own tasks: deadlines, and executors that stop heartbeating.
+
+Two gaps RabbitMQ leaves open are closed here:
+
+* Per-message TTL expires only at the head of a queue, so a task stuck behind a slow one can
+  outlive its deadline unseen. Once a task is past its deadline (plus a grace) with no
+  result, the supervisor asks the executors; if none runs or finished it, the task ends
+  FAILED ``timeout`` (a worker that receives it later refuses it: its deadline has passed).
+* A hung executor (stopped process, blocked event loop) keeps its AMQP connection open, so
+  the broker never returns its task. Workers list their in-flight task ids in every
+  heartbeat; when a task's executor has been silent longer than the task's
+  ``heartbeat_timeout_ms``, the task is re-dispatched as a new attempt with a new token, and
+  the old attempt's late result is fenced off by that token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from wayang_mq import logs, names
+from wayang_mq.control import StatusSummary
+from wayang_mq.errors import WayangError
+from wayang_mq.model import Heartbeat, Task, now_ms
+from wayang_mq.wire import decode
+
+log = logging.getLogger("wayang_mq.supervisor")
+
+
+class Supervised(Protocol):
+    """What the supervisor asks of its dispatcher."""
+
+    dispatcher_id: str
+
+    def pending_tasks(self) -> list[Task]: ...
+
+    def is_pending(self, task_id: str) -> bool: ...
+
+    async def status(self, task_id: str, wait_s: float = 1.0) -> StatusSummary: ...
+
+    async def expire(self, task: Task) -> None: ...
+
+    async def reassign(self, task: Task, silent_executor: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class SupervisionConfig:
+    """How closely the dispatcher watches its tasks."""
+
+    deadline_grace_ms: int = 5_000  # past the deadline, how long before asking the executors
+    check_interval_s: float = 1.0
+    status_wait_s: float = 0.5
+
+
+class Supervisor:
+    """Watches the pending tasks of one dispatcher."""
+
+    def __init__(self, dispatcher: Supervised, config: SupervisionConfig) -> None:
+        self._dispatcher = dispatcher
+        self._config = config
+        self._last_beat: dict[str, int] = {}  # executor id → when its last heartbeat came
+        self._running_on: dict[str, str] = {}  # task id → executor that listed it in flight
+        self._loop: asyncio.Task[None] | None = None
+
+    async def start(self, channel: AbstractChannel) -> None:
+        """Listen to every executor's heartbeat and start the periodic check."""
+        queue = await channel.declare_queue(
+            f"wayang.watch.{self._dispatcher.dispatcher_id}", exclusive=True, auto_delete=True
+        )
+        await queue.bind(names.EVENTS_EXCHANGE, names.event_key("heartbeat", "*"))
+        await queue.consume(self._on_heartbeat, no_ack=True)
+        self._loop = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop the periodic check."""
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+
+    def forget(self, task_id: str) -> None:
+        """The task has its terminal result."""
+        self._running_on.pop(task_id, None)
+
+    async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
+        try:
+            beat = decode(message.body, Heartbeat)
+        except WayangError:
+            return
+        self._last_beat[beat.executor_id] = now_ms()
+        for task_id in beat.in_flight:
+            if self._dispatcher.is_pending(task_id):  # other dispatchers' tasks are theirs
+                self._running_on[task_id] = beat.executor_id
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.check_interval_s)
+            for task in self._dispatcher.pending_tasks():
+                try:
+                    await self._check(task)
+                except WayangError as exc:  # the broker may be away: try again next round
+                    logs.event(
+                        log,
+                        "supervisor.check_failed",
+                        logging.WARNING,
+                        task_id=task.task_id,
+                        error=exc,
+                    )
+
+    async def _check(self, task: Task) -> None:
+        now = now_ms()
+        executor = self._running_on.get(task.task_id)
+        if executor is not None and task.heartbeat_timeout_ms is not None:
+            silent_ms = now - self._last_beat.get(executor, now)
+            if silent_ms > task.heartbeat_timeout_ms:
+                self._running_on.pop(task.task_id, None)
+                await self._dispatcher.reassign(task, executor)
+            return
+        if executor is None and now > task.deadline_ms + self._config.deadline_grace_ms:
+            status = await self._dispatcher.status(task.task_id, self._config.status_wait_s)
+            if status.state == "not running":
+                await self._dispatcher.expire(task)
