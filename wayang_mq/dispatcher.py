@@ -21,6 +21,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from wayang_mq import logs, names
+from wayang_mq.compensation import compensation_for
 from wayang_mq.connect import connect
 from wayang_mq.control import ControlClient, StatusSummary, summarize
 from wayang_mq.errors import Backpressure, ErrorCode, NoExecutor, ResultTimeout, WayangError
@@ -267,17 +268,20 @@ class Dispatcher:
         logs.event(
             log, "task.expired", logging.WARNING, task_id=task.task_id, deadline_ms=task.deadline_ms
         )
-        self._deliver(
-            Result.failure(
-                task,
-                f"dispatcher:{self.dispatcher_id}",
-                ErrorInfo(
-                    code=ErrorCode.TIMEOUT,
-                    message="no executor started the task before "
-                    "its deadline (it may wait behind others in its queue)",
-                ),
-            )
+        result = Result.failure(
+            task,
+            f"dispatcher:{self.dispatcher_id}",
+            ErrorInfo(
+                code=ErrorCode.TIMEOUT,
+                message="no executor started the task before "
+                "its deadline (it may wait behind others in its queue)",
+            ),
         )
+        compensation = compensation_for(task, result)
+        if compensation is not None:
+            await self.submit_task(compensation)
+            result = result.model_copy(update={"compensation_task_id": compensation.task_id})
+        self._deliver(result)
 
     async def reassign(self, task: Task, silent_executor: str) -> None:
         """Re-dispatch a task whose executor went silent: a new attempt with a new token,
@@ -301,6 +305,18 @@ class Dispatcher:
         if self._control is None:
             raise WayangError("dispatcher is not started", hint="use `async with Dispatcher(...)`")
         return self._control
+
+    async def result_of(self, task_id: str, timeout_s: float | None = None) -> Result:
+        """The terminal result of any task answered to this dispatcher, by id (for example
+        a compensation named in a result's ``compensation_task_id``)."""
+        finished = self._seen.get(task_id)
+        if finished is not None:
+            return finished
+        future = self._pending.setdefault(task_id, asyncio.get_running_loop().create_future())
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            raise ResultTimeout(f"no result for task {task_id} within {timeout_s}s") from None
 
     async def _on_result(self, message: AbstractIncomingMessage) -> None:
         try:

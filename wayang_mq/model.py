@@ -73,6 +73,14 @@ class PolicyConstraints(WireModel):
     max_cost: float | None = None  # budget hint for agent or paid executors
 
 
+class Compensation(WireModel):
+    """The task to run if this one ends FAILED for good (spec §11, compensation nodes)."""
+
+    capability: str
+    input: dict[str, JsonLike] = Field(default_factory=dict)
+    node_id: str | None = None  # the workflow's compensation node; default "<node>:compensate"
+
+
 class Task(WireModel):
     """One unit of work for one capability (spec §6). Immutable, idempotent by ``task_id``."""
 
@@ -94,6 +102,7 @@ class Task(WireModel):
     partition_key: str | None = None  # sharded capabilities keep order per key
     idempotency_key: str | None = None  # executors with side effects do them once per key
     issuer: str = ""  # who signed: a dispatcher id
+    compensation: Compensation | None = None  # dispatched when the task fails for good
 
     @field_validator("capability")
     @classmethod
@@ -169,6 +178,7 @@ class Result(WireModel):
     metrics: dict[str, float] = Field(default_factory=dict)  # e.g. duration_ms, queue_ms
     logs: tuple[str, ...] = ()
     finished_at_ms: int = Field(default_factory=now_ms)
+    compensation_task_id: str | None = None  # the compensation dispatched for this failure
 
     @model_validator(mode="after")
     def _error_matches_status(self) -> Self:

@@ -26,6 +26,7 @@ import msgpack
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from wayang_mq import logs, names, retry
+from wayang_mq.compensation import compensation_for
 from wayang_mq.connect import connect
 from wayang_mq.context import TaskContext, bind, unbind
 from wayang_mq.control import ControlServer
@@ -414,8 +415,39 @@ class Worker:
             )
             if not kept:
                 return  # rejected instead: the queue's own dead-lettering keeps it
+        result = await self._compensate(task, result)
         await self._publish_result(task, result)
         await _settle(message, "ack")
+
+    async def _compensate(self, task: Task, result: Result) -> Result:
+        """Dispatch the task's compensation if it failed for good; link it in the result."""
+        compensation = compensation_for(task, result)
+        if compensation is None:
+            return result
+        assert self._publisher is not None
+        message = to_amqp(task_message(compensation, self.config.signer))
+        try:
+            await self._publisher.publish(
+                names.TASKS_EXCHANGE, compensation.capability, message, mandatory=True
+            )
+        except WayangError as exc:
+            logs.event(
+                log,
+                "compensation.failed",
+                logging.ERROR,
+                task_id=task.task_id,
+                capability=compensation.capability,
+                error=exc,
+                hint="is the compensation capability in the topology?",
+            )
+            return result
+        logs.event(
+            log,
+            "compensation.dispatched",
+            task_id=task.task_id,
+            compensation_task_id=compensation.task_id,
+        )
+        return result.model_copy(update={"compensation_task_id": compensation.task_id})
 
     async def _retry(self, task: Task, failed: Result, decision: retry.RetryDecision) -> bool:
         """Publish the next attempt (a new, re-signed task) to its tier; False if unroutable.
