@@ -210,26 +210,43 @@ class Dispatcher:
         return TaskHandle(task, future)
 
     async def _publish_with_backpressure(self, task: Task, message: aio_pika.Message) -> None:
+        """Publish mandatory; a full queue (nack) is retried with backoff for a bounded time."""
         assert self._publisher is not None
         started = time.monotonic()
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(Rejected),
-            stop=stop_after_delay(self.config.backpressure_wait_s),
-            wait=wait_exponential(multiplier=0.05, max=1.0),
-            reraise=True,
-        )
         try:
+            try:  # the common case, without building a retry loop per task
+                await self._publish_task(task, message)
+                return
+            except Rejected:
+                logs.event(
+                    log,
+                    "task.backpressure",
+                    logging.WARNING,
+                    task_id=task.task_id,
+                    queue=names.task_queue(task.capability),
+                    next=f"retrying for up to {self.config.backpressure_wait_s}s",
+                )
+            retrying = AsyncRetrying(
+                retry=retry_if_exception_type(Rejected),
+                stop=stop_after_delay(self.config.backpressure_wait_s),
+                wait=wait_exponential(multiplier=0.05, max=1.0),
+                reraise=True,
+            )
             async for attempt in retrying:
                 with attempt:
-                    await self._publisher.publish(
-                        names.TASKS_EXCHANGE, task.capability, message, mandatory=True
-                    )
+                    await self._publish_task(task, message)
         except Unroutable:
             raise NoExecutor(task.capability) from None
         except Rejected:
             raise Backpressure(
                 names.task_queue(task.capability), time.monotonic() - started
             ) from None
+
+    async def _publish_task(self, task: Task, message: aio_pika.Message) -> None:
+        assert self._publisher is not None
+        await self._publisher.publish(
+            names.TASKS_EXCHANGE, task.capability, message, mandatory=True
+        )
 
     async def run(
         self, capability: str, input: dict[str, JsonLike] | None = None, **options: Any

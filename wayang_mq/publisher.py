@@ -86,6 +86,11 @@ class ConfirmedPublisher:
         mandatory: bool = False,
     ) -> None:
         """Publish, riding out a reconnect (bounded); Unroutable and Rejected are not retried."""
+        try:  # the common case, without building a retry loop per message
+            await self.publish_once(exchange, routing_key, message, mandatory=mandatory)
+            return
+        except PublishFailed:
+            pass
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(PublishFailed),
             stop=stop_after_delay(self._reconnect_wait_s),
