@@ -75,6 +75,18 @@ def test_every_capability_gets_its_queues_dead_queue_and_policy(default: Topolog
     assert all(dict(q.arguments) == {"x-queue-type": "quorum"} for q in default.queues())
 
 
+def test_the_reaper_gets_a_copy_of_every_dead_letter(default: Topology) -> None:
+    assert names.REAPER_QUEUE in {q.name for q in default.queues()}
+    from_dlx = {
+        (b.destination, b.routing_key)
+        for b in default.bindings()
+        if b.source == names.DEAD_LETTER_EXCHANGE
+    }
+    assert (names.REAPER_QUEUE, "#") in from_dlx
+    # and every dead queue keeps its own binding: dead letters stay there for inspection
+    assert {(names.dead_queue(c.name), c.name) for c in default.capabilities} <= from_dlx
+
+
 def test_each_policy_pattern_matches_exactly_its_own_queues(default: Topology) -> None:
     queues = [q.name for q in default.queues()]
     governed = {tier.queue: tier.queue for tier in default.retry_tiers} | {
@@ -83,8 +95,9 @@ def test_each_policy_pattern_matches_exactly_its_own_queues(default: Topology) -
     for policy in default.policies():
         matched = {q for q in queues if re.search(policy.pattern, q)}
         assert matched == {q for q, name in governed.items() if name == policy.name}
-    # Dead-letter queues stay unbounded and never dead-letter again: no policy matches them.
-    dead = [names.dead_queue(c.name) for c in default.capabilities]
+    # Dead-letter queues (and the reaper's) stay unbounded and never dead-letter again: no
+    # policy matches them.
+    dead = [names.dead_queue(c.name) for c in default.capabilities] + [names.REAPER_QUEUE]
     assert not [q for q in dead for p in default.policies() if re.search(p.pattern, q)]
 
 
@@ -132,7 +145,11 @@ def test_exported_definitions_hold_exactly_the_topology(default: Topology, tmp_p
 def test_a_minimal_file_gets_the_built_in_defaults(tmp_path: Path) -> None:
     topology = _load(tmp_path, '[capabilities."demo.echo"]\n')
     assert topology.defaults.max_length > 0 and topology.retry_tiers == ()
-    assert [q.name for q in topology.queues()] == ["wayang.task.demo.echo", "wayang.dead.demo.echo"]
+    assert [q.name for q in topology.queues()] == [
+        "wayang.task.demo.echo",
+        "wayang.dead.demo.echo",
+        "wayang.reaper",
+    ]
 
 
 # -- malformed files: one line naming the file, the key and the problem -------------------

@@ -75,6 +75,7 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
         )
         say("    " + report.lines()[-1])
         workers = _start_workers(options.workers, endpoint, keys, state_dir / "logs")
+        workers.append(_start_reaper(endpoint, keys, state_dir / "logs"))
         _print_endpoint(endpoint, keys, state_dir)
         asyncio.run(_demo(endpoint, keys, options.demo_tasks))
         if options.wait:
@@ -114,6 +115,19 @@ def _start_workers(
             )
         say(f"==> started worker {executor_id} (pid {processes[-1].pid}, log {log_path})")
     return processes
+
+
+def _start_reaper(endpoint: BrokerEndpoint, keys: Path, log_dir: Path) -> subprocess.Popen[bytes]:
+    """The reaper daemon: the broker's dead letters (expired, poison) become FAILED results."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "WAYANG_AMQP_URL": endpoint.amqp_url, "WAYANG_KEY_DIR": str(keys)}
+    env.setdefault("WAYANG_MANAGEMENT_URL", endpoint.management_url)
+    log_path = log_dir / "reaper.log"
+    command = [sys.executable, "-m", "wayang_mq.cli", "reaper", "--id", "dev-reaper"]
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    say(f"==> started the reaper (pid {process.pid}, log {log_path})")
+    return process
 
 
 def _stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:

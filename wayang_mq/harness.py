@@ -27,6 +27,7 @@ from wayang_mq.declare import apply_topology
 from wayang_mq.dispatcher import Dispatcher, DispatcherConfig
 from wayang_mq.executor import Executor
 from wayang_mq.localstack import BrokerEndpoint
+from wayang_mq.reaper import Reaper, ReaperConfig
 from wayang_mq.signing import KeyRing, Signer, write_keypair
 from wayang_mq.topology import DEFAULT_TOPOLOGY_PATH, Topology, load_topology
 from wayang_mq.worker import Worker, WorkerConfig
@@ -140,6 +141,44 @@ class Fabric:
         finally:
             worker.stop()
             await running
+
+    def reaper_config(self, **overrides: Any) -> ReaperConfig:
+        """A reaper config trusting this fabric's key (so it can open the tasks it answers)."""
+        values: dict[str, Any] = {
+            "amqp_url": self.endpoint.amqp_url,
+            "keyring": self.keyring,
+            "signer": self.signer,
+            "grace_s": 5.0,
+        }
+        return ReaperConfig(**(values | overrides))
+
+    @contextlib.asynccontextmanager
+    async def reaper(self, **config: Any) -> AsyncIterator[Reaper]:
+        """An in-process reaper answering dead letters until the block ends.
+
+        It consumes the shared ``wayang.reaper`` queue: dead letters other tests left there
+        are answered too (purge it first with :meth:`purge_reaper` to start clean).
+        """
+        reaper = Reaper(self.reaper_config(**config))
+        running = asyncio.create_task(reaper.run())
+        ready = asyncio.create_task(reaper.wait_ready())
+        done, _ = await asyncio.wait({running, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if running in done:
+            ready.cancel()
+            running.result()  # raises the start-up error
+        try:
+            yield reaper
+        finally:
+            reaper.stop()
+            await running
+
+    async def purge_reaper(self) -> None:
+        """Empty ``wayang.reaper``: dead letters that no reaper answered yet are dropped."""
+        connection = await aio_pika.connect(self.endpoint.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.get_queue(names.REAPER_QUEUE, ensure=False)
+            await queue.purge()
 
     @contextlib.asynccontextmanager
     async def dispatcher(self, **config: Any) -> AsyncIterator[Dispatcher]:

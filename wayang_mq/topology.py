@@ -284,16 +284,22 @@ class Topology(_Frozen):
         return tuple(ExchangeSpec(name, ExchangeType.TOPIC) for name in core) + shards
 
     def queues(self) -> tuple[QueueSpec, ...]:
-        """Every queue, all quorum: task queues (or shards), dead-letter queues, retry tiers."""
+        """Every queue, all quorum: task queues (or shards), dead-letter queues, retry tiers,
+        the reaper's queue."""
         out: list[QueueSpec] = []
         for capability in self.capabilities:
             out.extend(QueueSpec(name) for name in capability.task_queues)
             out.append(QueueSpec(names.dead_queue(capability.name)))
         out.extend(QueueSpec(tier.queue) for tier in self.retry_tiers)
+        # The reaper's queue takes a copy of every dead letter. Declared here, not by the
+        # reaper, so dead letters produced before a reaper first runs are kept for it. No
+        # policy: unbounded, since a full queue would stall at-least-once dead-lettering.
+        out.append(QueueSpec(names.REAPER_QUEUE))
         return tuple(out)
 
     def bindings(self) -> tuple[BindingSpec, ...]:
-        """Every binding: tasks and retries to capabilities, dead letters, retry tiers."""
+        """Every binding: tasks and retries to capabilities, dead letters, retry tiers, and
+        every dead letter to the reaper."""
         out: list[BindingSpec] = []
         for capability in self.capabilities:
             out.extend(_task_bindings(capability))
@@ -306,6 +312,9 @@ class Topology(_Frozen):
         out.extend(
             BindingSpec(names.RETRY_EXCHANGE, tier.queue, names.retry_routing_key(tier.name, "#"))
             for tier in self.retry_tiers
+        )
+        out.append(
+            BindingSpec(names.DEAD_LETTER_EXCHANGE, names.REAPER_QUEUE, names.ALL_DEAD_LETTERS)
         )
         return tuple(out)
 

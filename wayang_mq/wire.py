@@ -20,6 +20,10 @@ from wayang_mq.signing import KeyRing, Signer
 CONTENT_TYPE = "application/msgpack"
 APP_ID = "wayang-mq"
 PARTITION_KEY_HEADER = "x-partition-key"  # what sharded capabilities hash on
+# On dead letters wayang-mq publishes itself (the broker's own carry x-death instead):
+ERROR_CODE_HEADER = "wayang-error-code"
+ERROR_MESSAGE_HEADER = "wayang-error-message"
+DEAD_LETTERED_BY_HEADER = "wayang-dead-lettered-by"  # present: a result was already sent
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 M = TypeVar("M", bound=WireModel)

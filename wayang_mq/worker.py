@@ -30,6 +30,7 @@ from wayang_mq.compensation import compensation_for
 from wayang_mq.connect import connect
 from wayang_mq.context import TaskContext, bind, unbind
 from wayang_mq.control import ControlServer
+from wayang_mq.delivery import settle
 from wayang_mq.errors import (
     ConfigError,
     ErrorCode,
@@ -55,13 +56,17 @@ from wayang_mq.model import (
 from wayang_mq.publisher import ConfirmedPublisher, Unroutable, to_amqp
 from wayang_mq.signing import KeyRing, Signer
 from wayang_mq.topology import RetryTier
-from wayang_mq.wire import DEFAULT_MAX_BODY_BYTES, open_task, signed_message, task_message
+from wayang_mq.wire import (
+    DEAD_LETTERED_BY_HEADER,
+    DEFAULT_MAX_BODY_BYTES,
+    ERROR_CODE_HEADER,
+    ERROR_MESSAGE_HEADER,
+    open_task,
+    signed_message,
+    task_message,
+)
 
 log = logging.getLogger("wayang_mq.worker")
-
-ERROR_CODE_HEADER = "wayang-error-code"
-ERROR_MESSAGE_HEADER = "wayang-error-message"
-DEAD_LETTERED_BY_HEADER = "wayang-dead-lettered-by"
 
 
 @dataclass(frozen=True)
@@ -280,7 +285,7 @@ class Worker:
                 await self._conclude(capability, message, task, result)
         except asyncio.CancelledError:
             # Shutdown past the grace period: the broker gets the delivery back, unharmed.
-            await _settle(message, "requeue")
+            await settle(message, "requeue")
             raise
         except PublishFailed as exc:
             # The broker is gone past our reconnect wait; the delivery returns with the channel.
@@ -405,7 +410,7 @@ class Worker:
         error = result.error
         decision = retry.decide(task, error, self.config.retry_tiers) if error else None
         if decision is not None and await self._retry(task, result, decision):
-            await _settle(message, "ack")
+            await settle(message, "ack")
             return
         if error is not None and retry.exhausted(task, error):
             result = _exhausted(result)
@@ -417,7 +422,7 @@ class Worker:
                 return  # rejected instead: the queue's own dead-lettering keeps it
         result = await self._compensate(task, result)
         await self._publish_result(task, result)
-        await _settle(message, "ack")
+        await settle(message, "ack")
 
     async def _compensate(self, task: Task, result: Result) -> Result:
         """Dispatch the task's compensation if it failed for good; link it in the result."""
@@ -489,7 +494,7 @@ class Worker:
     async def _publish_result(self, task: Task, result: Result, reply_to: str = "") -> None:
         """Publish and wait for the confirm; only then may the delivery be acked."""
         assert self._publisher is not None
-        routing_key = task.reply_to or reply_to or f"noreply.{task.capability}"
+        routing_key = task.reply_to or reply_to or names.noreply_routing_key(task.capability)
         message = self._signed(result, task.task_id, reply_to=routing_key)
         await self._publisher.publish(names.RESULTS_EXCHANGE, routing_key, message)
 
@@ -534,7 +539,7 @@ class Worker:
                     message.reply_to,
                     self._signed(failed, task_id, reply_to=message.reply_to),
                 )
-        await _settle(message, "ack")
+        await settle(message, "ack")
 
     async def _keep_dead_letter(
         self,
@@ -566,7 +571,7 @@ class Worker:
             type=message.type,
             reply_to=message.reply_to,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            timestamp=message.timestamp,
+            timestamp=now_ms() // 1000,  # when it died, as the broker's own x-death says
         )
         try:
             await self._publisher.publish(names.DEAD_LETTER_EXCHANGE, capability, copy)
@@ -578,7 +583,7 @@ class Worker:
                 task_id=task_id,
                 reason=f"copy not confirmed ({exc}); rejected to the queue's own DLX",
             )
-            await _settle(message, "reject")
+            await settle(message, "reject")
             return False
         logs.event(
             log,
@@ -590,36 +595,6 @@ class Worker:
             reason=reason,
         )
         return True
-
-
-async def _settle(message: AbstractIncomingMessage, how: str) -> None:
-    """Ack, reject or requeue; skipped when the delivery's channel has died meanwhile.
-
-    A delivery tag belongs to the channel it came on: after a reconnect, the broker has
-    already returned that delivery to the queue, and acking the tag on the new channel would
-    ack a different message.
-    """
-    try:
-        if how == "ack":
-            await message.ack()
-        elif how == "reject":
-            await message.reject(requeue=False)
-        else:
-            await message.nack(requeue=True)
-    except (
-        aio_pika.exceptions.ChannelInvalidStateError,
-        aiormq.exceptions.AMQPError,
-        ConnectionError,
-        RuntimeError,
-    ) as exc:
-        logs.event(
-            log,
-            "delivery.unsettled",
-            logging.INFO,
-            task_id=message.message_id,
-            action=how,
-            reason=f"channel closed ({type(exc).__name__}); the broker redelivers it",
-        )
 
 
 async def _discover_queues(connection: AbstractRobustConnection, capability: str) -> list[str]:

@@ -1,0 +1,261 @@
+"""The reaper: turns the broker's dead letters into terminal FAILED results.
+
+When RabbitMQ dead-letters a task (it expired in its queue, crashed its workers past the
+delivery limit, was rejected, or fell off a full queue), nobody has answered it: the worker
+never got it, or died with it. The reaper consumes ``wayang.reaper``, which ``wayang.dlx``
+fills with a copy of every dead letter, and for each one reads the reason, opens the task if
+its signature verifies, publishes a FAILED result to the task's reply address, waits for the
+broker's confirm, and only then acks. Copies that a worker made itself (header
+``wayang-dead-lettered-by``) were answered by that worker already: they are acked and nothing
+else. The other copy of each dead letter stays in ``wayang.dead.<capability>``.
+
+Run it with ``wayang-mq reaper``; one is enough, more share the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import socket
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from wayang_mq import logs, names
+from wayang_mq.connect import connect
+from wayang_mq.deadletters import DeadLetter, dead_letter_of
+from wayang_mq.delivery import settle
+from wayang_mq.errors import ConfigError, ErrorCode, WayangError, WireError
+from wayang_mq.model import ErrorInfo, JsonLike, Result, Task
+from wayang_mq.publisher import ConfirmedPublisher, to_amqp
+from wayang_mq.signing import KeyRing, Signer
+from wayang_mq.wire import DEFAULT_MAX_BODY_BYTES, open_verified, signed_message
+
+log = logging.getLogger("wayang_mq.reaper")
+
+#: codes a workflow engine may try again (a fresh task): the task itself was not at fault
+_RETRYABLE = frozenset({ErrorCode.TIMEOUT, ErrorCode.BACKPRESSURE})
+
+
+def _default_id() -> str:
+    host = re.sub(r"[^a-z0-9_-]+", "-", socket.gethostname().lower()).strip("-") or "host"
+    return f"reaper-{host}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class ReaperConfig:
+    """How one reaper runs; built once by the CLI or a test."""
+
+    amqp_url: str = field(repr=False)
+    keyring: KeyRing  # tasks whose signature verifies are answered with their own ids and token
+    signer: Signer  # results are signed like an executor's
+    reaper_id: str = field(default_factory=_default_id)
+    prefetch: int = 32
+    grace_s: float = 10.0  # on stop: how long answers in flight may finish
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    recent: int = 10_000  # outcomes remembered, by task id (tests and status)
+
+    def __post_init__(self) -> None:
+        if self.prefetch < 1:
+            raise ConfigError("prefetch must be at least 1")
+        if not names.valid_word(self.reaper_id):
+            raise ConfigError(
+                f"reaper id {self.reaper_id!r} must be lowercase letters, digits, '-' or '_'"
+            )
+
+
+class Outcome(StrEnum):
+    """What the reaper did with a dead letter."""
+
+    ANSWERED = "answered"  # it published the FAILED result
+    SKIPPED = "skipped"  # a worker dead-lettered it and had answered it already
+
+
+class Reaper:
+    """Answers dead-lettered tasks with FAILED results until ``stop()``."""
+
+    def __init__(self, config: ReaperConfig) -> None:
+        self.config = config
+        self.reaper_id = config.reaper_id
+        self._recent: OrderedDict[str, Outcome] = OrderedDict()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._publisher: ConfirmedPublisher | None = None
+        self._consumer: tuple[AbstractQueue, str] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, consume ``wayang.reaper`` until ``stop()``, finish what is in flight."""
+        connection = await connect(self.config.amqp_url, self.reaper_id)
+        try:
+            await self._start(connection)
+            logs.event(log, "reaper.started", reaper=self.reaper_id, queue=names.REAPER_QUEUE)
+            self._ready.set()
+            await self._stopping.wait()
+            await self._drain()
+        finally:
+            await connection.close()
+            logs.event(log, "reaper.stopped", reaper=self.reaper_id)
+
+    async def wait_ready(self) -> None:
+        """Until the reaper is consuming (tests and the dev stack use this)."""
+        await self._ready.wait()
+
+    def stop(self) -> None:
+        """Stop consuming; answers in flight get ``grace_s`` to be confirmed."""
+        self._stopping.set()
+
+    def outcome(self, task_id: str) -> Outcome | None:
+        """What became of a recent dead letter of ``task_id``, if this reaper saw one."""
+        return self._recent.get(task_id)
+
+    async def _start(self, connection: AbstractRobustConnection) -> None:
+        publish_channel = await connection.channel(publisher_confirms=True)
+        self._publisher = ConfirmedPublisher(publish_channel)
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=self.config.prefetch)
+        try:
+            # declare_queue (passive), so the robust channel restores the consumer after a
+            # reconnect; the queue itself belongs to the topology.
+            queue = await channel.declare_queue(names.REAPER_QUEUE, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise ConfigError(
+                f"queue {names.REAPER_QUEUE} does not exist",
+                hint="run `wayang-mq topology apply`",
+            ) from None
+        self._consumer = (queue, await queue.consume(self._spawn))
+
+    async def _spawn(self, message: AbstractIncomingMessage) -> None:
+        handler = asyncio.create_task(self._handle(message))
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
+
+    async def _drain(self) -> None:
+        if self._consumer is not None:
+            queue, tag = self._consumer
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        if self._handlers:
+            _, pending = await asyncio.wait(set(self._handlers), timeout=self.config.grace_s)
+            for handler in pending:
+                handler.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- one dead letter ------------------------------------------------------------------
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        """The one place that decides ack, requeue or drop for a dead letter."""
+        dead = dead_letter_of(message)
+        try:
+            if dead.answered:
+                outcome = Outcome.SKIPPED
+                logs.event(
+                    log,
+                    "dead_letter.skipped",
+                    task_id=dead.task_id,
+                    capability=dead.capability,
+                    code=dead.code,
+                    by=dead.dead_lettered_by,
+                )
+            else:
+                await self._answer(dead, message)
+                outcome = Outcome.ANSWERED
+        except asyncio.CancelledError:
+            await settle(message, "requeue")  # stopped mid-answer: the next reaper answers it
+            raise
+        except WayangError as exc:
+            # Not confirmed (the broker went away past the publisher's reconnect wait, or
+            # refused it): back to the queue, to be answered once the broker takes results.
+            logs.event(
+                log, "dead_letter.unanswered", logging.WARNING, task_id=dead.task_id, error=exc
+            )
+            await asyncio.sleep(1.0)
+            await settle(message, "requeue")
+            return
+        except Exception:
+            # A bug here must not loop: drop this copy; the one in wayang.dead.<cap> stays.
+            log.exception("event=dead_letter.unanswerable task_id=%s", dead.task_id)
+            await settle(message, "reject")
+            return
+        self._remember(dead.task_id, outcome)
+        await settle(message, "ack")
+
+    async def _answer(self, dead: DeadLetter, message: AbstractIncomingMessage) -> None:
+        """Publish the FAILED result for a dead letter and wait for the broker's confirm."""
+        assert self._publisher is not None
+        result, reply_to = self.failed_result(dead, message.body, message.headers or {})
+        signed = signed_message(
+            result, self.config.signer, message_id=result.task_id, reply_to=reply_to
+        )
+        await self._publisher.publish(names.RESULTS_EXCHANGE, reply_to, to_amqp(signed))
+        assert result.error is not None
+        logs.event(
+            log,
+            "dead_letter.answered",
+            logging.WARNING,
+            task_id=result.task_id,
+            capability=result.capability,
+            code=result.error.code,
+            reason=dead.broker_reason,
+            queue=dead.source_queue,
+            reply_to=reply_to,
+            verified=bool(result.token),
+        )
+
+    def failed_result(
+        self, dead: DeadLetter, body: bytes, headers: dict[str, Any]
+    ) -> tuple[Result, str]:
+        """The FAILED result for a dead letter, and the routing key it goes to.
+
+        A body whose signature verifies gives the task's own ids, token, attempt and (signed)
+        reply address; otherwise the result is correlated from the AMQP properties alone.
+        """
+        try:
+            task: Task | None = open_verified(
+                body, headers, self.config.keyring, Task, max_body_bytes=self.config.max_body_bytes
+            )
+            unread: WireError | None = None
+        except WireError as exc:
+            task, unread = None, exc
+        error = _error_info(dead, unread)
+        if task is not None:
+            result = Result.failure(task, self.reaper_id, error)
+            return result, task.reply_to or names.noreply_routing_key(task.capability)
+        result = Result.uncorrelated_failure(dead.task_id, dead.capability, self.reaper_id, error)
+        return result, dead.reply_to or names.noreply_routing_key(dead.capability)
+
+    def _remember(self, task_id: str, outcome: Outcome) -> None:
+        self._recent[task_id] = outcome
+        self._recent.move_to_end(task_id)
+        while len(self._recent) > self.config.recent:
+            self._recent.popitem(last=False)
+
+
+def _error_info(dead: DeadLetter, unread: WireError | None) -> ErrorInfo:
+    """The broker's reason as an error; for a plain rejection, the body's fault if it has one."""
+    code, message = dead.code, dead.message
+    if unread is not None and dead.broker_reason == "rejected":
+        code, message = unread.code or ErrorCode.INVALID_TASK, f"{message}: {unread.message}"
+    details: dict[str, JsonLike] = {
+        "dead_letter_reason": dead.broker_reason,
+        "queue": dead.source_queue,
+        "dead_letter_queue": names.dead_queue(dead.capability),
+        "dead_at_ms": dead.dead_at_ms,
+    }
+    if unread is not None:
+        details["unverified"] = unread.message
+    return ErrorInfo(
+        code=code,
+        message=message,
+        retryable=code in _RETRYABLE,
+        details={k: v for k, v in details.items() if v is not None},
+    )
