@@ -32,6 +32,7 @@ from urllib.parse import quote, unquote, urlsplit
 from wayang_mq.errors import ConfigError, StackError
 
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
 RABBITMQ_PLUGINS = ("rabbitmq_management", "rabbitmq_consistent_hash_exchange")
 POSTGRES_OS_USER = "wayang-pg"
 LOOPBACK = "127.0.0.1"
@@ -362,6 +363,31 @@ class RabbitNode:
         _signal_group(process, signal.SIGKILL)
         _wait_group_gone(process)
         self._process = None
+
+    def ctl(self, *args: str, timeout_s: float = 60) -> str:
+        """Run ``rabbitmqctl ARGS`` against this node; its output, or StackError saying why not.
+
+        Same environment as the node (cookie in ``HOME``, ``RABBITMQ_NODENAME``), so the CLI
+        reaches this node and no other, e.g. ``node.ctl("set_vm_memory_high_watermark", "0.4")``.
+        """
+        _require_executable(RABBITMQCTL, "rabbitmqctl is not installed", _RABBITMQ_HINT)
+        done = subprocess.run(
+            [str(RABBITMQCTL), "-n", self.node_name, *args],
+            cwd=self.state_dir,
+            env=self._environment(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        if done.returncode != 0:
+            output = (done.stderr or done.stdout).strip()
+            raise StackError(
+                f"rabbitmqctl {' '.join(args)} failed (exit {done.returncode}): {output}",
+                hint=f"read {self.log_path}",
+            )
+        return done.stdout
 
     def __enter__(self) -> Self:
         self.start()

@@ -45,6 +45,7 @@ class _Lifecycle(Protocol):
     def stop(self) -> None: ...
     def restart(self) -> BrokerEndpoint: ...
     def kill(self) -> None: ...
+    def ctl(self, *args: str, timeout_s: float = 60) -> str: ...
 
 
 class BrokerHandle:
@@ -103,6 +104,10 @@ class BrokerHandle:
     def kill(self) -> None:
         """Kill the broker as a crash would; ``start()`` brings it back."""
         self._owned().kill()
+
+    def ctl(self, *args: str, timeout_s: float = 60) -> str:
+        """Run ``rabbitmqctl ARGS`` on the broker (e.g. to raise a memory alarm); its output."""
+        return self._owned().ctl(*args, timeout_s=timeout_s)
 
     def _owned(self) -> _Lifecycle:
         if self._lifecycle is None:
@@ -282,6 +287,13 @@ class _ContainerBroker:
 
     def kill(self) -> None:
         self._container.get_wrapped_container().kill()
+
+    def ctl(self, *args: str, timeout_s: float = 60) -> str:
+        done = self._container.exec(["rabbitmqctl", *args])
+        output = done.output.decode(errors="replace") if done.output else ""
+        if done.exit_code != 0:
+            raise StackError(f"rabbitmqctl {' '.join(args)} failed in the container: {output}")
+        return output
 
     def _ready(self) -> BrokerEndpoint:
         self._container.get_wrapped_container().reload()
