@@ -203,13 +203,6 @@ async def _until_memory_alarm(rabbitmq: BrokerHandle, *, raised: bool) -> None:
         await asyncio.sleep(0.2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="today a publish on a blocked connection waits for its confirm forever, silently:"
-    " aiormq records connection.blocked (and logs it on a logger wayang-mq silences) but"
-    " ConfirmedPublisher neither checks aiormq's Connection.ready() nor bounds the confirm"
-    " wait (see the report on the backpressure issue)",
-)
 async def test_a_publish_while_the_broker_blocks_connections_is_reported_not_a_silent_hang(
     bp_fabric: Fabric, rabbitmq: BrokerHandle, caplog: pytest.LogCaptureFixture
 ) -> None:

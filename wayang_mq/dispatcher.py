@@ -9,6 +9,7 @@ durable reply queue and are deduplicated by task id: the first terminal result w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -38,7 +39,7 @@ from wayang_mq.model import (
 from wayang_mq.publisher import ConfirmedPublisher, Rejected, Unroutable, to_amqp
 from wayang_mq.signing import KeyRing, Signer
 from wayang_mq.supervisor import SupervisionConfig, Supervisor
-from wayang_mq.wire import decode, open_verified, task_message
+from wayang_mq.wire import decode, open_verified, signed_message, task_message
 
 log = logging.getLogger("wayang_mq.dispatcher")
 
@@ -121,7 +122,13 @@ class Dispatcher:
         """Connect, declare and bind the reply queue, start consuming results."""
         self._connection = await connect(self.config.amqp_url, self.dispatcher_id)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._publisher = ConfirmedPublisher(channel)
+        # A caller must not hang on a broker alarm: it gets BrokerBlocked (a Backpressure)
+        # after the same bounded wait as for a full queue.
+        self._publisher = ConfirmedPublisher(
+            channel,
+            blocked_wait_s=self.config.backpressure_wait_s,
+            confirm_timeout_s=max(5.0, self.config.backpressure_wait_s),
+        )
         replies = await self._connection.channel()
         await replies.set_qos(prefetch_count=self.config.prefetch)
         # Durable, so results published while the broker restarts are kept; x-expires so the
@@ -299,6 +306,12 @@ class Dispatcher:
             await self.submit_task(compensation)
             result = result.model_copy(update={"compensation_task_id": compensation.task_id})
         self._deliver(result)
+        # Also on the wire, so whatever records results (a control plane, an audit) sees
+        # this terminal result too; its echo back here is a duplicate and dropped.
+        assert self._publisher is not None
+        message = to_amqp(signed_message(result, self.config.signer, message_id=task.task_id))
+        with contextlib.suppress(WayangError):
+            await self._publisher.publish(names.RESULTS_EXCHANGE, self.reply_to, message)
 
     async def reassign(self, task: Task, silent_executor: str) -> None:
         """Re-dispatch a task whose executor went silent: a new attempt with a new token,

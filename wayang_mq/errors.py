@@ -149,6 +149,18 @@ class Backpressure(WayangError):
         self.queue = queue
 
 
+class BrokerBlocked(Backpressure):
+    """The broker blocked publishing (a memory or disk alarm) for longer than we may wait."""
+
+    def __init__(self, waited_s: float) -> None:
+        WayangError.__init__(
+            self,
+            f"the broker blocked publishing for {waited_s:.1f}s (a memory or disk alarm)",
+            hint="free memory or disk on the broker (see its alarms in the console), then retry",
+        )
+        self.queue = ""
+
+
 class PublishFailed(WayangError):
     """A publish was not confirmed by the broker (channel closed or nack)."""
 

@@ -7,6 +7,10 @@ only with ``mandatory``) → :class:`Unroutable`; ``basic.nack`` (a full queue w
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange
@@ -17,8 +21,11 @@ from tenacity import (
     wait_exponential,
 )
 
-from wayang_mq.errors import PublishFailed, WayangError
+from wayang_mq import logs
+from wayang_mq.errors import BrokerBlocked, PublishFailed, WayangError
 from wayang_mq.wire import WireMessage
+
+log = logging.getLogger("wayang_mq.publisher")
 
 
 class Unroutable(WayangError):
@@ -40,10 +47,22 @@ def to_amqp(message: WireMessage, *, persistent: bool = True) -> aio_pika.Messag
 class ConfirmedPublisher:
     """Publishes on one channel opened with ``publisher_confirms`` and ``on_return_raises``."""
 
-    def __init__(self, channel: AbstractChannel, *, reconnect_wait_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        *,
+        reconnect_wait_s: float = 60.0,
+        blocked_wait_s: float | None = None,
+        confirm_timeout_s: float = 30.0,
+    ) -> None:
+        """``blocked_wait_s``: how long to wait out a broker alarm before ``BrokerBlocked``
+        (None: wait as long as it lasts, as workers do). ``confirm_timeout_s`` bounds the wait
+        for a confirm, which a broker that blocks mid-publish never sends."""
         self._channel = channel
         self._exchanges: dict[str, AbstractExchange] = {}
         self._reconnect_wait_s = reconnect_wait_s
+        self._blocked_wait_s = blocked_wait_s
+        self._confirm_timeout_s = confirm_timeout_s
 
     async def _exchange(self, name: str) -> AbstractExchange:
         exchange = self._exchanges.get(name)
@@ -60,10 +79,12 @@ class ConfirmedPublisher:
         *,
         mandatory: bool = False,
     ) -> None:
-        """One attempt; raises Unroutable, Rejected or PublishFailed."""
+        """One attempt; raises Unroutable, Rejected, BrokerBlocked or PublishFailed."""
         target = await self._exchange(exchange)
         try:
-            await target.publish(message, routing_key, mandatory=mandatory)
+            await self._wait_unblocked()
+            async with asyncio.timeout(self._confirm_timeout_s):
+                await target.publish(message, routing_key, mandatory=mandatory)
         except aiormq.exceptions.PublishError as exc:
             raise Unroutable(f"no queue bound on {exchange} for {routing_key!r}") from exc
         except aiormq.exceptions.DeliveryError as exc:
@@ -76,6 +97,38 @@ class ConfirmedPublisher:
             RuntimeError,
         ) as exc:
             raise PublishFailed(f"publish to {exchange} not confirmed: {exc!r}") from exc
+
+    async def _wait_unblocked(self) -> None:
+        """Return at once unless the broker has blocked the connection (an alarm): then log
+        it and wait, for ``blocked_wait_s`` at most.
+
+        During an alarm RabbitMQ stops reading from publishing connections, so a publish
+        would wait for a confirm that never comes: a silent hang, which this turns into a
+        logged, bounded wait.
+        """
+        connection = (await self._channel.get_underlay_channel()).connection
+        try:
+            async with asyncio.timeout(0.05):
+                await connection.ready()  # connected and not blocked: returns immediately
+            return
+        except TimeoutError:
+            pass
+        logs.event(
+            log,
+            "broker.blocked",
+            logging.WARNING,
+            reason="the broker blocked publishing (memory or disk alarm)",
+            waiting_s=self._blocked_wait_s
+            if self._blocked_wait_s is not None
+            else "until it clears",
+        )
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self._blocked_wait_s):
+                await connection.ready()
+        except TimeoutError:
+            raise BrokerBlocked(time.monotonic() - started) from None
+        logs.event(log, "broker.unblocked", waited_s=round(time.monotonic() - started, 1))
 
     async def publish(
         self,

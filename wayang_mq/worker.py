@@ -288,14 +288,18 @@ class Worker:
             await settle(message, "requeue")
             raise
         except PublishFailed as exc:
-            # The broker is gone past our reconnect wait; the delivery returns with the channel.
+            # The result was not confirmed within the reconnect wait: give the delivery back
+            # (a no-op if its channel died; the broker has it back already) so it runs again
+            # instead of sitting unacked until the broker's consumer_timeout.
             logs.event(
                 log,
                 "result.unconfirmed",
                 logging.WARNING,
                 task_id=message.message_id,
                 error=str(exc),
+                next="requeued",
             )
+            await settle(message, "requeue")
 
     def _open(self, capability: str, message: AbstractIncomingMessage) -> Task:
         task = open_task(
