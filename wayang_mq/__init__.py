@@ -7,19 +7,33 @@ tasks and collects results; see README.md and docs/.
 from wayang_mq.context import TaskContext, current
 from wayang_mq.errors import ErrorCode, ExecutorError, WayangError
 from wayang_mq.executor import Executor, TaskState, TaskStatus
-from wayang_mq.model import ErrorInfo, Heartbeat, Progress, Registration, Result, Status, Task
+from wayang_mq.model import (
+    Compensation,
+    ErrorInfo,
+    Heartbeat,
+    PolicyConstraints,
+    Progress,
+    Registration,
+    Result,
+    RetryHints,
+    Status,
+    Task,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Compensation",
     "ErrorCode",
     "ErrorInfo",
     "Executor",
     "ExecutorError",
     "Heartbeat",
+    "PolicyConstraints",
     "Progress",
     "Registration",
     "Result",
+    "RetryHints",
     "Status",
     "Task",
     "TaskContext",
