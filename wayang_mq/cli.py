@@ -28,6 +28,9 @@ from wayang_mq.errors import (
 from wayang_mq.settings import Settings
 
 if TYPE_CHECKING:
+    from wayang_mq.dispatcher import DispatcherConfig
+
+if TYPE_CHECKING:
     from wayang_mq.deadletters import DeadLetter
 
 
@@ -250,8 +253,7 @@ async def _run_until_signal(run: Callable[[], Any], stop: Callable[[], None]) ->
 
 
 def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
-    from wayang_mq.connect import broker_endpoint, signer
-    from wayang_mq.dispatcher import Dispatcher, DispatcherConfig
+    from wayang_mq.dispatcher import Dispatcher
 
     try:
         task_input = json.loads(args.input)
@@ -259,7 +261,7 @@ def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(f"--input is not JSON: {exc}", hint="e.g. --input '{\"x\": 1}'") from exc
     if not isinstance(task_input, dict):
         raise ConfigError("--input must be a JSON object", hint="e.g. --input '{\"x\": 1}'")
-    config = DispatcherConfig(amqp_url=broker_endpoint(settings).amqp_url, signer=signer(settings))
+    config = _dispatcher_config(settings)
 
     async def submit() -> int:
         async with Dispatcher(config) as dispatcher:
@@ -282,10 +284,9 @@ def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
-    from wayang_mq.connect import broker_endpoint, signer
-    from wayang_mq.dispatcher import Dispatcher, DispatcherConfig
+    from wayang_mq.dispatcher import Dispatcher
 
-    config = DispatcherConfig(amqp_url=broker_endpoint(settings).amqp_url, signer=signer(settings))
+    config = _dispatcher_config(settings)
 
     async def cancel() -> bool:
         async with Dispatcher(config) as dispatcher:
@@ -299,10 +300,9 @@ def _cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from wayang_mq.connect import broker_endpoint, signer
-    from wayang_mq.dispatcher import Dispatcher, DispatcherConfig
+    from wayang_mq.dispatcher import Dispatcher
 
-    config = DispatcherConfig(amqp_url=broker_endpoint(settings).amqp_url, signer=signer(settings))
+    config = _dispatcher_config(settings)
 
     async def status() -> dict[str, Any]:
         async with Dispatcher(config) as dispatcher:
@@ -426,6 +426,14 @@ def _cmd_dead_purge(args: argparse.Namespace, settings: Settings) -> int:
     purged = asyncio.run(purge(broker_endpoint(settings).amqp_url, capability))
     print(f"purged {purged} dead letters from {dead_queue(capability)}")
     return Exit.OK
+
+
+def _dispatcher_config(settings: Settings) -> DispatcherConfig:
+    """A dispatcher on the configured broker, signing with the configured key."""
+    from wayang_mq.connect import broker_endpoint, signer
+    from wayang_mq.dispatcher import DispatcherConfig
+
+    return DispatcherConfig(amqp_url=broker_endpoint(settings).amqp_url, signer=signer(settings))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

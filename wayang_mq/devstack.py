@@ -21,11 +21,12 @@ from wayang_mq.connect import broker_endpoint, management_client, save_endpoint
 from wayang_mq.declare import apply_topology
 from wayang_mq.dispatcher import Dispatcher, DispatcherConfig
 from wayang_mq.localstack import BrokerEndpoint, RabbitNode
-from wayang_mq.model import Result
+from wayang_mq.model import Result, RetryHints
 from wayang_mq.settings import Settings
 from wayang_mq.signing import Signer, write_keypair
 from wayang_mq.topology import load_topology
 
+RETRY_ONCE = RetryHints(max_attempts=3, initial_backoff_ms=1000)  # through the 1 s retry tier
 DEMO_EXECUTORS = ("workers.demo:Echo", "workers.demo:Sleep", "workers.demo:Fail")
 
 
@@ -161,13 +162,15 @@ async def _demo(endpoint: BrokerEndpoint, keys: Path, count: int) -> None:
         return
     signing_key = sorted(keys.glob("*.key"))[0]
     config = DispatcherConfig(amqp_url=endpoint.amqp_url, signer=Signer.from_file(signing_key))
-    say(f"==> sending {count} demo tasks (echo, one sleep with progress, one failure)")
+    say(f"==> sending {count} demo tasks (echo, a sleep with progress, a failure, a retry)")
     started = time.monotonic()
     async with Dispatcher(config) as dispatcher:
         handles = [await dispatcher.submit("demo.sleep", {"seconds": 2})]
         handles.append(await dispatcher.submit("demo.fail", {"mode": "permanent"}))
+        retried = {"mode": "retryable", "succeed_on_attempt": 2}
+        handles.append(await dispatcher.submit("demo.fail", retried, retry=RETRY_ONCE))
         handles += [
-            await dispatcher.submit("demo.echo", {"n": n}) for n in range(max(0, count - 2))
+            await dispatcher.submit("demo.echo", {"n": n}) for n in range(max(0, count - 3))
         ]
         for next_done in asyncio.as_completed([h.result(60) for h in handles]):
             say("    " + _describe(await next_done))
