@@ -35,7 +35,6 @@ from wayang_mq.errors import (
     ConfigError,
     ErrorCode,
     ExecutorError,
-    PublishFailed,
     WayangError,
     WireError,
     WrongCapability,
@@ -287,10 +286,10 @@ class Worker:
             # Shutdown past the grace period: the broker gets the delivery back, unharmed.
             await settle(message, "requeue")
             raise
-        except PublishFailed as exc:
-            # The result was not confirmed within the reconnect wait: give the delivery back
-            # (a no-op if its channel died; the broker has it back already) so it runs again
-            # instead of sitting unacked until the broker's consumer_timeout.
+        except WayangError as exc:
+            # A result, retry or dead letter the broker did not confirm (gone past the
+            # reconnect wait, a full tier): give the delivery back (a no-op if its channel
+            # died) so it runs again, instead of sitting unacked until consumer_timeout.
             logs.event(
                 log,
                 "result.unconfirmed",
@@ -299,6 +298,11 @@ class Worker:
                 error=str(exc),
                 next="requeued",
             )
+            await settle(message, "requeue")
+        except Exception:
+            # A bug of ours must not strand the delivery or kill the daemon; if it repeats,
+            # the queue's delivery-limit dead-letters the task after a few tries.
+            log.exception("event=worker.bug task_id=%s next=requeued", message.message_id)
             await settle(message, "requeue")
 
     def _open(self, capability: str, message: AbstractIncomingMessage) -> Task:
