@@ -1,0 +1,194 @@
+"""What a run found: each system's numbers, the ratios, the printed table and the JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.measure import Drain, Latency, Throughput
+
+LABELS = {"raw": "raw aio-pika", "wayang": "wayang-mq", "celery": "celery"}
+TARGET_THROUGHPUT_VS_RAW = 0.5  # the issue's target: at least half of raw aio-pika's
+TARGET_P50_VS_RAW = 2.0  # and a median round trip within twice raw aio-pika's
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One system's numbers over all rounds."""
+
+    system: str
+    drain: Drain | None  # the worker alone, emptying a queue filled before it started
+    throughputs: tuple[Throughput, ...]  # one per round
+    latency: Latency  # every round's samples together
+    worker_peak_rss_mib: float
+    worker_cpu_s: float  # summed over the throughput runs
+    dispatcher_cpu_s: float  # this process, summed over the throughput runs
+    broker_cpu_s: float | None  # the private node, summed over the throughput runs
+
+    @property
+    def per_s(self) -> float:
+        """The median round's throughput, in tasks per second."""
+        return statistics.median(t.per_s for t in self.throughputs)
+
+    def per_task_us(self, cpu_s: float | None) -> float | None:
+        """CPU microseconds per task of the throughput runs."""
+        tasks = sum(t.tasks for t in self.throughputs)
+        return None if cpu_s is None else cpu_s / tasks * 1e6
+
+    @property
+    def total_cpu_us(self) -> float | None:
+        """Worker + dispatcher + broker CPU per task: what a task costs the whole machine."""
+        if self.broker_cpu_s is None:
+            return None
+        return self.per_task_us(self.worker_cpu_s + self.dispatcher_cpu_s + self.broker_cpu_s)
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON form, with derived per-task figures."""
+        return {
+            "label": LABELS[self.system],
+            "worker_drain": None
+            if self.drain is None
+            else {**asdict(self.drain), "per_s": round(self.drain.per_s, 1)},
+            "throughput_per_s": round(self.per_s, 1),
+            "throughput_rounds": [
+                {**asdict(t), "per_s": round(t.per_s, 1)} for t in self.throughputs
+            ],
+            "latency_ms": {k: round(v, 3) for k, v in asdict(self.latency).items()},
+            "worker_peak_rss_mib": round(self.worker_peak_rss_mib, 1),
+            "cpu_us_per_task": {
+                "worker": _round(self.per_task_us(self.worker_cpu_s)),
+                "dispatcher": _round(self.per_task_us(self.dispatcher_cpu_s)),
+                "broker": _round(self.per_task_us(self.broker_cpu_s)),
+                "total": _round(self.total_cpu_us),
+            },
+            "best_round_per_s": round(max(t.per_s for t in self.throughputs), 1),
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def ratios(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
+    """wayang-mq against each baseline: throughput (higher is better), latency and RSS."""
+    by = {o.system: o for o in outcomes}
+    found = {}
+    wayang = by.get("wayang")
+    for other in ("raw", "celery"):
+        if wayang is None or other not in by:
+            continue
+        base = by[other]
+        found[f"wayang/{other}"] = {
+            "drain": round(wayang.drain.per_s / base.drain.per_s, 3)
+            if wayang.drain and base.drain
+            else float("nan"),
+            "throughput": round(wayang.per_s / base.per_s, 3),
+            "p50": round(wayang.latency.p50_ms / base.latency.p50_ms, 3),
+            "p99": round(wayang.latency.p99_ms / base.latency.p99_ms, 3),
+            "peak_rss": round(wayang.worker_peak_rss_mib / base.worker_peak_rss_mib, 3),
+            "total_cpu": round(wayang.total_cpu_us / base.total_cpu_us, 3)
+            if base.total_cpu_us and wayang.total_cpu_us
+            else float("nan"),
+        }
+    return found
+
+
+def targets(found: dict[str, dict[str, float]]) -> dict[str, Any] | None:
+    """The issue's targets against raw aio-pika, and whether they were met."""
+    vs_raw = found.get("wayang/raw")
+    if vs_raw is None:
+        return None
+    throughput_ok = vs_raw["throughput"] >= TARGET_THROUGHPUT_VS_RAW
+    p50_ok = vs_raw["p50"] <= TARGET_P50_VS_RAW
+    return {
+        "throughput_vs_raw_at_least": TARGET_THROUGHPUT_VS_RAW,
+        "p50_vs_raw_at_most": TARGET_P50_VS_RAW,
+        "throughput_met": throughput_ok,
+        "p50_met": p50_ok,
+    }
+
+
+def machine(rabbitmq_version: str) -> dict[str, Any]:
+    """The machine, the broker and the client libraries the numbers came from."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in ("aio-pika", "aiormq", "pamqp", "celery", "kombu", "amqp", "cryptography"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[package] = importlib.metadata.version(package)
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "rabbitmq": rabbitmq_version,
+        "packages": versions,
+    }
+
+
+def code_version(root: Path) -> dict[str, Any]:
+    """Which code was measured: the commit, and a digest of the package as it was on disk
+    (uncommitted edits included), so two runs can be told apart."""
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("wayang_mq/*.py"), *root.glob("workers/*.py")]):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        commit = done.stdout.strip()
+    return {"commit": commit, "package_sha256": digest.hexdigest()[:16]}
+
+
+def table(outcomes: list[Outcome], found: dict[str, dict[str, float]]) -> str:
+    """The summary people read: absolute numbers, then the ratios and the targets."""
+    head = (
+        f"{'system':<15}{'tasks/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'drain/s':>9}"
+        f"{'peak RSS MiB':>14}{'CPU µs/task: worker':>21}{'dispatcher':>12}{'broker':>8}"
+        f"{'total':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for o in outcomes:
+        cpu = [o.per_task_us(s) for s in (o.worker_cpu_s, o.dispatcher_cpu_s, o.broker_cpu_s)]
+        lines.append(
+            f"{LABELS[o.system]:<15}{o.per_s:>9,.0f}{o.latency.p50_ms:>8.2f}"
+            f"{o.latency.p99_ms:>8.2f}{_cell(o.drain.per_s if o.drain else None, 9)}"
+            f"{o.worker_peak_rss_mib:>14.1f}"
+            f"{_cell(cpu[0], 21)}{_cell(cpu[1], 12)}{_cell(cpu[2], 8)}"
+            f"{_cell(o.total_cpu_us, 8)}"
+        )
+    for name, ratio in found.items():
+        lines.append(
+            f"{name:<15}{ratio['throughput']:>8.2f}×{ratio['p50']:>7.2f}×{ratio['p99']:>7.2f}×"
+            f"{ratio['drain']:>8.2f}×{ratio['peak_rss']:>13.2f}×{'':>41}"
+            f"{ratio['total_cpu']:>7.2f}×"
+        )
+    met = targets(found)
+    if met is not None:
+        lines.append(
+            f"\ntarget vs raw aio-pika: throughput ≥ {TARGET_THROUGHPUT_VS_RAW:.0%}: "
+            f"{'met' if met['throughput_met'] else 'NOT met'}; "
+            f"p50 ≤ {TARGET_P50_VS_RAW:g}×: {'met' if met['p50_met'] else 'NOT met'}"
+        )
+    return "\n".join(lines)
+
+
+def _cell(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width},.0f}"
