@@ -163,3 +163,20 @@ async def _until(condition, timeout_s: float = 10.0) -> None:  # type: ignore[no
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition never became true"
         await asyncio.sleep(0.02)
+
+
+async def test_recent_results_are_bounded_by_bytes_as_well_as_count(fabric: Fabric) -> None:
+    # Given a worker whose recent-results budget is 8 KiB (a result over 1 KiB is not kept)
+    class Sized(Echo):
+        async def execute(self, task):  # type: ignore[no-untyped-def]
+            return {"blob": "x" * task.input["size"]}
+
+    executor = Sized()
+    async with fabric.worker([executor], recent_results_bytes=8 * 1024), fabric.dispatcher() as d:
+        big = await d.run("demo.echo", {"size": 4000}, wait_s=10)
+        small = [await d.run("demo.echo", {"size": 100}, wait_s=10) for _ in range(20)]
+        # Then the large result was never kept, the oldest small ones were evicted, and the
+        # latest ones are still there to answer a redelivery
+        assert executor.status(big.task_id).state is TaskState.UNKNOWN
+        assert executor.status(small[0].task_id).state is TaskState.UNKNOWN
+        assert executor.status(small[-1].task_id).state is TaskState.FINISHED

@@ -203,7 +203,9 @@ class Fabric:
             "WAYANG_KEY_DIR": str(self.key_dir),
             **(env or {}),
         }
-        command = [sys.executable, "-m", "wayang_mq.cli", "worker", *executors]
+        # DEBUG so tests can see task.started lines (INFO logs one line per task: finished).
+        command = [sys.executable, "-m", "wayang_mq.cli", "--log-level", "DEBUG", "worker"]
+        command += list(executors)
         command += ["--id", executor_id, "--heartbeat", "1", *args]
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
