@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import subprocess
-import sys
 import time
 import tomllib
 from collections.abc import AsyncIterator
@@ -18,6 +15,7 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
+from tests.test_cli import assert_one_line_error, wayang
 from wayang_mq import Executor, Task
 from wayang_mq.connect import management_client
 from wayang_mq.declare import apply_topology
@@ -75,29 +73,6 @@ async def depth(fabric: Fabric, capability: str) -> int:
         channel = await connection.channel()
         queue = await channel.declare_queue(task_queue(capability), passive=True)
         return int(queue.declaration_result.message_count or 0)
-
-
-def wayang(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """Run the CLI as a separate process with ``env`` on top of a clean WAYANG_* environment."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("WAYANG_")}
-    return subprocess.run(
-        [sys.executable, "-m", "wayang_mq.cli", *args],
-        env=base | (env or {}),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def assert_one_line_error(run: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
-    assert run.returncode == code, run.stderr
-    assert "Traceback" not in run.stderr
-    lines = [line for line in run.stderr.splitlines() if line.startswith("wayang-mq: error:")]
-    assert len(lines) == 1, run.stderr
-    for needle in needles:
-        assert needle in lines[0]
 
 
 async def test_a_full_queue_refuses_the_next_task_with_backpressure_and_never_enqueues_it(
