@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aio_pika
 
@@ -31,6 +31,35 @@ from wayang_mq.reaper import Reaper, ReaperConfig
 from wayang_mq.signing import KeyRing, Signer, write_keypair
 from wayang_mq.topology import DEFAULT_TOPOLOGY_PATH, Topology, load_topology
 from wayang_mq.worker import Worker, WorkerConfig
+
+
+class Daemon(Protocol):
+    """What the in-process daemons (worker, reaper) have in common."""
+
+    async def run(self) -> None: ...
+
+    async def wait_ready(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+D = TypeVar("D", bound=Daemon)
+
+
+@contextlib.asynccontextmanager
+async def _serving(daemon: D) -> AsyncIterator[D]:
+    """Run ``daemon`` in this event loop until the block ends; a start-up error is raised."""
+    running = asyncio.create_task(daemon.run())
+    ready = asyncio.create_task(daemon.wait_ready())
+    done, _ = await asyncio.wait({running, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if running in done:
+        ready.cancel()
+        running.result()  # raises the start-up error
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        await running
 
 
 @dataclass
@@ -129,18 +158,8 @@ class Fabric:
     @contextlib.asynccontextmanager
     async def worker(self, executors: Sequence[Executor], **config: Any) -> AsyncIterator[Worker]:
         """An in-process worker, consuming until the block ends."""
-        worker = Worker(executors, self.worker_config(**config))
-        running = asyncio.create_task(worker.run())
-        ready = asyncio.create_task(worker.wait_ready())
-        done, _ = await asyncio.wait({running, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if running in done:
-            ready.cancel()
-            running.result()  # raises the start-up error
-        try:
+        async with _serving(Worker(executors, self.worker_config(**config))) as worker:
             yield worker
-        finally:
-            worker.stop()
-            await running
 
     def reaper_config(self, **overrides: Any) -> ReaperConfig:
         """A reaper config trusting this fabric's key (so it can open the tasks it answers)."""
@@ -159,18 +178,8 @@ class Fabric:
         It consumes the shared ``wayang.reaper`` queue: dead letters other tests left there
         are answered too (purge it first with :meth:`purge_reaper` to start clean).
         """
-        reaper = Reaper(self.reaper_config(**config))
-        running = asyncio.create_task(reaper.run())
-        ready = asyncio.create_task(reaper.wait_ready())
-        done, _ = await asyncio.wait({running, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if running in done:
-            ready.cancel()
-            running.result()  # raises the start-up error
-        try:
+        async with _serving(Reaper(self.reaper_config(**config))) as reaper:
             yield reaper
-        finally:
-            reaper.stop()
-            await running
 
     async def purge_reaper(self) -> None:
         """Empty ``wayang.reaper``: dead letters that no reaper answered yet are dropped."""
