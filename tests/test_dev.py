@@ -20,17 +20,19 @@ from wayang_mq.localstack import port_in_use
 pytestmark = pytest.mark.timeout(180)
 
 
-def _read_until(process: subprocess.Popen[str], marker: str, timeout_s: float) -> str:
+def _read_until(process: subprocess.Popen[bytes], marker: str, timeout_s: float) -> str:
+    """Read the raw pipe (no buffered readline: select() cannot see what a buffer holds)."""
     assert process.stdout is not None
+    fd = process.stdout.fileno()
     seen = ""
     deadline = time.monotonic() + timeout_s
     while marker not in seen:
         assert time.monotonic() < deadline, f"no {marker!r} in:\n{seen}"
-        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        ready, _, _ = select.select([fd], [], [], 0.5)
         if ready:
-            line = process.stdout.readline()
-            assert line, f"dev exited ({process.poll()}) before {marker!r}:\n{seen}"
-            seen += line
+            chunk = os.read(fd, 65536)
+            assert chunk, f"dev exited ({process.poll()}) before {marker!r}:\n{seen}"
+            seen += chunk.decode(errors="replace")
     return seen
 
 
@@ -52,7 +54,7 @@ def test_dev_runs_the_fabric_in_the_foreground_and_sigterm_stops_it_cleanly(
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
+        bufsize=0,
     )
     try:
         # Given the stack started, When it reports that it runs
@@ -60,7 +62,7 @@ def test_dev_runs_the_fabric_in_the_foreground_and_sigterm_stops_it_cleanly(
     finally:
         # And SIGTERM arrives
         process.send_signal(signal.SIGTERM)
-        rest, _ = process.communicate(timeout=90)
+        rest = process.communicate(timeout=90)[0].decode(errors="replace")
     # Then it printed where everything is, showed the demo results, and stopped cleanly
     console = re.search(r"RabbitMQ console  http://127\.0\.0\.1:(\d+)/", output)
     amqp = re.search(r"AMQP URL          amqp://wayang:\S+@127\.0\.0\.1:(\d+)/", output)
