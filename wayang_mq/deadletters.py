@@ -25,8 +25,10 @@ no delivery limit, so looking never dead-letters them again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -243,11 +245,28 @@ async def _hold(amqp_url: str, capability: str, limit: int) -> AsyncIterator[_He
         try:
             yield _Held(connection, channel, messages)
         finally:
+            returned = 0
             for message in messages:
                 if not message.processed and not channel.is_closed:
                     await message.nack(requeue=True)
+                    returned += 1
+            if returned and not channel.is_closed:
+                await _until_ready_again(channel, capability, ready - len(messages) + returned)
     finally:
         await connection.close()
+
+
+async def _until_ready_again(
+    channel: AbstractChannel, capability: str, expected: int, timeout_s: float = 2.0
+) -> None:
+    """Wait (briefly) until the returned messages are ready again.
+
+    A quorum queue applies a return through its log, after the nack (which has no reply)
+    has left: without this wait, a listing right after this one could miss them.
+    """
+    deadline = time.monotonic() + timeout_s
+    while await _ready_count(channel, capability) < expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
 
 
 async def _ready_count(channel: AbstractChannel, capability: str) -> int:
