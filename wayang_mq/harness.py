@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -44,6 +44,34 @@ class Daemon(Protocol):
 
 
 D = TypeVar("D", bound=Daemon)
+
+#: how long a test waits for something that should happen, by default: generous, because a
+#: loaded 2-core machine is slow, and a wait by condition costs nothing when it comes early
+WAIT_S = 30.0
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout_s: float = WAIT_S,
+    interval_s: float = 0.05,
+    what: str = "the condition",
+) -> None:
+    """Until ``condition()`` is true; AssertionError naming ``what`` after ``timeout_s``.
+
+    Tests wait by condition, never by sleeping a fixed time: a fixed sleep is either too long
+    (slow suite) or too short on a loaded machine (flaky, or a late event missed).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        outcome = condition()
+        if not isinstance(outcome, bool):
+            outcome = await outcome
+        if outcome:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s} s")
+        await asyncio.sleep(interval_s)
 
 
 @contextlib.asynccontextmanager
@@ -84,6 +112,14 @@ class WorkerProcess:
                 break
             time.sleep(0.05)
         raise RuntimeError(f"worker {self.executor_id} did not start:\n{self.log()[-3000:]}")
+
+    async def until_logged(self, text: str, timeout_s: float = WAIT_S) -> None:
+        """Until the daemon's log contains ``text``."""
+        await eventually(
+            lambda: text in self.log(),
+            timeout_s=timeout_s,
+            what=f"{self.executor_id} logging {text!r}",
+        )
 
     def signal(self, signum: signal.Signals) -> None:
         """Send a signal (SIGTERM to stop gently, SIGKILL to crash, SIGSTOP to hang)."""
