@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
-from wayang_mq import ErrorCode, Status
-from wayang_mq.harness import Fabric
-from wayang_mq.model import Compensation, RetryHints
+from collections.abc import Callable
+
+import aio_pika
+
+from wayang_mq import ErrorCode, Executor, Status, Task
+from wayang_mq.harness import Fabric, eventually
+from wayang_mq.model import Compensation, JsonLike, Result, RetryHints
+from wayang_mq.names import RESULTS_EXCHANGE, TASKS_EXCHANGE
+from wayang_mq.publisher import to_amqp
+from wayang_mq.supervisor import SupervisionConfig
+from wayang_mq.wire import decode, task_message
 from workers.demo import Echo, Fail
 
 UNDO = Compensation(capability="demo.echo", input={"undo": "charge-42"})
+#: a dispatcher that checks its tasks' deadlines often and gives up on them quickly
+FAST = SupervisionConfig(deadline_grace_ms=300, check_interval_s=0.2, status_wait_s=0.3)
+
+
+class Undo(Executor):
+    """``demo.echo`` as a compensation would be written: it records each run's idempotency
+    key, the key a real one would do its side effect once for."""
+
+    serves = ("demo.echo",)
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, str | None]] = []  # (task id, idempotency key) per run
+
+    async def execute(self, task: Task) -> JsonLike:
+        self.runs.append((task.task_id, task.idempotency_key))
+        return {"undone": task.input.get("undo")}
 
 
 async def test_a_failed_task_dispatches_its_compensation_and_links_it(fabric: Fabric) -> None:
@@ -46,3 +70,86 @@ async def test_a_successful_task_is_not_compensated(fabric: Fabric) -> None:
         result = await dispatcher.run("demo.echo", {"ok": 1}, compensation=UNDO, wait_s=10)
     assert result.status is Status.SUCCESS
     assert result.compensation_task_id is None
+
+
+async def test_a_task_the_dispatcher_expires_dispatches_its_compensation(fabric: Fabric) -> None:
+    # Given no worker for demo.sleep, and a task with a compensation queued behind a longer
+    # one (the broker expires only at the head, so only the dispatcher sees its deadline)
+    await fabric.purge("demo.sleep", "demo.echo")
+    async with fabric.worker([Echo()]), fabric.dispatcher(supervision=FAST) as dispatcher:
+        await dispatcher.submit("demo.sleep", {"seconds": 0}, queue_timeout_s=60)
+        stuck = await dispatcher.submit(
+            "demo.sleep", {"seconds": 0}, queue_timeout_s=1, compensation=UNDO
+        )
+        # When the dispatcher decides, at the task's deadline, that it failed
+        failed = await stuck.result(10)
+        # Then its FAILED timeout links the compensation, and the compensation runs
+        assert failed.compensation_task_id == f"{stuck.task_id}.compensation"
+        compensated = await dispatcher.result_of(failed.compensation_task_id, timeout_s=10)
+    await fabric.purge("demo.sleep")
+    assert failed.executor_id.startswith("dispatcher:")
+    assert failed.error is not None and failed.error.code is ErrorCode.TIMEOUT
+    assert compensated.status is Status.SUCCESS
+    assert compensated.output["undo"] == "charge-42"
+    assert compensated.output["compensates"]["task_id"] == stuck.task_id
+    assert compensated.output["compensates"]["error"]["code"] == "timeout"
+
+
+async def test_a_failure_decided_twice_compensates_once(fabric: Fabric) -> None:
+    await fabric.purge("demo.fail", "demo.echo")
+    undo = Undo()
+    connection = await aio_pika.connect(fabric.endpoint.amqp_url)
+    async with (
+        connection,
+        fabric.worker([Fail(), undo], concurrency=1),
+        fabric.dispatcher() as dispatcher,
+    ):
+        channel = await connection.channel(publisher_confirms=True)
+        wire = await channel.declare_queue(exclusive=True)
+        await wire.bind(RESULTS_EXCHANGE, dispatcher.reply_to)
+        # Given a task that fails for good and names a compensation, published twice (as a
+        # publisher retrying after a lost confirm does): the worker decides its failure for
+        # each copy, and each decision dispatches the compensation
+        task = dispatcher.task("demo.fail", {"mode": "permanent"}, compensation=UNDO)
+        handle = await dispatcher.submit_task(task)
+        tasks = await channel.get_exchange(TASKS_EXCHANGE)
+        again = to_amqp(task_message(task, fabric.signer))
+        await tasks.publish(again, task.capability, mandatory=True)
+        # When both copies are answered, and a marker queued after both compensations is too
+        # (a single slot takes the queue in order: the compensations are behind us then)
+        seen: list[Result] = []
+        await eventually(
+            lambda: _collect(wire, seen, lambda r: r.task_id == task.task_id, 2),
+            what="both copies answered",
+        )
+        marker = await dispatcher.run("demo.echo", {"undo": "marker"}, wait_s=10)
+        await eventually(
+            lambda: _collect(wire, seen, lambda r: r.task_id == marker.task_id, 1),
+            what="the marker on the wire",
+        )
+        failed = await handle.result(10)
+        compensation_id = f"{task.task_id}.compensation"
+        compensated = await dispatcher.result_of(compensation_id, timeout_s=10)
+    # Then both decisions linked the same compensation task
+    decisions = [r for r in seen if r.task_id == task.task_id]
+    assert [r.compensation_task_id for r in decisions] == [compensation_id] * 2
+    assert failed.compensation_task_id == compensation_id
+    # and every compensation result the caller got is that one task's, handed out once
+    answers = {r.task_id for r in seen if r.capability == "demo.echo"} - {marker.task_id}
+    assert answers == {compensation_id}
+    assert compensated.status is Status.SUCCESS
+    # and its executor ran it once, under one idempotency key
+    compensations = [run for run in undo.runs if run[0] != marker.task_id]
+    assert compensations == [(compensation_id, compensation_id)]
+
+
+async def _collect(
+    wire: aio_pika.abc.AbstractQueue,
+    seen: list[Result],
+    wanted: Callable[[Result], bool],
+    count: int,
+) -> bool:
+    """Read the results on the wire into ``seen``; True once ``count`` match ``wanted``."""
+    while (message := await wire.get(fail=False, no_ack=True)) is not None:
+        seen.append(decode(message.body, Result))
+    return sum(1 for result in seen if wanted(result)) >= count

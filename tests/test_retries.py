@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
+from collections.abc import Callable
+from typing import TypeVar
 
 import aio_pika
 import pytest
@@ -11,12 +12,20 @@ import pytest
 from wayang_mq import ErrorCode, Status
 from wayang_mq.connect import management_client
 from wayang_mq.declare import apply_topology
-from wayang_mq.harness import Fabric
-from wayang_mq.model import Result, RetryHints
-from wayang_mq.names import EVENTS_EXCHANGE, RESULTS_EXCHANGE, dead_queue
+from wayang_mq.harness import Fabric, eventually
+from wayang_mq.model import Result, RetryHints, Task
+from wayang_mq.names import (
+    EVENTS_EXCHANGE,
+    RESULTS_EXCHANGE,
+    RETRY_EXCHANGE,
+    dead_queue,
+    retry_routing_key,
+)
 from wayang_mq.topology import parse_topology
 from wayang_mq.wire import decode
 from workers.demo import Echo, Fail
+
+T = TypeVar("T")
 
 
 async def _drain(queue: aio_pika.abc.AbstractQueue) -> list[aio_pika.abc.AbstractIncomingMessage]:
@@ -35,33 +44,46 @@ async def test_a_task_failing_twice_then_succeeding_ends_success_on_attempt_3(
         attempts = await channel.declare_queue(exclusive=True)
         results = await channel.declare_queue(exclusive=True)
         await results.bind(RESULTS_EXCHANGE, dispatcher.reply_to)
+        retried = await channel.declare_queue(exclusive=True)
+        await retried.bind(RETRY_EXCHANGE, retry_routing_key("*", "demo.fail"))
+        # Given a task that fails twice (retryable), with backoffs of 1000 and 1500 ms
         task = dispatcher.task(
             "demo.fail",
             {"mode": "retryable", "succeed_on_attempt": 3},
             retry=RetryHints(max_attempts=3, initial_backoff_ms=1000, backoff_multiplier=1.5),
         )
         await attempts.bind(EVENTS_EXCHANGE, f"attempt.{task.task_id}")
+        # When it runs
         final = await (await dispatcher.submit_task(task)).result(30)
-        await asyncio.sleep(0.3)
-        failed = [decode(m.body, Result) for m in await _drain(attempts)]
+        # Then the one result is SUCCESS on attempt 3
+        assert (final.status, final.attempt) == (Status.SUCCESS, 3)
+        failed: list[Result] = []
+        await eventually(
+            lambda: _read(attempts, failed, lambda m: decode(m.body, Result), 2),
+            what="two attempt events",
+        )
         answered = await _drain(results)
-    # Then the one result is SUCCESS on attempt 3
-    assert (final.status, final.attempt) == (Status.SUCCESS, 3)
+        through = [(m.routing_key, decode(m.body, Task).attempt) for m in await _drain(retried)]
+    # and it was the only result: attempts 1 and 2 were events
     assert len(answered) == 1
-    # and attempts 1 and 2 were events, not results
     assert [f.attempt for f in failed] == [1, 2]
     assert all(f.status is Status.FAILED for f in failed)
-    # spaced by the 1 s tier (backoffs 1000 and 1500 ms both fit the 1 s tier, not the 5 s one)
+    # and attempts 2 and 3 went through the 1 s tier (the longest tier not longer than
+    # their 1000 and 1500 ms backoffs), not the 5 s one
+    assert through == [("retry.1s.demo.fail", 2), ("retry.1s.demo.fail", 3)]
+    # so each began at least that tier's delay after the attempt before it failed
+    delay_ms = next(t.ttl_ms for t in fabric.topology.retry_tiers if t.name == "1s")
     finished = [f.finished_at_ms for f in failed] + [final.finished_at_ms]
-    gaps = [later - earlier for earlier, later in itertools.pairwise(finished)]
-    assert all(1000 <= gap < 4000 for gap in gaps), gaps
+    assert all(b - a >= delay_ms for a, b in itertools.pairwise(finished)), finished
 
 
 async def test_a_permanent_error_is_not_retried(fabric: Fabric) -> None:
+    # Given a task allowed 5 attempts, When its executor raises a permanent error
     async with fabric.worker([Fail()]), fabric.dispatcher() as dispatcher:
         result = await dispatcher.run(
             "demo.fail", {"mode": "permanent"}, retry=RetryHints(max_attempts=5), wait_s=10
         )
+    # Then the first attempt's failure is the result: no retry
     assert (result.status, result.attempt) == (Status.FAILED, 1)
     assert result.error is not None and result.error.code is ErrorCode.EXECUTOR_ERROR
 
@@ -70,6 +92,7 @@ async def test_exhausted_retries_end_failed_and_stay_in_the_dead_queue(fabric: F
     await fabric.purge("demo.fail")
     connection = await aio_pika.connect(fabric.endpoint.amqp_url)
     async with connection, fabric.worker([Fail()]), fabric.dispatcher() as dispatcher:
+        # Given a task allowed 2 attempts, When both fail (retryable)
         result = await dispatcher.run(
             "demo.fail",
             {"mode": "retryable", "message": "still broken"},
@@ -78,10 +101,12 @@ async def test_exhausted_retries_end_failed_and_stay_in_the_dead_queue(fabric: F
         )
         channel = await connection.channel()
         dead = await _drain(await channel.get_queue(dead_queue("demo.fail")))
+    # Then the result is FAILED retries_exhausted, carrying the last error
     assert (result.status, result.attempt) == (Status.FAILED, 2)
     assert result.error is not None and result.error.code is ErrorCode.RETRIES_EXHAUSTED
     assert "still broken" in result.error.message
     assert result.error.details["last_error"]["code"] == "executor_error"
+    # and the task is kept in its dead queue with the reason
     assert [m.message_id for m in dead] == [result.task_id]
     assert dead[0].headers["wayang-error-code"] == "retries_exhausted"
 
@@ -117,7 +142,12 @@ async def test_a_full_retry_tier_requeues_the_task_and_the_worker_keeps_serving(
                 # Then the delivery goes back to its queue each time, until the queue's
                 # delivery limit dead-letters it, and the worker keeps serving meanwhile
                 dead_queue_ = await channel.get_queue(dead_queue("demo.fail"))
-                dead = await _poll(dead_queue_)
+                held: list[aio_pika.abc.AbstractIncomingMessage] = []
+                await eventually(
+                    lambda: _read(dead_queue_, held, lambda m: m, 1),
+                    what="the dead letter in wayang.dead.demo.fail",
+                )
+                [dead] = held
                 assert dead.message_id == doomed.task_id
                 assert dead.headers["x-death"][0]["reason"] == "delivery_limit"
                 ok = await dispatcher.run("demo.echo", {"still": "serving"}, wait_s=10)
@@ -130,11 +160,13 @@ async def test_a_full_retry_tier_requeues_the_task_and_the_worker_keeps_serving(
         )
 
 
-async def _poll(
-    queue: aio_pika.abc.AbstractQueue, timeout_s: float = 30.0
-) -> aio_pika.abc.AbstractIncomingMessage:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while (message := await queue.get(fail=False, no_ack=True)) is None:
-        assert asyncio.get_running_loop().time() < deadline, f"nothing arrived on {queue.name}"
-        await asyncio.sleep(0.1)
-    return message
+async def _read(
+    queue: aio_pika.abc.AbstractQueue,
+    into: list[T],
+    read: Callable[[aio_pika.abc.AbstractIncomingMessage], T],
+    count: int,
+) -> bool:
+    """Take what ``queue`` holds into ``into`` (each message through ``read``); True once
+    it holds ``count``."""
+    into.extend(read(message) for message in await _drain(queue))
+    return len(into) >= count
