@@ -1,8 +1,9 @@
 """Compensation: a failed task may name another task that undoes or reports its effects.
 
 Whoever decides a task has failed for good (the worker after its last attempt, the reaper
-for a dead letter, the dispatcher at its own deadline) dispatches the compensation and links
-its id in the terminal result, so the caller can follow it.
+for a dead letter it answers, the dispatcher at its own deadline) dispatches the compensation,
+signed with its own key, before it publishes the terminal result, and links the compensation's
+id in that result, so the caller can follow it.
 """
 
 from __future__ import annotations

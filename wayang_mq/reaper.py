@@ -4,10 +4,12 @@ When RabbitMQ dead-letters a task (it expired in its queue, crashed its workers 
 delivery limit, was rejected, or fell off a full queue), nobody has answered it: the worker
 never got it, or died with it. The reaper consumes ``wayang.reaper``, which ``wayang.dlx``
 fills with a copy of every dead letter, and for each one reads the reason, opens the task if
-its signature verifies, publishes a FAILED result to the task's reply address, waits for the
-broker's confirm, and only then acks. Copies that a worker made itself (header
-``wayang-dead-lettered-by``) were answered by that worker already: they are acked and nothing
-else. The other copy of each dead letter stays in ``wayang.dead.<capability>``.
+its signature verifies, dispatches the compensation the task names (the reaper decided this
+failure, so it compensates, as a worker does for the failures it decides), publishes a FAILED
+result to the task's reply address, waits for the broker's confirm, and only then acks. Copies
+that a worker made itself (header ``wayang-dead-lettered-by``) were answered by that worker
+already: they are acked and nothing else. The other copy of each dead letter stays in
+``wayang.dead.<capability>``.
 
 Run it with ``wayang-mq reaper``; one is enough, more share the queue.
 """
@@ -29,6 +31,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from wayang_mq import logs, names
+from wayang_mq.compensation import compensation_for
 from wayang_mq.connect import connect
 from wayang_mq.deadletters import DeadLetter, dead_letter_of
 from wayang_mq.delivery import settle
@@ -36,7 +39,7 @@ from wayang_mq.errors import ConfigError, ErrorCode, WayangError, WireError
 from wayang_mq.model import ErrorInfo, JsonLike, Result, Task
 from wayang_mq.publisher import ConfirmedPublisher, to_amqp
 from wayang_mq.signing import KeyRing, Signer
-from wayang_mq.wire import DEFAULT_MAX_BODY_BYTES, open_verified, signed_message
+from wayang_mq.wire import DEFAULT_MAX_BODY_BYTES, open_verified, signed_message, task_message
 
 log = logging.getLogger("wayang_mq.reaper")
 
@@ -55,7 +58,7 @@ class ReaperConfig:
 
     amqp_url: str = field(repr=False)
     keyring: KeyRing  # tasks whose signature verifies are answered with their own ids and token
-    signer: Signer  # results are signed like an executor's
+    signer: Signer  # results and compensations are signed like an executor's
     reaper_id: str = field(default_factory=_default_id)
     prefetch: int = 32
     grace_s: float = 10.0  # on stop: how long answers in flight may finish
@@ -119,7 +122,9 @@ class Reaper:
         return self._recent.get(task_id)
 
     async def _start(self, connection: AbstractRobustConnection) -> None:
-        publish_channel = await connection.channel(publisher_confirms=True)
+        # on_return_raises: a compensation is published mandatory, and a capability with no
+        # queue must surface as Unroutable, not as a confirm of a message the broker dropped.
+        publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         self._publisher = ConfirmedPublisher(publish_channel)
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=self.config.prefetch)
@@ -190,9 +195,12 @@ class Reaper:
         await settle(message, "ack")
 
     async def _answer(self, dead: DeadLetter, message: AbstractIncomingMessage) -> None:
-        """Publish the FAILED result for a dead letter and wait for the broker's confirm."""
+        """Compensate, publish the FAILED result for a dead letter, wait for the confirm."""
         assert self._publisher is not None
-        result, reply_to = self.failed_result(dead, message.body, message.headers or {})
+        task, unread = self._open(message.body, message.headers or {})
+        result, reply_to = _failure(dead, task, unread, self.reaper_id)
+        if task is not None:
+            result = await self._compensate(task, result)
         signed = signed_message(
             result, self.config.signer, message_id=result.task_id, reply_to=reply_to
         )
@@ -209,6 +217,7 @@ class Reaper:
             queue=dead.source_queue,
             reply_to=reply_to,
             verified=bool(result.token),
+            compensation_task_id=result.compensation_task_id,
         )
 
     def failed_result(
@@ -219,25 +228,74 @@ class Reaper:
         A body whose signature verifies gives the task's own ids, token, attempt and (signed)
         reply address; otherwise the result is correlated from the AMQP properties alone.
         """
+        task, unread = self._open(body, headers)
+        return _failure(dead, task, unread, self.reaper_id)
+
+    def _open(self, body: bytes, headers: dict[str, Any]) -> tuple[Task | None, WireError | None]:
+        """The task if its signature verifies, else why it cannot be read."""
         try:
-            task: Task | None = open_verified(
+            task = open_verified(
                 body, headers, self.config.keyring, Task, max_body_bytes=self.config.max_body_bytes
             )
-            unread: WireError | None = None
         except WireError as exc:
-            task, unread = None, exc
-        error = _error_info(dead, unread)
-        if task is not None:
-            result = Result.failure(task, self.reaper_id, error)
-            return result, task.reply_to or names.noreply_routing_key(task.capability)
-        result = Result.uncorrelated_failure(dead.task_id, dead.capability, self.reaper_id, error)
-        return result, dead.reply_to or names.noreply_routing_key(dead.capability)
+            return None, exc
+        return task, None
+
+    async def _compensate(self, task: Task, result: Result) -> Result:
+        """Dispatch the task's compensation, if it names one, and link it in the result.
+
+        Published ``mandatory`` and confirmed before the dead letter is acked, so a crash in
+        between answers (and compensates) it again; the compensation's id derives from the
+        task's, so a failure decided twice compensates once. One that cannot be published
+        (no queue for its capability, a full queue, no broker) is logged, and the FAILED
+        result still goes out: the caller must learn of the failure either way.
+        """
+        compensation = compensation_for(task, result)
+        if compensation is None:
+            return result
+        assert self._publisher is not None
+        message = to_amqp(task_message(compensation, self.config.signer))
+        try:
+            await self._publisher.publish(
+                names.TASKS_EXCHANGE, compensation.capability, message, mandatory=True
+            )
+        except WayangError as exc:
+            logs.event(
+                log,
+                "compensation.failed",
+                logging.ERROR,
+                task_id=task.task_id,
+                capability=compensation.capability,
+                error=exc,
+                hint="is the compensation capability in the topology?",
+            )
+            return result
+        logs.event(
+            log,
+            "compensation.dispatched",
+            task_id=task.task_id,
+            compensation_task_id=compensation.task_id,
+        )
+        return result.model_copy(update={"compensation_task_id": compensation.task_id})
 
     def _remember(self, task_id: str, outcome: Outcome) -> None:
         self._recent[task_id] = outcome
         self._recent.move_to_end(task_id)
         while len(self._recent) > self.config.recent:
             self._recent.popitem(last=False)
+
+
+def _failure(
+    dead: DeadLetter, task: Task | None, unread: WireError | None, reaper_id: str
+) -> tuple[Result, str]:
+    """The FAILED result and its routing key: the task's own ids and reply address when it
+    verified, else the dead letter's AMQP properties."""
+    error = _error_info(dead, unread)
+    if task is not None:
+        result = Result.failure(task, reaper_id, error)
+        return result, task.reply_to or names.noreply_routing_key(task.capability)
+    result = Result.uncorrelated_failure(dead.task_id, dead.capability, reaper_id, error)
+    return result, dead.reply_to or names.noreply_routing_key(dead.capability)
 
 
 def _error_info(dead: DeadLetter, unread: WireError | None) -> ErrorInfo:
