@@ -134,12 +134,14 @@ def test_submit_wait_prints_the_result_and_exits_by_status(
     fabric: Fabric, fabric_env: dict[str, str]
 ) -> None:
     daemon = fabric.spawn_worker(executor_id="cli-worker")
-    daemon.wait_started()
-    ok = wayang("submit", "demo.echo", "--input", '{"via": "cli"}', "--wait", env=fabric_env)
-    failed = wayang(
-        "submit", "demo.fail", "--input", '{"mode": "permanent"}', "--wait", env=fabric_env
-    )
-    daemon.stop()
+    try:
+        daemon.wait_started()
+        ok = wayang("submit", "demo.echo", "--input", '{"via": "cli"}', "--wait", env=fabric_env)
+        failed = wayang(
+            "submit", "demo.fail", "--input", '{"mode": "permanent"}', "--wait", env=fabric_env
+        )
+    finally:
+        daemon.stop()
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["output"] == {"via": "cli"}
     assert failed.returncode == 1, failed.stderr
