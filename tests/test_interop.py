@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from wayang_mq import Status, Task
-from wayang_mq.harness import Fabric
+from wayang_mq.harness import Fabric, eventually
 from wayang_mq.publisher import to_amqp
 from wayang_mq.signing import KeyRing
 from wayang_mq.wire import open_task, task_message
@@ -81,14 +81,18 @@ class ForeignPublisher:
         )
         return task_id
 
-    def get(self, queue: str, timeout_s: float = 15.0) -> tuple[Any, bytes]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+    async def receive(self, queue: str) -> tuple[Any, bytes]:
+        """The next message on ``queue`` (``basic.get``, auto-ack), waiting by condition."""
+        found: list[tuple[Any, bytes]] = []
+
+        def poll() -> bool:
             method, properties, body = self.channel.basic_get(queue, auto_ack=True)
             if method is not None:
-                return properties, body
-            time.sleep(0.05)
-        raise AssertionError(f"nothing arrived on {queue}")
+                found.append((properties, body))
+            return method is not None
+
+        await eventually(lambda: asyncio.to_thread(poll), what=f"a message on {queue}")
+        return found[0]
 
 
 async def test_a_pika_publisher_gets_its_result_on_its_own_reply_queue(fabric: Fabric) -> None:
@@ -100,7 +104,7 @@ async def test_a_pika_publisher_gets_its_result_on_its_own_reply_queue(fabric: F
             task_id = await asyncio.to_thread(
                 foreign.publish_task, "demo.echo", {"from": "pika"}, "reply.foreign-client"
             )
-            properties, body = await asyncio.to_thread(foreign.get, queue)
+            properties, body = await foreign.receive(queue)
     finally:
         await asyncio.to_thread(foreign.connection.close)
     result = msgpack.unpackb(body)
@@ -122,7 +126,7 @@ async def test_a_pika_task_is_read_back_and_decoded_by_wayang_mq(fabric: Fabric)
     try:
         # The capability is bound only to our private queue: the real workers never see it.
         task_id = await asyncio.to_thread(foreign.publish_task, "interop.read", {"n": 7}, "reply.x")
-        properties, body = await asyncio.to_thread(foreign.get, queue)
+        properties, body = await foreign.receive(queue)
     finally:
         await asyncio.to_thread(foreign.connection.close)
     task = open_task(body, properties.headers, KeyRing.of([foreign.key.public_key()]))
@@ -144,7 +148,7 @@ async def test_a_wayang_mq_task_is_read_and_verified_by_plain_pika(fabric: Fabri
             "wayang.tasks", "interop.write", to_amqp(task_message(task, fabric.signer))
         )
     try:
-        properties, body = await asyncio.to_thread(foreign.get, queue)
+        properties, body = await foreign.receive(queue)
     finally:
         await asyncio.to_thread(foreign.connection.close)
     # When pika verifies it by the document alone: key id, then Ed25519 over the exact bytes

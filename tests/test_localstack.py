@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import socket
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import pika
@@ -21,6 +22,7 @@ import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
 from wayang_mq.errors import StackError
+from wayang_mq.harness import eventually
 from wayang_mq.localstack import BrokerEndpoint, PostgresNode, RabbitNode
 from wayang_mq.testing import BrokerHandle, service_dir
 
@@ -68,16 +70,26 @@ def publish_persistent(url: str, queue: str, body: bytes) -> None:
         )
 
 
-def take_one(url: str, queue: str, timeout_s: float = 15) -> bytes | None:
-    """Get (and ack) one message, retrying while the queue recovers after a broker start."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+async def take_one(url: str, queue: str) -> bytes:
+    """Get (and ack) one message, retrying while the queue recovers after a broker start;
+    then delete the queue."""
+    found: list[bytes] = []
+
+    def poll() -> bool:
         with pika_channel(url) as channel:
             body: bytes | None = channel.basic_get(queue, auto_ack=True)[2]
-            if body is not None or time.monotonic() > deadline:
-                channel.queue_delete(queue)
-                return body
-        time.sleep(0.5)
+        if body is not None:
+            found.append(body)
+        return body is not None
+
+    try:
+        await eventually(
+            lambda: asyncio.to_thread(poll), interval_s=0.5, what=f"a message in {queue}"
+        )
+    finally:
+        with pika_channel(url) as channel:
+            channel.queue_delete(queue)
+    return found[0]
 
 
 @pytest.fixture
@@ -133,7 +145,9 @@ def test_endpoint_from_an_environment_url_defaults_the_management_api() -> None:
     assert "s%40cret" not in repr(endpoint)
 
 
-def test_restart_keeps_quorum_queue_and_persistent_messages(restartable: BrokerHandle) -> None:
+async def test_restart_keeps_quorum_queue_and_persistent_messages(
+    restartable: BrokerHandle,
+) -> None:
     # Given a quorum queue holding a persistent message the broker confirmed
     queue = f"test.localstack.restart.{uuid.uuid4().hex[:8]}"
     declare_quorum_queue(restartable.amqp_url, queue)
@@ -141,26 +155,26 @@ def test_restart_keeps_quorum_queue_and_persistent_messages(restartable: BrokerH
     before = restartable.endpoint
 
     # When the broker restarts
-    restartable.restart()
+    await asyncio.to_thread(restartable.restart)
 
     # Then it answers at the same URLs, and the message is still there
     assert restartable.endpoint == before
-    assert take_one(restartable.amqp_url, queue) == b"survives a restart"
+    assert await take_one(restartable.amqp_url, queue) == b"survives a restart"
 
 
-def test_kill_then_start_keeps_confirmed_messages(restartable: BrokerHandle) -> None:
+async def test_kill_then_start_keeps_confirmed_messages(restartable: BrokerHandle) -> None:
     # Given a settled quorum queue holding a persistent message the broker confirmed
     queue = f"test.localstack.kill.{uuid.uuid4().hex[:8]}"
     declare_quorum_queue(restartable.amqp_url, queue)
-    time.sleep(RA_DIRECTORY_SAVE_S * 3)
+    await asyncio.sleep(RA_DIRECTORY_SAVE_S * 3)  # nothing to observe: ra saves on a timer
     publish_persistent(restartable.amqp_url, queue, b"survives a crash")
 
     # When the broker is killed (SIGKILL, no clean shutdown) and started again
-    restartable.kill()
-    restartable.start()
+    await asyncio.to_thread(restartable.kill)
+    await asyncio.to_thread(restartable.start)
 
     # Then the confirmed message survived the crash
-    assert take_one(restartable.amqp_url, queue) == b"survives a crash"
+    assert await take_one(restartable.amqp_url, queue) == b"survives a crash"
 
 
 def test_occupied_port_is_refused_naming_the_port(tmp_path: Path) -> None:
@@ -257,6 +271,9 @@ def test_postgres_as_root_refuses_unreachable_state_dir(tmp_path: Path) -> None:
 
 
 def test_postgres_fixture_gives_a_database_url(postgres: str) -> None:
-    # Given the session's database URL, When a client connects, Then it can query
+    # Given the session's database URL
+    url = urlsplit(postgres)
+    # When a client connects, Then it is in the database and account the URL names
     with psycopg.connect(postgres) as connection:
-        assert connection.execute("select current_database()").fetchone() is not None
+        row = connection.execute("select current_database(), current_user").fetchone()
+    assert row == (url.path.lstrip("/"), url.username)

@@ -59,6 +59,27 @@ def test_fields_at_their_default_are_left_out_of_the_body() -> None:
     assert keys == {"task_id", "token", "node_id", "capability", "issued_at_ms", "deadline_ms"}
 
 
+def test_timestamps_are_written_even_in_the_millisecond_they_were_taken() -> None:
+    # Given results and heartbeats encoded as soon as they are built (mostly within the same
+    # millisecond as their timestamp, where the timestamp equals a fresh default)
+    for _ in range(200):
+        result = Result(
+            task_id="t",
+            token="k",
+            node_id="n",
+            capability="demo.echo",
+            status=Status.SUCCESS,
+            executor_id="ex-1",
+        )
+        beat = Heartbeat(executor_id="ex-1", capabilities=("demo.echo",))
+        # When they are encoded, Then each body carries its own time (a reader must not fill
+        # in its own clock instead), in field order
+        body = msgpack.unpackb(encode(result))
+        assert body["finished_at_ms"] == result.finished_at_ms
+        assert list(body) == [name for name in Result.model_fields if name in body]
+        assert msgpack.unpackb(encode(beat))["sent_at_ms"] == beat.sent_at_ms
+
+
 def test_unknown_field_is_rejected_with_its_name() -> None:
     raw = msgpack.unpackb(encode(Task.create("demo.echo")))
     raw["surprise"] = 1

@@ -6,6 +6,7 @@ Kept free of any AMQP client so that the same code serves aio-pika, pika and the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -36,9 +37,27 @@ def encode(model: WireModel) -> bytes:
     small task around 200 bytes.
     """
     fields = model.model_dump(mode="python", exclude_defaults=True)
+    stamped = _timestamps(type(model))
+    if any(name not in fields for name in stamped):
+        # exclude_defaults compares a field with a default factory to a fresh call of it: a
+        # timestamp (``now_ms``) encoded within the millisecond it was taken would be left
+        # out, and the reader would fill in its own clock. Timestamps are always written.
+        fields = {
+            name: fields[name] if name in fields else getattr(model, name)
+            for name in type(model).model_fields
+            if name in fields or name in stamped
+        }
     packed = msgpack.packb(fields, use_bin_type=True)
     assert isinstance(packed, bytes)
     return packed
+
+
+@functools.cache
+def _timestamps(model: type[WireModel]) -> frozenset[str]:
+    """The model's fields that default to the time they were made."""
+    return frozenset(
+        name for name, info in model.model_fields.items() if info.default_factory is now_ms
+    )
 
 
 def decode(body: bytes, model: type[M]) -> M:
