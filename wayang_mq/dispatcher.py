@@ -13,9 +13,11 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
@@ -45,6 +47,31 @@ log = logging.getLogger("wayang_mq.dispatcher")
 
 #: an idle reply queue (its dispatcher gone) is deleted by the broker after this long
 REPLY_QUEUE_EXPIRES_MS = 24 * 3600 * 1000
+#: how a result the dispatcher decided itself (not an executor's answer) names its executor
+DECIDED_BY_DISPATCHER: Final = "dispatcher:"
+
+
+class Verdict(StrEnum):
+    """What the dispatcher did with a result it received (or decided itself)."""
+
+    HANDED_OUT = "handed_out"  # the task's first terminal result: given to the caller waiting
+    UNCLAIMED = "unclaimed"  # the first terminal result, but no caller waits here: kept
+    DUPLICATE = "duplicate"  # the task already has its terminal result: dropped
+    FENCED = "fenced"  # answers an attempt a newer one (new token) replaced: dropped
+    NOT_TERMINAL = "not_terminal"  # PENDING: not an answer, ignored
+    INVALID = "invalid"  # not a result, or its signature does not verify: rejected
+
+
+@dataclass(frozen=True, slots=True)
+class ResultSeen:
+    """One result the dispatcher received, and its verdict; see :meth:`Dispatcher.observe`."""
+
+    verdict: Verdict
+    result: Result | None  # None when INVALID: the body could not be read as a result
+
+
+#: called with every :class:`ResultSeen`, inline: quick, and must not raise
+ResultListener = Callable[[ResultSeen], None]
 
 
 @dataclass(frozen=True)
@@ -105,6 +132,7 @@ class Dispatcher:
         self._supervisor: Supervisor | None = None
         self._connection: AbstractRobustConnection | None = None
         self._publisher: ConfirmedPublisher | None = None
+        self._listeners: list[ResultListener] = []
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -153,6 +181,22 @@ class Dispatcher:
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
+
+    def observe(self, listener: ResultListener) -> Callable[[], None]:
+        """Tell ``listener`` about every result from now on, and what became of it.
+
+        Every result the reply queue delivers (handed out, dropped as a duplicate, fenced,
+        unclaimed, invalid) and every one the dispatcher decides itself (an expiry). An
+        auditor such as :class:`wayang_mq.ledger.Ledger` uses it to see each hand-out and
+        each drop, not just the one result a caller awaits. Returns a function that stops it.
+        """
+        self._listeners.append(listener)
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return stop
 
     def task(
         self,
@@ -294,7 +338,7 @@ class Dispatcher:
         )
         result = Result.failure(
             task,
-            f"dispatcher:{self.dispatcher_id}",
+            f"{DECIDED_BY_DISPATCHER}{self.dispatcher_id}",
             ErrorInfo(
                 code=ErrorCode.TIMEOUT,
                 message="no executor started the task before "
@@ -358,18 +402,31 @@ class Dispatcher:
                 result = decode(message.body, Result)
         except WayangError as exc:
             logs.event(log, "result.invalid", logging.WARNING, id=message.message_id, error=exc)
+            self._notify(Verdict.INVALID, None)
             await message.reject(requeue=False)
             return
         self._deliver(result)
         await message.ack()
 
     def _deliver(self, result: Result) -> None:
+        """Act on a result, then tell the observers what became of it."""
+        self._notify(self._decide(result), result)
+
+    def _notify(self, verdict: Verdict, result: Result | None) -> None:
+        seen = ResultSeen(verdict, result)
+        for listener in tuple(self._listeners):
+            try:
+                listener(seen)
+            except Exception:  # an observer's bug must not leave the result unacked
+                log.exception("event=observer.failed verdict=%s", verdict)
+
+    def _decide(self, result: Result) -> Verdict:
         """First terminal result per task id wins; duplicates and fenced results are dropped."""
         if not result.terminal:
-            return
+            return Verdict.NOT_TERMINAL
         if result.task_id in self._seen:
             logs.event(log, "result.duplicate", logging.DEBUG, task_id=result.task_id)
-            return
+            return Verdict.DUPLICATE
         current = self._tasks.get(result.task_id)
         # An empty token marks a result for a body nobody could trust (bad input): terminal.
         if current is not None and result.token and result.token != current.token:
@@ -382,7 +439,7 @@ class Dispatcher:
                 attempt=result.attempt,
                 reason="a newer attempt replaced the one this result answers",
             )
-            return
+            return Verdict.FENCED
         self._seen[result.task_id] = result
         while len(self._seen) > self.config.seen_results:
             self._seen.popitem(last=False)
@@ -391,8 +448,10 @@ class Dispatcher:
         if future is None:
             # A task this process did not submit, e.g. before it restarted under the same id.
             logs.event(log, "result.unclaimed", task_id=result.task_id, status=result.status)
-        elif not future.done():
+            return Verdict.UNCLAIMED
+        if not future.done():
             future.set_result(result)
+        return Verdict.HANDED_OUT
 
     def _forget(self, task_id: str) -> None:
         self._pending.pop(task_id, None)

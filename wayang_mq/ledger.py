@@ -2,15 +2,22 @@
 
 The fabric promises that every task the broker confirmed ends in exactly one terminal result,
 whatever fails. A :class:`Ledger` checks that promise from the outside, the way an auditor
-would:
+would, trusting no single witness:
 
 - it records every task a dispatcher got confirmed (and every one the caller was refused);
 - it taps ``wayang.results`` for the dispatcher's reply key with a queue of its own, so it
   counts the terminal results *on the wire* per task id, independently of the dispatcher;
-- it records what the dispatcher handed to its caller (which must be exactly one per task);
+- it listens to the dispatcher (:meth:`Dispatcher.observe`), so it sees every result the
+  dispatcher received and what it did with it: handed to the caller, dropped as a duplicate,
+  fenced, unclaimed, invalid. The caller must get exactly one per task, and every extra result
+  on the wire must have reached the dispatcher and been dropped there;
 - at the end it checks that the capability queues drained (nothing ready, nothing unacked,
   nothing waiting to be dead-lettered) and that every dead letter of its tasks in
   ``wayang.dead.<capability>`` was answered with a FAILED result.
+
+A result the dispatcher decided itself (its deadline expiry, executor ``dispatcher:<id>``) is
+the dispatcher's bookkeeping, not evidence that the fabric answered: it is counted apart
+(``decided_by_dispatcher``), never as a result on the wire, and never as a dead letter's answer.
 
 :meth:`Ledger.check` returns a :class:`LedgerReport`, or raises :class:`LedgerMismatch` with
 that report as its message. Duplicates on the wire are allowed (execution is at-least-once)
@@ -30,13 +37,15 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
 
+import aio_pika
 import aiormq
 from aio_pika.abc import (
+    AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
@@ -45,8 +54,15 @@ from aio_pika.abc import (
 from wayang_mq import logs, names
 from wayang_mq.connect import connect
 from wayang_mq.deadletters import DeadLetter, list_dead_letters
-from wayang_mq.dispatcher import Dispatcher, TaskHandle
-from wayang_mq.errors import ConfigError, ResultTimeout, WayangError
+from wayang_mq.dispatcher import (
+    DECIDED_BY_DISPATCHER,
+    Dispatcher,
+    ResultSeen,
+    TaskHandle,
+    Verdict,
+)
+from wayang_mq.errors import ConfigError, ErrorCode, ResultTimeout, WayangError
+from wayang_mq.harness import eventually
 from wayang_mq.management import ManagementClient
 from wayang_mq.model import JsonLike, Result, Status, Task, new_id
 from wayang_mq.wire import decode
@@ -59,6 +75,15 @@ TAP_EXPIRES_MS: Final = 30 * 60 * 1000
 SHOWN_IDS: Final = 10
 #: dead letters read per capability, at most (held unacked while they are read)
 DEAD_LETTERS_READ: Final = 100_000
+#: the AMQP type of the tap's own catch-up markers (never a result)
+MARKER_TYPE: Final = "wayang.ledger.marker"
+#: how long the tap may take to count what reached its queue, at most
+CATCH_UP_S: Final = 60.0
+#: how long closing the tap may wait for the broker to delete its queue
+CLOSE_WAIT_S: Final = 10.0
+
+#: a terminal result's outcome: its status and, when FAILED, its error code
+Outcome = tuple[Status, ErrorCode | None]
 
 
 class LedgerMismatch(WayangError):
@@ -72,6 +97,16 @@ class LedgerMismatch(WayangError):
 def tap_queue(ledger_id: str) -> str:
     """The ledger's own queue on ``wayang.results``."""
     return f"wayang.ledger.{ledger_id}"
+
+
+def decided_by_dispatcher(result: Result) -> bool:
+    """True for a result a dispatcher decided itself (an expiry), not an executor's answer."""
+    return result.executor_id.startswith(DECIDED_BY_DISPATCHER)
+
+
+def outcome(result: Result) -> Outcome:
+    """The result's status and error code (None on SUCCESS)."""
+    return result.status, result.error.code if result.error else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,22 +136,27 @@ class LedgerReport:
 
     confirmed: int  # tasks the broker confirmed to the dispatcher
     refused: int  # tasks whose submit raised: the caller knows they were not taken
-    delivered: int  # terminal results the dispatcher handed to its caller
-    on_wire: int  # terminal results seen on the wire (duplicates included)
+    delivered: int  # terminal results the dispatcher handed to its caller (seen via its hook)
+    on_wire: int  # terminal results from the fabric on the wire (duplicates included)
     lost: tuple[str, ...] = ()  # confirmed, yet no terminal result anywhere
-    undelivered: tuple[str, ...] = ()  # a terminal result on the wire, none handed out
-    # The caller got more than one distinct terminal result (the same one twice, e.g. for an
-    # idempotent resubmission of the task id, is one result):
+    undelivered: tuple[str, ...] = ()  # a terminal result exists, none handed to the caller
+    # The dispatcher took more than one terminal result as a task's answer (handed out, or
+    # kept unclaimed) instead of dropping the later ones: task id -> how many it took
     delivered_twice: Mapping[str, int] = field(default_factory=dict)
     misdelivered: tuple[str, ...] = ()  # the caller got another task's result
+    # Results on the wire that never reached the dispatcher, so it cannot have dropped them:
+    unseen_by_dispatcher: Mapping[str, int] = field(default_factory=dict)
     unknown: Mapping[str, int] = field(default_factory=dict)  # results for ids never submitted
     undecodable: int = 0  # messages on the reply key that are not results
     undrained: tuple[QueueDepth, ...] = ()
     unanswered_dead_letters: tuple[DeadLetter, ...] = ()  # no FAILED result matches them
     # Allowed, reported for the record:
     wire_duplicates: Mapping[str, int] = field(default_factory=dict)  # at-least-once at work
+    dropped: int = 0  # results the dispatcher received and dropped (duplicate or fenced)
+    decided_by_dispatcher: tuple[str, ...] = ()  # answered by the dispatcher's own decision
     refused_but_answered: tuple[str, ...] = ()  # caller got an error, but the task was taken
-    off_wire: tuple[str, ...] = ()  # the caller got a result that never was on the wire
+    outcomes: Mapping[Outcome, int] = field(default_factory=dict)  # of the results handed out
+    verdicts: Mapping[Verdict, int] = field(default_factory=dict)  # the dispatcher's, counted
 
     @property
     def ok(self) -> bool:
@@ -127,11 +167,18 @@ class LedgerReport:
         """One line per broken promise (empty when ``ok``)."""
         out: list[str] = []
         _add(out, "lost: confirmed, but no terminal result at all", self.lost)
+        _add(out, "undelivered: a terminal result, none handed to the caller", self.undelivered)
         _add(
-            out, "undelivered: a terminal result on the wire, none for the caller", self.undelivered
+            out,
+            "answered twice: the dispatcher took a later result too, instead of dropping it",
+            _counted(self.delivered_twice),
         )
-        _add(out, "delivered twice to the caller", _counted(self.delivered_twice))
         _add(out, "misdelivered: the caller got another task's result", self.misdelivered)
+        _add(
+            out,
+            "on the wire but never received by the dispatcher (so never dropped by it)",
+            _counted(self.unseen_by_dispatcher),
+        )
         _add(out, "results for task ids never submitted", _counted(self.unknown))
         if self.undecodable:
             out.append(f"{self.undecodable} message(s) on the reply key are not results")
@@ -158,9 +205,11 @@ class LedgerReport:
         _add(out, "refused to the caller, but taken and answered", self.refused_but_answered)
         _add(
             out,
-            "answered by the dispatcher alone (no result on the wire for a tap to record)",
-            self.off_wire,
+            "answered by the dispatcher's own decision (no executor's result)",
+            self.decided_by_dispatcher,
         )
+        if self.outcomes:
+            out.append("outcomes handed out: " + ", ".join(_outcomes(self.outcomes)))
         return out
 
     def summary(self) -> str:
@@ -169,7 +218,8 @@ class LedgerReport:
         return (
             f"ledger {verdict}: {self.confirmed} confirmed, {self.refused} refused,"
             f" {self.delivered} delivered to the caller, {self.on_wire} terminal results on"
-            " the wire"
+            f" the wire, {self.dropped} dropped by the dispatcher,"
+            f" {len(self.decided_by_dispatcher)} decided by the dispatcher"
         )
 
     def render(self) -> str:
@@ -185,6 +235,11 @@ class LedgerReport:
 
 def _counted(counts: Mapping[str, int]) -> list[str]:
     return [f"{key} x{n}" for key, n in sorted(counts.items())]
+
+
+def _outcomes(counts: Mapping[Outcome, int]) -> list[str]:
+    named = {f"{status} {code or ''}".strip(): n for (status, code), n in counts.items()}
+    return [f"{name} x{n}" for name, n in sorted(named.items())]
 
 
 def _sample(items: Iterable[str]) -> str:
@@ -206,41 +261,55 @@ class WireTap:
     """Counts results per task id on ``wayang.results`` for one reply key, in its own queue.
 
     Durable, with manual acks, on a robust connection: results published while the tap is
-    reconnecting wait in its queue, and a broker restart loses none of them.
+    reconnecting wait in its queue, and a broker restart loses none of them. Results a
+    dispatcher decided itself are counted apart from the fabric's.
     """
 
     def __init__(self, amqp_url: str, reply_to: str, queue_name: str) -> None:
         self.amqp_url = amqp_url
         self.reply_to = reply_to
         self.queue_name = queue_name
-        self.terminal: Counter[str] = Counter()  # task id -> terminal results seen
-        self.failed: set[str] = set()  # task ids with at least one FAILED result
+        self.terminal: Counter[str] = Counter()  # task id -> the fabric's terminal results
+        self.by_dispatcher: Counter[str] = Counter()  # task id -> a dispatcher's own results
+        self.failed: set[str] = set()  # task ids with at least one FAILED result of the fabric
         self.pending: Counter[str] = Counter()  # non-terminal (PENDING) results
         self.undecodable = 0
         self._digests: set[bytes] = set()
+        self._markers: set[str] = set()
         self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
 
     async def start(self) -> None:
         """Declare and bind the tap queue, and start counting."""
         self._connection = await connect(self.amqp_url, f"ledger-{self.queue_name}")
-        channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=1000)
-        self._queue = await channel.declare_queue(
+        self._channel = await self._connection.channel()
+        await self._channel.set_qos(prefetch_count=1000)
+        self._queue = await self._channel.declare_queue(
             self.queue_name, durable=True, arguments={"x-expires": TAP_EXPIRES_MS}
         )
         await self._queue.bind(names.RESULTS_EXCHANGE, self.reply_to)
         await self._queue.consume(self._on_message)
 
     async def close(self) -> None:
-        """Delete the tap queue and close the connection."""
+        """Delete the tap queue and close the connection.
+
+        Bounded: with the broker away, a robust channel waits for a reconnect that may never
+        come; the queue is then left for its ``x-expires`` to delete.
+        """
         if self._connection is None:
             return
         if self._queue is not None:
             try:
-                await self._queue.delete(if_unused=False, if_empty=False)
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-                logs.event(log, "ledger.tap_kept", queue=self.queue_name, reason=exc)
+                async with asyncio.timeout(CLOSE_WAIT_S):
+                    await self._queue.delete(if_unused=False, if_empty=False)
+            except (
+                TimeoutError,
+                aiormq.exceptions.AMQPError,
+                ConnectionError,
+                RuntimeError,
+            ) as exc:
+                logs.event(log, "ledger.tap_kept", queue=self.queue_name, reason=repr(exc))
         await self._connection.close()
         self._connection = None
 
@@ -249,16 +318,37 @@ class WireTap:
         assert self._connection is not None, "start() the tap first"
         return await passive_ready(self._connection, self.queue_name)
 
+    async def caught_up(self, timeout_s: float) -> None:
+        """Until every result that reached the tap queue before this call has been counted.
+
+        A marker sent to the end of the queue is a barrier: a queue delivers in order to its
+        one consumer, so once the marker is counted, everything ahead of it was too.
+        """
+        assert self._channel is not None, "start() the tap first"
+        marker = new_id()
+        message = aio_pika.Message(marker.encode(), type=MARKER_TYPE, message_id=marker)
+        await self._channel.default_exchange.publish(message, self.queue_name)
+        await eventually(
+            lambda: marker in self._markers,
+            timeout_s=timeout_s,
+            what="the ledger's tap catching up",
+        )
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._count(message.body, redelivered=bool(message.redelivered))
-        # If the channel died meanwhile, the broker redelivers it, flagged, and we skip it then.
+        if message.type == MARKER_TYPE:
+            self._markers.add(message.body.decode())
+        else:
+            self._count(message.body)
+        # If the channel died meanwhile, the broker redelivers it, and its body is known then.
         with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
             await message.ack()
 
-    def _count(self, body: bytes, *, redelivered: bool) -> None:
+    def _count(self, body: bytes) -> None:
+        # The same bytes twice are one result, counted once: a redelivery after a lost ack,
+        # or a publish its sender retried after a lost confirm.
         digest = hashlib.blake2b(body, digest_size=16).digest()
-        if redelivered and digest in self._digests:
-            return  # counted before its ack was lost
+        if digest in self._digests:
+            return
         self._digests.add(digest)
         try:
             result = decode(body, Result)
@@ -267,10 +357,48 @@ class WireTap:
             return
         if not result.terminal:
             self.pending[result.task_id] += 1
+        elif decided_by_dispatcher(result):
+            self.by_dispatcher[result.task_id] += 1
+        else:
+            self.terminal[result.task_id] += 1
+            if result.status is Status.FAILED:
+                self.failed.add(result.task_id)
+
+
+# -- what the dispatcher said it did -------------------------------------------------------
+
+
+class DispatcherWitness:
+    """What a dispatcher reported doing with each result (its :meth:`Dispatcher.observe`)."""
+
+    def __init__(self) -> None:
+        self.verdicts: Counter[Verdict] = Counter()
+        self.handed_out: Counter[str] = Counter()  # task id -> results handed to a caller
+        self.taken: Counter[str] = Counter()  # task id -> results taken as its answer
+        self.received: Counter[str] = Counter()  # task id -> the fabric's results received
+        self.dropped: Counter[str] = Counter()  # task id -> results dropped (duplicate, fenced)
+        self.decided_here: set[str] = set()  # tasks whose answer the dispatcher decided
+        self.outcomes: Counter[Outcome] = Counter()  # of the results handed out
+
+    def __call__(self, seen: ResultSeen) -> None:
+        """Record one verdict."""
+        self.verdicts[seen.verdict] += 1
+        result = seen.result
+        if result is None or not result.terminal:
             return
-        self.terminal[result.task_id] += 1
-        if result.status is Status.FAILED:
-            self.failed.add(result.task_id)
+        task_id = result.task_id
+        own = decided_by_dispatcher(result)
+        if not own:
+            self.received[task_id] += 1
+        if seen.verdict in (Verdict.DUPLICATE, Verdict.FENCED):
+            self.dropped[task_id] += 1
+        if seen.verdict in (Verdict.HANDED_OUT, Verdict.UNCLAIMED):
+            self.taken[task_id] += 1
+            if own:
+                self.decided_here.add(task_id)
+        if seen.verdict is Verdict.HANDED_OUT:
+            self.handed_out[task_id] += 1
+            self.outcomes[outcome(result)] += 1
 
 
 # -- the ledger -------------------------------------------------------------------------------
@@ -279,9 +407,9 @@ class WireTap:
 class Ledger:
     """Records a dispatcher's confirmed tasks and proves each got exactly one terminal result.
 
-    Use it as an async context manager; submit through :meth:`submit` and collect through
-    :meth:`collect` (or record with :meth:`confirmed`, :meth:`refused`, :meth:`delivered`),
-    then call :meth:`check`.
+    Use it as an async context manager (made with :meth:`for_dispatcher`, so it hears the
+    dispatcher's verdicts); submit through :meth:`submit` and wait through :meth:`collect`
+    (or record with :meth:`confirmed` and :meth:`refused`), then call :meth:`check`.
     """
 
     def __init__(
@@ -290,6 +418,7 @@ class Ledger:
         management: ManagementClient,
         reply_to: str,
         *,
+        dispatcher: Dispatcher | None = None,
         reply_queue: str | None = None,
         expect_deliveries: bool = True,
         ledger_id: str | None = None,
@@ -297,27 +426,32 @@ class Ledger:
         self.ledger_id = ledger_id or f"l-{new_id()[:8]}"
         self.amqp_url = amqp_url
         self.management = management
+        self.dispatcher = dispatcher  # its verdicts are heard while the ledger is open
         self.reply_queue = reply_queue  # checked for drain too, when given
         self.expect_deliveries = expect_deliveries  # False: an audit with no caller to ask
         self.tap = WireTap(amqp_url, reply_to, tap_queue(self.ledger_id))
+        self.witness = DispatcherWitness()
         self._capability: dict[str, str] = {}  # task id -> capability, for every task seen
         self._confirmed: set[str] = set()
         self._refused: dict[str, str] = {}  # task id -> why
-        self._delivered: dict[str, set[tuple[Any, ...]]] = {}  # task id -> distinct results
-        self._deliveries = 0
         self._misdelivered: list[str] = []
+        self._stop_observing: Callable[[], None] | None = None
 
     @classmethod
     def for_dispatcher(cls, dispatcher: Dispatcher, management: ManagementClient) -> Ledger:
-        """A ledger tapping ``dispatcher``'s reply key and watching its reply queue."""
+        """A ledger tapping ``dispatcher``'s reply key, hearing its verdicts on every result,
+        and watching its reply queue."""
         return cls(
             dispatcher.config.amqp_url,
             management,
             dispatcher.reply_to,
+            dispatcher=dispatcher,
             reply_queue=names.reply_queue(dispatcher.dispatcher_id),
         )
 
     async def __aenter__(self) -> Self:
+        if self.dispatcher is not None:
+            self._stop_observing = self.dispatcher.observe(self.witness)
         await self.tap.start()
         return self
 
@@ -327,6 +461,8 @@ class Ledger:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._stop_observing is not None:
+            self._stop_observing()
         await self.tap.close()
 
     # -- recording -----------------------------------------------------------------------
@@ -340,13 +476,6 @@ class Ledger:
         """Submitting ``task`` raised: the caller knows it was not taken (it is not counted)."""
         self._capability[task.task_id] = task.capability
         self._refused[task.task_id] = f"{type(error).__name__}: {error}"
-
-    def delivered(self, task_id: str, result: Result) -> None:
-        """The dispatcher handed ``result`` to the caller waiting on ``task_id``."""
-        self._deliveries += 1
-        self._delivered.setdefault(task_id, set()).add(_identity(result))
-        if result.task_id != task_id:
-            self._misdelivered.append(f"{task_id} got {result.task_id}")
 
     async def submit(
         self,
@@ -366,12 +495,17 @@ class Ledger:
         return handle
 
     async def collect(self, handle: TaskHandle, timeout_s: float) -> Result | None:
-        """Wait for the handle's terminal result and record it; None if none came in time."""
+        """Wait for the handle's terminal result; None if none came in time.
+
+        What the dispatcher hands out is counted through its verdicts, not here; this only
+        checks that the caller got its own task's result.
+        """
         try:
             result = await handle.result(timeout_s)
         except ResultTimeout:
             return None
-        self.delivered(handle.task_id, result)
+        if result.task_id != handle.task_id:
+            self._misdelivered.append(f"{handle.task_id} got {result.task_id}")
         return result
 
     # -- looking ---------------------------------------------------------------------------
@@ -388,8 +522,8 @@ class Ledger:
 
     @property
     def delivered_count(self) -> int:
-        """Terminal results handed to the caller so far."""
-        return self._deliveries
+        """Terminal results the dispatcher handed to its callers so far."""
+        return self.witness.verdicts[Verdict.HANDED_OUT]
 
     def progress(self) -> str:
         """One line for a progress printout."""
@@ -397,14 +531,16 @@ class Ledger:
             f"confirmed={len(self._confirmed)} refused={len(self._refused)}"
             f" delivered={self.delivered_count}"
             f" on_wire={sum(self.tap.terminal.values())}"
+            f" dropped={sum(self.witness.dropped.values())}"
         )
 
     def unanswered(self) -> set[str]:
-        """Confirmed task ids with no terminal result on the wire yet."""
+        """Confirmed task ids with no terminal result from the fabric on the wire yet."""
         return {t for t in self._confirmed if t not in self.tap.terminal}
 
     async def wait_for_results(self, timeout_s: float) -> bool:
-        """Until every confirmed task has a terminal result on the wire; False on timeout."""
+        """Until every confirmed task has a fabric's terminal result on the wire; False on
+        timeout (a result the dispatcher decided itself does not count)."""
         deadline = time.monotonic() + timeout_s
         while self.unanswered():
             if time.monotonic() > deadline:
@@ -432,8 +568,7 @@ class Ledger:
     async def report(
         self, *, drain_timeout_s: float = 30.0, stats_interval_s: float = 5.0
     ) -> LedgerReport:
-        """What the ledger saw, once the tap has caught up and the queues had time to drain."""
-        await self._tap_caught_up(drain_timeout_s)
+        """What the ledger saw, once the queues had time to drain and the tap has caught up."""
         depths = await wait_drained(
             self.amqp_url,
             self.management,
@@ -441,14 +576,9 @@ class Ledger:
             timeout_s=drain_timeout_s,
             stats_interval_s=stats_interval_s,
         )
+        await self.tap.caught_up(CATCH_UP_S)
         dead = await self._dead_letters()
         return self._build(depths, dead)
-
-    async def _tap_caught_up(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while await self.tap.ready_count() and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.2)  # the last prefetched results run through the callback
 
     async def _watched_queues(self) -> list[str]:
         capabilities = set(self._capability.values())
@@ -468,36 +598,36 @@ class Ledger:
         return found
 
     def _build(self, depths: list[QueueDepth], dead: list[DeadLetter]) -> LedgerReport:
-        wire = self.tap.terminal
+        wire, said = self.tap.terminal, self.witness
         known = self._capability.keys()
-        lost = [t for t in self._confirmed if t not in wire and t not in self._delivered]
-        undelivered = (
-            [t for t in self._confirmed if t in wire and t not in self._delivered]
-            if self.expect_deliveries
-            else []
-        )
+        heard = self.dispatcher is not None  # else there are no verdicts to cross-check
+        lost = [t for t in self._confirmed if t not in wire and t not in said.taken]
+        answered = [t for t in self._confirmed if t in wire or t in said.taken]
+        undelivered = [t for t in answered if not said.handed_out[t]]
+        # Every result on the wire must have reached the dispatcher: the one it handed out,
+        # and the extra ones it dropped. (It may receive more: redeliveries after a lost ack.)
+        unseen = {t: n - said.received[t] for t, n in wire.items() if n > said.received[t]}
         return LedgerReport(
             confirmed=len(self._confirmed),
             refused=len(self._refused),
-            delivered=self._deliveries,
+            delivered=self.delivered_count,
             on_wire=sum(wire.values()),
             lost=tuple(sorted(lost)),
-            undelivered=tuple(sorted(undelivered)),
-            delivered_twice={t: len(r) for t, r in self._delivered.items() if len(r) > 1},
+            undelivered=tuple(sorted(undelivered)) if heard and self.expect_deliveries else (),
+            delivered_twice={t: n for t, n in said.taken.items() if n > 1},
             misdelivered=tuple(self._misdelivered),
+            unseen_by_dispatcher=unseen if heard else {},
             unknown={t: n for t, n in wire.items() if t not in known},
             undecodable=self.tap.undecodable,
             undrained=tuple(d for d in depths if not d.empty),
             unanswered_dead_letters=tuple(d for d in dead if d.task_id not in self.tap.failed),
             wire_duplicates={t: n for t, n in wire.items() if n > 1 and t in known},
+            dropped=sum(said.dropped.values()),
+            decided_by_dispatcher=tuple(sorted(said.decided_here)),
             refused_but_answered=tuple(sorted(t for t in self._refused if t in wire)),
-            off_wire=tuple(sorted(t for t in self._delivered if t not in wire)),
+            outcomes=dict(said.outcomes),
+            verdicts=dict(said.verdicts),
         )
-
-
-def _identity(result: Result) -> tuple[Any, ...]:
-    """What tells two terminal results for one task apart: who answered, which attempt, when."""
-    return (result.executor_id, result.attempt, result.status, result.finished_at_ms)
 
 
 # -- queues ---------------------------------------------------------------------------------

@@ -273,6 +273,14 @@ class Worker:
         """The one place that decides ack, dead-letter or return-to-queue for a delivery."""
         try:
             async with self._slots:
+                if self._stopping.is_set():
+                    # Held (prefetch > concurrency) but never started, and the worker is
+                    # stopping: give it back instead of starting it within the grace.
+                    # basic.cancel leaves what a consumer holds with it; a nack with
+                    # requeue returns it to the queue, for another worker.
+                    logs.event(log, "task.returned", task_id=message.message_id, reason="stopping")
+                    await settle(message, "requeue")
+                    return
                 try:
                     task = self._open(capability, message)
                 except WireError as exc:
