@@ -364,6 +364,37 @@ async def test_a_redelivered_finished_attempt_is_answered_from_recent_results(
     assert answers[0].status is Status.SUCCESS and answers[0].output == {"n": 3}
 
 
+async def test_the_same_attempt_delivered_while_it_runs_joins_that_run(
+    fabric: Fabric, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given the same signed task delivered twice to a worker with free slots, the second
+    # while the first still runs (a publisher retrying after a lost confirm)
+    await fabric.purge("demo.echo")
+    reply = f"reply.joined-{new_id()[:8]}"
+    task = Task.create("demo.echo", {"n": 4}, reply_to=reply)
+    executor = Gated(held=True)
+    caplog.set_level(logging.INFO, logger="wayang_mq")
+    async with (
+        tap(fabric, RESULTS_EXCHANGE, reply) as results,
+        fabric.worker([executor], concurrency=4),
+    ):
+        await publish_task(fabric, task_message(task, fabric.signer), "demo.echo", times=2)
+        # When the second delivery arrives while the first run is held
+        await eventually(
+            lambda: f"event=task.joined task_id={task.task_id}" in caplog.text
+            or executor.runs[task.task_id] == 2,
+            what="the second delivery joining the first run (or running beside it)",
+        )
+        executor.release.set()
+        await eventually(lambda: len(results) == 2, what="both deliveries answered")
+
+    # Then the executor ran once, both deliveries got that one result, and nothing broke
+    assert executor.runs == {task.task_id: 1}
+    answers = [decode(m.body, Result) for m in results]
+    assert answers[0] == answers[1] and answers[0].status is Status.SUCCESS
+    assert "worker.bug" not in caplog.text
+
+
 async def test_a_task_naming_another_capability_than_its_queue_is_refused_not_run(
     fabric: Fabric,
 ) -> None:

@@ -289,6 +289,7 @@ class Worker:
                 result = (
                     self._already_answered(task)
                     or self._cancelled_before_start(task)
+                    or await self._join_running(task)
                     or await self._execute(task)
                 )
                 await self._conclude(capability, message, task, result)
@@ -365,7 +366,8 @@ class Worker:
         except Exception as exc:  # executor code may raise anything; it becomes a result
             output, status, error = None, Status.FAILED, _error_info(exc)
         finally:
-            del self._running[task.task_id]
+            if self._running.get(task.task_id) is running:
+                del self._running[task.task_id]
         result, output_bytes = _result(
             task, self.executor_id, status, output, error, context, started
         )
@@ -402,6 +404,19 @@ class Worker:
         """This attempt's result, if this worker finished it before (a redelivery)."""
         entry = self._recent.get(task.task_id)
         return entry[0] if entry is not None and entry[0].attempt == task.attempt else None
+
+    async def _join_running(self, task: Task) -> Result | None:
+        """The same attempt delivered again while it runs here (a publisher that retried after
+        a lost confirm, two clients with one task id): wait for that run and answer with its
+        result, instead of running the task twice at once."""
+        running = self._running.get(task.task_id)
+        if running is None or running.task.attempt != task.attempt:
+            return None
+        logs.event(log, "task.joined", task_id=task.task_id, attempt=task.attempt)
+        # The first delivery's handler was waiting on the job before us, so it resumes first
+        # and remembers the result (no await in between) before this one looks it up.
+        await asyncio.wait({running.job})
+        return self._already_answered(task)
 
     def _cancelled_before_start(self, task: Task) -> Result | None:
         """A task whose cancel arrived before it did is answered, not run."""
