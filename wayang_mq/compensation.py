@@ -8,7 +8,16 @@ id in that result, so the caller can follow it.
 
 from __future__ import annotations
 
+import logging
+
+from wayang_mq import logs, names
+from wayang_mq.errors import WayangError
 from wayang_mq.model import Result, Status, Task
+from wayang_mq.publisher import ConfirmedPublisher, to_amqp
+from wayang_mq.signing import Signer
+from wayang_mq.wire import task_message
+
+log = logging.getLogger("wayang_mq.compensation")
 
 
 def compensation_for(task: Task, result: Result) -> Task | None:
@@ -34,3 +43,41 @@ def compensation_for(task: Task, result: Result) -> Task | None:
         issuer=task.issuer,
         retry=task.retry,
     )
+
+
+async def dispatch_compensation(
+    task: Task, result: Result, publisher: ConfirmedPublisher, signer: Signer
+) -> Result:
+    """Publish the compensation of a task that failed for good; the result, linked to it.
+
+    Published ``mandatory`` and confirmed before the decider acks or answers, so a crash in
+    between decides (and compensates) again, under the same derived id. One that cannot be
+    published (no queue for its capability, a full queue, no broker) is logged, and the
+    FAILED result goes out unlinked: the caller must learn of the failure either way.
+    """
+    compensation = compensation_for(task, result)
+    if compensation is None:
+        return result
+    message = to_amqp(task_message(compensation, signer))
+    try:
+        await publisher.publish(
+            names.TASKS_EXCHANGE, compensation.capability, message, mandatory=True
+        )
+    except WayangError as exc:
+        logs.event(
+            log,
+            "compensation.failed",
+            logging.ERROR,
+            task_id=task.task_id,
+            capability=compensation.capability,
+            error=exc,
+            hint="is the compensation capability in the topology?",
+        )
+        return result
+    logs.event(
+        log,
+        "compensation.dispatched",
+        task_id=task.task_id,
+        compensation_task_id=compensation.task_id,
+    )
+    return result.model_copy(update={"compensation_task_id": compensation.task_id})

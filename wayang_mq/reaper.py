@@ -31,7 +31,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from wayang_mq import logs, names
-from wayang_mq.compensation import compensation_for
+from wayang_mq.compensation import dispatch_compensation
 from wayang_mq.connect import connect
 from wayang_mq.deadletters import DeadLetter, dead_letter_of
 from wayang_mq.delivery import settle
@@ -39,7 +39,7 @@ from wayang_mq.errors import ConfigError, ErrorCode, WayangError, WireError
 from wayang_mq.model import ErrorInfo, JsonLike, Result, Task
 from wayang_mq.publisher import ConfirmedPublisher, to_amqp
 from wayang_mq.signing import KeyRing, Signer
-from wayang_mq.wire import DEFAULT_MAX_BODY_BYTES, open_verified, signed_message, task_message
+from wayang_mq.wire import DEFAULT_MAX_BODY_BYTES, open_verified, signed_message
 
 log = logging.getLogger("wayang_mq.reaper")
 
@@ -242,41 +242,9 @@ class Reaper:
         return task, None
 
     async def _compensate(self, task: Task, result: Result) -> Result:
-        """Dispatch the task's compensation, if it names one, and link it in the result.
-
-        Published ``mandatory`` and confirmed before the dead letter is acked, so a crash in
-        between answers (and compensates) it again; the compensation's id derives from the
-        task's, so a failure decided twice compensates once. One that cannot be published
-        (no queue for its capability, a full queue, no broker) is logged, and the FAILED
-        result still goes out: the caller must learn of the failure either way.
-        """
-        compensation = compensation_for(task, result)
-        if compensation is None:
-            return result
+        """The reaper decided this failure, so it compensates it, signed with its own key."""
         assert self._publisher is not None
-        message = to_amqp(task_message(compensation, self.config.signer))
-        try:
-            await self._publisher.publish(
-                names.TASKS_EXCHANGE, compensation.capability, message, mandatory=True
-            )
-        except WayangError as exc:
-            logs.event(
-                log,
-                "compensation.failed",
-                logging.ERROR,
-                task_id=task.task_id,
-                capability=compensation.capability,
-                error=exc,
-                hint="is the compensation capability in the topology?",
-            )
-            return result
-        logs.event(
-            log,
-            "compensation.dispatched",
-            task_id=task.task_id,
-            compensation_task_id=compensation.task_id,
-        )
-        return result.model_copy(update={"compensation_task_id": compensation.task_id})
+        return await dispatch_compensation(task, result, self._publisher, self.config.signer)
 
     def _remember(self, task_id: str, outcome: Outcome) -> None:
         self._recent[task_id] = outcome

@@ -26,7 +26,7 @@ import msgpack
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from wayang_mq import logs, names, retry
-from wayang_mq.compensation import compensation_for
+from wayang_mq.compensation import dispatch_compensation
 from wayang_mq.connect import connect
 from wayang_mq.context import TaskContext, bind, unbind
 from wayang_mq.control import ControlServer
@@ -474,33 +474,8 @@ class Worker:
 
     async def _compensate(self, task: Task, result: Result) -> Result:
         """Dispatch the task's compensation if it failed for good; link it in the result."""
-        compensation = compensation_for(task, result)
-        if compensation is None:
-            return result
         assert self._publisher is not None
-        message = to_amqp(task_message(compensation, self.config.signer))
-        try:
-            await self._publisher.publish(
-                names.TASKS_EXCHANGE, compensation.capability, message, mandatory=True
-            )
-        except WayangError as exc:
-            logs.event(
-                log,
-                "compensation.failed",
-                logging.ERROR,
-                task_id=task.task_id,
-                capability=compensation.capability,
-                error=exc,
-                hint="is the compensation capability in the topology?",
-            )
-            return result
-        logs.event(
-            log,
-            "compensation.dispatched",
-            task_id=task.task_id,
-            compensation_task_id=compensation.task_id,
-        )
-        return result.model_copy(update={"compensation_task_id": compensation.task_id})
+        return await dispatch_compensation(task, result, self._publisher, self.config.signer)
 
     async def _retry(self, task: Task, failed: Result, decision: retry.RetryDecision) -> bool:
         """Publish the next attempt (a new, re-signed task) to its tier; False if unroutable.
