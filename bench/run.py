@@ -67,10 +67,11 @@ from bench.report import (  # noqa: E402
     targets,
 )
 from wayang_mq.connect import management_client  # noqa: E402
-from wayang_mq.declare import apply_topology  # noqa: E402
-from wayang_mq.localstack import BrokerEndpoint, RabbitNode  # noqa: E402
+from wayang_mq.dev.nodes import RabbitNode  # noqa: E402
+from wayang_mq.endpoint import BrokerEndpoint  # noqa: E402
 from wayang_mq.signing import Signer, write_keypair  # noqa: E402
-from wayang_mq.topology import load_topology  # noqa: E402
+from wayang_mq.topology.apply import apply_topology  # noqa: E402
+from wayang_mq.topology.spec import load_topology  # noqa: E402
 
 SYSTEMS = ("raw", "wayang", "celery")
 QUEUES = {"raw": raw_worker.TASK_QUEUE, "wayang": "wayang.task.demo.echo", "celery": "bench.celery"}
@@ -384,7 +385,7 @@ def _worker_command(system: str, args: argparse.Namespace) -> list[str]:
     if system == "wayang":
         return [
             *(sys.executable, "-m", "wayang_mq.cli", "--log-level", args.wayang_log_level),
-            *("worker", "workers.demo:Echo", "--id", "bench-wayang"),
+            *("worker", "wayang_workers.demo:Echo", "--id", "bench-wayang"),
             *("--concurrency", concurrency, "--prefetch", concurrency),
         ]
     if system == "raw":

@@ -199,7 +199,7 @@ def shared_broker(workdir: Path) -> Iterator[dict[str, str]]:
         yield {}
         return
     sys.path.insert(0, str(ROOT))
-    from wayang_mq.testing import local_rabbitmq
+    from wayang_mq.testing.plugin import local_rabbitmq
 
     with local_rabbitmq(workdir / "broker", clean_shutdown=False) as broker:
         yield {

@@ -1,4 +1,4 @@
-"""Shared test setup: real RabbitMQ and PostgreSQL come from the ``wayang_mq.testing`` plugin."""
+"""Shared test setup: real RabbitMQ and PostgreSQL come from ``wayang_mq.testing.plugin``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from wayang_mq.harness import Fabric
+from wayang_mq.testing.harness import Fabric
 
-pytest_plugins = ["wayang_mq.testing"]
+pytest_plugins = ["wayang_mq.testing.plugin"]
 
 
 @pytest.fixture(scope="session")

@@ -18,14 +18,14 @@ import pytest
 from tests.test_cli import assert_one_line_error, wayang
 from wayang_mq import Executor, Task
 from wayang_mq.connect import management_client
-from wayang_mq.declare import apply_topology
 from wayang_mq.errors import Backpressure, BrokerBlocked
-from wayang_mq.harness import Fabric, eventually
-from wayang_mq.ledger import Ledger
 from wayang_mq.model import JsonLike
 from wayang_mq.names import task_queue
-from wayang_mq.testing import BrokerHandle
-from wayang_mq.topology import parse_topology
+from wayang_mq.testing.harness import Fabric, eventually
+from wayang_mq.testing.ledger import Ledger
+from wayang_mq.testing.plugin import BrokerHandle
+from wayang_mq.topology.apply import apply_topology
+from wayang_mq.topology.spec import parse_topology
 
 FULL = "bp.full"
 BLOCKED = "bp.blocked"

@@ -22,17 +22,18 @@ import msgpack
 import pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from wayang_workers.demo import Echo
 
 from wayang_mq import ErrorCode, Executor, Status, Task
 from wayang_mq.connect import management_client
 from wayang_mq.deadletters import list_dead_letters
-from wayang_mq.declare import apply_topology
-from wayang_mq.harness import Fabric, eventually
 from wayang_mq.model import JsonLike, Result, new_id, now_ms
 from wayang_mq.names import RESULTS_EXCHANGE, TASKS_EXCHANGE, dead_queue, task_queue
 from wayang_mq.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Signer
-from wayang_mq.testing import BrokerHandle
-from wayang_mq.topology import parse_topology
+from wayang_mq.testing.harness import Fabric, eventually
+from wayang_mq.testing.plugin import BrokerHandle
+from wayang_mq.topology.apply import apply_topology
+from wayang_mq.topology.spec import parse_topology
 from wayang_mq.wire import (
     DEAD_LETTERED_BY_HEADER,
     ERROR_CODE_HEADER,
@@ -40,7 +41,6 @@ from wayang_mq.wire import (
     decode,
     encode,
 )
-from workers.demo import Echo
 
 MAX_BODY = 2048
 REPLY = "reply.bad-input-test"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from wayang_mq.harness import Fabric
-from wayang_mq.localstack import free_port
+from wayang_mq.dev.nodes import free_port
+from wayang_mq.testing.harness import Fabric
 
 
 def wayang(

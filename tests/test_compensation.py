@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import aio_pika
+from wayang_workers.demo import Echo, Fail
 
 from wayang_mq import ErrorCode, Executor, Status, Task
-from wayang_mq.harness import Fabric, eventually
 from wayang_mq.model import Compensation, JsonLike, Result, RetryHints
 from wayang_mq.names import RESULTS_EXCHANGE, TASKS_EXCHANGE
 from wayang_mq.publisher import to_amqp
 from wayang_mq.supervisor import SupervisionConfig
+from wayang_mq.testing.harness import Fabric, eventually
 from wayang_mq.wire import decode, task_message
-from workers.demo import Echo, Fail
 
 UNDO = Compensation(capability="demo.echo", input={"undo": "charge-42"})
 #: a dispatcher that checks its tasks' deadlines often and gives up on them quickly

@@ -12,11 +12,11 @@ from tests.test_cli import wayang
 from wayang_mq import ErrorCode, Status
 from wayang_mq.control import StatusSummary
 from wayang_mq.dispatcher import Dispatcher
-from wayang_mq.harness import Fabric, WorkerProcess, eventually
 from wayang_mq.model import CancelRequest
 from wayang_mq.names import CONTROL_EXCHANGE, cancel_key
 from wayang_mq.publisher import to_amqp
 from wayang_mq.signing import Signer
+from wayang_mq.testing.harness import Fabric, WorkerProcess, eventually
 from wayang_mq.wire import signed_message
 
 
@@ -30,7 +30,9 @@ def _daemons_stopped(fabric: Fabric) -> Iterator[None]:
 def _busy_worker(fabric: Fabric, executor_id: str) -> WorkerProcess:
     """One task at a time and one held: a second task stays queued while the first runs."""
     daemon = fabric.spawn_worker(
-        ["workers.demo:Sleep"], executor_id=executor_id, args=["--concurrency", "1", "--grace", "2"]
+        ["wayang_workers.demo:Sleep"],
+        executor_id=executor_id,
+        args=["--concurrency", "1", "--grace", "2"],
     )
     daemon.wait_started()
     return daemon

@@ -6,7 +6,7 @@ compensation a dead task names; workers' own dead letters (bad input) are not an
 every dead letter waits in ``wayang.dead.<capability>``, where it can be listed, replayed and
 purged.
 
-Scenarios with a dispatcher end with the ledger check (``wayang_mq.ledger``): every task the
+Scenarios with a dispatcher end with the ledger check (``wayang_mq.testing.ledger``): every task the
 broker confirmed got exactly one terminal result, the queues drained, and every dead letter of
 those tasks was answered FAILED. Tasks published raw (as a foreign client would) are checked
 with a tap on their reply address instead: exactly one terminal result each, read after a
@@ -29,14 +29,12 @@ from typing import Any
 
 import aio_pika
 import pytest
+from wayang_workers.demo import Echo
 
 from wayang_mq import Compensation, ErrorCode, Executor, Status, Task
 from wayang_mq.connect import management_client
 from wayang_mq.deadletters import list_dead_letters, purge, read_dead_letter, replay
-from wayang_mq.declare import apply_topology
 from wayang_mq.dispatcher import TaskHandle
-from wayang_mq.harness import Fabric, WorkerProcess, eventually
-from wayang_mq.ledger import Ledger
 from wayang_mq.model import JsonLike, Result, new_id
 from wayang_mq.names import (
     DEAD_LETTER_EXCHANGE,
@@ -47,9 +45,11 @@ from wayang_mq.names import (
 )
 from wayang_mq.reaper import Outcome, Reaper
 from wayang_mq.signing import KeyRing, Signer
-from wayang_mq.topology import parse_topology
+from wayang_mq.testing.harness import Fabric, WorkerProcess, eventually
+from wayang_mq.testing.ledger import Ledger
+from wayang_mq.topology.apply import apply_topology
+from wayang_mq.topology.spec import parse_topology
 from wayang_mq.wire import decode
-from workers.demo import Echo
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -404,7 +404,7 @@ async def _crash_workers_until_done(
     def start(executor_id: str) -> None:
         args = ["--concurrency", "1"]
         daemons.append(
-            fabric.spawn_worker(["workers.demo:Fail"], executor_id=executor_id, args=args)
+            fabric.spawn_worker(["wayang_workers.demo:Fail"], executor_id=executor_id, args=args)
         )
 
     def replace_the_dead_until_done() -> bool:

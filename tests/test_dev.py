@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.test_cli import wayang
-from wayang_mq.harness import Fabric
-from wayang_mq.localstack import port_in_use
+from wayang_mq.dev.nodes import port_in_use
+from wayang_mq.testing.harness import Fabric
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -15,10 +15,10 @@ from wayang_mq import Status
 from wayang_mq.connect import connect
 from wayang_mq.dispatcher import TaskHandle
 from wayang_mq.errors import BrokerUnreachable, PublishFailed
-from wayang_mq.harness import Fabric, eventually
-from wayang_mq.ledger import passive_ready
 from wayang_mq.names import task_queue
-from wayang_mq.testing import BrokerHandle
+from wayang_mq.testing.harness import Fabric, eventually
+from wayang_mq.testing.ledger import passive_ready
+from wayang_mq.testing.plugin import BrokerHandle
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -49,9 +49,11 @@ async def test_kill_9_of_a_worker_holding_tasks_loses_none(fabric: Fabric) -> No
     # Given two worker daemons, each holding several sleeping tasks
     args = ["--concurrency", "4", "--prefetch", "8"]
     try:
-        victim = fabric.spawn_worker(["workers.demo:Sleep"], executor_id="kill-victim", args=args)
+        victim = fabric.spawn_worker(
+            ["wayang_workers.demo:Sleep"], executor_id="kill-victim", args=args
+        )
         survivor = fabric.spawn_worker(
-            ["workers.demo:Sleep"], executor_id="kill-survivor", args=args
+            ["wayang_workers.demo:Sleep"], executor_id="kill-survivor", args=args
         )
         await asyncio.to_thread(victim.wait_started)
         await asyncio.to_thread(survivor.wait_started)
@@ -74,7 +76,7 @@ async def test_sigterm_lets_the_running_task_finish_and_returns_the_held_ones_un
     # Given a worker that runs 1 task at a time and holds 3 more (prefetch 4)
     await fabric.purge("demo.sleep")
     worker = fabric.spawn_worker(
-        ["workers.demo:Sleep"],
+        ["wayang_workers.demo:Sleep"],
         executor_id="term-w",
         args=["--concurrency", "1", "--prefetch", "4", "--grace", "20"],
     )
@@ -91,7 +93,7 @@ async def test_sigterm_lets_the_running_task_finish_and_returns_the_held_ones_un
             log = worker.log()
             assert "event=worker.stopped" in log
             # and another worker, started afterwards, answers the rest
-            successor = fabric.spawn_worker(["workers.demo:Sleep"], executor_id="term-next")
+            successor = fabric.spawn_worker(["wayang_workers.demo:Sleep"], executor_id="term-next")
             await asyncio.to_thread(successor.wait_started)
             results = await asyncio.gather(*(h.result(60) for h in handles))
     finally:
@@ -116,7 +118,7 @@ async def test_broker_restart_while_tasks_flow_loses_no_confirmed_task(
     try:
         # Given two worker daemons and a dispatcher publishing a steady stream of tasks
         for n in range(2):
-            daemon = fabric.spawn_worker(["workers.demo:Echo"], executor_id=f"restart-{n}")
+            daemon = fabric.spawn_worker(["wayang_workers.demo:Echo"], executor_id=f"restart-{n}")
             await asyncio.to_thread(daemon.wait_started)
         async with fabric.dispatcher() as dispatcher:
             stop = asyncio.Event()

@@ -19,13 +19,13 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from wayang_workers.demo import Echo
 
 from wayang_mq import Status, Task
-from wayang_mq.harness import Fabric, eventually
 from wayang_mq.publisher import to_amqp
 from wayang_mq.signing import KeyRing
+from wayang_mq.testing.harness import Fabric, eventually
 from wayang_mq.wire import open_task, task_message
-from workers.demo import Echo
 
 
 class ForeignPublisher:

@@ -21,10 +21,11 @@ import psycopg
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
+from wayang_mq.dev.nodes import PostgresNode, RabbitNode
+from wayang_mq.endpoint import BrokerEndpoint
 from wayang_mq.errors import StackError
-from wayang_mq.harness import eventually
-from wayang_mq.localstack import BrokerEndpoint, PostgresNode, RabbitNode
-from wayang_mq.testing import BrokerHandle, service_dir
+from wayang_mq.testing.harness import eventually
+from wayang_mq.testing.plugin import BrokerHandle, service_dir
 
 
 def management_get(endpoint: BrokerEndpoint, path: str) -> Any:

@@ -8,11 +8,10 @@ from typing import TypeVar
 
 import aio_pika
 import pytest
+from wayang_workers.demo import Echo, Fail
 
 from wayang_mq import ErrorCode, Status
 from wayang_mq.connect import management_client
-from wayang_mq.declare import apply_topology
-from wayang_mq.harness import Fabric, eventually
 from wayang_mq.model import Result, RetryHints, Task
 from wayang_mq.names import (
     EVENTS_EXCHANGE,
@@ -21,9 +20,10 @@ from wayang_mq.names import (
     dead_queue,
     retry_routing_key,
 )
-from wayang_mq.topology import parse_topology
+from wayang_mq.testing.harness import Fabric, eventually
+from wayang_mq.topology.apply import apply_topology
+from wayang_mq.topology.spec import parse_topology
 from wayang_mq.wire import decode
-from workers.demo import Echo, Fail
 
 T = TypeVar("T")
 

@@ -7,7 +7,7 @@ import pytest
 from wayang_mq.errors import ErrorCode
 from wayang_mq.model import ErrorInfo, RetryHints, Task
 from wayang_mq.retry import backoff_ms, decide, pick_tier
-from wayang_mq.topology import RetryTier
+from wayang_mq.topology.spec import RetryTier
 
 TIERS = (
     RetryTier(name="1s", ttl_ms=1000),

@@ -12,19 +12,19 @@ from typing import Any
 import aio_pika
 import msgpack
 import pytest
+from wayang_workers.demo import Echo, Fail, Sleep
 
-from wayang_mq import ErrorCode, Executor, Status, Task, TaskState
+from wayang_mq import ErrorCode, Executor, Status, Task, TaskState, current
 from wayang_mq.connect import management_client
-from wayang_mq.declare import apply_topology
 from wayang_mq.errors import NoExecutor
-from wayang_mq.harness import WAIT_S, Fabric, eventually
 from wayang_mq.model import JsonLike, Result, new_id
 from wayang_mq.names import EVENTS_EXCHANGE, RESULTS_EXCHANGE, TASKS_EXCHANGE, task_queue
 from wayang_mq.publisher import to_amqp
 from wayang_mq.signing import KeyRing, Signer
-from wayang_mq.topology import parse_topology
+from wayang_mq.testing.harness import WAIT_S, Fabric, eventually
+from wayang_mq.topology.apply import apply_topology
+from wayang_mq.topology.spec import parse_topology
 from wayang_mq.wire import WireMessage, decode, task_message
-from workers.demo import Echo, Fail, Sleep
 
 Incoming = aio_pika.abc.AbstractIncomingMessage
 
@@ -116,7 +116,7 @@ async def test_2000_tasks_through_two_worker_daemons_get_one_result_each(fabric:
     # Given two worker daemons serving demo.echo
     daemons = [
         fabric.spawn_worker(
-            ["workers.demo:Echo"], executor_id=f"flow-{n}", args=["--concurrency", "16"]
+            ["wayang_workers.demo:Echo"], executor_id=f"flow-{n}", args=["--concurrency", "16"]
         )
         for n in range(2)
     ]
@@ -213,6 +213,34 @@ async def test_registration_heartbeats_and_progress_are_published(fabric: Fabric
     assert [p["fraction"] for p in progress()] == [0.0, pytest.approx(1 / 2.2), 1.0]
     beats = [b for b in of("wayang.heartbeat.v1") if b["executor_id"] == "events-w"]
     assert any(result.task_id in b.get("in_flight", ()) for b in beats)
+
+
+async def test_heartbeat_details_an_executor_records_reach_the_wire(fabric: Fabric) -> None:
+    # Given an executor that records heartbeat details while it runs, then waits
+    class Stepping(Gated):
+        async def execute(self, task: Task) -> JsonLike:
+            for step in range(1, 4):
+                current().heartbeat(step=step, of=3)  # only the latest travels
+            return await super().execute(task)
+
+    executor = Stepping(held=True)
+    async with tap(fabric, EVENTS_EXCHANGE, "heartbeat.details-w") as beats:
+        worker = fabric.worker([executor], executor_id="details-w", heartbeat_interval_s=0.2)
+        async with worker, fabric.dispatcher() as dispatcher:
+            handle = await dispatcher.submit("demo.echo", {"x": 1})
+
+            # When the worker heartbeats while the task runs
+            def details() -> list[Any]:
+                return [msgpack.unpackb(m.body).get("details", {}) for m in beats]
+
+            await eventually(
+                lambda: {handle.task_id: {"step": 3, "of": 3}} in details(),
+                what="a heartbeat carrying the task's latest details",
+            )
+            executor.release.set()
+            assert (await handle.result(WAIT_S)).status is Status.SUCCESS
+    # Then no heartbeat carried an older step than the one recorded last before it was sent
+    assert all(d.get(handle.task_id, {}).get("step", 3) == 3 for d in details())
 
 
 async def test_status_reports_running_with_progress_then_finished(fabric: Fabric) -> None:
@@ -381,8 +409,10 @@ async def test_the_same_attempt_delivered_while_it_runs_joins_that_run(
         await publish_task(fabric, task_message(task, fabric.signer), "demo.echo", times=2)
         # When the second delivery arrives while the first run is held
         await eventually(
-            lambda: f"event=task.joined task_id={task.task_id}" in caplog.text
-            or executor.runs[task.task_id] == 2,
+            lambda: (
+                f"event=task.joined task_id={task.task_id}" in caplog.text
+                or executor.runs[task.task_id] == 2
+            ),
             what="the second delivery joining the first run (or running beside it)",
         )
         executor.release.set()

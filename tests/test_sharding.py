@@ -23,11 +23,11 @@ import pytest
 
 from wayang_mq import Executor, Status, Task
 from wayang_mq.connect import management_client
-from wayang_mq.declare import apply_topology
-from wayang_mq.harness import Fabric
 from wayang_mq.model import JsonLike
 from wayang_mq.names import task_queue
-from wayang_mq.topology import Topology, parse_topology
+from wayang_mq.testing.harness import Fabric
+from wayang_mq.topology.apply import apply_topology
+from wayang_mq.topology.spec import Topology, parse_topology
 
 CAPABILITY = "test.sharded"
 SHARDS = 4

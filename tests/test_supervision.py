@@ -11,10 +11,10 @@ import pytest
 
 from wayang_mq import ErrorCode, Status
 from wayang_mq.dispatcher import Dispatcher, TaskHandle
-from wayang_mq.harness import Fabric, WorkerProcess, eventually
 from wayang_mq.model import Result, Task
 from wayang_mq.names import RESULTS_EXCHANGE, task_queue
 from wayang_mq.supervisor import SupervisionConfig
+from wayang_mq.testing.harness import Fabric, WorkerProcess, eventually
 from wayang_mq.wire import decode
 
 FAST = SupervisionConfig(deadline_grace_ms=300, check_interval_s=0.2, status_wait_s=0.3)
@@ -76,7 +76,7 @@ async def test_a_hung_executors_task_is_reassigned_and_its_late_result_fenced(
         await wire.bind(RESULTS_EXCHANGE, dispatcher.reply_to)
         # Given a single-slot worker running a task that asks for heartbeat supervision
         hung = await _single_slot(fabric, "hb-hung")
-        handle = await dispatcher.submit("demo.sleep", {"seconds": 3}, heartbeat_timeout_ms=2500)
+        handle = await dispatcher.submit("demo.sleep", {"seconds": 3}, heartbeat_timeout_s=2.5)
         await hung.until_logged(f"task.started task_id={handle.task_id}")
         # When its executor hangs (SIGSTOP: its connection stays open, its heartbeats stop)
         hung.signal(signal.SIGSTOP)
@@ -119,7 +119,7 @@ async def test_a_hung_executors_task_is_reassigned_and_its_late_result_fenced(
 async def _single_slot(fabric: Fabric, executor_id: str, prefetch: int = 1) -> WorkerProcess:
     """A demo.sleep daemon running one task at a time and holding ``prefetch`` deliveries."""
     daemon = fabric.spawn_worker(
-        ["workers.demo:Sleep"],
+        ["wayang_workers.demo:Sleep"],
         executor_id=executor_id,
         args=["--concurrency", "1", "--prefetch", str(prefetch), "--grace", "2"],
     )

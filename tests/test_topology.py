@@ -19,13 +19,13 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from wayang_mq import names
-from wayang_mq.declare import ApplyReport, ObjectRef, apply_topology, binding_ref
-from wayang_mq.definitions import export_definitions
 from wayang_mq.errors import BrokerUnreachable, TopologyError
-from wayang_mq.harness import WAIT_S, eventually
 from wayang_mq.management import ManagementClient
-from wayang_mq.testing import BrokerHandle
-from wayang_mq.topology import (
+from wayang_mq.testing.harness import WAIT_S, eventually
+from wayang_mq.testing.plugin import BrokerHandle
+from wayang_mq.topology.apply import ApplyReport, ObjectRef, apply_topology, binding_ref
+from wayang_mq.topology.export import export_definitions
+from wayang_mq.topology.spec import (
     DEFAULT_TOPOLOGY_PATH,
     PARTITION_KEY_HEADER,
     Topology,

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from wayang_mq import names
-from wayang_mq.definitions import export_definitions, write_definitions
 from wayang_mq.errors import BrokerUnreachable, TopologyError
 from wayang_mq.management import ManagementClient
-from wayang_mq.topology import (
+from wayang_mq.topology.export import export_definitions, write_definitions
+from wayang_mq.topology.spec import (
     DEFAULT_TOPOLOGY_PATH,
     PARTITION_KEY_HEADER,
     ExchangeType,

@@ -114,7 +114,9 @@ def _add_keys(sub: Any) -> None:
 
 def _add_worker(sub: Any) -> None:
     p = sub.add_parser("worker", help="run a worker daemon for one or more executors")
-    p.add_argument("executors", nargs="+", metavar="MODULE:CLASS", help="e.g. workers.demo:Echo")
+    p.add_argument(
+        "executors", nargs="+", metavar="MODULE:CLASS", help="e.g. wayang_workers.demo:Echo"
+    )
     p.add_argument("--concurrency", type=int, default=8, help="tasks run at once (default 8)")
     p.add_argument("--prefetch", type=int, help="deliveries held (default: concurrency)")
     p.add_argument("--id", dest="executor_id", help="executor id (default: host-pid)")
@@ -177,7 +179,7 @@ def _add_dead_letters(sub: Any) -> None:
 
 
 def _cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
-    from wayang_mq.devstack import DevOptions, run_dev
+    from wayang_mq.dev.stack import DevOptions, run_dev
 
     options = DevOptions(
         state_dir=args.state_dir or settings.state_dir,
@@ -192,8 +194,8 @@ def _cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_topology_apply(args: argparse.Namespace, settings: Settings) -> int:
     from wayang_mq.connect import broker_endpoint, management_client
-    from wayang_mq.declare import apply_topology
-    from wayang_mq.topology import load_topology
+    from wayang_mq.topology.apply import apply_topology
+    from wayang_mq.topology.spec import load_topology
 
     topology = load_topology(args.file or settings.topology)
     endpoint = broker_endpoint(settings)
@@ -203,8 +205,8 @@ def _cmd_topology_apply(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_topology_export(args: argparse.Namespace, settings: Settings) -> int:
-    from wayang_mq.definitions import write_definitions
-    from wayang_mq.topology import load_topology
+    from wayang_mq.topology.export import write_definitions
+    from wayang_mq.topology.spec import load_topology
 
     write_definitions(load_topology(args.file or settings.topology), args.out)
     print(f"wrote {args.out} (import it in the console: Overview → Import definitions)")
@@ -223,7 +225,7 @@ def _cmd_keys_new(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from wayang_mq.connect import broker_endpoint, keyring, signer
     from wayang_mq.executor import load_executor
-    from wayang_mq.topology import load_topology
+    from wayang_mq.topology.spec import load_topology
     from wayang_mq.worker import Worker, WorkerConfig
 
     executors = [load_executor(spec) for spec in args.executors]
@@ -342,7 +344,7 @@ def _dead_capability(capability: str) -> str:
 def _cmd_dead_list(args: argparse.Namespace, settings: Settings) -> int:
     from wayang_mq.connect import broker_endpoint, keyring
     from wayang_mq.deadletters import list_dead_letters
-    from wayang_mq.topology import load_topology
+    from wayang_mq.topology.spec import load_topology
 
     if args.capability:
         capabilities = [_dead_capability(args.capability)]

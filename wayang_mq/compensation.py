@@ -35,7 +35,7 @@ def compensation_for(task: Task, result: Result) -> Task | None:
     return Task.create(
         spec.capability,
         {**spec.input, "compensates": {"task_id": task.task_id, "error": error}},
-        queue_timeout_ms=task.deadline_ms - task.issued_at_ms,
+        queue_timeout_ms=task.queue_window_ms,
         task_id=f"{task.task_id}.compensation",
         idempotency_key=f"{task.task_id}.compensation",
         node_id=spec.node_id or f"{task.node_id}:compensate",

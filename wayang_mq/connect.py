@@ -16,10 +16,10 @@ import aiormq
 from aio_pika.abc import AbstractRobustConnection
 
 from wayang_mq import logs
+from wayang_mq.endpoint import BrokerEndpoint, redact_url
 from wayang_mq.errors import BrokerUnreachable, ConfigError
-from wayang_mq.localstack import BrokerEndpoint
 from wayang_mq.management import ManagementClient
-from wayang_mq.settings import Settings, redact_url
+from wayang_mq.settings import Settings
 from wayang_mq.signing import KeyRing, Signer
 
 ENDPOINT_FILE = "endpoint.json"
@@ -59,7 +59,10 @@ def save_endpoint(state_dir: Path, endpoint: BrokerEndpoint) -> None:
 def management_client(endpoint: BrokerEndpoint) -> ManagementClient:
     """A management API client for the endpoint's console and account."""
     return ManagementClient(
-        endpoint.management_url, username=endpoint.username, password=endpoint.password
+        endpoint.management_url,
+        username=endpoint.username,
+        password=endpoint.password,
+        vhost=endpoint.vhost,
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,6 @@ class TaskContext:
     executor_id: str
     _emit: ProgressSink = field(repr=False)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     logs: list[str] = field(default_factory=list)
     last_progress: Progress | None = None
     heartbeat_details: dict[str, JsonLike] = field(default_factory=dict)
@@ -47,7 +46,8 @@ class TaskContext:
         await self._emit(self.last_progress)
 
     def heartbeat(self, **details: Any) -> None:
-        """Record liveness details; the next heartbeat carries the latest (they coalesce)."""
+        """Record liveness details; the worker's next heartbeat carries the latest under this
+        task's id (they coalesce: only the last call before a heartbeat is sent)."""
         self.heartbeat_details = details
 
     def log(self, line: str) -> None:

@@ -336,7 +336,7 @@ def reissue(
     attempt, and it gets what was left of its retry budget, not a new one.
     """
     issued = now_ms() if at_ms is None else at_ms
-    window = task.deadline_ms - task.issued_at_ms if queue_timeout_ms is None else queue_timeout_ms
+    window = task.queue_window_ms if queue_timeout_ms is None else queue_timeout_ms
     fields = task.model_dump()
     fields.update(issued_at_ms=issued, deadline_ms=issued + window, issuer=issuer)
     return Task.model_validate(fields)
@@ -404,7 +404,7 @@ async def _replay_one(
         return ReplayOutcome(dead.task_id, False, f"{names.task_queue(fresh.capability)} is full")
     except PublishFailed as exc:
         return ReplayOutcome(dead.task_id, False, f"not confirmed by the broker: {exc.message}")
-    window_s = (fresh.deadline_ms - fresh.issued_at_ms) / 1000
+    window_s = fresh.queue_window_ms / 1000
     return ReplayOutcome(
         dead.task_id,
         True,

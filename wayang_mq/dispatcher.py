@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Final, Self, TypedDict, Unpack
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
@@ -27,8 +27,10 @@ from wayang_mq import logs, names
 from wayang_mq.compensation import compensation_for
 from wayang_mq.connect import connect
 from wayang_mq.control import ControlClient, StatusSummary, summarize
+from wayang_mq.durations import Seconds, to_ms, to_ms_or_none
 from wayang_mq.errors import Backpressure, ErrorCode, NoExecutor, ResultTimeout, WayangError
 from wayang_mq.model import (
+    Compensation,
     ErrorInfo,
     JsonLike,
     PolicyConstraints,
@@ -72,6 +74,31 @@ class ResultSeen:
 
 #: called with every :class:`ResultSeen`, inline: quick, and must not raise
 ResultListener = Callable[[ResultSeen], None]
+
+
+#: how long a task may wait in its queue when the caller does not say
+DEFAULT_QUEUE_TIMEOUT_S = 60.0
+
+
+class TaskOptions(TypedDict, total=False):
+    """What a caller may say of a task besides its capability and input (all optional).
+
+    Durations are seconds (int or float) or a ``timedelta``, converted to the wire's
+    milliseconds in one place (:mod:`wayang_mq.durations`). A typed dict, so a misspelt
+    option is a type error, not a silently ignored keyword.
+    """
+
+    queue_timeout_s: Seconds | None  # the deadline: no executor starts the task later (60)
+    timeout_s: Seconds | None  # execution timeout: the run is cancelled, FAILED timeout
+    heartbeat_timeout_s: Seconds | None  # a silent executor's task is re-dispatched
+    retry: RetryHints | None  # how failed attempts are retried (default: not at all)
+    policy: PolicyConstraints | None  # where and how it may run
+    compensation: Compensation | None  # dispatched if the task fails for good
+    node_id: str | None  # the workflow node it executes (default: the task id)
+    task_id: str | None  # idempotency: the same id is answered, not run again
+    token: str | None  # the execution token (default: a fresh one)
+    partition_key: str | None  # order per key on a sharded capability
+    idempotency_key: str | None  # side effects once per key
 
 
 @dataclass(frozen=True)
@@ -202,38 +229,37 @@ class Dispatcher:
         self,
         capability: str,
         input: dict[str, JsonLike] | None = None,
-        *,
-        queue_timeout_s: float = 60.0,
-        timeout_s: float | None = None,
-        retry: RetryHints | None = None,
-        policy: PolicyConstraints | None = None,
-        **fields: Any,
+        **options: Unpack[TaskOptions],
     ) -> Task:
         """Build a task addressed back to this dispatcher (not yet published)."""
-        extra: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
-        if timeout_s is not None:
-            extra["timeout_ms"] = int(timeout_s * 1000)
-        if retry is not None:
-            extra["retry"] = retry
-        if policy is not None:
-            extra["policy"] = policy
+        queue_timeout = options.get("queue_timeout_s")
         return Task.create(
             capability,
             input,
-            queue_timeout_ms=int(queue_timeout_s * 1000),
+            queue_timeout_ms=to_ms(
+                DEFAULT_QUEUE_TIMEOUT_S if queue_timeout is None else queue_timeout
+            ),
+            timeout_ms=to_ms_or_none(options.get("timeout_s")),
+            heartbeat_timeout_ms=to_ms_or_none(options.get("heartbeat_timeout_s")),
+            retry=options.get("retry"),
+            policy=options.get("policy"),
+            compensation=options.get("compensation"),
+            task_id=options.get("task_id"),
+            token=options.get("token"),
+            node_id=options.get("node_id"),
+            partition_key=options.get("partition_key"),
+            idempotency_key=options.get("idempotency_key"),
             reply_to=self.reply_to,
             issuer=self.dispatcher_id,
-            **extra,
         )
 
     async def submit(
-        self, capability: str, input: dict[str, JsonLike] | None = None, **options: Any
+        self,
+        capability: str,
+        input: dict[str, JsonLike] | None = None,
+        **options: Unpack[TaskOptions],
     ) -> TaskHandle:
-        """Build, sign and publish a task; returns once the broker has confirmed it.
-
-        Options: ``node_id``, ``token``, ``task_id``, ``queue_timeout_s``, ``timeout_s``,
-        ``retry``, ``policy``, ``partition_key``, ``idempotency_key``.
-        """
+        """Build, sign and publish a task; returns once the broker has confirmed it."""
         return await self.submit_task(self.task(capability, input, **options))
 
     async def submit_task(self, task: Task) -> TaskHandle:
@@ -300,10 +326,14 @@ class Dispatcher:
         )
 
     async def run(
-        self, capability: str, input: dict[str, JsonLike] | None = None, **options: Any
+        self,
+        capability: str,
+        input: dict[str, JsonLike] | None = None,
+        *,
+        wait_s: float | None = None,
+        **options: Unpack[TaskOptions],
     ) -> Result:
-        """Submit and wait for the terminal result (until the task's deadline by default)."""
-        wait_s = options.pop("wait_s", None)
+        """Submit and wait ``wait_s`` (forever by default) for the terminal result."""
         handle = await self.submit(capability, input, **options)
         return await handle.result(wait_s)
 
@@ -360,8 +390,7 @@ class Dispatcher:
     async def reassign(self, task: Task, silent_executor: str) -> None:
         """Re-dispatch a task whose executor went silent: a new attempt with a new token,
         so the old attempt's late result is recognised and discarded."""
-        window_ms = task.deadline_ms - task.issued_at_ms
-        fresh = task.next_attempt(token=new_id(), deadline_ms=now_ms() + window_ms)
+        fresh = task.next_attempt(token=new_id(), deadline_ms=now_ms() + task.queue_window_ms)
         self._tasks[task.task_id] = fresh
         logs.event(
             log,

@@ -105,7 +105,9 @@ def load_executor(spec: str) -> Executor:
     """Import ``module:Class`` and instantiate it, with one-line errors for the CLI."""
     module_name, _, class_name = spec.partition(":")
     if not module_name or not class_name:
-        raise ConfigError(f"executor {spec!r} is not MODULE:CLASS", hint="e.g. workers.demo:Echo")
+        raise ConfigError(
+            f"executor {spec!r} is not MODULE:CLASS", hint="e.g. wayang_workers.demo:Echo"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -127,20 +127,48 @@ class Task(WireModel):
         input: dict[str, JsonLike] | None = None,
         *,
         queue_timeout_ms: int = 60_000,
-        **fields: Any,
+        task_id: str | None = None,
+        token: str | None = None,
+        node_id: str | None = None,
+        reply_to: str = "",
+        issuer: str = "",
+        policy: PolicyConstraints | None = None,
+        retry: RetryHints | None = None,
+        timeout_ms: int | None = None,
+        heartbeat_timeout_ms: int | None = None,
+        partition_key: str | None = None,
+        idempotency_key: str | None = None,
+        compensation: Compensation | None = None,
+        attempt: int = 1,
     ) -> Task:
         """A new task with fresh ids, issued now, with a deadline ``queue_timeout_ms`` from now."""
         issued = now_ms()
-        fields.setdefault("task_id", new_id())
-        fields.setdefault("token", new_id())
-        fields.setdefault("node_id", fields["task_id"])
+        task_id = task_id or new_id()
         return cls(
+            task_id=task_id,
+            token=token or new_id(),
+            node_id=node_id or task_id,
             capability=capability,
             input=input or {},
+            policy=policy or PolicyConstraints(),
+            retry=retry or RetryHints(),
+            timeout_ms=timeout_ms,
+            heartbeat_timeout_ms=heartbeat_timeout_ms,
             issued_at_ms=issued,
             deadline_ms=issued + queue_timeout_ms,
-            **fields,
+            reply_to=reply_to,
+            partition_key=partition_key,
+            idempotency_key=idempotency_key,
+            issuer=issuer,
+            compensation=compensation,
+            attempt=attempt,
         )
+
+    @property
+    def queue_window_ms(self) -> int:
+        """How long the task may wait for an executor: its deadline minus when it was issued.
+        A retry, a reassignment or a replay gives the next attempt the same window again."""
+        return self.deadline_ms - self.issued_at_ms
 
     def expired(self, at_ms: int | None = None) -> bool:
         """True when the task may no longer start."""
@@ -256,6 +284,9 @@ class Heartbeat(WireModel):
     executor_id: str
     capabilities: tuple[str, ...]
     in_flight: tuple[str, ...] = ()  # task ids running now
+    # task id -> the latest details its executor recorded with ctx.heartbeat(**details);
+    # only tasks that recorded any are listed (Temporal's heartbeat details: coalesced)
+    details: dict[str, dict[str, JsonLike]] = Field(default_factory=dict)
     concurrency: int = Field(default=1, ge=1)
     sequence: int = Field(default=0, ge=0)
     sent_at_ms: int = Field(default_factory=now_ms)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 
 TASKS_EXCHANGE = "wayang.tasks"
 RESULTS_EXCHANGE = "wayang.results"
@@ -25,6 +27,14 @@ def valid_capability(capability: str) -> bool:
 def valid_word(word: str) -> bool:
     """True for one routing-key word (tier names, executor and dispatcher ids)."""
     return bool(_WORD.match(word))
+
+
+def default_id(prefix: str = "") -> str:
+    """``[prefix-]host-pid`` made a valid id: a host named ``ip-10-0-0-1.ec2.internal`` or
+    ``MyHost`` is lowercased and every character an id may not hold becomes ``-``, so a
+    daemon started without ``--id`` never refuses to start over its machine's name."""
+    host = re.sub(r"[^a-z0-9_-]+", "-", socket.gethostname().lower()).strip("-_") or "host"
+    return "-".join(part for part in (prefix, host, str(os.getpid())) if part)
 
 
 def task_queue(capability: str, shard: int | None = None) -> str:

@@ -19,9 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import re
-import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -47,11 +44,6 @@ log = logging.getLogger("wayang_mq.reaper")
 _RETRYABLE = frozenset({ErrorCode.TIMEOUT, ErrorCode.BACKPRESSURE})
 
 
-def _default_id() -> str:
-    host = re.sub(r"[^a-z0-9_-]+", "-", socket.gethostname().lower()).strip("-") or "host"
-    return f"reaper-{host}-{os.getpid()}"
-
-
 @dataclass(frozen=True)
 class ReaperConfig:
     """How one reaper runs; built once by the CLI or a test."""
@@ -59,7 +51,7 @@ class ReaperConfig:
     amqp_url: str = field(repr=False)
     keyring: KeyRing  # tasks whose signature verifies are answered with their own ids and token
     signer: Signer  # results and compensations are signed like an executor's
-    reaper_id: str = field(default_factory=_default_id)
+    reaper_id: str = field(default_factory=lambda: names.default_id("reaper"))
     prefetch: int = 32
     grace_s: float = 10.0  # on stop: how long answers in flight may finish
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES

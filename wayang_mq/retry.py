@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from wayang_mq.errors import ErrorCode
 from wayang_mq.model import ErrorInfo, Task
-from wayang_mq.topology import RetryTier
+from wayang_mq.topology.spec import RetryTier
 
 
 @dataclass(frozen=True)

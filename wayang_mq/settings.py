@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from wayang_mq.topology import DEFAULT_TOPOLOGY_PATH
+from wayang_mq.endpoint import redact_url
+from wayang_mq.topology.spec import DEFAULT_TOPOLOGY_PATH
 
-
-def redact_url(url: str) -> str:
-    """The URL with its password replaced, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+__all__ = ["Settings", "redact_url"]
 
 
 class Settings(BaseSettings):

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -54,7 +52,7 @@ from wayang_mq.model import (
 )
 from wayang_mq.publisher import ConfirmedPublisher, Unroutable, to_amqp
 from wayang_mq.signing import KeyRing, Signer
-from wayang_mq.topology import RetryTier
+from wayang_mq.topology.spec import RetryTier
 from wayang_mq.wire import (
     DEAD_LETTERED_BY_HEADER,
     DEFAULT_MAX_BODY_BYTES,
@@ -75,7 +73,7 @@ class WorkerConfig:
     amqp_url: str = field(repr=False)
     keyring: KeyRing
     signer: Signer
-    executor_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    executor_id: str = field(default_factory=names.default_id)
     concurrency: int = 8
     prefetch: int | None = None  # default: concurrency (held but not running counts too)
     heartbeat_interval_s: float = 5.0
@@ -170,6 +168,11 @@ class Worker:
             executor_id=self.executor_id,
             capabilities=tuple(self._by_capability),
             in_flight=tuple(self._running),
+            details={
+                task_id: dict(running.context.heartbeat_details)
+                for task_id, running in self._running.items()
+                if running.context.heartbeat_details
+            },
             concurrency=self.config.concurrency,
             sequence=self._heartbeat_seq,
         )
@@ -484,9 +487,8 @@ class Worker:
         tier, so a long backoff does not eat the time it may wait for a worker.
         """
         assert self._publisher is not None
-        window_ms = task.deadline_ms - task.issued_at_ms
         next_task = task.next_attempt(
-            deadline_ms=now_ms() + decision.tier.ttl_ms + window_ms,
+            deadline_ms=now_ms() + decision.tier.ttl_ms + task.queue_window_ms,
         )
         key = names.retry_routing_key(decision.tier.name, task.capability)
         message = to_amqp(task_message(next_task, self.config.signer, expire=False))

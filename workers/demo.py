@@ -1,6 +1,7 @@
 """Demo executors: they serve the README's quick start, the tests and the benchmarks.
 
-Run them with ``wayang-mq worker workers.demo:Echo workers.demo:Sleep workers.demo:Fail``.
+Run them with ``wayang-mq worker wayang_workers.demo:Echo wayang_workers.demo:Sleep
+wayang_workers.demo:Fail`` (this folder installs as the package ``wayang_workers``).
 """
 
 from __future__ import annotations

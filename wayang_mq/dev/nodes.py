@@ -23,12 +23,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, urlsplit
 
+from wayang_mq.endpoint import BrokerEndpoint
 from wayang_mq.errors import ConfigError, StackError
 
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
@@ -160,50 +161,6 @@ def _require_executable(path: Path, message: str, hint: str) -> None:
 
 
 # --- RabbitMQ ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BrokerEndpoint:
-    """Where a broker answers and the account to use; ``repr`` never shows the password."""
-
-    amqp_url: str  # amqp://user:password@host:port/ (the default vhost)
-    management_url: str  # http://host:port of the management API and console
-    username: str
-    password: str = field(repr=False)
-
-    @classmethod
-    def from_url(cls, amqp_url: str, management_url: str | None = None) -> BrokerEndpoint:
-        """Describe a broker known by URL; the management API defaults to port 15672 there."""
-        parts = urlsplit(amqp_url)
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ConfigError(
-                f"not an AMQP URL: {_mask_url(amqp_url)}",
-                hint="use amqp://user:password@host:5672/",
-            )
-        username = unquote(parts.username or "guest")  # AMQP's default account
-        password = unquote(parts.password or "guest")
-        management = management_url or f"http://{parts.hostname}:15672"
-        return cls(amqp_url, management.rstrip("/"), username, password)
-
-    @property
-    def console_url(self) -> str:
-        """The management console, for people (log in with ``username``/``password``)."""
-        return f"{self.management_url.rstrip('/')}/"
-
-    def __repr__(self) -> str:
-        return (
-            f"BrokerEndpoint(amqp_url={_mask_url(self.amqp_url)!r}, "
-            f"management_url={self.management_url!r}, username={self.username!r})"
-        )
-
-
-def _mask_url(url: str) -> str:
-    """The URL with its password replaced, safe for logs and reprs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 def _local_endpoint(
@@ -421,7 +378,7 @@ class RabbitNode:
     def _config(self) -> str:
         return "\n".join(
             [
-                "# Written by wayang_mq.localstack on every start: edit RabbitNode, not this.",
+                "# Written by wayang_mq.dev.nodes on every start: edit RabbitNode, not this.",
                 f"listeners.tcp.default = {LOOPBACK}:{self._ports['amqp_port']}",
                 f"management.tcp.ip = {LOOPBACK}",
                 f"management.tcp.port = {self._ports['management_port']}",
@@ -698,7 +655,7 @@ class PostgresNode:
         # Unix socket paths are limited to 107 bytes; deep state dirs fall back to TCP only.
         socket_dir = str(sockets) if len(str(sockets)) < 90 else ""
         lines = [
-            "# Written by wayang_mq.localstack on every start: edit PostgresNode, not this.",
+            "# Written by wayang_mq.dev.nodes on every start: edit PostgresNode, not this.",
             f"listen_addresses = '{LOOPBACK}'",
             f"port = {self._ports['port']}",
             f"unix_socket_directories = '{socket_dir.replace(chr(39), chr(39) * 2)}'",

@@ -18,16 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wayang_mq.connect import broker_endpoint, management_client, save_endpoint
-from wayang_mq.declare import apply_topology
+from wayang_mq.dev.nodes import RabbitNode
 from wayang_mq.dispatcher import Dispatcher, DispatcherConfig
-from wayang_mq.localstack import BrokerEndpoint, RabbitNode
+from wayang_mq.endpoint import BrokerEndpoint
 from wayang_mq.model import Result, RetryHints
 from wayang_mq.settings import Settings
 from wayang_mq.signing import Signer, write_keypair
-from wayang_mq.topology import load_topology
+from wayang_mq.topology.apply import apply_topology
+from wayang_mq.topology.spec import load_topology
 
 RETRY_ONCE = RetryHints(max_attempts=3, initial_backoff_ms=1000)  # through the 1 s retry tier
-DEMO_EXECUTORS = ("workers.demo:Echo", "workers.demo:Sleep", "workers.demo:Fail")
+DEMO_EXECUTORS = (
+    "wayang_workers.demo:Echo",
+    "wayang_workers.demo:Sleep",
+    "wayang_workers.demo:Fail",
+)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 ``Fabric`` is a broker with the topology applied and a signing key: it hands out workers,
 dispatchers and worker processes configured to trust each other. Users test their own
-executors with it the way wayang-mq tests its own (``wayang_mq.testing`` provides the broker).
+executors with it the way wayang-mq tests its own (``wayang_mq.testing.plugin`` provides the
+broker).
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import aio_pika
 
 from wayang_mq import names
 from wayang_mq.connect import management_client
-from wayang_mq.declare import apply_topology
 from wayang_mq.dispatcher import Dispatcher, DispatcherConfig
+from wayang_mq.endpoint import BrokerEndpoint
 from wayang_mq.executor import Executor
-from wayang_mq.localstack import BrokerEndpoint
 from wayang_mq.reaper import Reaper, ReaperConfig
 from wayang_mq.signing import KeyRing, Signer, write_keypair
-from wayang_mq.topology import DEFAULT_TOPOLOGY_PATH, Topology, load_topology
+from wayang_mq.topology.apply import apply_topology
+from wayang_mq.topology.spec import DEFAULT_TOPOLOGY_PATH, Topology, load_topology
 from wayang_mq.worker import Worker, WorkerConfig
 
 
@@ -233,7 +234,11 @@ class Fabric:
 
     def spawn_worker(
         self,
-        executors: Sequence[str] = ("workers.demo:Echo", "workers.demo:Sleep", "workers.demo:Fail"),
+        executors: Sequence[str] = (
+            "wayang_workers.demo:Echo",
+            "wayang_workers.demo:Sleep",
+            "wayang_workers.demo:Fail",
+        ),
         *,
         executor_id: str,
         args: Sequence[str] = (),

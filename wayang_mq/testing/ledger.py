@@ -40,7 +40,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, Unpack
 
 import aio_pika
 import aiormq
@@ -59,15 +59,16 @@ from wayang_mq.dispatcher import (
     Dispatcher,
     ResultSeen,
     TaskHandle,
+    TaskOptions,
     Verdict,
 )
 from wayang_mq.errors import ConfigError, ErrorCode, ResultTimeout, WayangError
-from wayang_mq.harness import eventually
 from wayang_mq.management import ManagementClient
 from wayang_mq.model import JsonLike, Result, Status, Task, new_id
+from wayang_mq.testing.harness import eventually
 from wayang_mq.wire import decode
 
-log = logging.getLogger("wayang_mq.ledger")
+log = logging.getLogger("wayang_mq.testing.ledger")
 
 #: an abandoned tap queue (its ledger crashed) is deleted by the broker after this long idle
 TAP_EXPIRES_MS: Final = 30 * 60 * 1000
@@ -482,7 +483,7 @@ class Ledger:
         dispatcher: Dispatcher,
         capability: str,
         input: dict[str, JsonLike] | None = None,
-        **options: Any,
+        **options: Unpack[TaskOptions],
     ) -> TaskHandle | None:
         """Submit through ``dispatcher`` and record the outcome; None when it was refused."""
         task = dispatcher.task(capability, input, **options)

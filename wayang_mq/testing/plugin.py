@@ -1,12 +1,12 @@
 """Real RabbitMQ and PostgreSQL for tests: a pytest plugin plus plain context managers.
 
-Load it with ``pytest_plugins = ["wayang_mq.testing"]`` to get two session fixtures:
+Load it with ``pytest_plugins = ["wayang_mq.testing.plugin"]`` to get two session fixtures:
 ``rabbitmq`` (a :class:`BrokerHandle`) and ``postgres`` (a database URL). Each service comes
 from the first source that works:
 
 1. an environment URL (``WAYANG_AMQP_URL`` / ``WAYANG_DATABASE_URL``): always wins;
 2. testcontainers, when a Docker engine answers;
-3. a private node from the installed Debian package (:mod:`wayang_mq.localstack`).
+3. a private node from the installed Debian package (:mod:`wayang_mq.dev.nodes`).
 
 When none works the fixture skips, or fails when ``CI=true``, so CI cannot go green by
 skipping every test that needs a broker.
@@ -26,8 +26,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from wayang_mq.dev.nodes import PostgresNode, RabbitNode, wait_for_broker
+from wayang_mq.endpoint import BrokerEndpoint
 from wayang_mq.errors import StackError
-from wayang_mq.localstack import BrokerEndpoint, PostgresNode, RabbitNode, wait_for_broker
 
 AMQP_URL_ENV = "WAYANG_AMQP_URL"
 MANAGEMENT_URL_ENV = "WAYANG_MANAGEMENT_URL"

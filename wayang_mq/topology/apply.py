@@ -13,7 +13,6 @@ import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
-from urllib.parse import unquote, urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
@@ -27,10 +26,10 @@ from aio_pika.exceptions import (
 from pamqp.common import FieldTable
 
 from wayang_mq import names
+from wayang_mq.endpoint import redact_url, url_vhost
 from wayang_mq.errors import BrokerUnreachable, ConfigError, TopologyError
 from wayang_mq.management import ManagementClient
-from wayang_mq.settings import redact_url
-from wayang_mq.topology import BindingSpec, Pairs, PolicySpec, Topology, as_dict
+from wayang_mq.topology.spec import BindingSpec, Pairs, PolicySpec, Topology, as_dict
 
 Kind = Literal["exchange", "queue", "binding", "policy"]
 
@@ -116,8 +115,7 @@ def binding_ref(binding: BindingSpec) -> ObjectRef:
 
 
 def _check_same_vhost(amqp_url: str, management: ManagementClient) -> None:
-    path = urlsplit(amqp_url).path
-    vhost = unquote(path[1:]) or "/"  # as aio-pika reads it: amqp://host/ is vhost "/"
+    vhost = url_vhost(amqp_url)
     if vhost != management.vhost:
         raise ConfigError(
             f"the AMQP URL names vhost {vhost!r} but the management client uses"

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from wayang_mq.topology import Topology, as_dict
+from wayang_mq.topology.spec import Topology, as_dict
 
 
 def export_definitions(

@@ -52,7 +52,9 @@ __all__ = [
     "parse_topology",
 ]
 
-DEFAULT_TOPOLOGY_PATH: Final = Path(__file__).resolve().parents[1] / "topology" / "wayang.toml"
+#: the default topology ships inside the package (the repository's topology/wayang.toml links
+#: to it), so an installed wheel needs no WAYANG_TOPOLOGY
+DEFAULT_TOPOLOGY_PATH: Final = Path(__file__).resolve().parent / "wayang.toml"
 
 # PARTITION_KEY_HEADER (from the wire format, which the dispatcher fills in) is what a sharded
 # capability's consistent-hash exchange hashes on, so tasks with one key land on one shard and
