@@ -215,7 +215,7 @@ class Dispatcher:
 
         Every result the reply queue delivers (handed out, dropped as a duplicate, fenced,
         unclaimed, invalid) and every one the dispatcher decides itself (an expiry). An
-        auditor such as :class:`wayang_mq.ledger.Ledger` uses it to see each hand-out and
+        auditor such as :class:`wayang_mq.testing.ledger.Ledger` uses it to see each hand-out and
         each drop, not just the one result a caller awaits. Returns a function that stops it.
         """
         self._listeners.append(listener)
