@@ -43,7 +43,7 @@ from wayang_mq.names import (
     dead_queue,
     task_queue,
 )
-from wayang_mq.reaper import Outcome, Reaper
+from wayang_mq.reaper import Handled, Reaper
 from wayang_mq.signing import KeyRing, Signer
 from wayang_mq.testing.harness import Fabric, WorkerProcess, eventually
 from wayang_mq.testing.ledger import Ledger
@@ -488,9 +488,9 @@ async def test_bad_input_dead_lettered_by_a_worker_is_answered_once(fabric: Fabr
         # and the reaper saw the dead letter, and left it alone (its verdict is the barrier:
         # an answer of its own would have been confirmed before it)
         await eventually(
-            lambda: reaper.outcome(task_id) is not None, what="the reaper seeing the dead letter"
+            lambda: reaper.handled(task_id) is not None, what="the reaper seeing the dead letter"
         )
-        assert reaper.outcome(task_id) is Outcome.SKIPPED
+        assert reaper.handled(task_id) is Handled.SKIPPED
         await tap.collect()
         assert tap.terminal() == [task_id]
     letters = await list_dead_letters(fabric.endpoint.amqp_url, "demo.echo")
@@ -567,7 +567,7 @@ async def test_a_dead_task_is_listed_replayed_to_success_and_garbage_is_left(
         )
         assert (success.executor_id, success.output) == (worker.executor_id, {"marker": marker})
         # the reaper answered the expiry, and nothing else
-        assert reaper.outcome(handle.task_id) is Outcome.ANSWERED
+        assert reaper.handled(handle.task_id) is Handled.ANSWERED
         assert [(r.task_id, r.status) for r in await tap.collect()] == [
             (handle.task_id, Status.FAILED),
             (handle.task_id, Status.SUCCESS),

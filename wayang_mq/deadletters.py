@@ -39,9 +39,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 
 from wayang_mq import names
 from wayang_mq.connect import connect
-from wayang_mq.delivery import settle
 from wayang_mq.errors import ConfigError, ErrorCode, PublishFailed, WireError
 from wayang_mq.model import Task, new_id, now_ms
+from wayang_mq.outcome import discard, requeue, settle
 from wayang_mq.publisher import ConfirmedPublisher, Rejected, Unroutable, to_amqp
 from wayang_mq.signing import KeyRing, Signer
 from wayang_mq.wire import (
@@ -249,7 +249,7 @@ async def _hold(amqp_url: str, capability: str, limit: int) -> AsyncIterator[_He
             returned = 0
             for message in messages:
                 if not message.processed and not channel.is_closed:
-                    await settle(message, "requeue")
+                    await settle(message, requeue(message.message_id, "listed, put back"))
                     returned += 1
             if returned and not channel.is_closed:
                 await _until_ready_again(channel, capability, ready - len(messages) + returned)
@@ -373,7 +373,7 @@ async def replay(
                 message, dead, publisher, keyring, signer, issuer, queue_timeout_ms
             )
             if outcome.replayed:
-                await settle(message, "ack")
+                await settle(message, discard(outcome.task_id))
             outcomes.append(outcome)
     return outcomes
 

@@ -27,7 +27,6 @@ from wayang_mq import logs, names
 from wayang_mq.compensation import compensation_for
 from wayang_mq.connect import connect
 from wayang_mq.control import ControlClient, StatusSummary, summarize
-from wayang_mq.delivery import settle
 from wayang_mq.durations import Seconds, to_ms, to_ms_or_none
 from wayang_mq.errors import Backpressure, ErrorCode, NoExecutor, ResultTimeout, WayangError
 from wayang_mq.model import (
@@ -41,6 +40,7 @@ from wayang_mq.model import (
     new_id,
     now_ms,
 )
+from wayang_mq.outcome import discard, reject, settle
 from wayang_mq.publisher import ConfirmedPublisher, Rejected, Unroutable, to_amqp
 from wayang_mq.signing import KeyRing, Signer
 from wayang_mq.supervisor import SupervisionConfig, Supervisor
@@ -433,12 +433,12 @@ class Dispatcher:
         except WayangError as exc:
             logs.event(log, "result.invalid", logging.WARNING, id=message.message_id, error=exc)
             self._notify(Verdict.INVALID, None)
-            await settle(message, "reject")
+            await settle(message, reject(message.message_id, "not a result we can trust"))
             return
         self._deliver(result)
         # Through settle: an ack on a channel that died meanwhile is skipped, not an error
         # that would escape the consumer callback (the broker redelivers; it is a duplicate).
-        await settle(message, "ack")
+        await settle(message, discard(result.task_id))
 
     def _deliver(self, result: Result) -> None:
         """Act on a result, then tell the observers what became of it."""

@@ -31,9 +31,9 @@ from wayang_mq import logs, names
 from wayang_mq.compensation import dispatch_compensation
 from wayang_mq.connect import connect
 from wayang_mq.deadletters import DeadLetter, dead_letter_of
-from wayang_mq.delivery import settle
-from wayang_mq.errors import ConfigError, ErrorCode, WayangError, WireError
+from wayang_mq.errors import ConfigError, ErrorCode, WireError
 from wayang_mq.model import ErrorInfo, JsonLike, Result, Task
+from wayang_mq.outcome import LogLine, Outcome, Send, Settle, discard, done, reject, requeue, settle
 from wayang_mq.publisher import ConfirmedPublisher, to_amqp
 from wayang_mq.signing import KeyRing, Signer
 from wayang_mq.wire import DEFAULT_MAX_BODY_BYTES, open_verified, signed_message
@@ -66,7 +66,7 @@ class ReaperConfig:
             )
 
 
-class Outcome(StrEnum):
+class Handled(StrEnum):
     """What the reaper did with a dead letter."""
 
     ANSWERED = "answered"  # it published the FAILED result
@@ -79,7 +79,7 @@ class Reaper:
     def __init__(self, config: ReaperConfig) -> None:
         self.config = config
         self.reaper_id = config.reaper_id
-        self._recent: OrderedDict[str, Outcome] = OrderedDict()
+        self._recent: OrderedDict[str, Handled] = OrderedDict()
         self._handlers: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._ready = asyncio.Event()
@@ -109,7 +109,7 @@ class Reaper:
         """Stop consuming; answers in flight get ``grace_s`` to be confirmed."""
         self._stopping.set()
 
-    def outcome(self, task_id: str) -> Outcome | None:
+    def handled(self, task_id: str) -> Handled | None:
         """What became of a recent dead letter of ``task_id``, if this reaper saw one."""
         return self._recent.get(task_id)
 
@@ -150,45 +150,32 @@ class Reaper:
     # -- one dead letter ------------------------------------------------------------------
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
-        """The one place that decides ack, requeue or drop for a dead letter."""
+        """Every dead letter becomes one Outcome, carried out by ``settle``."""
         dead = dead_letter_of(message)
         try:
-            if dead.answered:
-                outcome = Outcome.SKIPPED
-                logs.event(
-                    log,
-                    "dead_letter.skipped",
-                    task_id=dead.task_id,
-                    capability=dead.capability,
-                    code=dead.code,
-                    by=dead.dead_lettered_by,
-                )
-            else:
-                await self._answer(dead, message)
-                outcome = Outcome.ANSWERED
+            try:
+                outcome = await self._decide(dead, message)
+            except Exception:
+                # A bug here must not loop: drop this copy; the one in wayang.dead.<cap> stays.
+                log.exception("event=dead_letter.unanswerable task_id=%s", dead.task_id)
+                outcome = reject(dead.task_id, "a bug in the reaper (logged above)")
+            applied = await settle(message, outcome, self._publisher)
         except asyncio.CancelledError:
-            await settle(message, "requeue")  # stopped mid-answer: the next reaper answers it
+            # stopped mid-answer: the next reaper answers it
+            await settle(message, requeue(dead.task_id, "the reaper stopped"))
             raise
-        except WayangError as exc:
-            # Not confirmed (the broker went away past the publisher's reconnect wait, or
-            # refused it): back to the queue, to be answered once the broker takes results.
-            logs.event(
-                log, "dead_letter.unanswered", logging.WARNING, task_id=dead.task_id, error=exc
-            )
-            await asyncio.sleep(1.0)
-            await settle(message, "requeue")
-            return
-        except Exception:
-            # A bug here must not loop: drop this copy; the one in wayang.dead.<cap> stays.
-            log.exception("event=dead_letter.unanswerable task_id=%s", dead.task_id)
-            await settle(message, "reject")
-            return
-        self._remember(dead.task_id, outcome)
-        await settle(message, "ack")
+        if applied.settle is Settle.ACK:
+            self._remember(dead.task_id, Handled.ANSWERED if applied.sends else Handled.SKIPPED)
 
-    async def _answer(self, dead: DeadLetter, message: AbstractIncomingMessage) -> None:
-        """Compensate, publish the FAILED result for a dead letter, wait for the confirm."""
-        assert self._publisher is not None
+    async def _decide(self, dead: DeadLetter, message: AbstractIncomingMessage) -> Outcome:
+        """Skip a copy a worker answered already; otherwise compensate and answer it."""
+        if dead.answered:
+            skipped = {
+                "capability": dead.capability,
+                "code": dead.code,
+                "by": dead.dead_lettered_by,
+            }
+            return discard(dead.task_id, LogLine("dead_letter.skipped", fields=skipped))
         task, unread = self._open(message.body, message.headers or {})
         result, reply_to = _failure(dead, task, unread, self.reaper_id)
         if task is not None:
@@ -196,21 +183,27 @@ class Reaper:
         signed = signed_message(
             result, self.config.signer, message_id=result.task_id, reply_to=reply_to
         )
-        await self._publisher.publish(names.RESULTS_EXCHANGE, reply_to, to_amqp(signed))
-        assert result.error is not None
-        logs.event(
-            log,
-            "dead_letter.answered",
-            logging.WARNING,
-            task_id=result.task_id,
-            capability=result.capability,
-            code=result.error.code,
-            reason=dead.broker_reason,
-            queue=dead.source_queue,
-            reply_to=reply_to,
-            verified=bool(result.token),
-            compensation_task_id=result.compensation_task_id,
+        # Not confirmed (the broker went away past the publisher's reconnect wait, or refused
+        # it): back to the queue after a pause, to be answered once the broker takes results.
+        answer = Send(
+            names.RESULTS_EXCHANGE,
+            reply_to,
+            to_amqp(signed),
+            unconfirmed_event="dead_letter.unanswered",
+            backoff_s=1.0,
         )
+        assert result.error is not None
+        fields: dict[str, Any] = {
+            "capability": result.capability,
+            "code": result.error.code,
+            "reason": dead.broker_reason,
+            "queue": dead.source_queue,
+            "reply_to": reply_to,
+            "verified": bool(result.token),
+            "compensation_task_id": result.compensation_task_id,
+        }
+        line = LogLine("dead_letter.answered", logging.WARNING, fields)
+        return done(result.task_id, answer, result=result, log=line)
 
     def failed_result(
         self, dead: DeadLetter, body: bytes, headers: dict[str, Any]
@@ -238,8 +231,8 @@ class Reaper:
         assert self._publisher is not None
         return await dispatch_compensation(task, result, self._publisher, self.config.signer)
 
-    def _remember(self, task_id: str, outcome: Outcome) -> None:
-        self._recent[task_id] = outcome
+    def _remember(self, task_id: str, handled: Handled) -> None:
+        self._recent[task_id] = handled
         self._recent.move_to_end(task_id)
         while len(self._recent) > self.config.recent:
             self._recent.popitem(last=False)

@@ -28,7 +28,6 @@ from wayang_mq.compensation import dispatch_compensation
 from wayang_mq.connect import connect
 from wayang_mq.context import TaskContext, bind, unbind
 from wayang_mq.control import ControlServer
-from wayang_mq.delivery import settle
 from wayang_mq.errors import (
     ConfigError,
     ErrorCode,
@@ -50,7 +49,8 @@ from wayang_mq.model import (
     new_id,
     now_ms,
 )
-from wayang_mq.publisher import ConfirmedPublisher, Unroutable, to_amqp
+from wayang_mq.outcome import Kind, LogLine, Outcome, Send, Settle, done, requeue, settle
+from wayang_mq.publisher import ConfirmedPublisher, to_amqp
 from wayang_mq.signing import KeyRing, Signer
 from wayang_mq.topology.spec import RetryTier
 from wayang_mq.wire import (
@@ -273,51 +273,51 @@ class Worker:
     # -- one delivery ---------------------------------------------------------------------
 
     async def _handle(self, capability: str, message: AbstractIncomingMessage) -> None:
-        """The one place that decides ack, dead-letter or return-to-queue for a delivery."""
+        """Every delivery becomes one Outcome, carried out by ``settle``: the only exit."""
         try:
             async with self._slots:
-                if self._stopping.is_set():
-                    # Held (prefetch > concurrency) but never started, and the worker is
-                    # stopping: give it back instead of starting it within the grace.
-                    # basic.cancel leaves what a consumer holds with it; a nack with
-                    # requeue returns it to the queue, for another worker.
-                    logs.event(log, "task.returned", task_id=message.message_id, reason="stopping")
-                    await settle(message, "requeue")
-                    return
-                try:
-                    task = self._open(capability, message)
-                except WireError as exc:
-                    await self._dead_letter(capability, message, exc)
-                    return
-                result = (
-                    self._already_answered(task)
-                    or self._cancelled_before_start(task)
-                    or await self._join_running(task)
-                    or await self._execute(task)
-                )
-                await self._conclude(capability, message, task, result)
+                outcome = await self._decide_safely(capability, message)
+                applied = await settle(message, outcome, self._publisher)
+                if applied.kind is Kind.RETRY and applied.result is not None:
+                    # best effort, after the next attempt is safely in its tier
+                    await self._emit(
+                        applied.result, names.event_key("attempt", applied.result.task_id)
+                    )
         except asyncio.CancelledError:
             # Shutdown past the grace period: the broker gets the delivery back, unharmed.
-            await settle(message, "requeue")
+            await settle(message, requeue(message.message_id, "stopped past the grace"))
             raise
-        except WayangError as exc:
-            # A result, retry or dead letter the broker did not confirm (gone past the
-            # reconnect wait, a full tier): give the delivery back (a no-op if its channel
-            # died) so it runs again, instead of sitting unacked until consumer_timeout.
-            logs.event(
-                log,
-                "result.unconfirmed",
-                logging.WARNING,
-                task_id=message.message_id,
-                error=str(exc),
-                next="requeued",
-            )
-            await settle(message, "requeue")
+
+    async def _decide_safely(self, capability: str, message: AbstractIncomingMessage) -> Outcome:
+        """The delivery's outcome; a bug of ours gives it back instead of stranding it."""
+        try:
+            return await self._decide(capability, message)
+        except asyncio.CancelledError:
+            raise
         except Exception:
-            # A bug of ours must not strand the delivery or kill the daemon; if it repeats,
-            # the queue's delivery-limit dead-letters the task after a few tries.
+            # A bug must not strand the delivery or kill the daemon; if it repeats, the
+            # queue's delivery-limit dead-letters the task after a few tries.
             log.exception("event=worker.bug task_id=%s next=requeued", message.message_id)
-            await settle(message, "requeue")
+            return requeue(message.message_id, "a bug in the worker (logged above)")
+
+    async def _decide(self, capability: str, message: AbstractIncomingMessage) -> Outcome:
+        """Open the task, answer or run it, and say what becomes of the delivery."""
+        if self._stopping.is_set():
+            # Held (prefetch > concurrency) but never started, and the worker is stopping:
+            # give it back instead of starting it within the grace. basic.cancel leaves what
+            # a consumer holds with it; a nack with requeue returns it, for another worker.
+            return requeue(message.message_id, "stopping", event="task.returned")
+        try:
+            task = self._open(capability, message)
+        except WireError as exc:
+            return self._bad_input(capability, message, exc)
+        result = (
+            self._already_answered(task)
+            or self._cancelled_before_start(task)
+            or await self._join_running(task)
+            or await self._execute(task)
+        )
+        return await self._conclude(capability, message, task, result)
 
     def _open(self, capability: str, message: AbstractIncomingMessage) -> Task:
         task = open_task(
@@ -456,72 +456,79 @@ class Worker:
 
     async def _conclude(
         self, capability: str, message: AbstractIncomingMessage, task: Task, result: Result
-    ) -> None:
-        """Send the next attempt through a retry tier, or the final result; then ack."""
+    ) -> Outcome:
+        """The next attempt through a retry tier, or the task's final answer."""
         error = result.error
         decision = retry.decide(task, error, self.config.retry_tiers) if error else None
-        if decision is not None and await self._retry(task, result, decision):
-            await settle(message, "ack")
-            return
+        if decision is not None:
+            return self._retry(capability, message, task, result, decision)
+        return await self._final(capability, message, task, result)
+
+    async def _final(
+        self, capability: str, message: AbstractIncomingMessage, task: Task, result: Result
+    ) -> Outcome:
+        """The terminal result; with retries exhausted, a copy kept in the dead queue first."""
+        sends: list[Send] = []
+        error = result.error
         if error is not None and retry.exhausted(task, error):
             result = _exhausted(result)
             reason = result.error.message if result.error else ""
-            kept = await self._keep_dead_letter(
-                capability, message, task.task_id, ErrorCode.RETRIES_EXHAUSTED, reason
+            sends.append(
+                self._dead_copy(
+                    capability, message, task.task_id, ErrorCode.RETRIES_EXHAUSTED, reason
+                )
             )
-            if not kept:
-                return  # rejected instead: the queue's own dead-lettering keeps it
         result = await self._compensate(task, result)
-        await self._publish_result(task, result)
-        await settle(message, "ack")
+        sends.append(self._result_send(task, result))
+        return done(task.task_id, *sends, result=result)
 
     async def _compensate(self, task: Task, result: Result) -> Result:
         """Dispatch the task's compensation if it failed for good; link it in the result."""
         assert self._publisher is not None
         return await dispatch_compensation(task, result, self._publisher, self.config.signer)
 
-    async def _retry(self, task: Task, failed: Result, decision: retry.RetryDecision) -> bool:
-        """Publish the next attempt (a new, re-signed task) to its tier; False if unroutable.
+    def _retry(
+        self,
+        capability: str,
+        message: AbstractIncomingMessage,
+        task: Task,
+        failed: Result,
+        decision: retry.RetryDecision,
+    ) -> Outcome:
+        """The next attempt (a new, re-signed task) to its tier; if no tier queue takes it,
+        the task's final answer instead.
 
         The next attempt keeps its schedule-to-start window, counted from when it leaves the
         tier, so a long backoff does not eat the time it may wait for a worker.
         """
-        assert self._publisher is not None
         next_task = task.next_attempt(
             deadline_ms=now_ms() + decision.tier.ttl_ms + task.queue_window_ms,
         )
         key = names.retry_routing_key(decision.tier.name, task.capability)
-        message = to_amqp(task_message(next_task, self.config.signer, expire=False))
-        try:
-            await self._publisher.publish(names.RETRY_EXCHANGE, key, message, mandatory=True)
-        except Unroutable:
-            logs.event(
-                log,
-                "retry.unroutable",
-                logging.ERROR,
-                task_id=task.task_id,
-                key=key,
-                hint="apply the topology: the retry tier queue is missing",
-            )
-            return False
-        await self._emit(failed, names.event_key("attempt", task.task_id))
-        logs.event(
-            log,
-            "task.retrying",
-            task_id=task.task_id,
-            attempt=decision.attempt,
-            backoff_ms=decision.backoff_ms,
-            tier=decision.tier.name,
-            code=failed.error.code if failed.error else None,
+        message_out = to_amqp(task_message(next_task, self.config.signer, expire=False))
+        return Outcome(
+            Kind.RETRY,
+            Settle.ACK,
+            task.task_id,
+            (Send(names.RETRY_EXCHANGE, key, message_out, mandatory=True),),
+            result=failed,
+            log=LogLine(
+                "task.retrying",
+                fields={
+                    "attempt": decision.attempt,
+                    "backoff_ms": decision.backoff_ms,
+                    "tier": decision.tier.name,
+                    "code": failed.error.code if failed.error else None,
+                },
+            ),
+            if_unroutable=lambda: self._final(capability, message, task, failed),
         )
-        return True
 
-    async def _publish_result(self, task: Task, result: Result, reply_to: str = "") -> None:
-        """Publish and wait for the confirm; only then may the delivery be acked."""
-        assert self._publisher is not None
+    def _result_send(self, task: Task, result: Result, reply_to: str = "") -> Send:
+        """The result, to be confirmed before the delivery may be acked."""
         routing_key = task.reply_to or reply_to or names.noreply_routing_key(task.capability)
         message = self._signed(result, task.task_id, reply_to=routing_key)
-        await self._publisher.publish(names.RESULTS_EXCHANGE, routing_key, message)
+        return Send(names.RESULTS_EXCHANGE, routing_key, message)
 
     async def _emit(self, event: WireModel, routing_key: str) -> None:
         """Events are best-effort: a lost heartbeat is replaced by the next one."""
@@ -546,40 +553,44 @@ class Worker:
         self._heartbeat_seq += 1
         await self._emit(self.heartbeat(), names.event_key("heartbeat", self.executor_id))
 
-    async def _dead_letter(
+    def _bad_input(
         self, capability: str, message: AbstractIncomingMessage, error: WireError
-    ) -> None:
-        """Bad input: a copy with the reason to ``wayang.dlx``, a FAILED result, then ack."""
+    ) -> Outcome:
+        """Bad input: a copy with the reason to ``wayang.dlx``, a FAILED answer, then ack."""
         code = error.code or ErrorCode.INVALID_TASK
         task_id = message.message_id or message.correlation_id or f"unknown-{new_id()}"
-        if not await self._keep_dead_letter(capability, message, task_id, code, error.message):
-            return
-        if message.reply_to and self._publisher is not None:
+        sends = [self._dead_copy(capability, message, task_id, code, error.message)]
+        if message.reply_to:
             failed = Result.uncorrelated_failure(
                 task_id, capability, self.executor_id, ErrorInfo(code=code, message=error.message)
             )
-            with contextlib.suppress(WayangError):
-                await self._publisher.publish(
-                    names.RESULTS_EXCHANGE,
-                    message.reply_to,
-                    self._signed(failed, task_id, reply_to=message.reply_to),
-                )
-        await settle(message, "ack")
+            signed = self._signed(failed, task_id, reply_to=message.reply_to)
+            # a courtesy: the copy is what keeps the task; the answer may be lost with a broker
+            sends.append(
+                Send(names.RESULTS_EXCHANGE, message.reply_to, signed, if_unconfirmed=None)
+            )
+        fields = {"capability": capability, "code": code, "reason": error.message}
+        return Outcome(
+            Kind.DEAD_LETTER,
+            Settle.ACK,
+            task_id,
+            tuple(sends),
+            log=LogLine("task.dead_lettered", logging.WARNING, fields),
+        )
 
-    async def _keep_dead_letter(
+    def _dead_copy(
         self,
         capability: str,
         message: AbstractIncomingMessage,
         task_id: str,
         code: ErrorCode,
         reason: str,
-    ) -> bool:
-        """Copy the delivery, with the reason, to ``wayang.dlx`` and wait for the confirm.
+    ) -> Send:
+        """A copy of the delivery, with the reason, for ``wayang.dlx``.
 
-        If that fails the delivery is rejected instead, so the queue's own dead-lettering
-        (reason ``rejected``) keeps it: never lost. Returns whether the copy was kept.
+        If the broker does not confirm it, the delivery is rejected instead, so the queue's
+        own dead-lettering (reason ``rejected``) keeps it: never lost.
         """
-        assert self._publisher is not None
         headers = {
             **(message.headers or {}),
             ERROR_CODE_HEADER: str(code),
@@ -598,28 +609,13 @@ class Worker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             timestamp=now_ms() // 1000,  # when it died, as the broker's own x-death says
         )
-        try:
-            await self._publisher.publish(names.DEAD_LETTER_EXCHANGE, capability, copy)
-        except WayangError as exc:
-            logs.event(
-                log,
-                "dead_letter.rejected",
-                logging.WARNING,
-                task_id=task_id,
-                reason=f"copy not confirmed ({exc}); rejected to the queue's own DLX",
-            )
-            await settle(message, "reject")
-            return False
-        logs.event(
-            log,
-            "task.dead_lettered",
-            logging.WARNING,
-            task_id=task_id,
-            capability=capability,
-            code=code,
-            reason=reason,
+        return Send(
+            names.DEAD_LETTER_EXCHANGE,
+            capability,
+            copy,
+            if_unconfirmed=Settle.REJECT,
+            unconfirmed_event="dead_letter.rejected",
         )
-        return True
 
 
 async def _discover_queues(connection: AbstractRobustConnection, capability: str) -> list[str]:
