@@ -510,7 +510,15 @@ class Worker:
             Kind.RETRY,
             Settle.ACK,
             task.task_id,
-            (Send(names.RETRY_EXCHANGE, key, message_out, mandatory=True),),
+            (
+                Send(
+                    names.RETRY_EXCHANGE,
+                    key,
+                    message_out,
+                    mandatory=True,
+                    unconfirmed_event="retry.unconfirmed",
+                ),
+            ),
             result=failed,
             log=LogLine(
                 "task.retrying",
