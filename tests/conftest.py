@@ -18,3 +18,13 @@ async def fabric(rabbitmq: Any, tmp_path_factory: pytest.TempPathFactory) -> Asy
     fabric = await Fabric.create(rabbitmq.endpoint, tmp_path_factory.mktemp("fabric"))
     yield fabric
     fabric.stop_processes()
+
+
+@pytest.fixture
+def fabric_env(fabric: Fabric) -> dict[str, str]:
+    """The environment that points a ``wayang-mq`` process at the session's fabric."""
+    return {
+        "WAYANG_AMQP_URL": fabric.endpoint.amqp_url,
+        "WAYANG_MANAGEMENT_URL": fabric.endpoint.management_url,
+        "WAYANG_KEY_DIR": str(fabric.key_dir),
+    }

@@ -40,15 +40,6 @@ def assert_one_line_error(run: subprocess.CompletedProcess[str], code: int, *nee
 
 
 @pytest.fixture
-def fabric_env(fabric: Fabric) -> dict[str, str]:
-    return {
-        "WAYANG_AMQP_URL": fabric.endpoint.amqp_url,
-        "WAYANG_MANAGEMENT_URL": fabric.endpoint.management_url,
-        "WAYANG_KEY_DIR": str(fabric.key_dir),
-    }
-
-
-@pytest.fixture
 def occupied_port() -> Iterator[int]:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))

@@ -7,6 +7,7 @@ tasks and collects results; see README.md and docs/.
 from wayang_mq.context import TaskContext, current
 from wayang_mq.errors import ErrorCode, ExecutorError, WayangError
 from wayang_mq.executor import Executor, TaskState, TaskStatus
+from wayang_mq.middleware import Middleware
 from wayang_mq.model import (
     Compensation,
     ErrorInfo,
@@ -29,6 +30,7 @@ __all__ = [
     "Executor",
     "ExecutorError",
     "Heartbeat",
+    "Middleware",
     "PolicyConstraints",
     "Progress",
     "Registration",

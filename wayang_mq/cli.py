@@ -122,6 +122,13 @@ def _add_worker(sub: Any) -> None:
     p.add_argument("--id", dest="executor_id", help="executor id (default: host-pid)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to finish on SIGTERM")
     p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats")
+    p.add_argument(
+        "--middleware",
+        action="append",
+        default=[],
+        metavar="MODULE:CLASS",
+        help="a wayang_mq.Middleware layer around every delivery (repeatable, in order)",
+    )
     p.set_defaults(func=_cmd_worker)
 
 
@@ -224,11 +231,15 @@ def _cmd_keys_new(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from wayang_mq.connect import broker_endpoint, keyring, signer
-    from wayang_mq.executor import load_executor
+    from wayang_mq.executor import load_class, load_executor
+    from wayang_mq.middleware import Middleware
     from wayang_mq.topology.spec import load_topology
     from wayang_mq.worker import Worker, WorkerConfig
 
     executors = [load_executor(spec) for spec in args.executors]
+    middleware = tuple(
+        load_class(spec, Middleware, "mypackage.metrics:Timing") for spec in args.middleware
+    )
     extra = {"executor_id": args.executor_id} if args.executor_id else {}
     config = WorkerConfig(
         amqp_url=broker_endpoint(settings).amqp_url,
@@ -239,6 +250,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         grace_s=args.grace,
         heartbeat_interval_s=args.heartbeat,
         retry_tiers=load_topology(settings.topology).retry_tiers,
+        middleware=middleware,
         **extra,
     )
     worker = Worker(executors, config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from wayang_mq.errors import ConfigError
 from wayang_mq.model import Heartbeat, JsonLike, Progress, Status, Task
@@ -19,6 +19,8 @@ from wayang_mq.names import valid_capability
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+T = TypeVar("T")
 
 
 class TaskState(StrEnum):
@@ -101,13 +103,12 @@ class Executor:
         return self._attached().heartbeat()
 
 
-def load_executor(spec: str) -> Executor:
-    """Import ``module:Class`` and instantiate it, with one-line errors for the CLI."""
+def load_class(spec: str, base: type[T], example: str) -> T:
+    """Import ``module:Class``, check it subclasses ``base``, and instantiate it, with
+    one-line errors for the CLI (executors, middleware)."""
     module_name, _, class_name = spec.partition(":")
     if not module_name or not class_name:
-        raise ConfigError(
-            f"executor {spec!r} is not MODULE:CLASS", hint="e.g. wayang_workers.demo:Echo"
-        )
+        raise ConfigError(f"{spec!r} is not MODULE:CLASS", hint=f"e.g. {example}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -116,9 +117,15 @@ def load_executor(spec: str) -> Executor:
             hint="is it installed, or on PYTHONPATH?",
         ) from exc
     cls: Any = getattr(module, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Executor)):
-        raise ConfigError(f"{spec} is not a wayang_mq.Executor subclass")
-    executor = cls()
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{spec} is not a {base.__module__}.{base.__name__} subclass")
+    instance: T = cls()
+    return instance
+
+
+def load_executor(spec: str) -> Executor:
+    """Import and instantiate an executor ``module:Class`` and check what it serves."""
+    executor = load_class(spec, Executor, "wayang_workers.demo:Echo")
     check_capabilities([executor])
     return executor
 

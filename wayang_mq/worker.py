@@ -37,6 +37,7 @@ from wayang_mq.errors import (
     WrongCapability,
 )
 from wayang_mq.executor import Executor, TaskState, TaskStatus, check_capabilities
+from wayang_mq.middleware import Chain, Executed, Middleware, Opened, Settled
 from wayang_mq.model import (
     ErrorInfo,
     Heartbeat,
@@ -82,6 +83,7 @@ class WorkerConfig:
     recent_results: int = 10_000  # results kept to answer a redelivered finished task
     recent_results_bytes: int = 16 * 1024 * 1024  # and their outputs' size, at most
     retry_tiers: tuple[RetryTier, ...] = ()  # from the topology; none: failures are final
+    middleware: tuple[Middleware, ...] = ()  # layers around every delivery, in this order
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -113,6 +115,7 @@ class Worker:
         self._by_capability = check_capabilities(executors)
         self._executors = list(executors)
         self._slots = asyncio.Semaphore(config.concurrency)
+        self._chain = Chain(config.middleware)
         self._running: dict[str, _Running] = {}
         self._recent: OrderedDict[str, tuple[Result, int]] = OrderedDict()  # result, bytes
         self._recent_bytes = 0
@@ -278,6 +281,7 @@ class Worker:
             async with self._slots:
                 outcome = await self._decide_safely(capability, message)
                 applied = await settle(message, outcome, self._publisher)
+                await self._chain.settled(Settled(self.executor_id, capability, applied))
                 if applied.kind is Kind.RETRY and applied.result is not None:
                     # best effort, after the next attempt is safely in its tier
                     await self._emit(
@@ -311,12 +315,14 @@ class Worker:
             task = self._open(capability, message)
         except WireError as exc:
             return self._bad_input(capability, message, exc)
+        await self._chain.opened(Opened(self.executor_id, capability, task))
         result = (
             self._already_answered(task)
             or self._cancelled_before_start(task)
             or await self._join_running(task)
             or await self._execute(task)
         )
+        result = await self._chain.executed(Executed(self.executor_id, task, result))
         return await self._conclude(capability, message, task, result)
 
     def _open(self, capability: str, message: AbstractIncomingMessage) -> Task:

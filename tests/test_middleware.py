@@ -1,0 +1,149 @@
+"""Middleware: a layer added to a worker sees every delivery of a mixed run, and may change
+a result, without a line of the worker edited (real broker)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import aio_pika
+from wayang_workers.demo import Echo, Fail
+
+from wayang_mq import ErrorCode, Middleware, RetryHints, Status
+from wayang_mq.middleware import Executed, Opened, Settled
+from wayang_mq.model import Result
+from wayang_mq.names import TASKS_EXCHANGE
+from wayang_mq.outcome import Kind
+from wayang_mq.testing.harness import Fabric, eventually
+
+
+class Recorder(Middleware):
+    """Records every hook call, and stamps each result it sees."""
+
+    def __init__(self) -> None:
+        self.opened: list[str] = []
+        self.settled: list[Settled] = []
+
+    async def on_opened(self, opened: Opened) -> None:
+        self.opened.append(opened.task.task_id)
+
+    async def on_executed(self, executed: Executed) -> Result:
+        metrics = {**executed.result.metrics, "seen_by_middleware": 1.0}
+        return executed.result.model_copy(update={"metrics": metrics})
+
+    async def on_settled(self, settled: Settled) -> None:
+        self.settled.append(settled)
+
+    def kinds(self, task_id: str) -> list[Kind]:
+        return [s.outcome.kind for s in self.settled if s.outcome.task_id == task_id]
+
+
+class Broken(Middleware):
+    """A layer whose every hook raises: it must not fail a task."""
+
+    async def on_opened(self, opened: Opened) -> None:
+        raise RuntimeError("a bug in a middleware")
+
+    async def on_settled(self, settled: Settled) -> None:
+        raise RuntimeError("a bug in a middleware")
+
+
+async def test_a_middleware_sees_every_outcome_of_a_mixed_run_and_may_change_results(
+    fabric: Fabric,
+) -> None:
+    # Given a worker with a recording middleware (and a broken one before it)
+    await fabric.purge("demo.echo", "demo.fail")
+    recorder = Recorder()
+    retry = RetryHints(max_attempts=2, initial_backoff_ms=100)
+    async with (
+        fabric.worker([Echo(), Fail()], middleware=(Broken(), recorder)),
+        fabric.dispatcher() as dispatcher,
+    ):
+        # When it gets a success, a permanent failure, a failure retried once, and garbage
+        ok = await dispatcher.run("demo.echo", {"x": 1}, wait_s=30)
+        failed = await dispatcher.run("demo.fail", {"mode": "permanent"}, wait_s=30)
+        retried = await dispatcher.run("demo.fail", {"mode": "retryable"}, retry=retry, wait_s=30)
+        async with await aio_pika.connect(fabric.endpoint.amqp_url) as connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(TASKS_EXCHANGE, ensure=False)
+            await exchange.publish(aio_pika.Message(b"\xc1", message_id="garbage-1"), "demo.echo")
+        await eventually(
+            lambda: recorder.kinds("garbage-1") == [Kind.DEAD_LETTER],
+            what="the garbage's outcome reaching the middleware",
+        )
+
+    # Then it saw each outcome once, in order: done, done, a retry then done, a dead letter
+    assert recorder.kinds(ok.task_id) == [Kind.DONE]
+    assert recorder.kinds(failed.task_id) == [Kind.DONE]
+    assert recorder.kinds(retried.task_id) == [Kind.RETRY, Kind.DONE]
+    # and every task that passed its checks was opened (the garbage never was)
+    assert recorder.opened == [ok.task_id, failed.task_id, retried.task_id, retried.task_id]
+    # and the results it changed are what the caller got
+    assert ok.status is Status.SUCCESS and ok.metrics["seen_by_middleware"] == 1.0
+    assert failed.error is not None and failed.error.code is ErrorCode.EXECUTOR_ERROR
+    assert retried.error is not None and retried.error.code is ErrorCode.RETRIES_EXHAUSTED
+    assert retried.metrics["seen_by_middleware"] == 1.0
+    # and the broken layer failed no task
+    assert ok.status is Status.SUCCESS
+
+
+RECORDING_LAYER = """
+import os
+from wayang_mq import Middleware
+
+
+class Outcomes(Middleware):
+    async def on_settled(self, settled):
+        with open(os.environ["OUTCOMES_FILE"], "a") as out:
+            out.write(f"{settled.outcome.task_id} {settled.outcome.kind}\\n")
+"""
+
+
+async def test_the_worker_command_loads_middleware_by_name(fabric: Fabric, tmp_path: Path) -> None:
+    # Given a middleware in a module of the user's, and a worker daemon started with it
+    (tmp_path / "my_layers.py").write_text(RECORDING_LAYER)
+    outcomes = tmp_path / "outcomes.txt"
+    daemon = fabric.spawn_worker(
+        ["wayang_workers.demo:Echo"],
+        executor_id="layered-w",
+        args=["--middleware", "my_layers:Outcomes"],
+        env={"PYTHONPATH": str(tmp_path), "OUTCOMES_FILE": str(outcomes)},
+    )
+    try:
+        daemon.wait_started()
+        # When a task runs on it
+        async with fabric.dispatcher() as dispatcher:
+            result = await dispatcher.run("demo.echo", {"x": 2}, wait_s=30)
+        # Then the layer saw the delivery's outcome
+        await eventually(
+            lambda: outcomes.exists() and f"{result.task_id} done" in outcomes.read_text(),
+            what="the middleware recording the outcome",
+        )
+    finally:
+        daemon.stop()
+    assert result.status is Status.SUCCESS
+
+
+def test_a_middleware_that_is_not_one_is_a_one_line_error(fabric_env: dict[str, str]) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wayang_mq.cli",
+            "worker",
+            "wayang_workers.demo:Echo",
+            "--middleware",
+            "wayang_workers.demo:Echo",
+        ],
+        env={**os.environ, **fabric_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2, run.stderr
+    assert (
+        "wayang_workers.demo:Echo is not a wayang_mq.middleware.Middleware subclass" in run.stderr
+    )
+    assert "Traceback" not in run.stderr
