@@ -164,6 +164,11 @@ class Reaper:
             # stopped mid-answer: the next reaper answers it
             await settle(message, requeue(dead.task_id, "the reaper stopped"))
             raise
+        except Exception:
+            # A bug in carrying the outcome out must not strand the dead letter either.
+            log.exception("event=dead_letter.unanswerable task_id=%s", dead.task_id)
+            await settle(message, requeue(dead.task_id, "a bug in settling (logged above)"))
+            return
         if applied.settle is Settle.ACK:
             self._remember(dead.task_id, Handled.ANSWERED if applied.sends else Handled.SKIPPED)
 

@@ -291,6 +291,11 @@ class Worker:
             # Shutdown past the grace period: the broker gets the delivery back, unharmed.
             await settle(message, requeue(message.message_id, "stopped past the grace"))
             raise
+        except Exception:
+            # A bug in carrying the outcome out must not strand the delivery either (a
+            # settle of a delivery already settled is skipped and logged).
+            log.exception("event=worker.bug task_id=%s next=requeued", message.message_id)
+            await settle(message, requeue(message.message_id, "a bug in settling (logged above)"))
 
     async def _decide_safely(self, capability: str, message: AbstractIncomingMessage) -> Outcome:
         """The delivery's outcome; a bug of ours gives it back instead of stranding it."""
