@@ -20,9 +20,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from wayang_mq.model import Result, Task
-from wayang_mq.outcome import Outcome
+
+if TYPE_CHECKING:  # executor code imports this module: keep AMQP out of its import
+    from wayang_mq.outcome import Outcome
 
 log = logging.getLogger("wayang_mq.middleware")
 
