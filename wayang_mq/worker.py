@@ -1,10 +1,10 @@
 """The worker daemon: consumes its capabilities' queues and runs executors on them.
 
 Per delivery the worker reads as a sentence: open the task (size, signature, schema, deadline,
-capability) → run it → publish the result and wait for the broker's confirm → ack. Every other
-exit is handled in :meth:`Worker._handle` too: bad input is dead-lettered with its reason and
-answered FAILED; a shutdown returns the delivery to the queue; an ack on a channel that died
-meanwhile is skipped (the broker redelivers, results are deduplicated by task id).
+capability) → answer it from what it knows, or run it → decide its :class:`Outcome` (done,
+retry, dead letter, requeue) → :func:`settle` publishes what the outcome carries, waits for
+the broker's confirms, and only then acks. Every exit becomes an outcome in
+:meth:`Worker._handle`, a shutdown or a bug of ours included; middleware sees each one.
 """
 
 from __future__ import annotations
