@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -22,7 +23,7 @@ from wayang_mq.names import (
 )
 from wayang_mq.testing.harness import Fabric, eventually
 from wayang_mq.topology.apply import apply_topology
-from wayang_mq.topology.spec import parse_topology
+from wayang_mq.topology.spec import RetryTier, parse_topology
 from wayang_mq.wire import decode
 
 T = TypeVar("T")
@@ -170,3 +171,24 @@ async def _read(
     it holds ``count``."""
     into.extend(read(message) for message in await _drain(queue))
     return len(into) >= count
+
+
+async def test_a_retry_no_tier_queue_takes_ends_with_the_tasks_final_answer(
+    fabric: Fabric, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a worker told of a retry tier the broker has no queue for (a topology not applied)
+    missing = RetryTier(name="missing", ttl_ms=1000)
+    caplog.set_level(logging.INFO, logger="wayang_mq")
+    async with fabric.worker([Fail()], retry_tiers=(missing,)), fabric.dispatcher() as dispatcher:
+        # When a retryable failure with attempts left would go to that tier
+        result = await dispatcher.run(
+            "demo.fail",
+            {"mode": "retryable"},
+            retry=RetryHints(max_attempts=3, initial_backoff_ms=1000),
+            wait_s=30,
+        )
+    # Then the broker's refusal is reported, and the task ends with its own failure, answered
+    # instead of stranded or retried forever
+    assert "event=retry.unroutable" in caplog.text
+    assert result.status is Status.FAILED and result.attempt == 1
+    assert result.error is not None and result.error.code is ErrorCode.EXECUTOR_ERROR
