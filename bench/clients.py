@@ -19,9 +19,9 @@ import msgpack
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 
 from bench import raw_worker
-from wayang_mq.dispatcher import Dispatcher, DispatcherConfig, TaskHandle
-from wayang_mq.model import Status
-from wayang_mq.signing import Signer
+from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig, TaskHandle
+from wayang_mq.core.model import Status
+from wayang_mq.core.signing import Signer
 
 RESULT_TIMEOUT_S = 60.0
 RAW_REPLY_QUEUE = "bench.raw.reply"

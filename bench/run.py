@@ -66,10 +66,10 @@ from bench.report import (  # noqa: E402
     table,
     targets,
 )
-from wayang_mq.connect import management_client  # noqa: E402
+from wayang_mq.amqp.connect import management_client  # noqa: E402
+from wayang_mq.amqp.endpoint import BrokerEndpoint  # noqa: E402
+from wayang_mq.core.signing import Signer, write_keypair  # noqa: E402
 from wayang_mq.dev.nodes import RabbitNode  # noqa: E402
-from wayang_mq.endpoint import BrokerEndpoint  # noqa: E402
-from wayang_mq.signing import Signer, write_keypair  # noqa: E402
 from wayang_mq.topology.apply import apply_topology  # noqa: E402
 from wayang_mq.topology.spec import load_topology  # noqa: E402
 

@@ -17,10 +17,10 @@ import pytest
 
 from tests.test_cli import assert_one_line_error, wayang
 from wayang_mq import Executor, Task
-from wayang_mq.connect import management_client
-from wayang_mq.errors import Backpressure, BrokerBlocked
-from wayang_mq.model import JsonLike
-from wayang_mq.names import task_queue
+from wayang_mq.amqp.connect import management_client
+from wayang_mq.core.errors import Backpressure, BrokerBlocked
+from wayang_mq.core.model import JsonLike
+from wayang_mq.core.names import task_queue
 from wayang_mq.testing.harness import Fabric, eventually
 from wayang_mq.testing.ledger import Ledger
 from wayang_mq.testing.plugin import BrokerHandle

@@ -25,22 +25,22 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from wayang_workers.demo import Echo
 
 from wayang_mq import ErrorCode, Executor, Status, Task
-from wayang_mq.connect import management_client
-from wayang_mq.deadletters import list_dead_letters
-from wayang_mq.model import JsonLike, Result, new_id, now_ms
-from wayang_mq.names import RESULTS_EXCHANGE, TASKS_EXCHANGE, dead_queue, task_queue
-from wayang_mq.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Signer
-from wayang_mq.testing.harness import Fabric, eventually
-from wayang_mq.testing.plugin import BrokerHandle
-from wayang_mq.topology.apply import apply_topology
-from wayang_mq.topology.spec import parse_topology
-from wayang_mq.wire import (
+from wayang_mq.amqp.connect import management_client
+from wayang_mq.core.model import JsonLike, Result, new_id, now_ms
+from wayang_mq.core.names import RESULTS_EXCHANGE, TASKS_EXCHANGE, dead_queue, task_queue
+from wayang_mq.core.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Signer
+from wayang_mq.core.wire import (
     DEAD_LETTERED_BY_HEADER,
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
     decode,
     encode,
 )
+from wayang_mq.ops.deadletters import list_dead_letters
+from wayang_mq.testing.harness import Fabric, eventually
+from wayang_mq.testing.plugin import BrokerHandle
+from wayang_mq.topology.apply import apply_topology
+from wayang_mq.topology.spec import parse_topology
 
 MAX_BODY = 2048
 REPLY = "reply.bad-input-test"

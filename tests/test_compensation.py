@@ -8,12 +8,12 @@ import aio_pika
 from wayang_workers.demo import Echo, Fail
 
 from wayang_mq import ErrorCode, Executor, Status, Task
-from wayang_mq.model import Compensation, JsonLike, Result, RetryHints
-from wayang_mq.names import RESULTS_EXCHANGE, TASKS_EXCHANGE
-from wayang_mq.publisher import to_amqp
-from wayang_mq.supervisor import SupervisionConfig
+from wayang_mq.amqp.publisher import to_amqp
+from wayang_mq.client.supervisor import SupervisionConfig
+from wayang_mq.core.model import Compensation, JsonLike, Result, RetryHints
+from wayang_mq.core.names import RESULTS_EXCHANGE, TASKS_EXCHANGE
+from wayang_mq.core.wire import decode, task_message
 from wayang_mq.testing.harness import Fabric, eventually
-from wayang_mq.wire import decode, task_message
 
 UNDO = Compensation(capability="demo.echo", input={"undo": "charge-42"})
 #: a dispatcher that checks its tasks' deadlines often and gives up on them quickly

@@ -10,14 +10,14 @@ import pytest
 
 from tests.test_cli import wayang
 from wayang_mq import ErrorCode, Status
-from wayang_mq.control import StatusSummary
-from wayang_mq.dispatcher import Dispatcher
-from wayang_mq.model import CancelRequest
-from wayang_mq.names import CONTROL_EXCHANGE, cancel_key
-from wayang_mq.publisher import to_amqp
-from wayang_mq.signing import Signer
+from wayang_mq.amqp.control import StatusSummary
+from wayang_mq.amqp.publisher import to_amqp
+from wayang_mq.client.dispatcher import Dispatcher
+from wayang_mq.core.model import CancelRequest
+from wayang_mq.core.names import CONTROL_EXCHANGE, cancel_key
+from wayang_mq.core.signing import Signer
+from wayang_mq.core.wire import signed_message
 from wayang_mq.testing.harness import Fabric, WorkerProcess, eventually
-from wayang_mq.wire import signed_message
 
 
 @pytest.fixture(autouse=True)

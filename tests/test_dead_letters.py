@@ -32,24 +32,24 @@ import pytest
 from wayang_workers.demo import Echo
 
 from wayang_mq import Compensation, ErrorCode, Executor, Status, Task
-from wayang_mq.connect import management_client
-from wayang_mq.deadletters import list_dead_letters, purge, read_dead_letter, replay
-from wayang_mq.dispatcher import TaskHandle
-from wayang_mq.model import JsonLike, Result, new_id
-from wayang_mq.names import (
+from wayang_mq.amqp.connect import management_client
+from wayang_mq.client.dispatcher import TaskHandle
+from wayang_mq.core.model import JsonLike, Result, new_id
+from wayang_mq.core.names import (
     DEAD_LETTER_EXCHANGE,
     RESULTS_EXCHANGE,
     TASKS_EXCHANGE,
     dead_queue,
     task_queue,
 )
-from wayang_mq.reaper import Handled, Reaper
-from wayang_mq.signing import KeyRing, Signer
+from wayang_mq.core.signing import KeyRing, Signer
+from wayang_mq.core.wire import decode
+from wayang_mq.ops.deadletters import list_dead_letters, purge, read_dead_letter, replay
+from wayang_mq.ops.reaper import Handled, Reaper
 from wayang_mq.testing.harness import Fabric, WorkerProcess, eventually
 from wayang_mq.testing.ledger import Ledger
 from wayang_mq.topology.apply import apply_topology
 from wayang_mq.topology.spec import parse_topology
-from wayang_mq.wire import decode
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -6,9 +6,9 @@ from datetime import timedelta
 
 import pytest
 
-from wayang_mq.dispatcher import Dispatcher, DispatcherConfig
-from wayang_mq.durations import to_ms
-from wayang_mq.signing import Signer
+from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
+from wayang_mq.core.durations import to_ms
+from wayang_mq.core.signing import Signer
 
 
 def test_seconds_and_timedeltas_become_whole_milliseconds() -> None:

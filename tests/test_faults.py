@@ -12,10 +12,10 @@ import signal
 import pytest
 
 from wayang_mq import Status
-from wayang_mq.connect import connect
-from wayang_mq.dispatcher import TaskHandle
-from wayang_mq.errors import BrokerUnreachable, PublishFailed
-from wayang_mq.names import task_queue
+from wayang_mq.amqp.connect import connect
+from wayang_mq.client.dispatcher import TaskHandle
+from wayang_mq.core.errors import BrokerUnreachable, PublishFailed
+from wayang_mq.core.names import task_queue
 from wayang_mq.testing.harness import Fabric, eventually
 from wayang_mq.testing.ledger import passive_ready
 from wayang_mq.testing.plugin import BrokerHandle

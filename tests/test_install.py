@@ -23,9 +23,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
-from wayang_mq import names
-from wayang_mq.connect import management_client
-from wayang_mq.endpoint import BrokerEndpoint
+from wayang_mq.amqp.connect import management_client
+from wayang_mq.amqp.endpoint import BrokerEndpoint
+from wayang_mq.core import names
 from wayang_mq.testing.harness import Fabric, WorkerProcess, eventually
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,7 +234,13 @@ async def test_the_whole_fabric_runs_on_a_non_default_vhost(
 
 
 @pytest.mark.parametrize(
-    "module", ["wayang_mq.worker", "wayang_mq.dispatcher", "wayang_mq.reaper", "wayang_mq.cli"]
+    "module",
+    [
+        "wayang_mq.runtime.worker",
+        "wayang_mq.client.dispatcher",
+        "wayang_mq.ops.reaper",
+        "wayang_mq.cli",
+    ],
 )
 def test_importing_the_worker_loads_no_test_or_dev_code(module: str, tmp_path: Path) -> None:
     # Given: a fresh interpreter that reports every module it imports

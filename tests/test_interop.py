@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from wayang_workers.demo import Echo
 
 from wayang_mq import Status, Task
-from wayang_mq.publisher import to_amqp
-from wayang_mq.signing import KeyRing
+from wayang_mq.amqp.publisher import to_amqp
+from wayang_mq.core.signing import KeyRing
+from wayang_mq.core.wire import open_task, task_message
 from wayang_mq.testing.harness import Fabric, eventually
-from wayang_mq.wire import open_task, task_message
 
 
 class ForeignPublisher:

@@ -20,20 +20,20 @@ import pytest
 from wayang_workers.demo import Echo
 
 from wayang_mq import Status
-from wayang_mq.connect import management_client
-from wayang_mq.deadletters import list_dead_letters
-from wayang_mq.dispatcher import Dispatcher, Verdict
-from wayang_mq.errors import ErrorCode
-from wayang_mq.model import Result, Task
-from wayang_mq.names import RESULTS_EXCHANGE, reply_queue, task_queue
-from wayang_mq.publisher import to_amqp
-from wayang_mq.supervisor import SupervisionConfig
+from wayang_mq.amqp.connect import management_client
+from wayang_mq.amqp.publisher import to_amqp
+from wayang_mq.client.dispatcher import Dispatcher, Verdict
+from wayang_mq.client.supervisor import SupervisionConfig
+from wayang_mq.core.errors import ErrorCode
+from wayang_mq.core.model import Result, Task
+from wayang_mq.core.names import RESULTS_EXCHANGE, reply_queue, task_queue
+from wayang_mq.core.wire import signed_message
+from wayang_mq.ops.deadletters import list_dead_letters
 from wayang_mq.testing.harness import Fabric, WorkerProcess, eventually
 from wayang_mq.testing.ledger import Ledger, LedgerMismatch, LedgerReport
 from wayang_mq.testing.plugin import BrokerHandle
 from wayang_mq.topology.apply import apply_topology
 from wayang_mq.topology.spec import parse_topology
-from wayang_mq.wire import signed_message
 
 TASKS = 10_000
 IN_FLIGHT = 500  # submitted and not yet answered, at most: memory stays flat

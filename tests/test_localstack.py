@@ -21,9 +21,9 @@ import psycopg
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
+from wayang_mq.amqp.endpoint import BrokerEndpoint
+from wayang_mq.core.errors import StackError
 from wayang_mq.dev.nodes import PostgresNode, RabbitNode
-from wayang_mq.endpoint import BrokerEndpoint
-from wayang_mq.errors import StackError
 from wayang_mq.testing.harness import eventually
 from wayang_mq.testing.plugin import BrokerHandle, service_dir
 

@@ -12,10 +12,10 @@ import aio_pika
 from wayang_workers.demo import Echo, Fail
 
 from wayang_mq import ErrorCode, Middleware, RetryHints, Status
-from wayang_mq.middleware import Executed, Opened, Settled
-from wayang_mq.model import Result
-from wayang_mq.names import TASKS_EXCHANGE
-from wayang_mq.outcome import Kind
+from wayang_mq.amqp.outcome import Kind
+from wayang_mq.core.model import Result
+from wayang_mq.core.names import TASKS_EXCHANGE
+from wayang_mq.runtime.middleware import Executed, Opened, Settled
 from wayang_mq.testing.harness import Fabric, eventually
 
 
@@ -144,6 +144,7 @@ def test_a_middleware_that_is_not_one_is_a_one_line_error(fabric_env: dict[str, 
     )
     assert run.returncode == 2, run.stderr
     assert (
-        "wayang_workers.demo:Echo is not a wayang_mq.middleware.Middleware subclass" in run.stderr
+        "wayang_workers.demo:Echo is not a wayang_mq.runtime.middleware.Middleware subclass"
+        in run.stderr
     )
     assert "Traceback" not in run.stderr

@@ -70,7 +70,7 @@ def test_a_stale_snippet_is_refused(tmp_path: Path) -> None:
     table.write_text(
         "[[mutant]]\n"
         'guarantee = "gone"\n'
-        'file = "wayang_mq/worker.py"\n'
+        'file = "wayang_mq/runtime/worker.py"\n'
         "find = '''this text is in no file'''\n"
         "replace = '''x'''\n"
         'test = "tests/test_runtime.py::test_x"\n'

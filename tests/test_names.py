@@ -6,10 +6,10 @@ import socket
 
 import pytest
 
-from wayang_mq import names
-from wayang_mq.reaper import ReaperConfig
-from wayang_mq.signing import KeyRing, Signer
-from wayang_mq.worker import WorkerConfig
+from wayang_mq.core import names
+from wayang_mq.core.signing import KeyRing, Signer
+from wayang_mq.ops.reaper import ReaperConfig
+from wayang_mq.runtime.worker import WorkerConfig
 
 
 @pytest.mark.parametrize(

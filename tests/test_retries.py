@@ -12,19 +12,19 @@ import pytest
 from wayang_workers.demo import Echo, Fail
 
 from wayang_mq import ErrorCode, Status
-from wayang_mq.connect import management_client
-from wayang_mq.model import Result, RetryHints, Task
-from wayang_mq.names import (
+from wayang_mq.amqp.connect import management_client
+from wayang_mq.core.model import Result, RetryHints, Task
+from wayang_mq.core.names import (
     EVENTS_EXCHANGE,
     RESULTS_EXCHANGE,
     RETRY_EXCHANGE,
     dead_queue,
     retry_routing_key,
 )
+from wayang_mq.core.wire import decode
 from wayang_mq.testing.harness import Fabric, eventually
 from wayang_mq.topology.apply import apply_topology
 from wayang_mq.topology.spec import RetryTier, parse_topology
-from wayang_mq.wire import decode
 
 T = TypeVar("T")
 

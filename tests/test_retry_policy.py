@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from wayang_mq.errors import ErrorCode
-from wayang_mq.model import ErrorInfo, RetryHints, Task
-from wayang_mq.retry import backoff_ms, decide, pick_tier
+from wayang_mq.core.errors import ErrorCode
+from wayang_mq.core.model import ErrorInfo, RetryHints, Task
+from wayang_mq.core.retry import backoff_ms, decide, pick_tier
 from wayang_mq.topology.spec import RetryTier
 
 TIERS = (

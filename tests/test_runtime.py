@@ -15,16 +15,16 @@ import pytest
 from wayang_workers.demo import Echo, Fail, Sleep
 
 from wayang_mq import ErrorCode, Executor, Status, Task, TaskState, current
-from wayang_mq.connect import management_client
-from wayang_mq.errors import NoExecutor
-from wayang_mq.model import JsonLike, Result, new_id
-from wayang_mq.names import EVENTS_EXCHANGE, RESULTS_EXCHANGE, TASKS_EXCHANGE, task_queue
-from wayang_mq.publisher import to_amqp
-from wayang_mq.signing import KeyRing, Signer
+from wayang_mq.amqp.connect import management_client
+from wayang_mq.amqp.publisher import to_amqp
+from wayang_mq.core.errors import NoExecutor
+from wayang_mq.core.model import JsonLike, Result, new_id
+from wayang_mq.core.names import EVENTS_EXCHANGE, RESULTS_EXCHANGE, TASKS_EXCHANGE, task_queue
+from wayang_mq.core.signing import KeyRing, Signer
+from wayang_mq.core.wire import WireMessage, decode, task_message
 from wayang_mq.testing.harness import WAIT_S, Fabric, eventually
 from wayang_mq.topology.apply import apply_topology
 from wayang_mq.topology.spec import parse_topology
-from wayang_mq.wire import WireMessage, decode, task_message
 
 Incoming = aio_pika.abc.AbstractIncomingMessage
 
@@ -469,7 +469,7 @@ async def test_a_result_the_broker_refuses_is_not_acked_away_but_answered_once_t
         serves = (CONFIRM_CAPABILITY,)
 
     executor = Counted()
-    caplog.set_level(logging.WARNING, logger="wayang_mq.worker")
+    caplog.set_level(logging.WARNING, logger="wayang_mq.runtime.worker")
     async with await aio_pika.connect(fabric.endpoint.amqp_url) as connection:
         channel = await connection.channel(publisher_confirms=True)
         replies = await channel.declare_queue(
@@ -512,7 +512,7 @@ async def test_results_verify_against_every_key_of_the_ring_and_others_are_refus
     await fabric.purge("demo.echo", "demo.sleep", "demo.fail")
     key_a, key_b, outsider = Signer.generate(), Signer.generate(), Signer.generate()
     ring = KeyRing.of([key_a.public_key, key_b.public_key])
-    caplog.set_level(logging.WARNING, logger="wayang_mq.dispatcher")
+    caplog.set_level(logging.WARNING, logger="wayang_mq.client.dispatcher")
     async with (
         fabric.dispatcher(results_keyring=ring) as dispatcher,
         fabric.worker([Echo()], signer=key_a, executor_id="ring-a"),

@@ -22,9 +22,9 @@ import aio_pika
 import pytest
 
 from wayang_mq import Executor, Status, Task
-from wayang_mq.connect import management_client
-from wayang_mq.model import JsonLike
-from wayang_mq.names import task_queue
+from wayang_mq.amqp.connect import management_client
+from wayang_mq.core.model import JsonLike
+from wayang_mq.core.names import task_queue
 from wayang_mq.testing.harness import Fabric
 from wayang_mq.topology.apply import apply_topology
 from wayang_mq.topology.spec import Topology, parse_topology

@@ -10,12 +10,12 @@ import aio_pika
 import pytest
 
 from wayang_mq import ErrorCode, Status
-from wayang_mq.dispatcher import Dispatcher, TaskHandle
-from wayang_mq.model import Result, Task
-from wayang_mq.names import RESULTS_EXCHANGE, task_queue
-from wayang_mq.supervisor import SupervisionConfig
+from wayang_mq.client.dispatcher import Dispatcher, TaskHandle
+from wayang_mq.client.supervisor import SupervisionConfig
+from wayang_mq.core.model import Result, Task
+from wayang_mq.core.names import RESULTS_EXCHANGE, task_queue
+from wayang_mq.core.wire import decode
 from wayang_mq.testing.harness import Fabric, WorkerProcess, eventually
-from wayang_mq.wire import decode
 
 FAST = SupervisionConfig(deadline_grace_ms=300, check_interval_s=0.2, status_wait_s=0.3)
 

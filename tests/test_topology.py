@@ -18,9 +18,9 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from wayang_mq import names
-from wayang_mq.errors import BrokerUnreachable, TopologyError
-from wayang_mq.management import ManagementClient
+from wayang_mq.amqp.management import ManagementClient
+from wayang_mq.core import names
+from wayang_mq.core.errors import BrokerUnreachable, TopologyError
 from wayang_mq.testing.harness import WAIT_S, eventually
 from wayang_mq.testing.plugin import BrokerHandle
 from wayang_mq.topology.apply import ApplyReport, ObjectRef, apply_topology, binding_ref

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from wayang_mq import names
-from wayang_mq.errors import BrokerUnreachable, TopologyError
-from wayang_mq.management import ManagementClient
+from wayang_mq.amqp.management import ManagementClient
+from wayang_mq.core import names
+from wayang_mq.core.errors import BrokerUnreachable, TopologyError
 from wayang_mq.topology.export import export_definitions, write_definitions
 from wayang_mq.topology.spec import (
     DEFAULT_TOPOLOGY_PATH,

@@ -7,16 +7,16 @@ import base64
 import msgpack
 import pytest
 
-from wayang_mq.errors import (
+from wayang_mq.core.errors import (
     ErrorCode,
     InvalidMessage,
     OversizedMessage,
     SignatureError,
     TokenExpired,
 )
-from wayang_mq.model import ErrorInfo, Heartbeat, Progress, Registration, Result, Status, Task
-from wayang_mq.signing import KEY_ID_HEADER, SIGNATURE_HEADER, KeyRing, Signer, write_keypair
-from wayang_mq.wire import decode, encode, open_task, task_message
+from wayang_mq.core.model import ErrorInfo, Heartbeat, Progress, Registration, Result, Status, Task
+from wayang_mq.core.signing import KEY_ID_HEADER, SIGNATURE_HEADER, KeyRing, Signer, write_keypair
+from wayang_mq.core.wire import decode, encode, open_task, task_message
 
 
 @pytest.fixture(scope="module")

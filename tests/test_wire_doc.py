@@ -9,9 +9,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from wayang_mq.model import Task
-from wayang_mq.signing import KeyRing, Signer
-from wayang_mq.wire import encode, open_task
+from wayang_mq.core.model import Task
+from wayang_mq.core.signing import KeyRing, Signer
+from wayang_mq.core.wire import encode, open_task
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "wire-format.md"
 # RFC 8032, section 7.1, TEST 1: the secret key (seed) and the public key the RFC derives from it

@@ -4,11 +4,8 @@ Executors are worker daemons bound to capability queues; the dispatcher publishe
 tasks and collects results; see README.md and docs/.
 """
 
-from wayang_mq.context import TaskContext, current
-from wayang_mq.errors import ErrorCode, ExecutorError, WayangError
-from wayang_mq.executor import Executor, TaskState, TaskStatus
-from wayang_mq.middleware import Middleware
-from wayang_mq.model import (
+from wayang_mq.core.errors import ErrorCode, ExecutorError, WayangError
+from wayang_mq.core.model import (
     Compensation,
     ErrorInfo,
     Heartbeat,
@@ -20,6 +17,9 @@ from wayang_mq.model import (
     Status,
     Task,
 )
+from wayang_mq.runtime.context import TaskContext, current
+from wayang_mq.runtime.executor import Executor, TaskState, TaskStatus
+from wayang_mq.runtime.middleware import Middleware
 
 __version__ = "0.1.0"
 

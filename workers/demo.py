@@ -11,7 +11,7 @@ import math
 import os
 
 from wayang_mq import ErrorCode, Executor, ExecutorError, Task, current
-from wayang_mq.model import JsonLike
+from wayang_mq.core.model import JsonLike
 
 
 class Echo(Executor):

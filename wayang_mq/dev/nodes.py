@@ -29,8 +29,8 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote, urlsplit
 
-from wayang_mq.endpoint import BrokerEndpoint
-from wayang_mq.errors import ConfigError, StackError
+from wayang_mq.amqp.endpoint import BrokerEndpoint
+from wayang_mq.core.errors import ConfigError, StackError
 
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")

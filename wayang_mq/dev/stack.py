@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from wayang_mq.connect import broker_endpoint, management_client, save_endpoint
+from wayang_mq.amqp.connect import broker_endpoint, management_client, save_endpoint
+from wayang_mq.amqp.endpoint import BrokerEndpoint
+from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
+from wayang_mq.core.model import Result, RetryHints
+from wayang_mq.core.settings import Settings
+from wayang_mq.core.signing import Signer, write_keypair
 from wayang_mq.dev.nodes import RabbitNode
-from wayang_mq.dispatcher import Dispatcher, DispatcherConfig
-from wayang_mq.endpoint import BrokerEndpoint
-from wayang_mq.model import Result, RetryHints
-from wayang_mq.settings import Settings
-from wayang_mq.signing import Signer, write_keypair
 from wayang_mq.topology.apply import apply_topology
 from wayang_mq.topology.spec import load_topology
 

@@ -22,16 +22,16 @@ from typing import Any, Protocol, TypeVar
 
 import aio_pika
 
-from wayang_mq import names
-from wayang_mq.connect import management_client
-from wayang_mq.dispatcher import Dispatcher, DispatcherConfig
-from wayang_mq.endpoint import BrokerEndpoint
-from wayang_mq.executor import Executor
-from wayang_mq.reaper import Reaper, ReaperConfig
-from wayang_mq.signing import KeyRing, Signer, write_keypair
+from wayang_mq.amqp.connect import management_client
+from wayang_mq.amqp.endpoint import BrokerEndpoint
+from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
+from wayang_mq.core import names
+from wayang_mq.core.signing import KeyRing, Signer, write_keypair
+from wayang_mq.ops.reaper import Reaper, ReaperConfig
+from wayang_mq.runtime.executor import Executor
+from wayang_mq.runtime.worker import Worker, WorkerConfig
 from wayang_mq.topology.apply import apply_topology
 from wayang_mq.topology.spec import DEFAULT_TOPOLOGY_PATH, Topology, load_topology
-from wayang_mq.worker import Worker, WorkerConfig
 
 
 class Daemon(Protocol):

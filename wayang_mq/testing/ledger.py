@@ -51,10 +51,9 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from wayang_mq import logs, names
-from wayang_mq.connect import connect
-from wayang_mq.deadletters import DeadLetter, list_dead_letters
-from wayang_mq.dispatcher import (
+from wayang_mq.amqp.connect import connect
+from wayang_mq.amqp.management import ManagementClient
+from wayang_mq.client.dispatcher import (
     DECIDED_BY_DISPATCHER,
     Dispatcher,
     ResultSeen,
@@ -62,11 +61,12 @@ from wayang_mq.dispatcher import (
     TaskOptions,
     Verdict,
 )
-from wayang_mq.errors import ConfigError, ErrorCode, ResultTimeout, WayangError
-from wayang_mq.management import ManagementClient
-from wayang_mq.model import JsonLike, Result, Status, Task, new_id
+from wayang_mq.core import logs, names
+from wayang_mq.core.errors import ConfigError, ErrorCode, ResultTimeout, WayangError
+from wayang_mq.core.model import JsonLike, Result, Status, Task, new_id
+from wayang_mq.core.wire import decode
+from wayang_mq.ops.deadletters import DeadLetter, list_dead_letters
 from wayang_mq.testing.harness import eventually
-from wayang_mq.wire import decode
 
 log = logging.getLogger("wayang_mq.testing.ledger")
 

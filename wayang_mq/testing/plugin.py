@@ -26,9 +26,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from wayang_mq.amqp.endpoint import BrokerEndpoint
+from wayang_mq.core.errors import StackError
 from wayang_mq.dev.nodes import PostgresNode, RabbitNode, wait_for_broker
-from wayang_mq.endpoint import BrokerEndpoint
-from wayang_mq.errors import StackError
 
 AMQP_URL_ENV = "WAYANG_AMQP_URL"
 MANAGEMENT_URL_ENV = "WAYANG_MANAGEMENT_URL"

@@ -25,10 +25,10 @@ from aio_pika.exceptions import (
 )
 from pamqp.common import FieldTable
 
-from wayang_mq import names
-from wayang_mq.endpoint import redact_url, url_vhost
-from wayang_mq.errors import BrokerUnreachable, ConfigError, TopologyError
-from wayang_mq.management import ManagementClient
+from wayang_mq.amqp.endpoint import redact_url, url_vhost
+from wayang_mq.amqp.management import ManagementClient
+from wayang_mq.core import names
+from wayang_mq.core.errors import BrokerUnreachable, ConfigError, TopologyError
 from wayang_mq.topology.spec import BindingSpec, Pairs, PolicySpec, Topology, as_dict
 
 Kind = Literal["exchange", "queue", "binding", "policy"]

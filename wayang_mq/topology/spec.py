@@ -25,9 +25,9 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from wayang_mq import names
-from wayang_mq.errors import TopologyError
-from wayang_mq.wire import PARTITION_KEY_HEADER
+from wayang_mq.core import names
+from wayang_mq.core.errors import TopologyError
+from wayang_mq.core.wire import PARTITION_KEY_HEADER
 
 __all__ = [
     "DEFAULT_TOPOLOGY_PATH",

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from wayang_mq.endpoint import redact_url
+from wayang_mq.amqp.endpoint import redact_url
 from wayang_mq.topology.spec import DEFAULT_TOPOLOGY_PATH
 
 __all__ = ["Settings", "redact_url"]

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from wayang_mq.model import JsonLike, Progress, Task
+from wayang_mq.core.model import JsonLike, Progress, Task
 
 ProgressSink = Callable[[Progress], Awaitable[None]]
 
@@ -65,7 +65,9 @@ def current() -> TaskContext:
     try:
         return _current.get()
     except LookupError:
-        raise RuntimeError("wayang_mq.context.current() called outside a running task") from None
+        raise RuntimeError(
+            "wayang_mq.runtime.context.current() called outside a running task"
+        ) from None
 
 
 def bind(ctx: TaskContext) -> contextvars.Token[TaskContext]:

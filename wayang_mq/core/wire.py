@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 import msgpack
 from pydantic import ValidationError
 
-from wayang_mq.errors import InvalidMessage, OversizedMessage, TokenExpired
-from wayang_mq.model import Task, WireModel, now_ms
-from wayang_mq.signing import KeyRing, Signer
+from wayang_mq.core.errors import InvalidMessage, OversizedMessage, TokenExpired
+from wayang_mq.core.model import Task, WireModel, now_ms
+from wayang_mq.core.signing import KeyRing, Signer
 
 CONTENT_TYPE = "application/msgpack"
 APP_ID = "wayang-mq"

@@ -21,11 +21,11 @@ from tenacity import (
     wait_exponential,
 )
 
-from wayang_mq import logs
-from wayang_mq.errors import BrokerBlocked, PublishFailed, WayangError
-from wayang_mq.wire import WireMessage
+from wayang_mq.core import logs
+from wayang_mq.core.errors import BrokerBlocked, PublishFailed, WayangError
+from wayang_mq.core.wire import WireMessage
 
-log = logging.getLogger("wayang_mq.publisher")
+log = logging.getLogger("wayang_mq.amqp.publisher")
 
 
 class Unroutable(WayangError):

@@ -27,18 +27,28 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from wayang_mq import logs, names
-from wayang_mq.compensation import dispatch_compensation
-from wayang_mq.connect import connect
-from wayang_mq.deadletters import DeadLetter, dead_letter_of
-from wayang_mq.errors import ConfigError, ErrorCode, WireError
-from wayang_mq.model import ErrorInfo, JsonLike, Result, Task
-from wayang_mq.outcome import LogLine, Outcome, Send, Settle, discard, done, reject, requeue, settle
-from wayang_mq.publisher import ConfirmedPublisher, to_amqp
-from wayang_mq.signing import KeyRing, Signer
-from wayang_mq.wire import DEFAULT_MAX_BODY_BYTES, open_verified, signed_message
+from wayang_mq.amqp.connect import connect
+from wayang_mq.amqp.outcome import (
+    LogLine,
+    Outcome,
+    Send,
+    Settle,
+    discard,
+    done,
+    reject,
+    requeue,
+    settle,
+)
+from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
+from wayang_mq.core import logs, names
+from wayang_mq.core.errors import ConfigError, ErrorCode, WireError
+from wayang_mq.core.model import ErrorInfo, JsonLike, Result, Task
+from wayang_mq.core.signing import KeyRing, Signer
+from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, open_verified, signed_message
+from wayang_mq.ops.deadletters import DeadLetter, dead_letter_of
+from wayang_mq.runtime.compensation import dispatch_compensation
 
-log = logging.getLogger("wayang_mq.reaper")
+log = logging.getLogger("wayang_mq.ops.reaper")
 
 #: codes a workflow engine may try again (a fresh task): the task itself was not at fault
 _RETRYABLE = frozenset({ErrorCode.TIMEOUT, ErrorCode.BACKPRESSURE})

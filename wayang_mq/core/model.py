@@ -17,8 +17,8 @@ from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from wayang_mq.errors import ErrorCode
-from wayang_mq.names import valid_capability
+from wayang_mq.core.errors import ErrorCode
+from wayang_mq.core.names import valid_capability
 
 JsonLike = Any  # any msgpack-representable value: nil, bool, int, float, str, bin, array, map
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from wayang_mq.errors import ConfigError
+from wayang_mq.core.errors import ConfigError
 
 
 def redact_url(url: str) -> str:

@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from wayang_mq.errors import ConfigError, SignatureError
+from wayang_mq.core.errors import ConfigError, SignatureError
 
 KEY_ID_HEADER = "wayang-key-id"
 SIGNATURE_HEADER = "wayang-signature"

@@ -23,13 +23,13 @@ from typing import Protocol
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from wayang_mq import logs, names
-from wayang_mq.control import StatusSummary
-from wayang_mq.errors import WayangError
-from wayang_mq.model import Heartbeat, Task, now_ms
-from wayang_mq.wire import decode
+from wayang_mq.amqp.control import StatusSummary
+from wayang_mq.core import logs, names
+from wayang_mq.core.errors import WayangError
+from wayang_mq.core.model import Heartbeat, Task, now_ms
+from wayang_mq.core.wire import decode
 
-log = logging.getLogger("wayang_mq.supervisor")
+log = logging.getLogger("wayang_mq.client.supervisor")
 
 
 class Supervised(Protocol):

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
-from wayang_mq.errors import ConfigError
-from wayang_mq.model import Heartbeat, JsonLike, Progress, Status, Task
-from wayang_mq.names import valid_capability
+from wayang_mq.core.errors import ConfigError
+from wayang_mq.core.model import Heartbeat, JsonLike, Progress, Status, Task
+from wayang_mq.core.names import valid_capability
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

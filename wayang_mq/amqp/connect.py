@@ -15,16 +15,16 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustConnection
 
-from wayang_mq import logs
-from wayang_mq.endpoint import BrokerEndpoint, redact_url
-from wayang_mq.errors import BrokerUnreachable, ConfigError
-from wayang_mq.management import ManagementClient
-from wayang_mq.settings import Settings
-from wayang_mq.signing import KeyRing, Signer
+from wayang_mq.amqp.endpoint import BrokerEndpoint, redact_url
+from wayang_mq.amqp.management import ManagementClient
+from wayang_mq.core import logs
+from wayang_mq.core.errors import BrokerUnreachable, ConfigError
+from wayang_mq.core.settings import Settings
+from wayang_mq.core.signing import KeyRing, Signer
 
 ENDPOINT_FILE = "endpoint.json"
 
-log = logging.getLogger("wayang_mq.connect")
+log = logging.getLogger("wayang_mq.amqp.connect")
 
 
 def broker_endpoint(settings: Settings) -> BrokerEndpoint:

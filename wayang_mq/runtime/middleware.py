@@ -6,7 +6,7 @@ Temporal's interceptors are the models):
 - ``on_opened``: the task passed size, signature, schema, deadline and capability checks;
 - ``on_executed``: the executor finished (or was answered without running); a hook may
   return a changed result, which the next hook and the rest of the pipeline see;
-- ``on_settled``: the delivery's :class:`~wayang_mq.outcome.Outcome` was carried out (every
+- ``on_settled``: the delivery's :class:`~wayang_mq.amqp.outcome.Outcome` was carried out (every
   delivery ends here exactly once: done, retry, dead letter, requeue, reject).
 
 Each hook takes one frozen input object, so a hook can gain fields without breaking the ones
@@ -22,12 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from wayang_mq.model import Result, Task
+from wayang_mq.core.model import Result, Task
 
 if TYPE_CHECKING:  # executor code imports this module: keep AMQP out of its import
-    from wayang_mq.outcome import Outcome
+    from wayang_mq.amqp.outcome import Outcome
 
-log = logging.getLogger("wayang_mq.middleware")
+log = logging.getLogger("wayang_mq.runtime.middleware")
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,12 +23,12 @@ import aiormq
 import msgpack
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from wayang_mq import logs, names, retry
-from wayang_mq.compensation import dispatch_compensation
-from wayang_mq.connect import connect
-from wayang_mq.context import TaskContext, bind, unbind
-from wayang_mq.control import ControlServer
-from wayang_mq.errors import (
+from wayang_mq.amqp.connect import connect
+from wayang_mq.amqp.control import ControlServer
+from wayang_mq.amqp.outcome import Kind, LogLine, Outcome, Send, Settle, done, requeue, settle
+from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
+from wayang_mq.core import logs, names, retry
+from wayang_mq.core.errors import (
     ConfigError,
     ErrorCode,
     ExecutorError,
@@ -36,9 +36,7 @@ from wayang_mq.errors import (
     WireError,
     WrongCapability,
 )
-from wayang_mq.executor import Executor, TaskState, TaskStatus, check_capabilities
-from wayang_mq.middleware import Chain, Executed, Middleware, Opened, Settled
-from wayang_mq.model import (
+from wayang_mq.core.model import (
     ErrorInfo,
     Heartbeat,
     Progress,
@@ -50,11 +48,8 @@ from wayang_mq.model import (
     new_id,
     now_ms,
 )
-from wayang_mq.outcome import Kind, LogLine, Outcome, Send, Settle, done, requeue, settle
-from wayang_mq.publisher import ConfirmedPublisher, to_amqp
-from wayang_mq.signing import KeyRing, Signer
-from wayang_mq.topology.spec import RetryTier
-from wayang_mq.wire import (
+from wayang_mq.core.signing import KeyRing, Signer
+from wayang_mq.core.wire import (
     DEAD_LETTERED_BY_HEADER,
     DEFAULT_MAX_BODY_BYTES,
     ERROR_CODE_HEADER,
@@ -63,8 +58,13 @@ from wayang_mq.wire import (
     signed_message,
     task_message,
 )
+from wayang_mq.runtime.compensation import dispatch_compensation
+from wayang_mq.runtime.context import TaskContext, bind, unbind
+from wayang_mq.runtime.executor import Executor, TaskState, TaskStatus, check_capabilities
+from wayang_mq.runtime.middleware import Chain, Executed, Middleware, Opened, Settled
+from wayang_mq.topology.spec import RetryTier
 
-log = logging.getLogger("wayang_mq.worker")
+log = logging.getLogger("wayang_mq.runtime.worker")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ A task reaches ``wayang.dlx`` in one of two ways:
 
 ``wayang.dlx`` routes every dead letter both to ``wayang.dead.<capability>``, which nothing
 consumes (kept for inspection and replay), and to ``wayang.reaper``, whose daemon answers the
-broker's dead letters with FAILED results (see :mod:`wayang_mq.reaper`).
+broker's dead letters with FAILED results (see :mod:`wayang_mq.ops.reaper`).
 
 Listing, replaying and purging work over AMQP rather than the management API's
 ``get-messages``: that endpoint does the same ``basic.get`` and requeue inside the broker, but
@@ -37,14 +37,14 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-from wayang_mq import names
-from wayang_mq.connect import connect
-from wayang_mq.errors import ConfigError, ErrorCode, PublishFailed, WireError
-from wayang_mq.model import Task, new_id, now_ms
-from wayang_mq.outcome import discard, requeue, settle
-from wayang_mq.publisher import ConfirmedPublisher, Rejected, Unroutable, to_amqp
-from wayang_mq.signing import KeyRing, Signer
-from wayang_mq.wire import (
+from wayang_mq.amqp.connect import connect
+from wayang_mq.amqp.outcome import discard, requeue, settle
+from wayang_mq.amqp.publisher import ConfirmedPublisher, Rejected, Unroutable, to_amqp
+from wayang_mq.core import names
+from wayang_mq.core.errors import ConfigError, ErrorCode, PublishFailed, WireError
+from wayang_mq.core.model import Task, new_id, now_ms
+from wayang_mq.core.signing import KeyRing, Signer
+from wayang_mq.core.wire import (
     DEAD_LETTERED_BY_HEADER,
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from wayang_mq.errors import ErrorCode
-from wayang_mq.model import ErrorInfo, Task
+from wayang_mq.core.errors import ErrorCode
+from wayang_mq.core.model import ErrorInfo, Task
 from wayang_mq.topology.spec import RetryTier
 
 

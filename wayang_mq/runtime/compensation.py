@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 
-from wayang_mq import logs, names
-from wayang_mq.errors import WayangError
-from wayang_mq.model import Result, Status, Task
-from wayang_mq.publisher import ConfirmedPublisher, to_amqp
-from wayang_mq.signing import Signer
-from wayang_mq.wire import task_message
+from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
+from wayang_mq.core import logs, names
+from wayang_mq.core.errors import WayangError
+from wayang_mq.core.model import Result, Status, Task
+from wayang_mq.core.signing import Signer
+from wayang_mq.core.wire import task_message
 
-log = logging.getLogger("wayang_mq.compensation")
+log = logging.getLogger("wayang_mq.runtime.compensation")
 
 
 def compensation_for(task: Task, result: Result) -> Task | None:

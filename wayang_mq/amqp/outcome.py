@@ -28,12 +28,12 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
-from wayang_mq import logs
-from wayang_mq.errors import WayangError
-from wayang_mq.model import Result
-from wayang_mq.publisher import ConfirmedPublisher, Unroutable
+from wayang_mq.amqp.publisher import ConfirmedPublisher, Unroutable
+from wayang_mq.core import logs
+from wayang_mq.core.errors import WayangError
+from wayang_mq.core.model import Result
 
-log = logging.getLogger("wayang_mq.outcome")
+log = logging.getLogger("wayang_mq.amqp.outcome")
 
 
 class Settle(StrEnum):

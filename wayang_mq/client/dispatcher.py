@@ -23,13 +23,15 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from wayang_mq import logs, names
-from wayang_mq.compensation import compensation_for
-from wayang_mq.connect import connect
-from wayang_mq.control import ControlClient, StatusSummary, summarize
-from wayang_mq.durations import Seconds, to_ms, to_ms_or_none
-from wayang_mq.errors import Backpressure, ErrorCode, NoExecutor, ResultTimeout, WayangError
-from wayang_mq.model import (
+from wayang_mq.amqp.connect import connect
+from wayang_mq.amqp.control import ControlClient, StatusSummary, summarize
+from wayang_mq.amqp.outcome import discard, reject, settle
+from wayang_mq.amqp.publisher import ConfirmedPublisher, Rejected, Unroutable, to_amqp
+from wayang_mq.client.supervisor import SupervisionConfig, Supervisor
+from wayang_mq.core import logs, names
+from wayang_mq.core.durations import Seconds, to_ms, to_ms_or_none
+from wayang_mq.core.errors import Backpressure, ErrorCode, NoExecutor, ResultTimeout, WayangError
+from wayang_mq.core.model import (
     Compensation,
     ErrorInfo,
     JsonLike,
@@ -40,13 +42,11 @@ from wayang_mq.model import (
     new_id,
     now_ms,
 )
-from wayang_mq.outcome import discard, reject, settle
-from wayang_mq.publisher import ConfirmedPublisher, Rejected, Unroutable, to_amqp
-from wayang_mq.signing import KeyRing, Signer
-from wayang_mq.supervisor import SupervisionConfig, Supervisor
-from wayang_mq.wire import decode, open_verified, signed_message, task_message
+from wayang_mq.core.signing import KeyRing, Signer
+from wayang_mq.core.wire import decode, open_verified, signed_message, task_message
+from wayang_mq.runtime.compensation import compensation_for
 
-log = logging.getLogger("wayang_mq.dispatcher")
+log = logging.getLogger("wayang_mq.client.dispatcher")
 
 #: an idle reply queue (its dispatcher gone) is deleted by the broker after this long
 REPLY_QUEUE_EXPIRES_MS = 24 * 3600 * 1000
@@ -85,7 +85,7 @@ class TaskOptions(TypedDict, total=False):
     """What a caller may say of a task besides its capability and input (all optional).
 
     Durations are seconds (int or float) or a ``timedelta``, converted to the wire's
-    milliseconds in one place (:mod:`wayang_mq.durations`). A typed dict, so a misspelt
+    milliseconds in one place (:mod:`wayang_mq.core.durations`). A typed dict, so a misspelt
     option is a type error, not a silently ignored keyword.
     """
 

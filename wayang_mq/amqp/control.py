@@ -18,10 +18,10 @@ from typing import Any, Protocol, TypeVar
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from wayang_mq import logs, names
-from wayang_mq.errors import WayangError
-from wayang_mq.executor import TaskState, TaskStatus
-from wayang_mq.model import (
+from wayang_mq.amqp.publisher import ConfirmedPublisher, Unroutable, to_amqp
+from wayang_mq.core import logs, names
+from wayang_mq.core.errors import WayangError
+from wayang_mq.core.model import (
     CancelRequest,
     Progress,
     Status,
@@ -31,11 +31,11 @@ from wayang_mq.model import (
     new_id,
     now_ms,
 )
-from wayang_mq.publisher import ConfirmedPublisher, Unroutable, to_amqp
-from wayang_mq.signing import KeyRing, Signer
-from wayang_mq.wire import decode, open_verified, signed_message
+from wayang_mq.core.signing import KeyRing, Signer
+from wayang_mq.core.wire import decode, open_verified, signed_message
+from wayang_mq.runtime.executor import TaskState, TaskStatus
 
-log = logging.getLogger("wayang_mq.control")
+log = logging.getLogger("wayang_mq.amqp.control")
 M = TypeVar("M", bound=WireModel)
 
 

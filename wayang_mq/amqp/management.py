@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
-from wayang_mq.errors import BrokerUnreachable, TopologyError
+from wayang_mq.core.errors import BrokerUnreachable, TopologyError
 
 JSON = dict[str, Any]
 

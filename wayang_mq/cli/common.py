@@ -1,0 +1,41 @@
+"""What several verbs share: running a daemon until a signal, a dispatcher from settings,
+checking a capability argument."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from wayang_mq.core.errors import ConfigError
+from wayang_mq.core.settings import Settings
+
+if TYPE_CHECKING:
+    from wayang_mq.client.dispatcher import DispatcherConfig
+
+
+async def run_until_signal(run: Callable[[], Any], stop: Callable[[], None]) -> None:
+    """Run a daemon; SIGTERM and SIGINT ask it to stop gracefully instead of killing it."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+    await run()
+
+
+def dispatcher_config(settings: Settings) -> DispatcherConfig:
+    """A dispatcher on the configured broker, signing with the configured key."""
+    from wayang_mq.amqp.connect import broker_endpoint, signer
+    from wayang_mq.client.dispatcher import DispatcherConfig
+
+    return DispatcherConfig(amqp_url=broker_endpoint(settings).amqp_url, signer=signer(settings))
+
+
+def capability_arg(capability: str) -> str:
+    from wayang_mq.core.names import valid_capability
+
+    if not valid_capability(capability):
+        raise ConfigError(
+            f"{capability!r} is not a capability name", hint="e.g. demo.echo; see `dead list`"
+        )
+    return capability

@@ -1,0 +1,150 @@
+"""``wayang-mq reaper`` and ``wayang-mq dead list|replay|purge``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from wayang_mq.cli.common import capability_arg, run_until_signal
+from wayang_mq.cli.exits import Exit
+from wayang_mq.core.errors import ConfigError
+from wayang_mq.core.settings import Settings
+
+if TYPE_CHECKING:
+    from wayang_mq.ops.deadletters import DeadLetter
+
+
+def add(sub: Any) -> None:
+    """Register this verb's parser and handler."""
+    reaper = sub.add_parser("reaper", help="answer dead-lettered tasks with FAILED results")
+    reaper.add_argument("--id", dest="reaper_id", help="reaper id (default: reaper-host-pid)")
+    reaper.add_argument("--prefetch", type=int, default=32, help="dead letters held (default 32)")
+    reaper.set_defaults(func=_cmd_reaper)
+    p = sub.add_parser("dead", help="list, replay or purge dead-lettered tasks")
+    dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = dsub.add_parser("list", help="task id, reason, time and attempt of each dead letter")
+    ls.add_argument("capability", nargs="?", help="one capability (default: all in the topology)")
+    ls.add_argument("--limit", type=int, default=1000, help="at most this many per capability")
+    ls.add_argument("--json", action="store_true", help="print a JSON array")
+    ls.set_defaults(func=_cmd_dead_list)
+    rp = dsub.add_parser("replay", help="dispatch dead tasks again, freshly signed and timed")
+    rp.add_argument("capability")
+    which = rp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", dest="task_id", help="the id of the task to replay")
+    which.add_argument("--all", action="store_true", help="every dead letter of the capability")
+    rp.add_argument(
+        "--queue-timeout", type=float, help="seconds it may wait queued (default: as at first)"
+    )
+    rp.set_defaults(func=_cmd_dead_replay)
+    pg = dsub.add_parser("purge", help="delete every dead letter of a capability")
+    pg.add_argument("capability")
+    pg.set_defaults(func=_cmd_dead_purge)
+
+
+def _cmd_reaper(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.amqp.connect import broker_endpoint, keyring, signer
+    from wayang_mq.ops.reaper import Reaper, ReaperConfig
+
+    extra = {"reaper_id": args.reaper_id} if args.reaper_id else {}
+    config = ReaperConfig(
+        amqp_url=broker_endpoint(settings).amqp_url,
+        keyring=keyring(settings),
+        signer=signer(settings),
+        prefetch=args.prefetch,
+        **extra,
+    )
+    reaper = Reaper(config)
+    asyncio.run(run_until_signal(reaper.run, reaper.stop))
+    return Exit.OK
+
+
+def _cmd_dead_list(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.amqp.connect import broker_endpoint, keyring
+    from wayang_mq.ops.deadletters import list_dead_letters
+    from wayang_mq.topology.spec import load_topology
+
+    if args.capability:
+        capabilities = [capability_arg(args.capability)]
+    else:
+        capabilities = [c.name for c in load_topology(settings.topology).capabilities]
+    url = broker_endpoint(settings).amqp_url
+    try:
+        ring = keyring(settings)  # only to show attempts: listing works without keys
+    except ConfigError:
+        ring = None
+
+    async def gather() -> list[DeadLetter]:
+        found: list[DeadLetter] = []
+        for capability in capabilities:
+            found += await list_dead_letters(url, capability, keyring=ring, limit=args.limit)
+        return found
+
+    letters = asyncio.run(gather())
+    if args.json:
+        print(json.dumps([letter.as_json() for letter in letters], indent=2))
+    elif letters:
+        print("\n".join(_dead_table(letters)))
+    else:
+        print("no dead letters")
+    return Exit.OK
+
+
+def _dead_table(letters: Sequence[DeadLetter]) -> list[str]:
+    """Aligned columns; the reason in words last, since it is the long one."""
+    from wayang_mq.core.model import ms_to_datetime
+
+    rows = [("TASK ID", "CAPABILITY", "REASON", "DEAD AT (UTC)", "ATTEMPT", "WHY")]
+    for d in letters:
+        when = "?" if d.dead_at_ms is None else f"{ms_to_datetime(d.dead_at_ms):%Y-%m-%d %H:%M:%S}"
+        why = d.message + (f" (by {d.dead_lettered_by})" if d.dead_lettered_by else "")
+        attempt = "?" if d.attempt is None else str(d.attempt)
+        rows.append((d.task_id, d.capability, d.reason, when, attempt, why))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  ".join([*cells, row[5]]))
+    return lines
+
+
+def _cmd_dead_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.amqp.connect import broker_endpoint, keyring, signer
+    from wayang_mq.core.names import dead_queue
+    from wayang_mq.ops.deadletters import replay
+
+    capability = capability_arg(args.capability)
+    timeout_ms = None if args.queue_timeout is None else int(args.queue_timeout * 1000)
+    outcomes = asyncio.run(
+        replay(
+            broker_endpoint(settings).amqp_url,
+            capability,
+            keyring=keyring(settings),
+            signer=signer(settings),
+            task_id=args.task_id,
+            queue_timeout_ms=timeout_ms,
+        )
+    )
+    if args.task_id and not outcomes:
+        raise ConfigError(
+            f"no dead letter of task {args.task_id} in {dead_queue(capability)}",
+            hint=f"see `wayang-mq dead list {capability}`",
+        )
+    for outcome in outcomes:
+        print(outcome.line())
+    left = sum(not outcome.replayed for outcome in outcomes)
+    print(f"{len(outcomes) - left} replayed, {left} left in {dead_queue(capability)}")
+    return Exit.OK if left == 0 else Exit.TASK_FAILED
+
+
+def _cmd_dead_purge(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.amqp.connect import broker_endpoint
+    from wayang_mq.core.names import dead_queue
+    from wayang_mq.ops.deadletters import purge
+
+    capability = capability_arg(args.capability)
+    purged = asyncio.run(purge(broker_endpoint(settings).amqp_url, capability))
+    print(f"purged {purged} dead letters from {dead_queue(capability)}")
+    return Exit.OK

@@ -1,0 +1,58 @@
+"""``wayang-mq submit``: publish one task, optionally wait for its result."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+from wayang_mq.cli.common import dispatcher_config
+from wayang_mq.cli.exits import Exit
+from wayang_mq.core.errors import ConfigError
+from wayang_mq.core.settings import Settings
+
+
+def add(sub: Any) -> None:
+    """Register this verb's parser and handler."""
+    p = sub.add_parser("submit", help="publish one task; with --wait, print its result")
+    p.add_argument("capability", help="e.g. demo.echo")
+    p.add_argument("--input", default="{}", help="the input context as a JSON object")
+    p.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    p.add_argument("--queue-timeout", type=float, default=60.0, help="seconds it may wait queued")
+    p.add_argument("--exec-timeout", type=float, help="seconds it may run")
+    p.add_argument("--node-id", help="workflow node id (default: the task id)")
+    p.add_argument("--partition-key", help="keeps order per key on sharded capabilities")
+    p.set_defaults(func=_cmd_submit)
+
+
+def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.client.dispatcher import Dispatcher
+
+    try:
+        task_input = json.loads(args.input)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--input is not JSON: {exc}", hint="e.g. --input '{\"x\": 1}'") from exc
+    if not isinstance(task_input, dict):
+        raise ConfigError("--input must be a JSON object", hint="e.g. --input '{\"x\": 1}'")
+    config = dispatcher_config(settings)
+
+    async def submit() -> int:
+        async with Dispatcher(config) as dispatcher:
+            handle = await dispatcher.submit(
+                args.capability,
+                task_input,
+                queue_timeout_s=args.queue_timeout,
+                timeout_s=args.exec_timeout,
+                node_id=args.node_id,
+                partition_key=args.partition_key,
+            )
+            if not args.wait:
+                print(json.dumps({"task_id": handle.task_id, "status": "SUBMITTED"}))
+                return Exit.OK
+            result = await handle.result(args.timeout)
+            print(result.model_dump_json(indent=2, exclude_defaults=False))
+            return Exit.OK if result.status == "SUCCESS" else Exit.TASK_FAILED
+
+    return asyncio.run(submit())

@@ -1,0 +1,45 @@
+"""``wayang-mq topology apply|export``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from wayang_mq.cli.exits import Exit
+from wayang_mq.core.settings import Settings
+
+
+def add(sub: Any) -> None:
+    """Register this verb's parser and handler."""
+    p = sub.add_parser("topology", help="declare or export the RabbitMQ topology")
+    tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    apply = tsub.add_parser("apply", help="declare exchanges, queues, bindings and policies")
+    apply.add_argument("--file", type=Path, help="topology file (default topology/wayang.toml)")
+    apply.set_defaults(func=_cmd_topology_apply)
+    export = tsub.add_parser("export", help="write a definitions.json for the console import")
+    export.add_argument("--file", type=Path, help="topology file (default topology/wayang.toml)")
+    export.add_argument("--out", type=Path, required=True, help="where to write the JSON")
+    export.set_defaults(func=_cmd_topology_export)
+
+
+def _cmd_topology_apply(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.amqp.connect import broker_endpoint, management_client
+    from wayang_mq.topology.apply import apply_topology
+    from wayang_mq.topology.spec import load_topology
+
+    topology = load_topology(args.file or settings.topology)
+    endpoint = broker_endpoint(settings)
+    report = asyncio.run(apply_topology(topology, endpoint.amqp_url, management_client(endpoint)))
+    print("\n".join(report.lines()))
+    return Exit.OK
+
+
+def _cmd_topology_export(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.topology.export import write_definitions
+    from wayang_mq.topology.spec import load_topology
+
+    write_definitions(load_topology(args.file or settings.topology), args.out)
+    print(f"wrote {args.out} (import it in the console: Overview → Import definitions)")
+    return Exit.OK

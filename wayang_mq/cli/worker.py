@@ -1,0 +1,61 @@
+"""``wayang-mq worker``: a worker daemon for one or more executors."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from wayang_mq.cli.common import run_until_signal
+from wayang_mq.cli.exits import Exit
+from wayang_mq.core.settings import Settings
+
+
+def add(sub: Any) -> None:
+    """Register this verb's parser and handler."""
+    p = sub.add_parser("worker", help="run a worker daemon for one or more executors")
+    p.add_argument(
+        "executors", nargs="+", metavar="MODULE:CLASS", help="e.g. wayang_workers.demo:Echo"
+    )
+    p.add_argument("--concurrency", type=int, default=8, help="tasks run at once (default 8)")
+    p.add_argument("--prefetch", type=int, help="deliveries held (default: concurrency)")
+    p.add_argument("--id", dest="executor_id", help="executor id (default: host-pid)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds to finish on SIGTERM")
+    p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats")
+    p.add_argument(
+        "--middleware",
+        action="append",
+        default=[],
+        metavar="MODULE:CLASS",
+        help="a wayang_mq.Middleware layer around every delivery (repeatable, in order)",
+    )
+    p.set_defaults(func=_cmd_worker)
+
+
+def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.amqp.connect import broker_endpoint, keyring, signer
+    from wayang_mq.runtime.executor import load_class, load_executor
+    from wayang_mq.runtime.middleware import Middleware
+    from wayang_mq.runtime.worker import Worker, WorkerConfig
+    from wayang_mq.topology.spec import load_topology
+
+    executors = [load_executor(spec) for spec in args.executors]
+    middleware = tuple(
+        load_class(spec, Middleware, "mypackage.metrics:Timing") for spec in args.middleware
+    )
+    extra = {"executor_id": args.executor_id} if args.executor_id else {}
+    config = WorkerConfig(
+        amqp_url=broker_endpoint(settings).amqp_url,
+        keyring=keyring(settings),
+        signer=signer(settings),
+        concurrency=args.concurrency,
+        prefetch=args.prefetch,
+        grace_s=args.grace,
+        heartbeat_interval_s=args.heartbeat,
+        retry_tiers=load_topology(settings.topology).retry_tiers,
+        middleware=middleware,
+        **extra,
+    )
+    worker = Worker(executors, config)
+    asyncio.run(run_until_signal(worker.run, worker.stop))
+    return Exit.OK

@@ -1,0 +1,1 @@
+"""What submits tasks and waits for results: the dispatcher and its supervisor."""

@@ -1,0 +1,1 @@
+"""Operating the fabric: the reaper and the dead-letter tools."""

@@ -1,0 +1,1 @@
+"""What runs executors: the executor contract, task context, middleware and the worker daemon."""
