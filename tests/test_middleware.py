@@ -13,9 +13,12 @@ from wayang_workers.demo import Echo, Fail
 
 from wayang_mq import ErrorCode, Middleware, RetryHints, Status
 from wayang_mq.amqp.outcome import Kind
+from wayang_mq.amqp.publisher import to_amqp
+from wayang_mq.core.errors import InvalidMessage, SignatureError
 from wayang_mq.core.model import Result
 from wayang_mq.core.names import TASKS_EXCHANGE
-from wayang_mq.runtime.middleware import Executed, Opened, Settled
+from wayang_mq.core.wire import task_message
+from wayang_mq.runtime.middleware import Executed, Opened, Received, Settled
 from wayang_mq.testing.harness import Fabric, eventually
 
 
@@ -87,6 +90,58 @@ async def test_a_middleware_sees_every_outcome_of_a_mixed_run_and_may_change_res
     assert retried.metrics["seen_by_middleware"] == 1.0
     # and the broken layer failed no task
     assert ok.status is Status.SUCCESS
+
+
+class TenantCheck(Middleware):
+    """An envelope check: refuses a delivery without an ``x-tenant`` header before it is
+    decoded, and a task of another tenant once it is verified."""
+
+    def __init__(self) -> None:
+        self.received: list[str | None] = []
+
+    async def on_received(self, received: Received) -> None:
+        self.received.append(received.message_id)
+        if "x-tenant" not in received.headers:
+            raise InvalidMessage("no x-tenant header", body=received.body)
+
+    async def on_opened(self, opened: Opened) -> Result | None:
+        if opened.task.input.get("tenant") != "acme":
+            raise SignatureError(f"task {opened.task.task_id} is not for tenant acme")
+        return None
+
+
+async def test_a_middleware_refuses_bad_envelopes_as_bad_input(fabric: Fabric) -> None:
+    # Given a worker with a tenant check in front of it
+    await fabric.purge("demo.echo")
+    check = TenantCheck()
+    async with (
+        fabric.worker([Echo()], middleware=(check,)),
+        fabric.dispatcher() as dispatcher,
+        await aio_pika.connect(fabric.endpoint.amqp_url) as connection,
+    ):
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(TASKS_EXCHANGE, ensure=False)
+
+        async def publish(task_input: dict[str, str], headers: dict[str, str]) -> Result:
+            """A signed task with extra AMQP headers, answered to the dispatcher."""
+            task = dispatcher.task("demo.echo", task_input)
+            message = to_amqp(task_message(task, fabric.signer))
+            message.headers = {**(message.headers or {}), **headers}
+            await exchange.publish(message, "demo.echo")
+            return await dispatcher.result_of(task.task_id, timeout_s=30)
+
+        # When tasks arrive without the header, for another tenant, and for the right one
+        no_header = await publish({"tenant": "acme"}, {})
+        other = await publish({"tenant": "globex"}, {"x-tenant": "globex"})
+        ok = await publish({"tenant": "acme"}, {"x-tenant": "acme"})
+
+    # Then the first two are refused as bad input with the layer's reason; the third runs
+    assert no_header.error is not None and no_header.error.code is ErrorCode.INVALID_TASK
+    assert "no x-tenant header" in no_header.error.message
+    assert other.error is not None and other.error.code is ErrorCode.BAD_SIGNATURE
+    assert "not for tenant acme" in other.error.message
+    assert ok.status is Status.SUCCESS
+    assert check.received == [no_header.task_id, other.task_id, ok.task_id]
 
 
 RECORDING_LAYER = """

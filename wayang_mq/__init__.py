@@ -16,9 +16,10 @@ from wayang_mq.core.model import (
     RetryHints,
     Status,
     Task,
+    TaskRef,
 )
 from wayang_mq.runtime.context import TaskContext, current
-from wayang_mq.runtime.executor import Executor, TaskState, TaskStatus
+from wayang_mq.runtime.executor import Executor, Pending, TaskState, TaskStatus
 from wayang_mq.runtime.middleware import Middleware
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "ExecutorError",
     "Heartbeat",
     "Middleware",
+    "Pending",
     "PolicyConstraints",
     "Progress",
     "Registration",
@@ -39,6 +41,7 @@ __all__ = [
     "Status",
     "Task",
     "TaskContext",
+    "TaskRef",
     "TaskState",
     "TaskStatus",
     "WayangError",

@@ -44,6 +44,15 @@ class Sleep(Executor):
         return {"slept_s": seconds}
 
 
+class LongSleep(Sleep):
+    """``demo.sleep`` as a long-running executor: accepted at start (PENDING published, the
+    delivery acked), so it may sleep past the broker's ``consumer_timeout``; its answer is
+    published when it wakes. Give its tasks a heartbeat timeout so a worker death is noticed.
+    """
+
+    long_running = True
+
+
 class Fail(Executor):
     """``demo.fail``: fails as asked, for testing failure handling.
 

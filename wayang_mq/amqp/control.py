@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -20,13 +19,17 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from wayang_mq.amqp.publisher import ConfirmedPublisher, Unroutable, to_amqp
 from wayang_mq.core import logs, names
-from wayang_mq.core.errors import WayangError
+from wayang_mq.core.bounded import LastSeen
+from wayang_mq.core.errors import ErrorCode, WayangError
 from wayang_mq.core.model import (
     CancelRequest,
+    ErrorInfo,
     Progress,
+    Result,
     Status,
     StatusReport,
     StatusRequest,
+    Task,
     WireModel,
     new_id,
     now_ms,
@@ -70,8 +73,7 @@ class ControlServer:
         self._keyring = keyring
         self._signer = signer
         self._publisher = publisher
-        self._remember = remember
-        self._cancelled: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id → reason, until
+        self._cancelled: LastSeen[tuple[str, int]] = LastSeen(remember)  # id → reason, until
 
     async def start(self, channel: AbstractChannel) -> None:
         """Declare this worker's control queue, bind it to every request, consume it."""
@@ -89,6 +91,15 @@ class ControlServer:
             return None
         return entry[0]
 
+    def answer_if_cancelled(self, task: Task, executor_id: str) -> Result | None:
+        """A task whose cancel arrived before it did is answered FAILED ``cancelled``, not run."""
+        reason = self.cancelled(task.task_id)
+        if reason is None:
+            return None
+        logs.event(log, "task.discarded", task_id=task.task_id, reason=reason)
+        error = ErrorInfo(code=ErrorCode.CANCELLED, message=reason)
+        return Result.failure(task, executor_id, error)
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:
             if message.type == CancelRequest.wire_type:
@@ -105,10 +116,7 @@ class ControlServer:
         reason = request.reason or f"cancelled by {request.requester or 'a caller'}"
         running = self._target.cancel(request.task_id, reason)
         if not running:
-            self._cancelled[request.task_id] = (reason, now_ms() + request.forget_after_ms)
-            self._cancelled.move_to_end(request.task_id)
-            while len(self._cancelled) > self._remember:
-                self._cancelled.popitem(last=False)
+            self._cancelled.put(request.task_id, (reason, now_ms() + request.forget_after_ms))
         logs.event(
             log, "task.cancel_requested", task_id=request.task_id, running=running, reason=reason
         )

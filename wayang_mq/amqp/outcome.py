@@ -10,6 +10,10 @@ confirmed sends the delivery back to its queue (it comes again and is answered f
 results); a dead-letter copy not confirmed rejects it into the queue's own at-least-once
 dead-lettering; a retry no queue takes falls back to the task's final answer.
 
+An outcome decided after its delivery was already acked (a long-running task's answer, see
+:mod:`wayang_mq.runtime.worker`) has nothing to settle: :func:`deliver` publishes what it
+carries, retrying until the broker confirms, since there is no delivery to give back.
+
 A settle on a channel that died meanwhile is skipped and logged, never retried: the delivery
 tag belongs to the dead channel, the broker has already returned the delivery to its queue,
 and acking the same tag on a new channel would ack a different message.
@@ -51,6 +55,7 @@ class Kind(StrEnum):
     """What an outcome means, for logs and for whoever watches outcomes."""
 
     DONE = "done"  # answered: the result (and anything it needs) is published
+    PENDING = "pending"  # accepted: a PENDING result is published, the answer comes later
     RETRY = "retry"  # the next attempt is published to a retry tier
     DEAD_LETTER = "dead_letter"  # bad input: kept with its reason, answered when it can be
     REQUEUE = "requeue"  # given back unharmed: shutdown, a bug, something not confirmed
@@ -152,9 +157,35 @@ async def settle(
             continue
         return await _instead(message, outcome, send, failure)
     await _act(message, outcome.settle)
-    if outcome.log is not None:
-        line = outcome.log
-        logs.event(log, line.event, line.level, task_id=outcome.task_id, **line.fields)
+    _log(outcome)
+    return outcome
+
+
+async def deliver(
+    outcome: Outcome, publisher: ConfirmedPublisher, *, retry_s: float = 1.0
+) -> Outcome:
+    """Publish what ``outcome`` carries when there is no delivery left to settle.
+
+    Each message is retried (every ``retry_s``) until the broker confirms it: there is no
+    queue to give the work back to. If the process dies meanwhile, the task's heartbeat
+    supervision re-dispatches it. Returns the outcome carried out.
+    """
+    for send in outcome.sends:
+        while (failure := await _publish(send, publisher)) is not None:
+            if isinstance(failure, Unroutable) and outcome.if_unroutable is not None:
+                return await deliver(await outcome.if_unroutable(), publisher, retry_s=retry_s)
+            if send.if_unconfirmed is None:
+                break
+            logs.event(
+                log,
+                send.unconfirmed_event,
+                logging.WARNING,
+                task_id=outcome.task_id,
+                error=str(failure),
+                next=f"publishing again in {retry_s}s",
+            )
+            await asyncio.sleep(retry_s)
+    _log(outcome)
     return outcome
 
 
@@ -169,6 +200,12 @@ async def _publish(send: Send, publisher: ConfirmedPublisher | None) -> WayangEr
     except WayangError as exc:
         return exc
     return None
+
+
+def _log(outcome: Outcome) -> None:
+    if outcome.log is not None:
+        line = outcome.log
+        logs.event(log, line.event, line.level, task_id=outcome.task_id, **line.fields)
 
 
 async def _instead(
@@ -193,14 +230,16 @@ async def _instead(
 
 
 async def _act(message: AbstractIncomingMessage, how: Settle) -> None:
-    """Ack, reject or requeue; on a channel that died meanwhile, skip it and say so."""
+    """Ack, reject or requeue; on a channel that died meanwhile, skip it and say so.
+
+    A reject is ``basic.nack`` without requeue: RabbitMQ dead-letters it exactly like
+    ``basic.reject`` (reason ``rejected``).
+    """
     try:
         if how is Settle.ACK:
             await message.ack()
-        elif how is Settle.REJECT:
-            await message.reject(requeue=False)
         else:
-            await message.nack(requeue=True)
+            await message.nack(requeue=how is Settle.REQUEUE)
     except (
         aio_pika.exceptions.ChannelInvalidStateError,
         aiormq.exceptions.AMQPError,

@@ -22,6 +22,9 @@ def add(sub: Any) -> None:
     reaper = sub.add_parser("reaper", help="answer dead-lettered tasks with FAILED results")
     reaper.add_argument("--id", dest="reaper_id", help="reaper id (default: reaper-host-pid)")
     reaper.add_argument("--prefetch", type=int, default=32, help="dead letters held (default 32)")
+    reaper.add_argument(
+        "--health-port", type=int, help="answer HTTP health probes on this port (200 / 503)"
+    )
     reaper.set_defaults(func=_cmd_reaper)
     p = sub.add_parser("dead", help="list, replay or purge dead-lettered tasks")
     dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -54,6 +57,7 @@ def _cmd_reaper(args: argparse.Namespace, settings: Settings) -> int:
         keyring=keyring(settings),
         signer=signer(settings),
         prefetch=args.prefetch,
+        health_port=args.health_port,
         **extra,
     )
     reaper = Reaper(config)

@@ -29,6 +29,9 @@ def add(sub: Any) -> None:
         metavar="MODULE:CLASS",
         help="a wayang_mq.Middleware layer around every delivery (repeatable, in order)",
     )
+    p.add_argument(
+        "--health-port", type=int, help="answer HTTP health probes on this port (200 / 503)"
+    )
     p.set_defaults(func=_cmd_worker)
 
 
@@ -54,6 +57,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         heartbeat_interval_s=args.heartbeat,
         retry_tiers=load_topology(settings.topology).retry_tiers,
         middleware=middleware,
+        health_port=args.health_port,
         **extra,
     )
     worker = Worker(executors, config)

@@ -8,29 +8,31 @@ durable reply queue and are deduplicated by task id: the first terminal result w
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from types import TracebackType
 from typing import Final, Self, TypedDict, Unpack
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from aio_pika.abc import AbstractRobustConnection
 
 from wayang_mq.amqp.connect import connect
 from wayang_mq.amqp.control import ControlClient, StatusSummary, summarize
-from wayang_mq.amqp.outcome import discard, reject, settle
-from wayang_mq.amqp.publisher import ConfirmedPublisher, Rejected, Unroutable, to_amqp
+from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
+from wayang_mq.client.backpressure import publish_task
+from wayang_mq.client.replies import (
+    Replies,
+    ResultListener,
+    ResultSeen,
+    TaskHandle,
+    Verdict,
+)
 from wayang_mq.client.supervisor import SupervisionConfig, Supervisor
 from wayang_mq.core import logs, names
 from wayang_mq.core.durations import Seconds, to_ms, to_ms_or_none
-from wayang_mq.core.errors import Backpressure, ErrorCode, NoExecutor, ResultTimeout, WayangError
+from wayang_mq.core.errors import ErrorCode, WayangError
 from wayang_mq.core.model import (
     Compensation,
     ErrorInfo,
@@ -43,38 +45,25 @@ from wayang_mq.core.model import (
     now_ms,
 )
 from wayang_mq.core.signing import KeyRing, Signer
-from wayang_mq.core.wire import decode, open_verified, signed_message, task_message
+from wayang_mq.core.wire import signed_message, task_message
 from wayang_mq.runtime.compensation import compensation_for
 
 log = logging.getLogger("wayang_mq.client.dispatcher")
+
+__all__ = [
+    "Dispatcher",
+    "DispatcherConfig",
+    "ResultListener",
+    "ResultSeen",
+    "TaskHandle",
+    "TaskOptions",
+    "Verdict",
+]
 
 #: an idle reply queue (its dispatcher gone) is deleted by the broker after this long
 REPLY_QUEUE_EXPIRES_MS = 24 * 3600 * 1000
 #: how a result the dispatcher decided itself (not an executor's answer) names its executor
 DECIDED_BY_DISPATCHER: Final = "dispatcher:"
-
-
-class Verdict(StrEnum):
-    """What the dispatcher did with a result it received (or decided itself)."""
-
-    HANDED_OUT = "handed_out"  # the task's first terminal result: given to the caller waiting
-    UNCLAIMED = "unclaimed"  # the first terminal result, but no caller waits here: kept
-    DUPLICATE = "duplicate"  # the task already has its terminal result: dropped
-    FENCED = "fenced"  # answers an attempt a newer one (new token) replaced: dropped
-    NOT_TERMINAL = "not_terminal"  # PENDING: not an answer, ignored
-    INVALID = "invalid"  # not a result, or its signature does not verify: rejected
-
-
-@dataclass(frozen=True, slots=True)
-class ResultSeen:
-    """One result the dispatcher received, and its verdict; see :meth:`Dispatcher.observe`."""
-
-    verdict: Verdict
-    result: Result | None  # None when INVALID: the body could not be read as a result
-
-
-#: called with every :class:`ResultSeen`, inline: quick, and must not raise
-ResultListener = Callable[[ResultSeen], None]
 
 
 #: how long a task may wait in its queue when the caller does not say
@@ -116,34 +105,6 @@ class DispatcherConfig:
     supervision: SupervisionConfig | None = field(default_factory=SupervisionConfig)
 
 
-class TaskHandle:
-    """A submitted task; await ``result()`` for its terminal Result."""
-
-    def __init__(self, task: Task, future: asyncio.Future[Result]) -> None:
-        self.task = task
-        self._future = future
-
-    @property
-    def task_id(self) -> str:
-        """The submitted task's id."""
-        return self.task.task_id
-
-    def done(self) -> bool:
-        """True once a terminal result has arrived."""
-        return self._future.done()
-
-    async def result(self, timeout_s: float | None = None) -> Result:
-        """The terminal result; ``ResultTimeout`` if none arrives within ``timeout_s``."""
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._future), timeout_s)
-        except TimeoutError:
-            raise ResultTimeout(
-                f"no result for task {self.task_id} within {timeout_s}s",
-                hint="is a worker running for "
-                f"{self.task.capability!r}? see `wayang-mq status {self.task_id}`",
-            ) from None
-
-
 class Dispatcher:
     """Publishes signed tasks and routes their results back to waiting handles."""
 
@@ -153,14 +114,11 @@ class Dispatcher:
         self.config = config
         self.dispatcher_id = config.dispatcher_id
         self.reply_to = names.reply_routing_key(config.dispatcher_id)
-        self._pending: dict[str, asyncio.Future[Result]] = {}
-        self._tasks: dict[str, Task] = {}  # the current attempt of each pending task
-        self._seen: OrderedDict[str, Result] = OrderedDict()  # terminal results handed out
+        self._replies = Replies(config.results_keyring, config.seen_results, self._unwatch)
         self._control: ControlClient | None = None
         self._supervisor: Supervisor | None = None
         self._connection: AbstractRobustConnection | None = None
         self._publisher: ConfirmedPublisher | None = None
-        self._listeners: list[ResultListener] = []
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -195,7 +153,7 @@ class Dispatcher:
             arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
         )
         await queue.bind(names.RESULTS_EXCHANGE, self.reply_to)
-        await queue.consume(self._on_result)
+        await queue.consume(self._replies.on_message)
         self._control = ControlClient(self._publisher, self.config.signer, self.dispatcher_id)
         await self._control.start(replies)
         if self.config.supervision is not None:
@@ -209,22 +167,6 @@ class Dispatcher:
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
-
-    def observe(self, listener: ResultListener) -> Callable[[], None]:
-        """Tell ``listener`` about every result from now on, and what became of it.
-
-        Every result the reply queue delivers (handed out, dropped as a duplicate, fenced,
-        unclaimed, invalid) and every one the dispatcher decides itself (an expiry). An
-        auditor such as :class:`wayang_mq.testing.ledger.Ledger` uses it to see each hand-out and
-        each drop, not just the one result a caller awaits. Returns a function that stops it.
-        """
-        self._listeners.append(listener)
-
-        def stop() -> None:
-            with contextlib.suppress(ValueError):
-                self._listeners.remove(listener)
-
-        return stop
 
     def task(
         self,
@@ -267,64 +209,23 @@ class Dispatcher:
         """Publish an already built task (its ``reply_to`` should be this dispatcher's)."""
         if self._publisher is None:
             raise WayangError("dispatcher is not started", hint="use `async with Dispatcher(...)`")
-        loop = asyncio.get_running_loop()
-        finished = self._seen.get(task.task_id)
-        if finished is not None:  # idempotent: the same task id is answered, not run again
-            future: asyncio.Future[Result] = loop.create_future()
-            future.set_result(finished)
-            return TaskHandle(task, future)
-        pending = self._pending.get(task.task_id)
-        if pending is not None:  # already on its way: one run, one handle's worth of result
-            return TaskHandle(self._tasks[task.task_id], pending)
-        future = self._pending[task.task_id] = loop.create_future()
-        self._tasks[task.task_id] = task
+        # idempotent: a task id answered or on its way is not run again
+        known = self._replies.handle(task)
+        if known is not None:
+            return known
+        handle = self._replies.expect(task)
         try:
             await self._publish_with_backpressure(
                 task, to_amqp(task_message(task, self.config.signer))
             )
         except BaseException:
-            self._forget(task.task_id)
+            self._replies.forget(task.task_id)
             raise
-        return TaskHandle(task, future)
+        return handle
 
     async def _publish_with_backpressure(self, task: Task, message: aio_pika.Message) -> None:
-        """Publish mandatory; a full queue (nack) is retried with backoff for a bounded time."""
         assert self._publisher is not None
-        started = time.monotonic()
-        try:
-            try:  # the common case, without building a retry loop per task
-                await self._publish_task(task, message)
-                return
-            except Rejected:
-                logs.event(
-                    log,
-                    "task.backpressure",
-                    logging.WARNING,
-                    task_id=task.task_id,
-                    queue=names.task_queue(task.capability),
-                    next=f"retrying for up to {self.config.backpressure_wait_s}s",
-                )
-            retrying = AsyncRetrying(
-                retry=retry_if_exception_type(Rejected),
-                stop=stop_after_delay(self.config.backpressure_wait_s),
-                wait=wait_exponential(multiplier=0.05, max=1.0),
-                reraise=True,
-            )
-            async for attempt in retrying:
-                with attempt:
-                    await self._publish_task(task, message)
-        except Unroutable:
-            raise NoExecutor(task.capability) from None
-        except Rejected:
-            raise Backpressure(
-                names.task_queue(task.capability), time.monotonic() - started
-            ) from None
-
-    async def _publish_task(self, task: Task, message: aio_pika.Message) -> None:
-        assert self._publisher is not None
-        await self._publisher.publish(
-            names.TASKS_EXCHANGE, task.capability, message, mandatory=True
-        )
+        await publish_task(self._publisher, task, message, self.config.backpressure_wait_s)
 
     async def run(
         self,
@@ -349,18 +250,22 @@ class Dispatcher:
     async def status(self, task_id: str, wait_s: float = 1.0) -> StatusSummary:
         """Ask the executors, for ``wait_s``, what they know of the task."""
         reports = await self._started_control().status(task_id, wait_s)
-        finished = self._seen.get(task_id)
+        finished = self._replies.finished(task_id)
         return summarize(task_id, reports, finished.status if finished else None)
 
     # -- supervision: what the Supervisor asks of the dispatcher ---------------------------
 
     def pending_tasks(self) -> list[Task]:
         """The current attempt of every task still waiting for its terminal result."""
-        return list(self._tasks.values())
+        return self._replies.waiting()
 
     def is_pending(self, task_id: str) -> bool:
         """True while the task waits for its terminal result here."""
-        return task_id in self._tasks
+        return self._replies.is_waiting(task_id)
+
+    def is_accepted(self, task_id: str) -> bool:
+        """True once a PENDING result said the task was accepted (it is answered later)."""
+        return self._replies.is_accepted(task_id)
 
     async def expire(self, task: Task) -> None:
         """End a task nobody started before its deadline: FAILED ``timeout``, decided here."""
@@ -380,7 +285,7 @@ class Dispatcher:
         if compensation is not None:
             await self.submit_task(compensation)
             result = result.model_copy(update={"compensation_task_id": compensation.task_id})
-        self._deliver(result)
+        self._replies.deliver(result)
         # Also on the wire, so whatever records results (a control plane, an audit) sees
         # this terminal result too; its echo back here is a duplicate and dropped.
         assert self._publisher is not None
@@ -392,7 +297,7 @@ class Dispatcher:
         """Re-dispatch a task whose executor went silent: a new attempt with a new token,
         so the old attempt's late result is recognised and discarded."""
         fresh = task.next_attempt(token=new_id(), deadline_ms=now_ms() + task.queue_window_ms)
-        self._tasks[task.task_id] = fresh
+        self._replies.replace(fresh)
         logs.event(
             log,
             "task.reassigned",
@@ -405,88 +310,27 @@ class Dispatcher:
             fresh, to_amqp(task_message(fresh, self.config.signer))
         )
 
-    def _started_control(self) -> ControlClient:
-        if self._control is None:
-            raise WayangError("dispatcher is not started", hint="use `async with Dispatcher(...)`")
-        return self._control
+    def observe(self, listener: ResultListener) -> Callable[[], None]:
+        """Tell ``listener`` about every result from now on, and what became of it.
+
+        Every result the reply queue delivers (handed out, dropped as a duplicate, fenced,
+        unclaimed, invalid, PENDING) and every one the dispatcher decides itself (an expiry).
+        An auditor such as :class:`wayang_mq.testing.ledger.Ledger` uses it to see each
+        hand-out and each drop, not just the one result a caller awaits. Returns a function
+        that stops it.
+        """
+        return self._replies.observe(listener)
 
     async def result_of(self, task_id: str, timeout_s: float | None = None) -> Result:
         """The terminal result of any task answered to this dispatcher, by id (for example
         a compensation named in a result's ``compensation_task_id``)."""
-        finished = self._seen.get(task_id)
-        if finished is not None:
-            return finished
-        future = self._pending.setdefault(task_id, asyncio.get_running_loop().create_future())
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except TimeoutError:
-            raise ResultTimeout(f"no result for task {task_id} within {timeout_s}s") from None
+        return await self._replies.result_of(task_id, timeout_s)
 
-    async def _on_result(self, message: AbstractIncomingMessage) -> None:
-        try:
-            if self.config.results_keyring is not None:
-                result = open_verified(
-                    message.body, message.headers or {}, self.config.results_keyring, Result
-                )
-            else:
-                result = decode(message.body, Result)
-        except WayangError as exc:
-            logs.event(log, "result.invalid", logging.WARNING, id=message.message_id, error=exc)
-            self._notify(Verdict.INVALID, None)
-            await settle(message, reject(message.message_id, "not a result we can trust"))
-            return
-        self._deliver(result)
-        # Through settle: an ack on a channel that died meanwhile is skipped, not an error
-        # that would escape the consumer callback (the broker redelivers; it is a duplicate).
-        await settle(message, discard(result.task_id))
-
-    def _deliver(self, result: Result) -> None:
-        """Act on a result, then tell the observers what became of it."""
-        self._notify(self._decide(result), result)
-
-    def _notify(self, verdict: Verdict, result: Result | None) -> None:
-        seen = ResultSeen(verdict, result)
-        for listener in tuple(self._listeners):
-            try:
-                listener(seen)
-            except Exception:  # an observer's bug must not leave the result unacked
-                log.exception("event=observer.failed verdict=%s", verdict)
-
-    def _decide(self, result: Result) -> Verdict:
-        """First terminal result per task id wins; duplicates and fenced results are dropped."""
-        if not result.terminal:
-            return Verdict.NOT_TERMINAL
-        if result.task_id in self._seen:
-            logs.event(log, "result.duplicate", logging.DEBUG, task_id=result.task_id)
-            return Verdict.DUPLICATE
-        current = self._tasks.get(result.task_id)
-        # An empty token marks a result for a body nobody could trust (bad input): terminal.
-        if current is not None and result.token and result.token != current.token:
-            logs.event(
-                log,
-                "result.fenced",
-                logging.WARNING,
-                task_id=result.task_id,
-                executor=result.executor_id,
-                attempt=result.attempt,
-                reason="a newer attempt replaced the one this result answers",
-            )
-            return Verdict.FENCED
-        self._seen[result.task_id] = result
-        while len(self._seen) > self.config.seen_results:
-            self._seen.popitem(last=False)
-        future = self._pending.get(result.task_id)
-        self._forget(result.task_id)
-        if future is None:
-            # A task this process did not submit, e.g. before it restarted under the same id.
-            logs.event(log, "result.unclaimed", task_id=result.task_id, status=result.status)
-            return Verdict.UNCLAIMED
-        if not future.done():
-            future.set_result(result)
-        return Verdict.HANDED_OUT
-
-    def _forget(self, task_id: str) -> None:
-        self._pending.pop(task_id, None)
-        self._tasks.pop(task_id, None)
+    def _unwatch(self, task_id: str) -> None:
         if self._supervisor is not None:
             self._supervisor.forget(task_id)
+
+    def _started_control(self) -> ControlClient:
+        if self._control is None:
+            raise WayangError("dispatcher is not started", hint="use `async with Dispatcher(...)`")
+        return self._control

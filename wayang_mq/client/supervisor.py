@@ -10,7 +10,10 @@ Two gaps RabbitMQ leaves open are closed here:
   the broker never returns its task. Workers list their in-flight task ids in every
   heartbeat; when a task's executor has been silent longer than the task's
   ``heartbeat_timeout_ms``, the task is re-dispatched as a new attempt with a new token, and
-  the old attempt's late result is fenced off by that token.
+  the old attempt's late result is fenced off by that token. This is also what covers a
+  long-running task (acked at start, so the broker no longer holds it) whose worker dies.
+
+A task answered PENDING has started: its queue deadline no longer applies.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class Supervised(Protocol):
     def pending_tasks(self) -> list[Task]: ...
 
     def is_pending(self, task_id: str) -> bool: ...
+
+    def is_accepted(self, task_id: str) -> bool: ...
 
     async def status(self, task_id: str, wait_s: float = 1.0) -> StatusSummary: ...
 
@@ -121,6 +126,8 @@ class Supervisor:
                 self._running_on.pop(task.task_id, None)
                 await self._dispatcher.reassign(task, executor)
             return
+        if self._dispatcher.is_accepted(task.task_id):
+            return  # started and answered PENDING: its queue deadline no longer applies
         if executor is None and now > task.deadline_ms + self._config.deadline_grace_ms:
             status = await self._dispatcher.status(task.task_id, self._config.status_wait_s)
             if status.state == "not running":

@@ -189,6 +189,32 @@ class ErrorInfo(WireModel):
     details: dict[str, JsonLike] = Field(default_factory=dict)
 
 
+class TaskRef(BaseModel):
+    """What it takes to answer a task later: its ids, token, attempt and reply address (see
+    :mod:`wayang_mq.runtime.answers`). JSON, and holds no secret: safe to store."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task_id: str
+    token: str
+    node_id: str
+    capability: str
+    attempt: int
+    reply_to: str | None = None
+
+    @classmethod
+    def of(cls, task: Task) -> TaskRef:
+        """The reference of a task being executed."""
+        return cls(
+            task_id=task.task_id,
+            token=task.token,
+            node_id=task.node_id,
+            capability=task.capability,
+            attempt=task.attempt,
+            reply_to=task.reply_to,
+        )
+
+
 class Result(WireModel):
     """An executor's answer (spec §7), correlated by task id, token and node id."""
 
@@ -240,6 +266,20 @@ class Result(WireModel):
             attempt=task.attempt,
             error=error,
             **fields,
+        )
+
+    @classmethod
+    def accepted(cls, task: Task, executor_id: str, details: dict[str, JsonLike]) -> Result:
+        """A PENDING result: the task is accepted, its answer comes later."""
+        return cls(
+            task_id=task.task_id,
+            token=task.token,
+            node_id=task.node_id,
+            capability=task.capability,
+            status=Status.PENDING,
+            executor_id=executor_id,
+            attempt=task.attempt,
+            output=details,
         )
 
     @classmethod

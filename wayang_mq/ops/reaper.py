@@ -17,17 +17,14 @@ Run it with ``wayang-mq reaper``; one is enough, more share the queue.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from wayang_mq.amqp.connect import connect
+from wayang_mq.amqp.daemon import Daemon
 from wayang_mq.amqp.outcome import (
     LogLine,
     Outcome,
@@ -39,8 +36,9 @@ from wayang_mq.amqp.outcome import (
     requeue,
     settle,
 )
-from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
-from wayang_mq.core import logs, names
+from wayang_mq.amqp.publisher import to_amqp
+from wayang_mq.core import names
+from wayang_mq.core.bounded import LastSeen
 from wayang_mq.core.errors import ConfigError, ErrorCode, WireError
 from wayang_mq.core.model import ErrorInfo, JsonLike, Result, Task
 from wayang_mq.core.signing import KeyRing, Signer
@@ -66,6 +64,7 @@ class ReaperConfig:
     grace_s: float = 10.0  # on stop: how long answers in flight may finish
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     recent: int = 10_000  # outcomes remembered, by task id (tests and status)
+    health_port: int | None = None  # answer health probes over HTTP on this port (0: any)
 
     def __post_init__(self) -> None:
         if self.prefetch < 1:
@@ -83,79 +82,34 @@ class Handled(StrEnum):
     SKIPPED = "skipped"  # a worker dead-lettered it and had answered it already
 
 
-class Reaper:
+class Reaper(Daemon):
     """Answers dead-lettered tasks with FAILED results until ``stop()``."""
 
+    kind = "reaper"
+
     def __init__(self, config: ReaperConfig) -> None:
+        super().__init__(
+            config.amqp_url,
+            config.reaper_id,
+            prefetch=config.prefetch,
+            grace_s=config.grace_s,
+            health_port=config.health_port,
+        )
         self.config = config
         self.reaper_id = config.reaper_id
-        self._recent: OrderedDict[str, Handled] = OrderedDict()
-        self._handlers: set[asyncio.Task[None]] = set()
-        self._stopping = asyncio.Event()
-        self._ready = asyncio.Event()
-        self._publisher: ConfirmedPublisher | None = None
-        self._consumer: tuple[AbstractQueue, str] | None = None
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        """Connect, consume ``wayang.reaper`` until ``stop()``, finish what is in flight."""
-        connection = await connect(self.config.amqp_url, self.reaper_id)
-        try:
-            await self._start(connection)
-            logs.event(log, "reaper.started", reaper=self.reaper_id, queue=names.REAPER_QUEUE)
-            self._ready.set()
-            await self._stopping.wait()
-            await self._drain()
-        finally:
-            await connection.close()
-            logs.event(log, "reaper.stopped", reaper=self.reaper_id)
-
-    async def wait_ready(self) -> None:
-        """Until the reaper is consuming (tests and the dev stack use this)."""
-        await self._ready.wait()
-
-    def stop(self) -> None:
-        """Stop consuming; answers in flight get ``grace_s`` to be confirmed."""
-        self._stopping.set()
+        self._recent: LastSeen[Handled] = LastSeen(config.recent)
 
     def handled(self, task_id: str) -> Handled | None:
         """What became of a recent dead letter of ``task_id``, if this reaper saw one."""
         return self._recent.get(task_id)
 
-    async def _start(self, connection: AbstractRobustConnection) -> None:
-        # on_return_raises: a compensation is published mandatory, and a capability with no
-        # queue must surface as Unroutable, not as a confirm of a message the broker dropped.
-        publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._publisher = ConfirmedPublisher(publish_channel)
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=self.config.prefetch)
-        try:
-            # declare_queue (passive), so the robust channel restores the consumer after a
-            # reconnect; the queue itself belongs to the topology.
-            queue = await channel.declare_queue(names.REAPER_QUEUE, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            raise ConfigError(
-                f"queue {names.REAPER_QUEUE} does not exist",
-                hint="run `wayang-mq topology apply`",
-            ) from None
-        self._consumer = (queue, await queue.consume(self._spawn))
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        """Consume ``wayang.reaper``; the queue belongs to the topology."""
+        await self.consume(names.REAPER_QUEUE, self._handle, hint="run `wayang-mq topology apply`")
 
-    async def _spawn(self, message: AbstractIncomingMessage) -> None:
-        handler = asyncio.create_task(self._handle(message))
-        self._handlers.add(handler)
-        handler.add_done_callback(self._handlers.discard)
-
-    async def _drain(self) -> None:
-        if self._consumer is not None:
-            queue, tag = self._consumer
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
-        if self._handlers:
-            _, pending = await asyncio.wait(set(self._handlers), timeout=self.config.grace_s)
-            for handler in pending:
-                handler.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+    def describe(self) -> dict[str, Any]:
+        """The queue it answers."""
+        return {"queue": names.REAPER_QUEUE}
 
     # -- one dead letter ------------------------------------------------------------------
 
@@ -169,7 +123,7 @@ class Reaper:
                 # A bug here must not loop: drop this copy; the one in wayang.dead.<cap> stays.
                 log.exception("event=dead_letter.unanswerable task_id=%s", dead.task_id)
                 outcome = reject(dead.task_id, "a bug in the reaper (logged above)")
-            applied = await settle(message, outcome, self._publisher)
+            applied = await settle(message, outcome, self.publisher)
         except asyncio.CancelledError:
             # stopped mid-answer: the next reaper answers it
             await settle(message, requeue(dead.task_id, "the reaper stopped"))
@@ -180,7 +134,7 @@ class Reaper:
             await settle(message, requeue(dead.task_id, "a bug in settling (logged above)"))
             return
         if applied.settle is Settle.ACK:
-            self._remember(dead.task_id, Handled.ANSWERED if applied.sends else Handled.SKIPPED)
+            self._recent.put(dead.task_id, Handled.ANSWERED if applied.sends else Handled.SKIPPED)
 
     async def _decide(self, dead: DeadLetter, message: AbstractIncomingMessage) -> Outcome:
         """Skip a copy a worker answered already; otherwise compensate and answer it."""
@@ -243,14 +197,7 @@ class Reaper:
 
     async def _compensate(self, task: Task, result: Result) -> Result:
         """The reaper decided this failure, so it compensates it, signed with its own key."""
-        assert self._publisher is not None
-        return await dispatch_compensation(task, result, self._publisher, self.config.signer)
-
-    def _remember(self, task_id: str, handled: Handled) -> None:
-        self._recent[task_id] = handled
-        self._recent.move_to_end(task_id)
-        while len(self._recent) > self.config.recent:
-            self._recent.popitem(last=False)
+        return await dispatch_compensation(task, result, self.publisher, self.config.signer)
 
 
 def _failure(

@@ -9,7 +9,7 @@ attached to, because only the runtime knows what is in flight.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
@@ -55,11 +55,27 @@ class Runtime(Protocol):
     def heartbeat(self) -> Heartbeat: ...
 
 
+@dataclass(frozen=True)
+class Pending:
+    """What ``execute`` returns to accept a task that someone answers later (a person, an
+    outside system): the worker publishes a PENDING result carrying ``details`` and acks the
+    delivery. The terminal result is published later with
+    :class:`wayang_mq.runtime.answers.Answers`, from :meth:`TaskRef.of` the task."""
+
+    details: dict[str, JsonLike] = field(default_factory=dict)
+
+
 class Executor:
     """Base class of executors. Override ``execute``; set ``serves`` to your capabilities."""
 
     #: the capabilities this executor serves, e.g. ``("http.call",)``
     serves: ClassVar[tuple[str, ...]] = ()
+    #: True for tasks that may run longer than the broker's ``consumer_timeout`` (30 min by
+    #: default; RabbitMQ closes the channel of a delivery held longer): the worker publishes a
+    #: PENDING result and acks the delivery when the task starts, runs it to the end, then
+    #: publishes its answer. Give such tasks a heartbeat timeout: if the worker dies meanwhile,
+    #: the dispatcher's supervision re-dispatches them (the broker no longer holds them).
+    long_running: ClassVar[bool] = False
     #: free-form metadata published at registration (region, version, labels)
     metadata: ClassVar[dict[str, str]] = {}
 

@@ -18,16 +18,28 @@ checks, metrics, tracing and secrets are meant to plug in here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from wayang_mq.core.errors import WireError
 from wayang_mq.core.model import Result, Task
 
 if TYPE_CHECKING:  # executor code imports this module: keep AMQP out of its import
     from wayang_mq.amqp.outcome import Outcome
 
 log = logging.getLogger("wayang_mq.runtime.middleware")
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A delivery as it arrived, before its body is decoded or trusted."""
+
+    executor_id: str
+    capability: str
+    message_id: str | None
+    body: bytes
+    headers: Mapping[str, object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +58,7 @@ class Executed:
     executor_id: str
     task: Task
     result: Result
+    output_bytes: int = 0  # the packed output's size (0 when it was not run here)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +73,13 @@ class Settled:
 class Middleware:
     """Base of middleware: override the hooks you need."""
 
-    async def on_opened(self, opened: Opened) -> None:
-        """The task passed its checks."""
+    async def on_received(self, received: Received) -> None:
+        """A delivery arrived; raise a ``WireError`` to refuse it as bad input."""
+
+    async def on_opened(self, opened: Opened) -> Result | None:
+        """The task passed its checks; return a Result to answer it without running it, or
+        raise a ``WireError`` to refuse it as bad input."""
+        return None
 
     async def on_executed(self, executed: Executed) -> Result:
         """The task's result; return it, or a changed one."""
@@ -77,22 +95,36 @@ class Chain:
     def __init__(self, middleware: Sequence[Middleware]) -> None:
         self._middleware = tuple(middleware)
 
-    async def opened(self, opened: Opened) -> None:
-        """Run every ``on_opened``."""
+    async def received(self, received: Received) -> None:
+        """Run every ``on_received``; a ``WireError`` propagates (the delivery is refused)."""
         for layer in self._middleware:
             try:
-                await layer.on_opened(opened)
+                await layer.on_received(received)
+            except WireError:
+                raise
+            except Exception:
+                _failed(layer, "on_received", received.message_id)
+
+    async def opened(self, opened: Opened) -> Result | None:
+        """Run ``on_opened`` until one answers; a ``WireError`` propagates."""
+        for layer in self._middleware:
+            try:
+                answer = await layer.on_opened(opened)
+            except WireError:
+                raise
             except Exception:
                 _failed(layer, "on_opened", opened.task.task_id)
+                continue
+            if answer is not None:
+                return answer
+        return None
 
     async def executed(self, executed: Executed) -> Result:
         """Run every ``on_executed``; each sees the result the one before returned."""
         result = executed.result
         for layer in self._middleware:
             try:
-                result = await layer.on_executed(
-                    Executed(executed.executor_id, executed.task, result)
-                )
+                result = await layer.on_executed(replace(executed, result=result))
             except Exception:
                 _failed(layer, "on_executed", executed.task.task_id)
         return result

@@ -1,0 +1,298 @@
+"""The consumer daemon base: what the worker, the reaper and the coming control plane share.
+
+A daemon connects (robustly), opens a confirmed publishing channel and a consuming channel
+with its prefetch, checks that the queues it consumes exist (the topology owns them; a
+missing one is a clear :class:`ConfigError`, never a silent declare), hands each delivery to
+its own task, sends heartbeats if it has any, and on ``stop()`` (the CLI maps SIGTERM and
+SIGINT to it) cancels its consumers and gives in-flight deliveries ``grace_s`` to finish.
+Subclasses say only what is theirs: which queues, what a delivery means, what a heartbeat
+says.
+
+With ``health_port`` set, the daemon answers HTTP on that port (any path) with its
+:class:`Health` as JSON: 200 while it is consuming on a live connection, 503 otherwise
+(starting, reconnecting, draining). A liveness or readiness probe points there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
+
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from wayang_mq.amqp.connect import connect
+from wayang_mq.amqp.publisher import ConfirmedPublisher
+from wayang_mq.core import logs
+from wayang_mq.core.errors import ConfigError
+
+Handler = Callable[[AbstractIncomingMessage], Coroutine[Any, Any, None]]
+
+
+class State(StrEnum):
+    """Where a daemon is in its life."""
+
+    STARTING = "starting"
+    READY = "ready"  # consuming
+    DRAINING = "draining"  # stopped consuming, finishing what it holds
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A daemon's answer to a health probe."""
+
+    daemon: str
+    id: str
+    state: State
+    connected: bool
+    consumers: int
+    in_flight: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Consuming on a live connection."""
+        return self.state is State.READY and self.connected
+
+
+class Daemon:
+    """Base of the fabric's consumer daemons; ``run()`` until ``stop()``."""
+
+    kind: ClassVar[str] = "daemon"  # names the log events: worker.started, reaper.stopped
+
+    def __init__(
+        self,
+        amqp_url: str,
+        daemon_id: str,
+        *,
+        prefetch: int,
+        grace_s: float,
+        heartbeat_interval_s: float | None = None,
+        health_port: int | None = None,
+        health_host: str = "127.0.0.1",
+    ) -> None:
+        self.daemon_id = daemon_id
+        self._amqp_url = amqp_url
+        self._prefetch = prefetch
+        self._grace_s = grace_s
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._health_port = health_port
+        self._health_host = health_host
+        self._health_server: asyncio.Server | None = None
+        self._state = State.STARTING
+        self._stopping = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._publisher: ConfirmedPublisher | None = None
+        self._log = logging.getLogger(f"wayang_mq.{self.kind}")
+
+    # -- what subclasses say ----------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Before connecting (e.g. executors' own setup)."""
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        """Declare consumers with :meth:`consume`; runs once connected."""
+
+    async def beat(self) -> None:
+        """Send one heartbeat (only called when ``heartbeat_interval_s`` is set)."""
+
+    async def teardown(self) -> None:
+        """After the connection closed."""
+
+    def describe(self) -> dict[str, Any]:
+        """Fields for the started line and the health answer."""
+        return {}
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, start consuming, heartbeat until ``stop()``; then drain and close."""
+        await self.setup()
+        connection = await connect(self._amqp_url, self.daemon_id)
+        self._connection = connection
+        try:
+            # on_return_raises: a mandatory publish no queue takes surfaces as Unroutable
+            publish_channel = await connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            self._publisher = ConfirmedPublisher(publish_channel)
+            self._channel = await connection.channel()
+            await self._channel.set_qos(prefetch_count=self._prefetch)
+            await self.start(connection)
+            await self._serve_health()
+            self._state = State.READY
+            logs.event(self._log, f"{self.kind}.started", id=self.daemon_id, **self.describe())
+            self._ready.set()
+            await self._until_stopped()
+        finally:
+            self._state = State.STOPPED
+            if self._health_server is not None:
+                self._health_server.close()
+            await connection.close()
+            await self.teardown()
+            logs.event(self._log, f"{self.kind}.stopped", id=self.daemon_id)
+
+    async def wait_ready(self) -> None:
+        """Until the daemon is consuming (tests and the dev stack use this)."""
+        await self._ready.wait()
+
+    def stop(self) -> None:
+        """Stop consuming; deliveries in flight get ``grace_s`` to finish."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once ``stop()`` was called."""
+        return self._stopping.is_set()
+
+    @property
+    def publisher(self) -> ConfirmedPublisher:
+        """The confirmed publisher (valid once started)."""
+        if self._publisher is None:
+            raise RuntimeError(f"{self.kind} {self.daemon_id} is not started")
+        return self._publisher
+
+    def health(self) -> Health:
+        """What a health probe is told."""
+        connection = self._connection
+        return Health(
+            daemon=self.kind,
+            id=self.daemon_id,
+            state=self._state,
+            connected=connection is not None and connection.connected.is_set(),
+            consumers=len(self._consumers),
+            in_flight=len(self._handlers),
+            details=self.describe(),
+        )
+
+    @property
+    def health_address(self) -> tuple[str, int] | None:
+        """Where the health endpoint listens (the port chosen when 0 was asked)."""
+        if self._health_server is None:
+            return None
+        host, port = self._health_server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    # -- consuming ----------------------------------------------------------------------------
+
+    async def consume(self, queue_name: str, handle: Handler, *, hint: str) -> None:
+        """Consume an existing queue; each delivery runs ``handle`` in its own task."""
+        assert self._channel is not None
+        try:
+            # declare_queue (passive), not get_queue: only declared queues are recorded by the
+            # robust channel, and only recorded ones get their consumers back after a reconnect.
+            queue = await self._channel.declare_queue(queue_name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise ConfigError(f"queue {queue_name} does not exist", hint=hint) from None
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            self.spawn(handle(message))
+
+        self._consumers.append((queue, await queue.consume(on_message)))
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as part of what the daemon finishes (within the grace) before it stops."""
+        handler = asyncio.create_task(work)
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
+
+    async def queue_exists(self, name: str) -> bool:
+        """True if the queue exists (a passive declare, on a channel of its own)."""
+        assert self._connection is not None
+        # A passive declare of a missing queue closes its channel (404): one channel per check.
+        channel = await self._connection.channel()
+        try:
+            await channel.declare_queue(name, passive=True)
+            return True
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def _until_stopped(self) -> None:
+        beat = None
+        if self._heartbeat_interval_s is not None:
+            beat = asyncio.create_task(self._beat_loop(self._heartbeat_interval_s))
+        await self._stopping.wait()
+        if beat is not None:
+            beat.cancel()
+        self._state = State.DRAINING
+        await self._drain()
+
+    async def _beat_loop(self, interval_s: float) -> None:
+        while True:
+            await self.beat()
+            await asyncio.sleep(interval_s)
+
+    async def _drain(self) -> None:
+        """Cancel consumers, let in-flight deliveries finish within the grace, cancel the rest
+        (a cancelled handler gives its delivery back)."""
+        for queue, tag in self._consumers:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        if not self._handlers:
+            return
+        logs.event(
+            self._log,
+            f"{self.kind}.draining",
+            id=self.daemon_id,
+            in_flight=len(self._handlers),
+            grace_s=self._grace_s,
+        )
+        _, pending = await asyncio.wait(set(self._handlers), timeout=self._grace_s)
+        for handler in pending:
+            handler.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- health -------------------------------------------------------------------------------
+
+    async def _serve_health(self) -> None:
+        if self._health_port is None:
+            return
+        self._health_server = await asyncio.start_server(
+            self._answer_probe, self._health_host, self._health_port
+        )
+        host, port = self.health_address or ("?", 0)
+        logs.event(self._log, "health.listening", id=self.daemon_id, address=f"{host}:{port}")
+
+    async def _answer_probe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A minimal HTTP/1.0 answer to any request: the health as JSON, 200 or 503."""
+        try:
+            with contextlib.suppress(
+                TimeoutError,
+                ConnectionError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+            ):
+                async with asyncio.timeout(5):
+                    await reader.readuntil(b"\r\n\r\n")
+            health = self.health()
+            body = json.dumps(asdict(health) | {"ok": health.ok}).encode()
+            status = b"200 OK" if health.ok else b"503 Service Unavailable"
+            writer.write(
+                b"HTTP/1.0 " + status + b"\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        finally:
+            writer.close()

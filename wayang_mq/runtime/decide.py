@@ -1,0 +1,208 @@
+"""What becomes of a task once it has a result: the worker's decisions, as :class:`Outcome`
+values (nothing here publishes or acks; :func:`~wayang_mq.amqp.outcome.settle` does).
+
+- a failure the task's retry hints allow again: RETRY, the next attempt (a new, re-signed task)
+  to its tier; if no tier queue takes it, the task's final answer instead;
+- a PENDING result: PENDING, the result published, the delivery acked;
+- otherwise DONE: with retries exhausted, a copy of the delivery kept in the dead queue first,
+  then the compensation the task names if it failed for good, then the result;
+- a body that cannot be trusted or read: DEAD_LETTER, a copy with the reason to
+  ``wayang.dlx`` and a courtesy FAILED answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from wayang_mq.amqp.outcome import Kind, LogLine, Outcome, Send, Settle, done
+from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
+from wayang_mq.core import names, retry
+from wayang_mq.core.errors import ErrorCode, WireError
+from wayang_mq.core.model import ErrorInfo, Result, Task, new_id, now_ms
+from wayang_mq.core.signing import Signer
+from wayang_mq.core.wire import (
+    DEAD_LETTERED_BY_HEADER,
+    ERROR_CODE_HEADER,
+    ERROR_MESSAGE_HEADER,
+    signed_message,
+    task_message,
+)
+from wayang_mq.runtime.compensation import dispatch_compensation
+from wayang_mq.topology.spec import RetryTier
+
+
+class Decider:
+    """Turns a task and its result (or a refused delivery) into the delivery's Outcome."""
+
+    def __init__(
+        self,
+        executor_id: str,
+        signer: Signer,
+        retry_tiers: tuple[RetryTier, ...],
+        publisher: Callable[[], ConfirmedPublisher],
+    ) -> None:
+        self._executor_id = executor_id
+        self._signer = signer
+        self._tiers = retry_tiers
+        self._publisher = publisher  # compensations are published while deciding
+
+    async def conclude(
+        self, capability: str, message: AbstractIncomingMessage, task: Task, result: Result
+    ) -> Outcome:
+        """The next attempt through a retry tier, a PENDING acceptance, or the final answer."""
+        if not result.terminal:
+            send = self.result_send(task, result)
+            line = LogLine("task.accepted", fields={"attempt": task.attempt})
+            return Outcome(Kind.PENDING, Settle.ACK, task.task_id, (send,), result, line)
+        error = result.error
+        decision = retry.decide(task, error, self._tiers) if error else None
+        if decision is not None:
+            return self._retry(capability, message, task, result, decision)
+        return await self._final(capability, message, task, result)
+
+    async def _final(
+        self, capability: str, message: AbstractIncomingMessage, task: Task, result: Result
+    ) -> Outcome:
+        """The terminal result; with retries exhausted, a copy kept in the dead queue first."""
+        sends: list[Send] = []
+        error = result.error
+        if error is not None and retry.exhausted(task, error):
+            result = _exhausted(result)
+            reason = result.error.message if result.error else ""
+            sends.append(
+                self.dead_copy(
+                    capability, message, task.task_id, ErrorCode.RETRIES_EXHAUSTED, reason
+                )
+            )
+        result = await dispatch_compensation(task, result, self._publisher(), self._signer)
+        sends.append(self.result_send(task, result))
+        return done(task.task_id, *sends, result=result)
+
+    def _retry(
+        self,
+        capability: str,
+        message: AbstractIncomingMessage,
+        task: Task,
+        failed: Result,
+        decision: retry.RetryDecision,
+    ) -> Outcome:
+        """The next attempt to its tier; if no tier queue takes it, the final answer instead.
+
+        The next attempt keeps its schedule-to-start window, counted from when it leaves the
+        tier, so a long backoff does not eat the time it may wait for a worker.
+        """
+        next_task = task.next_attempt(
+            deadline_ms=now_ms() + decision.tier.ttl_ms + task.queue_window_ms,
+        )
+        key = names.retry_routing_key(decision.tier.name, task.capability)
+        message_out = to_amqp(task_message(next_task, self._signer, expire=False))
+        send = Send(
+            names.RETRY_EXCHANGE,
+            key,
+            message_out,
+            mandatory=True,
+            unconfirmed_event="retry.unconfirmed",
+        )
+        fields = {
+            "attempt": decision.attempt,
+            "backoff_ms": decision.backoff_ms,
+            "tier": decision.tier.name,
+            "code": failed.error.code if failed.error else None,
+        }
+        return Outcome(
+            Kind.RETRY,
+            Settle.ACK,
+            task.task_id,
+            (send,),
+            result=failed,
+            log=LogLine("task.retrying", fields=fields),
+            if_unroutable=lambda: self._final(capability, message, task, failed),
+        )
+
+    def result_send(self, task: Task, result: Result) -> Send:
+        """The result, to be confirmed before the delivery may be acked."""
+        routing_key = task.reply_to or names.noreply_routing_key(task.capability)
+        signed = signed_message(result, self._signer, message_id=task.task_id, reply_to=routing_key)
+        return Send(names.RESULTS_EXCHANGE, routing_key, to_amqp(signed))
+
+    def bad_input(
+        self, capability: str, message: AbstractIncomingMessage, error: WireError
+    ) -> Outcome:
+        """Bad input: a copy with the reason to ``wayang.dlx``, a FAILED answer, then ack."""
+        code = error.code or ErrorCode.INVALID_TASK
+        task_id = message.message_id or message.correlation_id or f"unknown-{new_id()}"
+        sends = [self.dead_copy(capability, message, task_id, code, error.message)]
+        if message.reply_to:
+            failed = Result.uncorrelated_failure(
+                task_id, capability, self._executor_id, ErrorInfo(code=code, message=error.message)
+            )
+            signed = signed_message(
+                failed, self._signer, message_id=task_id, reply_to=message.reply_to
+            )
+            # a courtesy: the copy is what keeps the task; the answer may be lost with a broker
+            sends.append(
+                Send(names.RESULTS_EXCHANGE, message.reply_to, to_amqp(signed), if_unconfirmed=None)
+            )
+        fields = {"capability": capability, "code": code, "reason": error.message}
+        return Outcome(
+            Kind.DEAD_LETTER,
+            Settle.ACK,
+            task_id,
+            tuple(sends),
+            log=LogLine("task.dead_lettered", logging.WARNING, fields),
+        )
+
+    def dead_copy(
+        self,
+        capability: str,
+        message: AbstractIncomingMessage,
+        task_id: str,
+        code: ErrorCode,
+        reason: str,
+    ) -> Send:
+        """A copy of the delivery, with the reason, for ``wayang.dlx``.
+
+        If the broker does not confirm it, the delivery is rejected instead, so the queue's
+        own dead-lettering (reason ``rejected``) keeps it: never lost.
+        """
+        headers = {
+            **(message.headers or {}),
+            ERROR_CODE_HEADER: str(code),
+            ERROR_MESSAGE_HEADER: reason[:1000],
+            DEAD_LETTERED_BY_HEADER: self._executor_id,
+        }
+        # No expiration on the copy: a dead letter must wait for inspection, not expire.
+        copy = aio_pika.Message(
+            message.body,
+            headers=headers,
+            message_id=task_id,
+            correlation_id=task_id,
+            content_type=message.content_type,
+            type=message.type,
+            reply_to=message.reply_to,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            timestamp=now_ms() // 1000,  # when it died, as the broker's own x-death says
+        )
+        return Send(
+            names.DEAD_LETTER_EXCHANGE,
+            capability,
+            copy,
+            if_unconfirmed=Settle.REJECT,
+            unconfirmed_event="dead_letter.rejected",
+        )
+
+
+def _exhausted(result: Result) -> Result:
+    """The last attempt's failure, restated as the task's terminal ``retries_exhausted``."""
+    last = result.error
+    assert last is not None
+    error = ErrorInfo(
+        code=ErrorCode.RETRIES_EXHAUSTED,
+        message=f"all {result.attempt} attempts failed; last: {last.code}: {last.message}",
+        details={"last_error": last.model_dump(mode="json")},
+    )
+    return result.model_copy(update={"error": error})
