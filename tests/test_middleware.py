@@ -11,11 +11,11 @@ from pathlib import Path
 import aio_pika
 from wayang_workers.demo import Echo, Fail
 
-from wayang_mq import ErrorCode, Middleware, RetryHints, Status
+from wayang_mq import ErrorCode, Executor, Middleware, RetryHints, Status, Task
 from wayang_mq.amqp.outcome import Kind
 from wayang_mq.amqp.publisher import to_amqp
 from wayang_mq.core.errors import InvalidMessage, SignatureError
-from wayang_mq.core.model import Result
+from wayang_mq.core.model import JsonLike, Result
 from wayang_mq.core.names import TASKS_EXCHANGE
 from wayang_mq.core.wire import task_message
 from wayang_mq.runtime.middleware import Executed, Opened, Received, Settled
@@ -43,6 +43,16 @@ class Recorder(Middleware):
         return [s.outcome.kind for s in self.settled if s.outcome.task_id == task_id]
 
 
+class Think(Executor):
+    """``agent.reason``, long-running: accepted at start, answered when it ends."""
+
+    serves = ("agent.reason",)
+    long_running = True
+
+    async def execute(self, task: Task) -> JsonLike:
+        return {"thought": True}
+
+
 class Broken(Middleware):
     """A layer whose every hook raises: it must not fail a task."""
 
@@ -57,17 +67,19 @@ async def test_a_middleware_sees_every_outcome_of_a_mixed_run_and_may_change_res
     fabric: Fabric,
 ) -> None:
     # Given a worker with a recording middleware (and a broken one before it)
-    await fabric.purge("demo.echo", "demo.fail")
+    await fabric.purge("demo.echo", "demo.fail", "agent.reason")
     recorder = Recorder()
     retry = RetryHints(max_attempts=2, initial_backoff_ms=100)
     async with (
-        fabric.worker([Echo(), Fail()], middleware=(Broken(), recorder)),
+        fabric.worker([Echo(), Fail(), Think()], middleware=(Broken(), recorder)),
         fabric.dispatcher() as dispatcher,
     ):
-        # When it gets a success, a permanent failure, a failure retried once, and garbage
+        # When it gets a success, a permanent failure, a failure retried once, a long-running
+        # task, and garbage
         ok = await dispatcher.run("demo.echo", {"x": 1}, wait_s=30)
         failed = await dispatcher.run("demo.fail", {"mode": "permanent"}, wait_s=30)
         retried = await dispatcher.run("demo.fail", {"mode": "retryable"}, retry=retry, wait_s=30)
+        thought = await dispatcher.run("agent.reason", {}, wait_s=30)
         async with await aio_pika.connect(fabric.endpoint.amqp_url) as connection:
             channel = await connection.channel(publisher_confirms=True)
             exchange = await channel.get_exchange(TASKS_EXCHANGE, ensure=False)
@@ -77,12 +89,16 @@ async def test_a_middleware_sees_every_outcome_of_a_mixed_run_and_may_change_res
             what="the garbage's outcome reaching the middleware",
         )
 
-    # Then it saw each outcome once, in order: done, done, a retry then done, a dead letter
+    # Then it saw each outcome once, in order: done, done, a retry then done, pending then
+    # done, a dead letter
     assert recorder.kinds(ok.task_id) == [Kind.DONE]
     assert recorder.kinds(failed.task_id) == [Kind.DONE]
     assert recorder.kinds(retried.task_id) == [Kind.RETRY, Kind.DONE]
+    assert recorder.kinds(thought.task_id) == [Kind.PENDING, Kind.DONE]
+    assert thought.status is Status.SUCCESS and thought.output == {"thought": True}
     # and every task that passed its checks was opened (the garbage never was)
-    assert recorder.opened == [ok.task_id, failed.task_id, retried.task_id, retried.task_id]
+    opened = [ok.task_id, failed.task_id, retried.task_id, retried.task_id, thought.task_id]
+    assert recorder.opened == opened
     # and the results it changed are what the caller got
     assert ok.status is Status.SUCCESS and ok.metrics["seen_by_middleware"] == 1.0
     assert failed.error is not None and failed.error.code is ErrorCode.EXECUTOR_ERROR

@@ -107,6 +107,14 @@ class ConfirmedPublisher:
         logged, bounded wait.
         """
         connection = (await self._channel.get_underlay_channel()).connection
+        # The common case without a timer: aiormq keeps "not blocked" as an Event of its own
+        # (name-mangled); if a release renames it, every publish takes the timed path below.
+        events = (
+            getattr(connection, "connected", None),
+            getattr(connection, "_Connection__connection_unblocked", None),
+        )
+        if all(isinstance(e, asyncio.Event) and e.is_set() for e in events):
+            return
         try:
             async with asyncio.timeout(0.05):
                 await connection.ready()  # connected and not blocked: returns immediately

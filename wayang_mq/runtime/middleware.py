@@ -93,11 +93,24 @@ class Chain:
     """The worker's middleware, run in order; a hook that raises is logged and skipped."""
 
     def __init__(self, middleware: Sequence[Middleware]) -> None:
-        self._middleware = tuple(middleware)
+        # per hook, only the layers that override it: a hook nobody overrides costs nothing
+        def overriding(hook: str) -> tuple[Middleware, ...]:
+            base = getattr(Middleware, hook)
+            return tuple(m for m in middleware if getattr(type(m), hook) is not base)
+
+        self._received = overriding("on_received")
+        self._opened = overriding("on_opened")
+        self._executed = overriding("on_executed")
+        self._settled = overriding("on_settled")
+
+    @property
+    def wants_received(self) -> bool:
+        """True if some layer looks at raw deliveries (else the worker builds no Received)."""
+        return bool(self._received)
 
     async def received(self, received: Received) -> None:
         """Run every ``on_received``; a ``WireError`` propagates (the delivery is refused)."""
-        for layer in self._middleware:
+        for layer in self._received:
             try:
                 await layer.on_received(received)
             except WireError:
@@ -107,7 +120,7 @@ class Chain:
 
     async def opened(self, opened: Opened) -> Result | None:
         """Run ``on_opened`` until one answers; a ``WireError`` propagates."""
-        for layer in self._middleware:
+        for layer in self._opened:
             try:
                 answer = await layer.on_opened(opened)
             except WireError:
@@ -122,16 +135,17 @@ class Chain:
     async def executed(self, executed: Executed) -> Result:
         """Run every ``on_executed``; each sees the result the one before returned."""
         result = executed.result
-        for layer in self._middleware:
+        for layer in self._executed:
             try:
-                result = await layer.on_executed(replace(executed, result=result))
+                seen = executed if result is executed.result else replace(executed, result=result)
+                result = await layer.on_executed(seen)
             except Exception:
                 _failed(layer, "on_executed", executed.task.task_id)
         return result
 
     async def settled(self, settled: Settled) -> None:
         """Run every ``on_settled``."""
-        for layer in self._middleware:
+        for layer in self._settled:
             try:
                 await layer.on_settled(settled)
             except Exception:

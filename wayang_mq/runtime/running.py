@@ -86,6 +86,20 @@ class Runner:
         running.job.cancel()
         return True
 
+    async def join(self, task: Task) -> Result | None:
+        """The same attempt delivered again while it runs here (a publisher that retried after
+        a lost confirm, two clients with one task id): wait for that run and answer with its
+        result, instead of running the task twice at once. A long-running task is answered
+        with its acceptance at once."""
+        running = self._running.get(task.task_id)
+        if running is None or running.task.attempt != task.attempt:
+            return None
+        logs.event(log, "task.joined", task_id=task.task_id, attempt=task.attempt)
+        if running.accepted is not None:
+            return running.accepted
+        result, _ = await asyncio.shield(running.job)  # a joiner's cancel is not the run's
+        return result
+
     async def start(self, task: Task) -> Running:
         """Start the task's run (it goes on even if the caller stops waiting for it)."""
         context = TaskContext(task, self._executor_id, self._progress)

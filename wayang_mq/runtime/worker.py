@@ -237,33 +237,31 @@ class Worker(Daemon):
             # a consumer holds with it; a nack with requeue returns it, for another worker.
             return requeue(message.message_id, "stopping", event="task.returned")
         try:
-            await self._chain.received(
-                Received(
-                    self.executor_id,
-                    capability,
-                    message.message_id,
-                    message.body,
-                    message.headers or {},
+            if self._chain.wants_received:
+                await self._chain.received(
+                    Received(
+                        self.executor_id,
+                        capability,
+                        message.message_id,
+                        message.body,
+                        message.headers or {},
+                    )
                 )
-            )
             task = _open(capability, message, self.config)
             answer = await self._chain.opened(Opened(self.executor_id, capability, task))
         except WireError as exc:
             return self._decider.bad_input(capability, message, exc)
         if answer is None and self._control is not None:
             answer = self._control.answer_if_cancelled(task, self.executor_id)
-        answer = answer or await self._join_running(task)
+        answer = answer or await self._runner.join(task)
         if answer is not None:
             return await self._conclude(capability, message, task, answer)
         running = await self._runner.start(task)
         if self._runner.long_running(task):
             self.spawn(self._follow(capability, message, running))
             return self._accepted(running)
-        try:
-            result, output_bytes = await asyncio.shield(running.job)
-        except asyncio.CancelledError:
-            running.job.cancel()
-            raise
+        # Awaited directly: if this handler is cancelled (shutdown), so is the run.
+        result, output_bytes = await running.job
         return await self._conclude(capability, message, task, result, output_bytes)
 
     async def _conclude(
@@ -276,19 +274,6 @@ class Worker(Daemon):
     ) -> Outcome:
         result = await self._chain.executed(Executed(self.executor_id, task, result, output_bytes))
         return await self._decider.conclude(capability, message, task, result)
-
-    async def _join_running(self, task: Task) -> Result | None:
-        """The same attempt delivered again while it runs here (a publisher that retried after
-        a lost confirm, two clients with one task id): wait for that run and answer with its
-        result, instead of running the task twice at once."""
-        running = self._runner.get(task.task_id)
-        if running is None or running.task.attempt != task.attempt:
-            return None
-        logs.event(log, "task.joined", task_id=task.task_id, attempt=task.attempt)
-        if running.accepted is not None:
-            return running.accepted  # a long-running task: accepted again, answered later
-        result, _ = await asyncio.shield(running.job)
-        return result
 
     # -- long-running tasks -------------------------------------------------------------------
 
