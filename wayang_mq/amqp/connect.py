@@ -6,10 +6,7 @@ state directory, so a second terminal finds the local stack without copying URLs
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from pathlib import Path
 
 import aio_pika
 import aiormq
@@ -18,42 +15,9 @@ from aio_pika.abc import AbstractRobustConnection
 from wayang_mq.amqp.endpoint import BrokerEndpoint, redact_url
 from wayang_mq.amqp.management import ManagementClient
 from wayang_mq.core import logs
-from wayang_mq.core.errors import BrokerUnreachable, ConfigError
-from wayang_mq.core.settings import Settings
-from wayang_mq.core.signing import KeyRing, Signer
-
-ENDPOINT_FILE = "endpoint.json"
+from wayang_mq.core.errors import BrokerUnreachable
 
 log = logging.getLogger("wayang_mq.amqp.connect")
-
-
-def broker_endpoint(settings: Settings) -> BrokerEndpoint:
-    """The broker to use: ``WAYANG_AMQP_URL``, else the one ``wayang-mq dev`` is running."""
-    if settings.amqp_url is not None:
-        return BrokerEndpoint.from_url(
-            settings.amqp_url.get_secret_value(), settings.management_url
-        )
-    path = settings.state_dir / ENDPOINT_FILE
-    try:
-        saved = json.loads(path.read_text())
-        return BrokerEndpoint.from_url(saved["amqp_url"], saved["management_url"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise BrokerUnreachable(
-            "no broker configured",
-            hint="set WAYANG_AMQP_URL=amqp://user:pass@host:5672/, "
-            "or start a local stack with `wayang-mq dev`",
-        ) from None
-
-
-def save_endpoint(state_dir: Path, endpoint: BrokerEndpoint) -> None:
-    """Remember the dev stack's endpoint for other commands (private: it holds a password)."""
-    path = state_dir / ENDPOINT_FILE
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(
-            {"amqp_url": endpoint.amqp_url, "management_url": endpoint.management_url}, handle
-        )
 
 
 def management_client(endpoint: BrokerEndpoint) -> ManagementClient:
@@ -64,30 +28,6 @@ def management_client(endpoint: BrokerEndpoint) -> ManagementClient:
         password=endpoint.password,
         vhost=endpoint.vhost,
     )
-
-
-def keyring(settings: Settings) -> KeyRing:
-    """The public keys a worker trusts; refusing to start with none."""
-    ring = KeyRing.load_dir(settings.keys_path)
-    if not ring.keys:
-        raise ConfigError(
-            f"no public keys (*.pub) in {settings.keys_path}: every task would be refused",
-            hint="create one with `wayang-mq keys new --dir DIR` and set WAYANG_KEY_DIR=DIR",
-        )
-    return ring
-
-
-def signer(settings: Settings) -> Signer:
-    """The private key this process signs with: WAYANG_SIGNING_KEY, else the key dir's first."""
-    if settings.signing_key is not None:
-        return Signer.from_file(settings.signing_key)
-    found = sorted(settings.keys_path.glob("*.key")) if settings.keys_path.is_dir() else []
-    if not found:
-        raise ConfigError(
-            f"no signing key (*.key) in {settings.keys_path}",
-            hint="create one with `wayang-mq keys new --dir DIR`, or set WAYANG_SIGNING_KEY",
-        )
-    return Signer.from_file(found[0])
 
 
 async def connect(url: str, name: str) -> AbstractRobustConnection:

@@ -30,13 +30,14 @@ from wayang_mq.core.model import (
     StatusReport,
     StatusRequest,
     Task,
+    TaskState,
+    TaskStatus,
     WireModel,
     new_id,
     now_ms,
 )
 from wayang_mq.core.signing import KeyRing, Signer
 from wayang_mq.core.wire import decode, open_verified, signed_message
-from wayang_mq.runtime.executor import TaskState, TaskStatus
 
 log = logging.getLogger("wayang_mq.amqp.control")
 M = TypeVar("M", bound=WireModel)

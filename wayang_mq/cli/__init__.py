@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from wayang_mq import __version__
 from wayang_mq.cli import control, dead, dev, keys, submit, topology, worker
 from wayang_mq.cli.exits import Exit, exit_code_for
+from wayang_mq.config import Settings
 from wayang_mq.core import logs
 from wayang_mq.core.errors import WayangError
-from wayang_mq.core.settings import Settings
 
 __all__ = ["Exit", "build_parser", "exit_code_for", "main"]
 

@@ -8,8 +8,8 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from wayang_mq.config import Settings
 from wayang_mq.core.errors import ConfigError
-from wayang_mq.core.settings import Settings
 
 if TYPE_CHECKING:
     from wayang_mq.client.dispatcher import DispatcherConfig
@@ -25,8 +25,8 @@ async def run_until_signal(run: Callable[[], Any], stop: Callable[[], None]) -> 
 
 def dispatcher_config(settings: Settings) -> DispatcherConfig:
     """A dispatcher on the configured broker, signing with the configured key."""
-    from wayang_mq.amqp.connect import broker_endpoint, signer
     from wayang_mq.client.dispatcher import DispatcherConfig
+    from wayang_mq.config import broker_endpoint, signer
 
     return DispatcherConfig(amqp_url=broker_endpoint(settings).amqp_url, signer=signer(settings))
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from wayang_mq.cli.common import dispatcher_config
 from wayang_mq.cli.exits import Exit
-from wayang_mq.core.settings import Settings
+from wayang_mq.config import Settings
 
 
 def add(sub: Any) -> None:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from wayang_mq.cli.common import capability_arg, run_until_signal
 from wayang_mq.cli.exits import Exit
+from wayang_mq.config import Settings
 from wayang_mq.core.errors import ConfigError
-from wayang_mq.core.settings import Settings
 
 if TYPE_CHECKING:
     from wayang_mq.ops.deadletters import DeadLetter
@@ -48,7 +48,7 @@ def add(sub: Any) -> None:
 
 
 def _cmd_reaper(args: argparse.Namespace, settings: Settings) -> int:
-    from wayang_mq.amqp.connect import broker_endpoint, keyring, signer
+    from wayang_mq.config import broker_endpoint, keyring, signer
     from wayang_mq.ops.reaper import Reaper, ReaperConfig
 
     extra = {"reaper_id": args.reaper_id} if args.reaper_id else {}
@@ -66,7 +66,7 @@ def _cmd_reaper(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_dead_list(args: argparse.Namespace, settings: Settings) -> int:
-    from wayang_mq.amqp.connect import broker_endpoint, keyring
+    from wayang_mq.config import broker_endpoint, keyring
     from wayang_mq.ops.deadletters import list_dead_letters
     from wayang_mq.topology.spec import load_topology
 
@@ -115,7 +115,7 @@ def _dead_table(letters: Sequence[DeadLetter]) -> list[str]:
 
 
 def _cmd_dead_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from wayang_mq.amqp.connect import broker_endpoint, keyring, signer
+    from wayang_mq.config import broker_endpoint, keyring, signer
     from wayang_mq.core.names import dead_queue
     from wayang_mq.ops.deadletters import replay
 
@@ -144,7 +144,7 @@ def _cmd_dead_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_dead_purge(args: argparse.Namespace, settings: Settings) -> int:
-    from wayang_mq.amqp.connect import broker_endpoint
+    from wayang_mq.config import broker_endpoint
     from wayang_mq.core.names import dead_queue
     from wayang_mq.ops.deadletters import purge
 

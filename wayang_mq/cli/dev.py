@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from wayang_mq.core.settings import Settings
+from wayang_mq.config import Settings
 
 
 def add(sub: Any) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from wayang_mq.cli.exits import Exit
-from wayang_mq.core.settings import Settings
+from wayang_mq.config import Settings
 
 
 def add(sub: Any) -> None:

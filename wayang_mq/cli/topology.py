@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from wayang_mq.cli.exits import Exit
-from wayang_mq.core.settings import Settings
+from wayang_mq.config import Settings
 
 
 def add(sub: Any) -> None:
@@ -25,7 +25,8 @@ def add(sub: Any) -> None:
 
 
 def _cmd_topology_apply(args: argparse.Namespace, settings: Settings) -> int:
-    from wayang_mq.amqp.connect import broker_endpoint, management_client
+    from wayang_mq.amqp.connect import management_client
+    from wayang_mq.config import broker_endpoint
     from wayang_mq.topology.apply import apply_topology
     from wayang_mq.topology.spec import load_topology
 

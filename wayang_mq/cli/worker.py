@@ -8,7 +8,7 @@ from typing import Any
 
 from wayang_mq.cli.common import run_until_signal
 from wayang_mq.cli.exits import Exit
-from wayang_mq.core.settings import Settings
+from wayang_mq.config import Settings
 
 
 def add(sub: Any) -> None:
@@ -36,7 +36,7 @@ def add(sub: Any) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from wayang_mq.amqp.connect import broker_endpoint, keyring, signer
+    from wayang_mq.config import broker_endpoint, keyring, signer
     from wayang_mq.runtime.executor import load_class, load_executor
     from wayang_mq.runtime.middleware import Middleware
     from wayang_mq.runtime.worker import Worker, WorkerConfig

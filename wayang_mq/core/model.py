@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Self
@@ -404,3 +405,23 @@ WIRE_TYPES: dict[str, type[WireModel]] = {
         StatusReport,
     )
 }
+
+
+class TaskState(StrEnum):
+    """Where a task stands, as one executor sees it."""
+
+    UNKNOWN = "unknown"  # this executor has not seen it (it may be queued, or elsewhere)
+    RUNNING = "running"
+    FINISHED = "finished"  # answered recently by this executor
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    """The answer to ``status(task_id)``."""
+
+    task_id: str
+    state: TaskState
+    executor_id: str
+    attempt: int | None = None
+    progress: Progress | None = None
+    outcome: Status | None = None  # for FINISHED: how it ended

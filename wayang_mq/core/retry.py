@@ -11,10 +11,40 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from wayang_mq.core import names
 from wayang_mq.core.errors import ErrorCode
 from wayang_mq.core.model import ErrorInfo, Task
-from wayang_mq.topology.spec import RetryTier
+
+#: a positive count (strict: a TOML string is refused, not coerced)
+Count = Annotated[int, Field(strict=True, ge=1)]
+
+
+class RetryTier(BaseModel):
+    """A fixed delay: retries wait ``ttl_ms`` in the tier's queue, then route back (declared in
+    the topology's ``[[retry_tiers]]``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    ttl_ms: Count
+    max_length: Count | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _one_word(cls, name: str) -> str:
+        # The tier is one word of the routing key retry.<tier>.<capability>.
+        if not names.valid_word(name):
+            raise ValueError(f"tier name {name!r} must be one lowercase word (e.g. 5s)")
+        return name
+
+    @property
+    def queue(self) -> str:
+        """The tier's queue."""
+        return names.retry_queue(self.name)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from wayang_mq.amqp.connect import broker_endpoint, management_client, save_endpoint
+from wayang_mq.amqp.connect import management_client
 from wayang_mq.amqp.endpoint import BrokerEndpoint
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
+from wayang_mq.config import Settings, broker_endpoint, save_endpoint
 from wayang_mq.core.model import Result, RetryHints
-from wayang_mq.core.settings import Settings
 from wayang_mq.core.signing import Signer, write_keypair
 from wayang_mq.dev.nodes import RabbitNode
 from wayang_mq.topology.apply import apply_topology

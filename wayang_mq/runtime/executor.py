@@ -10,37 +10,28 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from wayang_mq.core.errors import ConfigError
-from wayang_mq.core.model import Heartbeat, JsonLike, Progress, Status, Task
+from wayang_mq.core.model import Heartbeat, JsonLike, Task, TaskState, TaskStatus
 from wayang_mq.core.names import valid_capability
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+#: TaskState and TaskStatus live in core.model (the control messages use them too)
+__all__ = [
+    "Executor",
+    "Pending",
+    "Runtime",
+    "TaskState",
+    "TaskStatus",
+    "check_capabilities",
+    "load_class",
+    "load_executor",
+]
+
 T = TypeVar("T")
-
-
-class TaskState(StrEnum):
-    """Where a task stands, as one executor sees it."""
-
-    UNKNOWN = "unknown"  # this executor has not seen it (it may be queued, or elsewhere)
-    RUNNING = "running"
-    FINISHED = "finished"  # answered recently by this executor
-
-
-@dataclass(frozen=True)
-class TaskStatus:
-    """The answer to ``status(task_id)``."""
-
-    task_id: str
-    state: TaskState
-    executor_id: str
-    attempt: int | None = None
-    progress: Progress | None = None
-    outcome: Status | None = None  # for FINISHED: how it ended
 
 
 class Runtime(Protocol):

@@ -27,6 +27,7 @@ from pydantic_core import ErrorDetails
 
 from wayang_mq.core import names
 from wayang_mq.core.errors import TopologyError
+from wayang_mq.core.retry import RetryTier
 from wayang_mq.core.wire import PARTITION_KEY_HEADER
 
 __all__ = [
@@ -158,27 +159,6 @@ class QueueLimits(_Frozen):
         if self.dead_letter_strategy == "at-least-once" and self.overflow != "reject-publish":
             raise ValueError('dead_letter_strategy "at-least-once" needs overflow "reject-publish"')
         return self
-
-
-class RetryTier(_Frozen):
-    """A fixed delay: retries wait ``ttl_ms`` in the tier's queue, then route back."""
-
-    name: str
-    ttl_ms: Count
-    max_length: Count | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _one_word(cls, name: str) -> str:
-        # The tier is one word of the routing key retry.<tier>.<capability>.
-        if not names.valid_word(name):
-            raise ValueError(f"tier name {name!r} must be one lowercase word (e.g. 5s)")
-        return name
-
-    @property
-    def queue(self) -> str:
-        """The tier's queue."""
-        return names.retry_queue(self.name)
 
 
 class Capability(_Frozen):
