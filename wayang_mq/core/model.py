@@ -249,39 +249,30 @@ class Result(WireModel):
         return self.status is not Status.PENDING
 
     @classmethod
-    def failure(
-        cls,
-        task: Task,
-        executor_id: str,
-        error: ErrorInfo,
-        **fields: Any,
+    def answering(
+        cls, task: Task | TaskRef, executor_id: str, status: Status, **fields: Any
     ) -> Result:
-        """A FAILED result answering ``task``."""
+        """A result correlated with ``task``: its ids, token and attempt."""
         return cls(
             task_id=task.task_id,
             token=task.token,
             node_id=task.node_id,
             capability=task.capability,
-            status=Status.FAILED,
+            status=status,
             executor_id=executor_id,
             attempt=task.attempt,
-            error=error,
             **fields,
         )
 
     @classmethod
+    def failure(cls, task: Task, executor_id: str, error: ErrorInfo, **fields: Any) -> Result:
+        """A FAILED result answering ``task``."""
+        return cls.answering(task, executor_id, Status.FAILED, error=error, **fields)
+
+    @classmethod
     def accepted(cls, task: Task, executor_id: str, details: dict[str, JsonLike]) -> Result:
         """A PENDING result: the task is accepted, its answer comes later."""
-        return cls(
-            task_id=task.task_id,
-            token=task.token,
-            node_id=task.node_id,
-            capability=task.capability,
-            status=Status.PENDING,
-            executor_id=executor_id,
-            attempt=task.attempt,
-            output=details,
-        )
+        return cls.answering(task, executor_id, Status.PENDING, output=details)
 
     @classmethod
     def uncorrelated_failure(

@@ -82,17 +82,7 @@ class Answers:
         """
         if self._publisher is None:
             raise WayangError("answers are not open", hint="use `async with Answers(...)`")
-        result = Result(
-            task_id=ref.task_id,
-            token=ref.token,
-            node_id=ref.node_id,
-            capability=ref.capability,
-            status=status,
-            executor_id=self.answerer_id,
-            attempt=ref.attempt,
-            output=output,
-            error=error,
-        )
+        result = Result.answering(ref, self.answerer_id, status, output=output, error=error)
         key = ref.reply_to or names.noreply_routing_key(ref.capability)
         signed = signed_message(result, self._signer, message_id=ref.task_id, reply_to=key)
         await self._publisher.publish(names.RESULTS_EXCHANGE, key, to_amqp(signed))

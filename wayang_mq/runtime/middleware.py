@@ -1,18 +1,26 @@
 """Middleware: cross-cutting concerns as layers around a delivery, not branches in the worker.
 
-A worker runs its middleware at three points of every delivery (dramatiq's middleware and
+A worker runs its middleware at four points of every delivery (dramatiq's middleware and
 Temporal's interceptors are the models):
 
-- ``on_opened``: the task passed size, signature, schema, deadline and capability checks;
+- ``on_received``: the raw delivery, before it is decoded (decode hook: envelope headers,
+  anything checked before the body is trusted);
+- ``on_opened``: the task passed size, signature, schema, deadline and capability checks
+  (verify hook: audience, tenant, policy); returning a :class:`Result` answers the task
+  without running it (the worker's own recent-results cache is such a layer);
 - ``on_executed``: the executor finished (or was answered without running); a hook may
   return a changed result, which the next hook and the rest of the pipeline see;
-- ``on_settled``: the delivery's :class:`~wayang_mq.amqp.outcome.Outcome` was carried out (every
-  delivery ends here exactly once: done, retry, dead letter, requeue, reject).
+- ``on_settled``: the delivery's :class:`~wayang_mq.amqp.outcome.Outcome` was carried out
+  (every delivery ends here exactly once: done, pending, retry, dead letter, requeue, reject;
+  a long-running task's later answer ends here a second time, as done or retry).
 
 Each hook takes one frozen input object, so a hook can gain fields without breaking the ones
-written against it. Hooks run in the order given; the default of each does nothing. A hook
-that raises is logged and skipped: a metrics bug must not fail a task. Task records, envelope
-checks, metrics, tracing and secrets are meant to plug in here.
+written against it. Hooks run in the order given, and only the layers that override a hook
+are called for it. A :class:`~wayang_mq.core.errors.WireError` raised by ``on_received`` or
+``on_opened`` refuses the task as bad input (dead-lettered with that reason, answered FAILED).
+Any other exception is logged and skipped: a metrics bug must not fail a task. Task records,
+envelope checks, metrics and tracing plug in here (secrets need a way into the executor's
+context: not built yet).
 """
 
 from __future__ import annotations

@@ -205,14 +205,10 @@ def _result(
         output_bytes = 0
         status, output = Status.FAILED, None
         error = ErrorInfo(code=ErrorCode.INVALID_RESULT, message=f"output cannot be sent: {exc}")
-    result = Result(
-        task_id=task.task_id,
-        token=task.token,
-        node_id=task.node_id,
-        capability=task.capability,
-        status=status,
-        executor_id=executor_id,
-        attempt=task.attempt,
+    result = Result.answering(
+        task,
+        executor_id,
+        status,
         output=output,
         error=error,
         metrics=metrics,
