@@ -55,14 +55,18 @@ class Decider:
     ) -> Outcome:
         """The next attempt through a retry tier, a PENDING acceptance, or the final answer."""
         if not result.terminal:
-            send = self.result_send(task, result)
-            line = LogLine("task.accepted", fields={"attempt": task.attempt})
-            return Outcome(Kind.PENDING, Settle.ACK, task.task_id, (send,), result, line)
+            return self.accepted(task, result)
         error = result.error
         decision = retry.decide(task, error, self._tiers) if error else None
         if decision is not None:
             return self._retry(capability, message, task, result, decision)
         return await self._final(capability, message, task, result)
+
+    def accepted(self, task: Task, pending: Result) -> Outcome:
+        """PENDING: the result published, the delivery acked; the answer comes later."""
+        line = LogLine("task.accepted", fields={"attempt": task.attempt})
+        send = self.result_send(task, pending)
+        return Outcome(Kind.PENDING, Settle.ACK, task.task_id, (send,), pending, line)
 
     async def _final(
         self, capability: str, message: AbstractIncomingMessage, task: Task, result: Result

@@ -28,7 +28,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from wayang_mq.amqp.control import ControlServer
 from wayang_mq.amqp.daemon import Daemon
-from wayang_mq.amqp.outcome import Kind, LogLine, Outcome, Settle, deliver, requeue, settle
+from wayang_mq.amqp.outcome import Kind, Outcome, deliver, requeue, settle
 from wayang_mq.amqp.publisher import to_amqp
 from wayang_mq.core import logs, names
 from wayang_mq.core.errors import ConfigError, WayangError, WireError, WrongCapability
@@ -282,9 +282,7 @@ class Worker(Daemon):
         task = running.task
         pending = Result.accepted(task, self.executor_id, {"running_on": self.executor_id})
         running.accepted = pending
-        send = self._decider.result_send(task, pending)
-        line = LogLine("task.accepted", fields={"attempt": task.attempt, "long_running": True})
-        return Outcome(Kind.PENDING, Settle.ACK, task.task_id, (send,), result=pending, log=line)
+        return self._decider.accepted(task, pending)
 
     async def _follow(
         self, capability: str, message: AbstractIncomingMessage, running: Running
