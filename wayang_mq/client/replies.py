@@ -97,6 +97,7 @@ class _Waiting:
     task: Task | None  # its current attempt (None: only awaited by id, not submitted here)
     result: asyncio.Future[Result]
     accepted: asyncio.Future[Result]
+    accepted_token: str | None = None  # the token of the attempt a PENDING result accepted
 
 
 class Replies:
@@ -157,9 +158,14 @@ class Replies:
         return waiting is not None and waiting.task is not None
 
     def is_accepted(self, task_id: str) -> bool:
-        """True once a PENDING result said the task was accepted."""
+        """True once a PENDING result accepted the task's current attempt (a re-dispatched
+        attempt must be accepted again)."""
         waiting = self._waiting.get(task_id)
-        return waiting is not None and waiting.accepted.done()
+        return (
+            waiting is not None
+            and waiting.task is not None
+            and waiting.accepted_token == waiting.task.token
+        )
 
     def finished(self, task_id: str) -> Result | None:
         """The terminal result handed out for ``task_id``, if still remembered."""
@@ -225,8 +231,10 @@ class Replies:
         """First terminal result per task id wins; duplicates and fenced results are dropped."""
         waiting = self._waiting.get(result.task_id)
         if not result.terminal:
-            if waiting is not None and not waiting.accepted.done():
-                waiting.accepted.set_result(result)
+            if waiting is not None:
+                waiting.accepted_token = result.token
+                if not waiting.accepted.done():
+                    waiting.accepted.set_result(result)
             return Verdict.NOT_TERMINAL
         if result.task_id in self._seen:
             logs.event(log, "result.duplicate", logging.DEBUG, task_id=result.task_id)
