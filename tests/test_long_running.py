@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from wayang_mq import Executor, Pending, Status, Task, TaskRef
+from wayang_mq import ErrorCode, ErrorInfo, Executor, Pending, Status, Task, TaskRef
 from wayang_mq.client.dispatcher import ResultSeen, Verdict
 from wayang_mq.client.supervisor import SupervisionConfig
 from wayang_mq.core.model import JsonLike, now_ms
@@ -193,3 +193,24 @@ async def test_a_long_running_task_whose_worker_dies_is_redispatched_and_complet
         assert result.status is Status.SUCCESS
         assert result.executor_id == "long-survivor"
         assert result.attempt == 2
+
+
+async def test_a_person_refusing_answers_the_task_failed_with_their_reason(fabric: Fabric) -> None:
+    # Given a task waiting in the inbox
+    await fabric.purge("approval.request")
+    inbox = Inbox()
+    async with fabric.worker([inbox]), fabric.dispatcher() as dispatcher:
+        handle = await dispatcher.submit("approval.request", {"amount": 9000})
+        assert (await handle.accepted(timeout_s=10)).status is Status.PENDING
+
+        # When the person refuses it
+        refusal = ErrorInfo(code=ErrorCode.EXECUTOR_ERROR, message="over the approver's limit")
+        async with Answers(fabric.endpoint.amqp_url, fabric.signer, "approver-2") as answers:
+            await answers.fail(inbox.filed[0], refusal)
+
+        # Then the caller gets FAILED with that reason, from the approver
+        result = await handle.result(timeout_s=10)
+    assert result.status is Status.FAILED
+    assert result.error == refusal
+    assert result.executor_id == "approver-2"
+    assert result.token == handle.task.token
