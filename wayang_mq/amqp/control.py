@@ -130,7 +130,7 @@ class ControlServer:
             request_id=request.request_id,
             task_id=request.task_id,
             executor_id=self._target.executor_id,
-            state=str(status.state),
+            state=status.state,
             attempt=status.attempt,
             progress=status.progress,
             outcome=status.outcome,

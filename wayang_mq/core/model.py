@@ -16,10 +16,26 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from wayang_mq.core.errors import ErrorCode
-from wayang_mq.core.names import valid_capability
+from wayang_mq.core.fields import (
+    MAX_INT,
+    Array,
+    Capability,
+    Count,
+    ExecutorId,
+    Key,
+    Millis,
+    NodeId,
+    OptionalKey,
+    ReplyTo,
+    ResultNodeId,
+    ResultToken,
+    TaskId,
+    Token,
+    WireEnum,
+)
 
 JsonLike = Any  # any msgpack-representable value: nil, bool, int, float, str, bin, array, map
 
@@ -40,9 +56,12 @@ def ms_to_datetime(ms: int) -> datetime:
 
 
 class WireModel(BaseModel):
-    """Base of every message body: frozen, strict about unknown fields."""
+    """Base of every message body: frozen, strict about unknown fields and about types (no
+    coercion: see :mod:`wayang_mq.core.fields`), no infinities or NaN."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", strict=True, allow_inf_nan=False, use_enum_values=False
+    )
 
     #: the AMQP ``type`` property of this body
     wire_type: ClassVar[str]
@@ -60,26 +79,26 @@ class RetryHints(WireModel):
     """How the fabric may retry a failed attempt; a retry builds a new task, never mutates one."""
 
     max_attempts: int = Field(default=1, ge=1, le=100)
-    initial_backoff_ms: int = Field(default=1000, ge=0)
-    backoff_multiplier: float = Field(default=2.0, ge=1.0)
-    max_backoff_ms: int = Field(default=300_000, ge=0)
-    non_retryable: tuple[ErrorCode, ...] = ()
+    initial_backoff_ms: Millis = 1000
+    backoff_multiplier: float = Field(default=2.0, ge=1.0, le=1000.0)
+    max_backoff_ms: Millis = 300_000
+    non_retryable: Array[WireEnum[ErrorCode]] = ()
 
 
 class PolicyConstraints(WireModel):
     """Where and how a task may run (spec §6 'policy constraints')."""
 
-    executor_id: str | None = None  # pin to one executor (reassignment off)
+    executor_id: ExecutorId | None = None  # pin to one executor (reassignment off)
     labels: dict[str, str] = Field(default_factory=dict)  # executor metadata that must match
-    max_cost: float | None = None  # budget hint for agent or paid executors
+    max_cost: float | None = Field(default=None, ge=0)  # budget hint for agent or paid executors
 
 
 class Compensation(WireModel):
     """The task to run if this one ends FAILED for good (spec §11, compensation nodes)."""
 
-    capability: str
+    capability: Capability
     input: dict[str, JsonLike] = Field(default_factory=dict)
-    node_id: str | None = None  # the workflow's compensation node; default "<node>:compensate"
+    node_id: NodeId | None = None  # the workflow's compensation node; default "<node>:compensate"
 
 
 class Task(WireModel):
@@ -87,33 +106,23 @@ class Task(WireModel):
 
     wire_type: ClassVar[str] = "wayang.task.v1"
 
-    task_id: str = Field(min_length=1, max_length=128)
-    token: str = Field(min_length=1, max_length=1024)  # execution token: fences late results
-    node_id: str = Field(min_length=1, max_length=256)  # the workflow node this task executes
-    capability: str
+    task_id: TaskId
+    token: Token  # execution token: fences late results
+    node_id: NodeId  # the workflow node this task executes
+    capability: Capability
     input: dict[str, JsonLike] = Field(default_factory=dict)  # the context snapshot
     policy: PolicyConstraints = Field(default_factory=PolicyConstraints)
     retry: RetryHints = Field(default_factory=RetryHints)
-    timeout_ms: int | None = Field(default=None, gt=0)  # start-to-close execution timeout
-    heartbeat_timeout_ms: int | None = Field(default=None, gt=0)
-    issued_at_ms: int = Field(ge=0)
-    deadline_ms: int = Field(ge=0)  # nothing may start after this instant
-    attempt: int = Field(default=1, ge=1)
-    reply_to: str = ""  # routing key on wayang.results; signed, so a result cannot be redirected
-    partition_key: str | None = None  # sharded capabilities keep order per key
-    idempotency_key: str | None = None  # executors with side effects do them once per key
-    issuer: str = ""  # who signed: a dispatcher id
+    timeout_ms: Count | None = None  # start-to-close execution timeout
+    heartbeat_timeout_ms: Count | None = None
+    issued_at_ms: Millis
+    deadline_ms: Millis  # nothing may start after this instant
+    attempt: int = Field(default=1, ge=1, le=MAX_INT)
+    reply_to: ReplyTo = ""  # routing key on wayang.results; signed: a result cannot be redirected
+    partition_key: Key | None = None  # sharded capabilities keep order per key
+    idempotency_key: Key | None = None  # executors with side effects do them once per key
+    issuer: OptionalKey = ""  # who signed: a dispatcher id
     compensation: Compensation | None = None  # dispatched when the task fails for good
-
-    @field_validator("capability")
-    @classmethod
-    def _capability_is_routable(cls, value: str) -> str:
-        if not valid_capability(value):
-            raise ValueError(
-                "capability must be dotted lowercase words like 'http.call' "
-                "(letters, digits, '_' or '-'; not starting with 'retry.')"
-            )
-        return value
 
     @model_validator(mode="after")
     def _deadline_after_issue(self) -> Self:
@@ -183,10 +192,10 @@ class Task(WireModel):
 class ErrorInfo(WireModel):
     """Why a task failed, and whether trying again can help."""
 
-    code: ErrorCode
+    code: WireEnum[ErrorCode]
     message: str = ""
     retryable: bool = False
-    retry_after_ms: int | None = Field(default=None, ge=0)
+    retry_after_ms: Millis | None = None
     details: dict[str, JsonLike] = Field(default_factory=dict)
 
 
@@ -221,19 +230,19 @@ class Result(WireModel):
 
     wire_type: ClassVar[str] = "wayang.result.v1"
 
-    task_id: str
-    token: str
-    node_id: str
-    capability: str
-    status: Status
-    executor_id: str
-    attempt: int = Field(default=1, ge=1)
+    task_id: TaskId
+    token: ResultToken  # empty only when the body could not be read as a task
+    node_id: ResultNodeId
+    capability: Capability
+    status: WireEnum[Status]
+    executor_id: ExecutorId
+    attempt: int = Field(default=1, ge=1, le=MAX_INT)
     output: JsonLike = None  # the answer on SUCCESS, partial output on FAILED
     error: ErrorInfo | None = None
     metrics: dict[str, float] = Field(default_factory=dict)  # e.g. duration_ms, queue_ms
-    logs: tuple[str, ...] = ()
-    finished_at_ms: int = Field(default_factory=now_ms)
-    compensation_task_id: str | None = None  # the compensation dispatched for this failure
+    logs: Array[str] = ()
+    finished_at_ms: Millis = Field(default_factory=now_ms)
+    compensation_task_id: TaskId | None = None  # the compensation dispatched for this failure
 
     @model_validator(mode="after")
     def _error_matches_status(self) -> Self:
@@ -299,13 +308,13 @@ class Registration(WireModel):
 
     wire_type: ClassVar[str] = "wayang.registration.v1"
 
-    executor_id: str
-    capabilities: tuple[str, ...]
+    executor_id: ExecutorId
+    capabilities: Array[Capability]
     protocol: str = "amqp-0-9-1"
     metadata: dict[str, str] = Field(default_factory=dict)
-    concurrency: int = Field(default=1, ge=1)
+    concurrency: Count = 1
     version: str = ""
-    started_at_ms: int = Field(default_factory=now_ms)
+    started_at_ms: Millis = Field(default_factory=now_ms)
 
 
 class Heartbeat(WireModel):
@@ -313,15 +322,15 @@ class Heartbeat(WireModel):
 
     wire_type: ClassVar[str] = "wayang.heartbeat.v1"
 
-    executor_id: str
-    capabilities: tuple[str, ...]
-    in_flight: tuple[str, ...] = ()  # task ids running now
+    executor_id: ExecutorId
+    capabilities: Array[Capability]
+    in_flight: Array[TaskId] = ()  # task ids running now
     # task id -> the latest details its executor recorded with ctx.heartbeat(**details);
     # only tasks that recorded any are listed (Temporal's heartbeat details: coalesced)
     details: dict[str, dict[str, JsonLike]] = Field(default_factory=dict)
-    concurrency: int = Field(default=1, ge=1)
-    sequence: int = Field(default=0, ge=0)
-    sent_at_ms: int = Field(default_factory=now_ms)
+    concurrency: Count = 1
+    sequence: Millis = 0
+    sent_at_ms: Millis = Field(default_factory=now_ms)
 
     @property
     def load(self) -> float:
@@ -334,13 +343,13 @@ class Progress(WireModel):
 
     wire_type: ClassVar[str] = "wayang.progress.v1"
 
-    task_id: str
-    executor_id: str
-    attempt: int = Field(default=1, ge=1)
+    task_id: TaskId
+    executor_id: ExecutorId
+    attempt: int = Field(default=1, ge=1, le=MAX_INT)
     fraction: float | None = Field(default=None, ge=0.0, le=1.0)
     message: str = ""
     details: dict[str, JsonLike] = Field(default_factory=dict)
-    sent_at_ms: int = Field(default_factory=now_ms)
+    sent_at_ms: Millis = Field(default_factory=now_ms)
 
 
 class CancelRequest(WireModel):
@@ -349,11 +358,11 @@ class CancelRequest(WireModel):
 
     wire_type: ClassVar[str] = "wayang.cancel.v1"
 
-    task_id: str
+    task_id: TaskId
     reason: str = ""
-    requester: str = ""
-    requested_at_ms: int = Field(default_factory=now_ms)
-    forget_after_ms: int = Field(default=3_600_000, gt=0)  # how long executors remember it
+    requester: OptionalKey = ""
+    requested_at_ms: Millis = Field(default_factory=now_ms)
+    forget_after_ms: Count = 3_600_000  # how long executors remember it
 
 
 class StatusRequest(WireModel):
@@ -362,10 +371,18 @@ class StatusRequest(WireModel):
 
     wire_type: ClassVar[str] = "wayang.status-request.v1"
 
-    request_id: str
-    task_id: str
-    reply_to: str
-    requested_at_ms: int = Field(default_factory=now_ms)
+    request_id: Key
+    task_id: TaskId
+    reply_to: ReplyTo
+    requested_at_ms: Millis = Field(default_factory=now_ms)
+
+
+class TaskState(StrEnum):
+    """Where a task stands, as one executor sees it."""
+
+    UNKNOWN = "unknown"  # this executor has not seen it (it may be queued, or elsewhere)
+    RUNNING = "running"
+    FINISHED = "finished"  # answered recently by this executor
 
 
 class StatusReport(WireModel):
@@ -373,14 +390,14 @@ class StatusReport(WireModel):
 
     wire_type: ClassVar[str] = "wayang.status.v1"
 
-    request_id: str
-    task_id: str
-    executor_id: str
-    state: str  # "running" or "finished" (executors that know nothing stay silent)
-    attempt: int | None = None
+    request_id: Key
+    task_id: TaskId
+    executor_id: ExecutorId
+    state: WireEnum[TaskState]  # running or finished: executors that know nothing stay silent
+    attempt: Count | None = None
     progress: Progress | None = None
-    outcome: Status | None = None  # for "finished": how it ended
-    sent_at_ms: int = Field(default_factory=now_ms)
+    outcome: WireEnum[Status] | None = None  # for "finished": how it ended
+    sent_at_ms: Millis = Field(default_factory=now_ms)
 
 
 WIRE_TYPES: dict[str, type[WireModel]] = {
@@ -396,14 +413,6 @@ WIRE_TYPES: dict[str, type[WireModel]] = {
         StatusReport,
     )
 }
-
-
-class TaskState(StrEnum):
-    """Where a task stands, as one executor sees it."""
-
-    UNKNOWN = "unknown"  # this executor has not seen it (it may be queued, or elsewhere)
-    RUNNING = "running"
-    FINISHED = "finished"  # answered recently by this executor
 
 
 @dataclass(frozen=True)

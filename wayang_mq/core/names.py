@@ -19,9 +19,16 @@ _CAPABILITY = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)*$")
 _WORD = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
+CAPABILITY_CHARS = 128  # retry.<tier>.<capability> and queue names stay well under 255 bytes
+
+
 def valid_capability(capability: str) -> bool:
     """True when ``capability`` can be used as a routing key and a queue-name suffix."""
-    return bool(_CAPABILITY.match(capability)) and not capability.startswith("retry.")
+    return (
+        len(capability) <= CAPABILITY_CHARS
+        and bool(_CAPABILITY.match(capability))
+        and not capability.startswith("retry.")
+    )
 
 
 def valid_word(word: str) -> bool:

@@ -13,6 +13,7 @@ import logging
 from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
 from wayang_mq.core import logs, names
 from wayang_mq.core.errors import WayangError
+from wayang_mq.core.fields import NODE_ID_BYTES, TASK_ID_BYTES, derived_id
 from wayang_mq.core.model import Result, Status, Task
 from wayang_mq.core.signing import Signer
 from wayang_mq.core.wire import task_message
@@ -32,13 +33,14 @@ def compensation_for(task: Task, result: Result) -> Task | None:
         return None
     spec = task.compensation
     error = result.error.model_dump(mode="json") if result.error else None
+    task_id = derived_id(task.task_id, ".compensation", TASK_ID_BYTES)
     return Task.create(
         spec.capability,
         {**spec.input, "compensates": {"task_id": task.task_id, "error": error}},
         queue_timeout_ms=task.queue_window_ms,
-        task_id=f"{task.task_id}.compensation",
-        idempotency_key=f"{task.task_id}.compensation",
-        node_id=spec.node_id or f"{task.node_id}:compensate",
+        task_id=task_id,
+        idempotency_key=task_id,
+        node_id=spec.node_id or derived_id(task.node_id, ":compensate", NODE_ID_BYTES),
         reply_to=task.reply_to,
         issuer=task.issuer,
         retry=task.retry,
