@@ -32,6 +32,20 @@ def add(sub: Any) -> None:
     p.add_argument(
         "--health-port", type=int, help="answer HTTP health probes on this port (200 / 503)"
     )
+    p.add_argument(
+        "--max-clock-skew",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="refuse tasks issued further in the future than this (default 300)",
+    )
+    p.add_argument(
+        "--max-queue-window",
+        type=float,
+        default=7 * 24 * 3600.0,
+        metavar="SECONDS",
+        help="refuse tasks whose deadline is further away than this (default 7 days)",
+    )
     p.set_defaults(func=_cmd_worker)
 
 
@@ -47,6 +61,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         load_class(spec, Middleware, "mypackage.metrics:Timing") for spec in args.middleware
     )
     extra = {"executor_id": args.executor_id} if args.executor_id else {}
+    topology = load_topology(settings.topology)
     config = WorkerConfig(
         amqp_url=broker_endpoint(settings).amqp_url,
         keyring=keyring(settings),
@@ -55,11 +70,14 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         prefetch=args.prefetch,
         grace_s=args.grace,
         heartbeat_interval_s=args.heartbeat,
-        retry_tiers=load_topology(settings.topology).retry_tiers,
+        retry_tiers=topology.retry_tiers,
+        max_body_bytes=topology.defaults.max_body_bytes,
+        max_clock_skew_ms=int(args.max_clock_skew * 1000),
+        max_queue_window_ms=int(args.max_queue_window * 1000),
         middleware=middleware,
         health_port=args.health_port,
         **extra,
     )
     worker = Worker(executors, config)
-    asyncio.run(run_until_signal(worker.run, worker.stop))
+    asyncio.run(run_until_signal(worker.run, worker.stop, config.keyring.reload))
     return Exit.OK

@@ -68,9 +68,14 @@ class WireError(WayangError):
 
     code = ErrorCode.INVALID_TASK
 
-    def __init__(self, message: str, *, body: bytes = b"", hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, body: bytes = b"", hint: str | None = None, task: object = None
+    ) -> None:
         super().__init__(message, hint=hint)
         self.body = body
+        # The task, when the body verified and decoded but was refused all the same (deadline
+        # passed, clock out of bounds, wrong queue): its answer can then carry the real token.
+        self.task = task
 
 
 class InvalidMessage(WireError):

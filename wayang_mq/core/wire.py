@@ -184,6 +184,10 @@ def open_verified(
     return decode(body, model)
 
 
+DEFAULT_MAX_CLOCK_SKEW_MS = 5 * 60_000
+DEFAULT_MAX_QUEUE_WINDOW_MS = 7 * 24 * 3_600_000
+
+
 def open_task(
     body: bytes,
     headers: Mapping[str, Any],
@@ -191,11 +195,33 @@ def open_task(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     at_ms: int | None = None,
+    max_clock_skew_ms: int = DEFAULT_MAX_CLOCK_SKEW_MS,
+    max_queue_window_ms: int = DEFAULT_MAX_QUEUE_WINDOW_MS,
 ) -> Task:
-    """A received task, verified and decoded, refused if its deadline has passed."""
+    """A received task, verified and decoded; refused if its deadline has passed, or if its
+    clocks are out of bounds: issued further in the future than the allowed skew, or a deadline
+    further away than the longest queue window (a task "issued in the year 3000" would
+    otherwise sit in memory and caches for ever)."""
     task = open_verified(body, headers, keyring, Task, max_body_bytes=max_body_bytes)
-    if task.expired(at_ms):
+    now = now_ms() if at_ms is None else at_ms
+    if task.expired(now):
         raise TokenExpired(
-            f"task {task.task_id} passed its deadline before it could start", body=body
+            f"task {task.task_id} passed its deadline before it could start", body=body, task=task
+        )
+    if task.issued_at_ms - now > max_clock_skew_ms:
+        raise InvalidMessage(
+            f"task {task.task_id} is issued {(task.issued_at_ms - now) // 1000} s in the future; "
+            f"the allowed clock skew is {max_clock_skew_ms // 1000} s",
+            body=body,
+            task=task,
+            hint="check the publisher's clock (NTP), or raise the workers' --max-clock-skew",
+        )
+    if task.deadline_ms - now > max_queue_window_ms:
+        raise InvalidMessage(
+            f"task {task.task_id} has its deadline {(task.deadline_ms - now) // 1000} s away; "
+            f"the longest queue window is {max_queue_window_ms // 1000} s",
+            body=body,
+            task=task,
+            hint="give the task a shorter queue timeout, or raise the workers' --max-queue-window",
         )
     return task

@@ -22,6 +22,7 @@ from wayang_mq.amqp.outcome import Kind, LogLine, Outcome, Send, Settle, done
 from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
 from wayang_mq.core import names, retry
 from wayang_mq.core.errors import ErrorCode, WireError
+from wayang_mq.core.fields import REPLY_TO_BYTES, TASK_ID_BYTES, printable, valid_id
 from wayang_mq.core.model import ErrorInfo, Result, Task, new_id, now_ms
 from wayang_mq.core.signing import Signer
 from wayang_mq.core.wire import (
@@ -136,22 +137,29 @@ class Decider:
     def bad_input(
         self, capability: str, message: AbstractIncomingMessage, error: WireError
     ) -> Outcome:
-        """Bad input: a copy with the reason to ``wayang.dlx``, a FAILED answer, then ack."""
+        """Bad input: a copy with the reason to ``wayang.dlx``, a FAILED answer, then ack.
+
+        A task that verified and decoded but was refused (deadline, clocks, wrong queue) is
+        answered with its own ids and token at its signed reply address. Otherwise nothing in
+        the body is trusted: the answer goes by the AMQP ``message_id`` and ``reply_to``, with
+        empty token and node id, and only when both are ids an answer can carry (wire §4).
+        """
         code = error.code or ErrorCode.INVALID_TASK
-        task_id = message.message_id or message.correlation_id or f"unknown-{new_id()}"
+        task = error.task if isinstance(error.task, Task) else None
+        task_id = task.task_id if task else _property_id(message.message_id, TASK_ID_BYTES)
+        task_id = task_id or _property_id(message.correlation_id, TASK_ID_BYTES)
+        answerable = task_id is not None
+        task_id = task_id or f"unknown-{new_id()}"
         sends = [self.dead_copy(capability, message, task_id, code, error.message)]
-        if message.reply_to:
-            failed = Result.uncorrelated_failure(
-                task_id, capability, self._executor_id, ErrorInfo(code=code, message=error.message)
-            )
-            signed = signed_message(
-                failed, self._signer, message_id=task_id, reply_to=message.reply_to
-            )
-            # a courtesy: the copy is what keeps the task; the answer may be lost with a broker
-            sends.append(
-                Send(names.RESULTS_EXCHANGE, message.reply_to, to_amqp(signed), if_unconfirmed=None)
-            )
-        fields = {"capability": capability, "code": code, "reason": error.message}
+        failure = ErrorInfo(code=code, message=error.message)
+        if task is not None:
+            answer = Result.failure(task, self._executor_id, failure)
+            reply_to = task.reply_to or names.noreply_routing_key(task.capability)
+            sends.append(self._courtesy(task_id, reply_to, answer))
+        elif answerable and _property_id(message.reply_to, REPLY_TO_BYTES):
+            answer = Result.uncorrelated_failure(task_id, capability, self._executor_id, failure)
+            sends.append(self._courtesy(task_id, str(message.reply_to), answer))
+        fields = {"capability": capability, "code": code, "reason": printable(error.message)}
         return Outcome(
             Kind.DEAD_LETTER,
             Settle.ACK,
@@ -159,6 +167,12 @@ class Decider:
             tuple(sends),
             log=LogLine("task.dead_lettered", logging.WARNING, fields),
         )
+
+    def _courtesy(self, task_id: str, reply_to: str, answer: Result) -> Send:
+        """The FAILED answer to refused input: a courtesy, since the dead copy is what keeps
+        the task; it may be lost with a broker (never retried, never blocks the ack)."""
+        signed = signed_message(answer, self._signer, message_id=task_id, reply_to=reply_to)
+        return Send(names.RESULTS_EXCHANGE, reply_to, to_amqp(signed), if_unconfirmed=None)
 
     def dead_copy(
         self,
@@ -198,6 +212,11 @@ class Decider:
             if_unconfirmed=Settle.REJECT,
             unconfirmed_event="dead_letter.rejected",
         )
+
+
+def _property_id(value: object, max_bytes: int) -> str | None:
+    """An AMQP property read off an untrusted delivery, if it can be carried as an id."""
+    return value if isinstance(value, str) and valid_id(value, max_bytes) else None
 
 
 def _exhausted(result: Result) -> Result:

@@ -36,6 +36,8 @@ class Running:
     context: TaskContext
     cancel_reason: str | None = None
     accepted: Result | None = None  # a long-running task's PENDING answer, once published
+    #: set once the PENDING answer is settled: the terminal answer must not overtake it
+    announced: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     #: the run: its result and the packed output's size
     job: asyncio.Task[tuple[Result, int]] = field(init=False, repr=False)
 

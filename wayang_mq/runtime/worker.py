@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from wayang_mq.amqp.control import ControlServer
@@ -31,7 +30,14 @@ from wayang_mq.amqp.daemon import Daemon
 from wayang_mq.amqp.outcome import Kind, Outcome, deliver, requeue, settle
 from wayang_mq.amqp.publisher import to_amqp
 from wayang_mq.core import logs, names
-from wayang_mq.core.errors import ConfigError, WayangError, WireError, WrongCapability
+from wayang_mq.core.errors import (
+    ConfigError,
+    InvalidMessage,
+    WayangError,
+    WireError,
+    WrongCapability,
+)
+from wayang_mq.core.fields import printable
 from wayang_mq.core.model import (
     Heartbeat,
     Progress,
@@ -41,7 +47,13 @@ from wayang_mq.core.model import (
     WireModel,
 )
 from wayang_mq.core.signing import KeyRing, Signer
-from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, open_task, signed_message
+from wayang_mq.core.wire import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CLOCK_SKEW_MS,
+    DEFAULT_MAX_QUEUE_WINDOW_MS,
+    open_task,
+    signed_message,
+)
 from wayang_mq.runtime.decide import Decider
 from wayang_mq.runtime.executor import Executor, TaskState, TaskStatus, check_capabilities
 from wayang_mq.runtime.middleware import Chain, Executed, Middleware, Opened, Received, Settled
@@ -64,7 +76,9 @@ class WorkerConfig:
     prefetch: int | None = None  # default: concurrency (held but not running counts too)
     heartbeat_interval_s: float = 5.0
     grace_s: float = 30.0  # SIGTERM: how long in-flight tasks may finish
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # the topology's max_body_bytes
+    max_clock_skew_ms: int = DEFAULT_MAX_CLOCK_SKEW_MS  # tasks issued further ahead: refused
+    max_queue_window_ms: int = DEFAULT_MAX_QUEUE_WINDOW_MS  # deadlines further away: refused
     recent_results: int = 10_000  # results kept to answer a redelivered finished task
     recent_results_bytes: int = 16 * 1024 * 1024  # and their outputs' size, at most
     retry_tiers: tuple[RetryTier, ...] = ()  # from the topology; none: failures are final
@@ -109,6 +123,7 @@ class Worker(Daemon):
             self.executor_id, config.signer, config.retry_tiers, lambda: self.publisher
         )
         self._heartbeat_seq = 0
+        self._announcing: dict[str, Running] = {}  # accepted long tasks, until PENDING is settled
         self._control: ControlServer | None = None
         for executor in executors:
             executor.attach(self)
@@ -200,7 +215,12 @@ class Worker(Daemon):
         try:
             async with self._slots:
                 outcome = await self._decide_safely(capability, message)
-                await self._after(capability, await settle(message, outcome, self.publisher))
+                try:
+                    await self._after(capability, await settle(message, outcome, self.publisher))
+                finally:
+                    following = self._announcing.pop(outcome.task_id or "", None)
+                    if following is not None:
+                        following.announced.set()
         except asyncio.CancelledError:
             # Shutdown past the grace period: the broker gets the delivery back, unharmed.
             await settle(message, requeue(message.message_id, "stopped past the grace"))
@@ -258,6 +278,7 @@ class Worker(Daemon):
             return await self._conclude(capability, message, task, answer)
         running = await self._runner.start(task)
         if self._runner.long_running(task):
+            self._announcing[task.task_id] = running
             self.spawn(self._follow(capability, message, running))
             return self._accepted(running)
         # Awaited directly: if this handler is cancelled (shutdown), so is the run.
@@ -293,6 +314,8 @@ class Worker(Daemon):
         must not wait held behind it toward the broker's consumer_timeout."""
         try:
             result, output_bytes = await running.job
+            # A task that ends at once must not answer before its PENDING is on the wire.
+            await running.announced.wait()
         except asyncio.CancelledError:
             running.job.cancel()  # the worker stops past its grace: supervision takes over
             raise
@@ -305,11 +328,13 @@ class Worker(Daemon):
     # -- events ---------------------------------------------------------------------------------
 
     async def _emit(self, event: WireModel, routing_key: str) -> None:
-        """Events are best-effort: a lost heartbeat is replaced by the next one."""
+        """Events are best-effort: a lost heartbeat is replaced by the next one. Their
+        ``message_id`` is the task id (progress, attempts) or the executor id (registration,
+        heartbeat), as wire-format §2 says; persistent, like everything the fabric publishes."""
         if self._publisher is None:
             return
-        message = to_amqp(signed_message(event, self.config.signer, message_id=routing_key))
-        message.delivery_mode = aio_pika.DeliveryMode.NOT_PERSISTENT
+        about = getattr(event, "task_id", None) or self.executor_id
+        message = to_amqp(signed_message(event, self.config.signer, message_id=about))
         try:
             await self._publisher.publish_once(names.EVENTS_EXCHANGE, routing_key, message)
         except WayangError as exc:
@@ -326,15 +351,31 @@ class Worker(Daemon):
 
 
 def _open(capability: str, message: AbstractIncomingMessage, config: WorkerConfig) -> Task:
-    """The delivery's task, checked (size, signature, schema, deadline, capability)."""
+    """The delivery's task, checked (size, signature, schema, clocks, deadline, capability,
+    reply address)."""
     task = open_task(
-        message.body, message.headers or {}, config.keyring, max_body_bytes=config.max_body_bytes
+        message.body,
+        message.headers or {},
+        config.keyring,
+        max_body_bytes=config.max_body_bytes,
+        max_clock_skew_ms=config.max_clock_skew_ms,
+        max_queue_window_ms=config.max_queue_window_ms,
     )
     if task.capability != capability:
         raise WrongCapability(
             f"task {task.task_id} names capability {task.capability!r} but arrived on "
             f"{capability!r}",
             body=message.body,
+            task=task,
+        )
+    if message.reply_to is not None and message.reply_to != task.reply_to:
+        # Only the body is signed: an AMQP reply_to that differs was changed on the way.
+        raise InvalidMessage(
+            f"task {task.task_id}: AMQP reply_to {printable(message.reply_to)!r} differs from "
+            f"the signed body's reply_to {task.reply_to!r}",
+            body=message.body,
+            task=task,
+            hint="set the AMQP reply_to property to the body's reply_to, or leave it out",
         )
     return task
 
