@@ -15,11 +15,16 @@ if TYPE_CHECKING:
     from wayang_mq.client.dispatcher import DispatcherConfig
 
 
-async def run_until_signal(run: Callable[[], Any], stop: Callable[[], None]) -> None:
-    """Run a daemon; SIGTERM and SIGINT ask it to stop gracefully instead of killing it."""
+async def run_until_signal(
+    run: Callable[[], Any], stop: Callable[[], None], reload: Callable[[], Any] | None = None
+) -> None:
+    """Run a daemon; SIGTERM and SIGINT ask it to stop gracefully instead of killing it, and
+    SIGHUP calls ``reload`` (the key ring: a removed key stops being trusted at once)."""
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload)
     await run()
 
 

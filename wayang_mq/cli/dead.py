@@ -50,6 +50,7 @@ def add(sub: Any) -> None:
 def _cmd_reaper(args: argparse.Namespace, settings: Settings) -> int:
     from wayang_mq.config import broker_endpoint, keyring, signer
     from wayang_mq.ops.reaper import Reaper, ReaperConfig
+    from wayang_mq.topology.spec import load_topology
 
     extra = {"reaper_id": args.reaper_id} if args.reaper_id else {}
     config = ReaperConfig(
@@ -57,11 +58,12 @@ def _cmd_reaper(args: argparse.Namespace, settings: Settings) -> int:
         keyring=keyring(settings),
         signer=signer(settings),
         prefetch=args.prefetch,
+        max_body_bytes=load_topology(settings.topology).defaults.max_body_bytes,
         health_port=args.health_port,
         **extra,
     )
     reaper = Reaper(config)
-    asyncio.run(run_until_signal(reaper.run, reaper.stop))
+    asyncio.run(run_until_signal(reaper.run, reaper.stop, config.keyring.reload))
     return Exit.OK
 
 

@@ -14,20 +14,26 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from wayang_mq.core import logs
 from wayang_mq.core.errors import ConfigError, SignatureError
 
 KEY_ID_HEADER = "wayang-key-id"
 SIGNATURE_HEADER = "wayang-signature"
+
+log = logging.getLogger("wayang_mq.core.signing")
 
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
@@ -69,8 +75,9 @@ class Signer:
         return cls.from_private_key(Ed25519PrivateKey.from_private_bytes(seed))
 
     @classmethod
-    def from_file(cls, path: Path) -> Signer:
+    def from_file(cls, path: str | os.PathLike[str]) -> Signer:
         """Load a PKCS#8 PEM private key written by ``wayang-mq keys new``."""
+        path = Path(path)
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except (OSError, ValueError) as exc:
@@ -99,37 +106,81 @@ class Signer:
         }
 
 
-@dataclass(frozen=True)
 class KeyRing:
-    """Public keys a receiver trusts, by id; several at once so a key can be rotated."""
+    """Public keys a receiver trusts, by id; several at once so a key can be rotated.
 
-    keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
-    _fast: Mapping[str, VerifyKey] = field(init=False, repr=False, compare=False)
+    A ring loaded from a directory follows it without a restart: a signature by a key id it
+    does not know makes it read the directory again when the directory changed since the
+    last read (a file added or renamed into it changes its mtime; one ``stat`` per unknown
+    key id) or, failing that, at most once per ``reload_interval_s``, so a flood of made-up
+    key ids costs no more than one directory read per interval. ``reload()`` (daemons call it
+    on SIGHUP) re-reads it at once, which is how a removed key stops being trusted. A
+    directory that cannot be read on a reload keeps the keys already loaded.
+    """
 
-    def __post_init__(self) -> None:
-        fast = {key_id: VerifyKey(key.public_bytes(*_RAW)) for key_id, key in self.keys.items()}
-        object.__setattr__(self, "_fast", fast)
+    def __init__(
+        self,
+        keys: Mapping[str, Ed25519PublicKey] | None = None,
+        *,
+        directory: Path | None = None,
+        reload_interval_s: float = 1.0,
+    ) -> None:
+        self._directory = directory
+        self._reload_interval_s = reload_interval_s
+        self._last_read = time.monotonic()
+        self._stamp = _stamp(directory)
+        self._set(dict(keys or {}))
+
+    def _set(self, keys: dict[str, Ed25519PublicKey]) -> None:
+        # One assignment each: a verify running meanwhile sees the old ring or the new one.
+        self._fast = {key_id: VerifyKey(key.public_bytes(*_RAW)) for key_id, key in keys.items()}
+        self._keys: Mapping[str, Ed25519PublicKey] = MappingProxyType(keys)
+
+    @property
+    def keys(self) -> Mapping[str, Ed25519PublicKey]:
+        """The trusted keys by key id, as of the last (re)load."""
+        return self._keys
 
     @classmethod
     def of(cls, public_keys: Iterable[Ed25519PublicKey]) -> KeyRing:
-        """A ring of the given keys, each under its derived id."""
+        """A fixed ring of the given keys, each under its derived id."""
         return cls({key_id_of(key): key for key in public_keys})
 
     @classmethod
-    def load_dir(cls, directory: Path) -> KeyRing:
-        """Every ``*.pub`` PEM in ``directory``."""
-        if not directory.is_dir():
-            raise ConfigError(
-                f"key directory {directory} does not exist",
-                hint="create keys with `wayang-mq keys new --dir DIR`",
-            )
-        keys = []
-        for path in sorted(directory.glob("*.pub")):
-            key = serialization.load_pem_public_key(path.read_bytes())
-            if not isinstance(key, Ed25519PublicKey):
-                raise ConfigError(f"{path} is not an Ed25519 public key")
-            keys.append(key)
-        return cls.of(keys)
+    def load_dir(cls, directory: Path, *, reload_interval_s: float = 1.0) -> KeyRing:
+        """Every ``*.pub`` PEM in ``directory``, followed as it changes (see the class)."""
+        return cls(
+            _read_public_keys(directory), directory=directory, reload_interval_s=reload_interval_s
+        )
+
+    def reload(self) -> bool:
+        """Read the directory again; True when the set of key ids changed. A ring made of
+        fixed keys has nothing to reload."""
+        if self._directory is None:
+            return False
+        self._last_read = time.monotonic()
+        self._stamp = _stamp(self._directory)  # before reading: a change meanwhile is seen next
+        try:
+            keys = _read_public_keys(self._directory)
+        except ConfigError as exc:
+            logs.event(log, "keyring.reload_failed", logging.ERROR, error=exc.one_line())
+            return False
+        added = sorted(keys.keys() - self._keys.keys())
+        removed = sorted(self._keys.keys() - keys.keys())
+        self._set(keys)
+        if added or removed:
+            logs.event(log, "keyring.reloaded", added=",".join(added), removed=",".join(removed))
+        return bool(added or removed)
+
+    def _lookup(self, key_id: str) -> VerifyKey | None:
+        found = self._fast.get(key_id)
+        if found is None and self._directory is not None and self._stale() and self.reload():
+            found = self._fast.get(key_id)
+        return found
+
+    def _stale(self) -> bool:
+        changed = _stamp(self._directory) != self._stamp
+        return changed or time.monotonic() - self._last_read >= self._reload_interval_s
 
     def __contains__(self, key_id: object) -> bool:
         return key_id in self.keys
@@ -149,7 +200,7 @@ class KeyRing:
                 body=body,
                 hint="sign the exact body bytes with Ed25519, see docs/wire-format.md",
             )
-        public_key = self._fast.get(key_id)
+        public_key = self._lookup(key_id)
         if public_key is None:
             raise SignatureError(
                 f"unknown signing key id {key_id!r}",
@@ -163,6 +214,39 @@ class KeyRing:
                 f"signature does not match the body (key id {key_id})", body=body
             ) from exc
         return key_id
+
+
+def _stamp(directory: Path | None) -> int | None:
+    """The directory's modification time (ns); None when there is none to read."""
+    if directory is None:
+        return None
+    try:
+        return directory.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def _read_public_keys(directory: Path) -> dict[str, Ed25519PublicKey]:
+    """Every ``*.pub`` in ``directory`` (PEM SubjectPublicKeyInfo), by derived key id; the
+    file name does not matter."""
+    if not directory.is_dir():
+        raise ConfigError(
+            f"key directory {directory} does not exist",
+            hint="create keys with `wayang-mq keys new --dir DIR`",
+        )
+    keys: dict[str, Ed25519PublicKey] = {}
+    for path in sorted(directory.glob("*.pub")):
+        try:
+            key = serialization.load_pem_public_key(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot read public key {path}: {exc}",
+                hint="a .pub file is a PEM SubjectPublicKeyInfo Ed25519 key",
+            ) from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise ConfigError(f"{path} is not an Ed25519 public key")
+        keys[key_id_of(key)] = key
+    return keys
 
 
 def write_keypair(directory: Path, signer: Signer | None = None) -> tuple[Path, Path]:
@@ -179,9 +263,13 @@ def write_keypair(directory: Path, signer: Signer | None = None) -> tuple[Path, 
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(private_pem)
-    public_path.write_bytes(
+    # Written aside, then renamed: a running receiver reloading the directory never reads
+    # half a key (the temporary name does not end in .pub).
+    partial = directory / f".{signer.key_id}.pub.partial"
+    partial.write_bytes(
         signer.public_key.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
+    os.replace(partial, public_path)
     return private_path, public_path
