@@ -10,6 +10,8 @@ import logging
 import sys
 from typing import Any
 
+from wayang_mq.core.fields import printable
+
 
 def _value(value: Any) -> str:
     text = str(value)
@@ -25,13 +27,22 @@ def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields
         logger.log(level, "event=%s %s", name, pairs)
 
 
+class PrintableFormatter(logging.Formatter):
+    """Escapes control characters in the message (not the traceback after it): a hostile
+    task id holding CR, NUL or ESC must not forge a log line or drive a terminal."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record), limit=_LINE_LIMIT)
+
+
+_LINE_LIMIT = 16_000
+
+
 def configure(level: str = "INFO") -> None:
     """Daemon logging to stderr with a timestamp and the logger name; called once by the CLI."""
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     # aiormq logs a dropped connection as an ERROR with a traceback; our own
     # broker.disconnected / broker.reconnected lines say what happened and what comes next.
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
