@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import aio_pika
 import aiormq
@@ -44,8 +45,24 @@ def to_amqp(message: WireMessage, *, persistent: bool = True) -> aio_pika.Messag
     return aio_pika.Message(message.body, **props)
 
 
+@dataclass
+class PublishStats:
+    """Counted, so that a slow or unconfirmed publish is never silent."""
+
+    slow_confirms: int = 0  # confirms that took longer than ``slow_confirm_s``
+    resent: int = 0  # publishes sent again after one was not confirmed (a possible duplicate)
+
+
 class ConfirmedPublisher:
-    """Publishes on one channel opened with ``publisher_confirms`` and ``on_return_raises``."""
+    """Publishes on one channel opened with ``publisher_confirms`` and ``on_return_raises``.
+
+    A confirm is waited for as long as the connection is up: a slow confirm is logged and
+    counted, never given up on. Giving up on a confirm the broker still owes and publishing
+    again is how one task gets queued twice and runs twice. What does end the wait: the
+    connection or channel closing (aiormq fails the confirm; the publish is then sent again,
+    logged and counted in ``stats.resent``), or, with ``blocked_wait_s``, a broker alarm that
+    blocks the connection longer than that (``BrokerBlocked``).
+    """
 
     def __init__(
         self,
@@ -53,16 +70,17 @@ class ConfirmedPublisher:
         *,
         reconnect_wait_s: float = 60.0,
         blocked_wait_s: float | None = None,
-        confirm_timeout_s: float = 30.0,
+        slow_confirm_s: float = 10.0,
     ) -> None:
         """``blocked_wait_s``: how long to wait out a broker alarm before ``BrokerBlocked``
-        (None: wait as long as it lasts, as workers do). ``confirm_timeout_s`` bounds the wait
-        for a confirm, which a broker that blocks mid-publish never sends."""
+        (None: wait as long as it lasts, as workers do). ``slow_confirm_s``: a confirm slower
+        than this is logged (``publish.confirm_slow``) and counted."""
         self._channel = channel
         self._exchanges: dict[str, AbstractExchange] = {}
         self._reconnect_wait_s = reconnect_wait_s
         self._blocked_wait_s = blocked_wait_s
-        self._confirm_timeout_s = confirm_timeout_s
+        self._slow_confirm_s = slow_confirm_s
+        self.stats = PublishStats()
 
     async def _exchange(self, name: str) -> AbstractExchange:
         exchange = self._exchanges.get(name)
@@ -82,15 +100,13 @@ class ConfirmedPublisher:
         """One attempt; raises Unroutable, Rejected, BrokerBlocked or PublishFailed."""
         target = await self._exchange(exchange)
         try:
-            await self._wait_unblocked()
-            async with asyncio.timeout(self._confirm_timeout_s):
-                await target.publish(message, routing_key, mandatory=mandatory)
+            connection = await self._wait_unblocked()
+            await self._confirmed(connection, target, exchange, routing_key, message, mandatory)
         except aiormq.exceptions.PublishError as exc:
             raise Unroutable(f"no queue bound on {exchange} for {routing_key!r}") from exc
         except aiormq.exceptions.DeliveryError as exc:
             raise Rejected(f"broker refused the message for {routing_key!r}") from exc
         except (
-            TimeoutError,
             aiormq.exceptions.AMQPError,
             aio_pika.exceptions.ChannelInvalidStateError,
             ConnectionError,
@@ -98,7 +114,65 @@ class ConfirmedPublisher:
         ) as exc:
             raise PublishFailed(f"publish to {exchange} not confirmed: {exc!r}") from exc
 
-    async def _wait_unblocked(self) -> None:
+    async def _confirmed(
+        self,
+        connection: aiormq.abc.AbstractConnection,
+        target: AbstractExchange,
+        exchange: str,
+        routing_key: str,
+        message: aio_pika.Message,
+        mandatory: bool,
+    ) -> None:
+        """Publish and wait for the confirm, watched but never timed out (see the class)."""
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        watch = {"slow": False, "gave_up": False}
+        handle: asyncio.TimerHandle
+
+        def check() -> None:
+            nonlocal handle
+            waited = loop.time() - started
+            if not watch["slow"]:
+                watch["slow"] = True
+                self.stats.slow_confirms += 1
+                logs.event(
+                    log,
+                    "publish.confirm_slow",
+                    logging.WARNING,
+                    message_id=message.message_id,
+                    exchange=exchange,
+                    waited_s=round(waited, 1),
+                    next="waiting for it: the connection is up",
+                )
+            blocked = self._blocked_wait_s is not None and waited > self._blocked_wait_s
+            if blocked and not _unblocked(connection):
+                logs.event(
+                    log,
+                    "broker.blocked",
+                    logging.WARNING,
+                    reason="the broker blocked publishing (memory or disk alarm) mid-publish",
+                    message_id=message.message_id,
+                    waited_s=round(waited, 1),
+                    next="BrokerBlocked: the message may still be queued once the alarm clears",
+                )
+                watch["gave_up"] = True
+                task.cancel()
+                return
+            handle = loop.call_later(self._slow_confirm_s, check)
+
+        handle = loop.call_later(self._slow_confirm_s, check)
+        try:
+            await target.publish(message, routing_key, mandatory=mandatory)
+        except asyncio.CancelledError:
+            if watch["gave_up"] and task.uncancel() == 0:
+                raise BrokerBlocked(loop.time() - started) from None
+            raise
+        finally:
+            handle.cancel()
+
+    async def _wait_unblocked(self) -> aiormq.abc.AbstractConnection:
         """Return at once unless the broker has blocked the connection (an alarm): then log
         it and wait, for ``blocked_wait_s`` at most.
 
@@ -114,11 +188,11 @@ class ConfirmedPublisher:
             getattr(connection, "_Connection__connection_unblocked", None),
         )
         if all(isinstance(e, asyncio.Event) and e.is_set() for e in events):
-            return
+            return connection
         try:
             async with asyncio.timeout(0.05):
                 await connection.ready()  # connected and not blocked: returns immediately
-            return
+            return connection
         except TimeoutError:
             pass
         logs.event(
@@ -137,6 +211,7 @@ class ConfirmedPublisher:
         except TimeoutError:
             raise BrokerBlocked(time.monotonic() - started) from None
         logs.event(log, "broker.unblocked", waited_s=round(time.monotonic() - started, 1))
+        return connection
 
     async def publish(
         self,
@@ -150,8 +225,19 @@ class ConfirmedPublisher:
         try:  # the common case, without building a retry loop per message
             await self.publish_once(exchange, routing_key, message, mandatory=mandatory)
             return
-        except PublishFailed:
-            pass
+        except PublishFailed as exc:
+            # The broker may have the message: sending it again may queue it twice. Tasks are
+            # idempotent by id and duplicates' results are dropped, but never silently.
+            self.stats.resent += 1
+            logs.event(
+                log,
+                "publish.resending",
+                logging.WARNING,
+                message_id=message.message_id,
+                exchange=exchange,
+                reason=str(exc),
+                next="publishing again once the channel is back (a possible duplicate)",
+            )
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(PublishFailed),
             stop=stop_after_delay(self._reconnect_wait_s),
@@ -161,3 +247,9 @@ class ConfirmedPublisher:
         async for attempt in retrying:
             with attempt:
                 await self.publish_once(exchange, routing_key, message, mandatory=mandatory)
+
+
+def _unblocked(connection: aiormq.abc.AbstractConnection) -> bool:
+    """False while the broker blocks the connection (an alarm); True when unknown."""
+    event = getattr(connection, "_Connection__connection_unblocked", None)
+    return not isinstance(event, asyncio.Event) or event.is_set()

@@ -141,7 +141,7 @@ class Dispatcher:
         self._publisher = ConfirmedPublisher(
             channel,
             blocked_wait_s=self.config.backpressure_wait_s,
-            confirm_timeout_s=max(5.0, self.config.backpressure_wait_s),
+            slow_confirm_s=max(5.0, self.config.backpressure_wait_s),
         )
         replies = await self._connection.channel()
         await replies.set_qos(prefetch_count=self.config.prefetch)
