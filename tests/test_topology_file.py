@@ -89,16 +89,29 @@ def test_the_reaper_gets_a_copy_of_every_dead_letter(default: Topology) -> None:
 
 def test_each_policy_pattern_matches_exactly_its_own_queues(default: Topology) -> None:
     queues = [q.name for q in default.queues()]
-    governed = {tier.queue: tier.queue for tier in default.retry_tiers} | {
-        queue: names.policy_name(c.name) for c in default.capabilities for queue in c.task_queues
-    }
+    governed = (
+        {tier.queue: tier.queue for tier in default.retry_tiers}
+        | {q: names.policy_name(c.name) for c in default.capabilities for q in c.task_queues}
+        | {names.dead_queue(c.name): names.dead_queue(c.name) for c in default.capabilities}
+    )
     for policy in default.policies():
         matched = {q for q in queues if re.search(policy.pattern, q)}
         assert matched == {q for q, name in governed.items() if name == policy.name}
-    # Dead-letter queues (and the reaper's) stay unbounded and never dead-letter again: no
-    # policy matches them.
-    dead = [names.dead_queue(c.name) for c in default.capabilities] + [names.REAPER_QUEUE]
-    assert not [q for q in dead for p in default.policies() if re.search(p.pattern, q)]
+    # The reaper's queue stays unbounded (a full one would stall at-least-once dead-lettering
+    # for every capability at once): no policy matches it.
+    assert not [p for p in default.policies() if re.search(p.pattern, names.REAPER_QUEUE)]
+
+
+def test_dead_queues_are_bounded_in_bytes_and_refuse_rather_than_drop(default: Topology) -> None:
+    # reject-publish: a full dead queue nacks, and the source queue's at-least-once
+    # dead-lettering keeps the message until there is room (drop-head would lose the oldest)
+    for capability in default.capabilities:
+        queue = names.dead_queue(capability.name)
+        policy = next(p for p in default.policies() if p.name == queue)
+        assert as_dict(policy.definition) == {
+            "max-length-bytes": default.defaults.dead_max_bytes,
+            "overflow": "reject-publish",
+        }
 
 
 def test_a_sharded_capability_hashes_on_the_partition_header(default: Topology) -> None:

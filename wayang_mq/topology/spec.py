@@ -152,6 +152,14 @@ class QueueLimits(_Frozen):
     delivery_limit: Limit = 5
     overflow: Literal["reject-publish", "drop-head"] = "reject-publish"
     dead_letter_strategy: Literal["at-least-once", "at-most-once"] = "at-least-once"
+    # The fabric's largest task body. Workers and the reaper refuse larger bodies (oversized),
+    # and brokers started by `wayang-mq dev` and the tests set max_message_size to it, so a
+    # larger body is refused by the broker before anyone holds it in memory.
+    max_body_bytes: Count = 4 * 1024 * 1024
+    # Bytes a dead-letter queue holds before it refuses more (overflow reject-publish). A
+    # refused dead letter is not lost: at-least-once dead-lettering keeps it in its task queue
+    # until the dead queue has room (inspect, replay or purge it).
+    dead_max_bytes: Count = 1024 * 1024 * 1024
 
     @model_validator(mode="after")
     def _at_least_once_needs_reject_publish(self) -> Self:
@@ -301,10 +309,23 @@ class Topology(_Frozen):
         return tuple(out)
 
     def policies(self) -> tuple[PolicySpec, ...]:
-        """One policy per capability (its queue and shards), one per retry tier."""
-        return tuple(self._capability_policy(c) for c in self.capabilities) + tuple(
-            self._tier_policy(t) for t in self.retry_tiers
+        """One policy per capability (its queue and shards), one per dead queue, one per retry
+        tier."""
+        return (
+            tuple(self._capability_policy(c) for c in self.capabilities)
+            + tuple(self._dead_policy(c) for c in self.capabilities)
+            + tuple(self._tier_policy(t) for t in self.retry_tiers)
         )
+
+    def _dead_policy(self, capability: Capability) -> PolicySpec:
+        # Bounded in bytes; reject-publish refuses (and nacks) what does not fit, which the
+        # sources' at-least-once dead-lettering retries until there is room: never dropped.
+        queue = names.dead_queue(capability.name)
+        definition: Pairs = (
+            ("max-length-bytes", self.defaults.dead_max_bytes),
+            ("overflow", "reject-publish"),
+        )
+        return PolicySpec(queue, exact_pattern(queue), definition)
 
     def _capability_policy(self, capability: Capability) -> PolicySpec:
         limits = self.limits_for(capability)
