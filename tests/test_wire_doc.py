@@ -1,17 +1,35 @@
-"""docs/wire-format.md's test vector is what the code produces, byte for byte."""
+"""docs/wire-format.md is the contract: its test vector is what the code produces byte for
+byte, its schemas are what the models generate, and every message the code emits matches it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import aio_pika
+import msgpack
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from jsonschema import Draft202012Validator
+from wayang_workers.demo import Echo, Fail, LongSleep, Sleep
 
-from wayang_mq.core.model import Task
+from wayang_mq.core.model import WIRE_TYPES, RetryHints, Task
+from wayang_mq.core.names import (
+    CONTROL_EXCHANGE,
+    EVENTS_EXCHANGE,
+    RESULTS_EXCHANGE,
+    RETRY_EXCHANGE,
+    TASKS_EXCHANGE,
+)
+from wayang_mq.core.schema import all_schemas
 from wayang_mq.core.signing import KeyRing, Signer
-from wayang_mq.core.wire import encode, open_task
+from wayang_mq.core.wire import PARTITION_KEY_HEADER, encode, open_task
+from wayang_mq.testing.harness import Fabric, eventually
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "wire-format.md"
 # RFC 8032, section 7.1, TEST 1: the secret key (seed) and the public key the RFC derives from it
@@ -71,3 +89,128 @@ def test_vector_signature_and_key_id_match_the_signer() -> None:
     assert _doc_headers() == signer.headers(body)
     task = open_task(body, _doc_headers(), KeyRing.of([signer.public_key]), at_ms=1767225600000)
     assert task.capability == "demo.echo"
+
+
+# -- every message the code emits matches the documented schema and properties --------------
+
+SCHEMA_DIR = DOC.parent / "schema"
+
+
+def test_the_committed_schemas_are_what_the_models_generate() -> None:
+    # `wayang-mq schema --out docs/schema` writes them again after a model change
+    committed = {p.stem: json.loads(p.read_text()) for p in SCHEMA_DIR.glob("*.json")}
+    assert committed == all_schemas()
+
+
+@pytest.mark.parametrize("wire_type", list(WIRE_TYPES))
+def test_every_field_of_every_message_type_is_documented(wire_type: str) -> None:
+    # each top-level key appears as `key` in the doc's tables (a stranger needs its type,
+    # whether it is required and its default: the table row says them)
+    text = DOC.read_text()
+    rows = {m.group(1) for m in re.finditer(r"^\| `([a-z_]+)`", text, re.M)}
+    rows |= {k for m in re.finditer(r"^\| `([a-z_`, ]+)` \|", text, re.M) for k in _keys(m)}
+    missing = set(WIRE_TYPES[wire_type].model_fields) - rows
+    assert not missing, f"{wire_type}: {sorted(missing)} not in docs/wire-format.md's tables"
+
+
+def _keys(match: re.Match[str]) -> list[str]:
+    return [k.strip(" `") for k in match.group(1).split(",")]
+
+
+def _validators() -> dict[str, Draft202012Validator]:
+    return {
+        p.stem: Draft202012Validator(json.loads(p.read_text()), format_checker=None)
+        for p in SCHEMA_DIR.glob("*.json")
+    }
+
+
+async def test_every_message_type_the_code_emits_matches_the_doc(fabric: Fabric) -> None:
+    """A mixed run (success, failure, retry, long-running, progress, status, cancel), tapped
+    on every exchange a stranger reads: each body validates against docs/schema, and each
+    message's AMQP properties are those of wire-format §2."""
+    seen: list[AbstractIncomingMessage] = []
+    connection = await aio_pika.connect(fabric.endpoint.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        tap = await channel.declare_queue(exclusive=True)
+        for exchange in (RESULTS_EXCHANGE, EVENTS_EXCHANGE, CONTROL_EXCHANGE):
+            await tap.bind(exchange, "#")
+        tasks_tap = await channel.declare_queue(exclusive=True)
+        await tasks_tap.bind(TASKS_EXCHANGE, "demo.#")
+        await tasks_tap.bind(RETRY_EXCHANGE, "#")
+
+        async def keep(message: AbstractIncomingMessage) -> None:
+            seen.append(message)
+
+        await tap.consume(keep, no_ack=True)
+        await tasks_tap.consume(keep, no_ack=True)
+        retry = RetryHints(max_attempts=2, initial_backoff_ms=1000)
+        async with (
+            fabric.worker([Echo(), Sleep(), Fail()], executor_id="doc-tap"),
+            fabric.worker([LongSleep()], executor_id="doc-tap-long"),
+            fabric.dispatcher() as dispatcher,
+        ):
+            await dispatcher.run("demo.echo", {"x": 1}, wait_s=20)
+            await dispatcher.run("demo.fail", {"mode": "permanent"}, wait_s=20)
+            await dispatcher.run("demo.fail", {}, retry=retry, wait_s=30)
+            running = await dispatcher.submit("demo.sleep", {"seconds": 30})
+            await eventually(
+                lambda: _has(seen, "wayang.progress.v1", running.task_id),
+                what="progress of the sleeping task",
+            )
+            summary = await dispatcher.status(running.task_id, wait_s=2)
+            assert summary.state == "running"
+            await dispatcher.cancel(running.task_id, reason="doc")
+            await running.result(20)
+        async with fabric.worker([LongSleep()], executor_id="doc-tap-long2"):
+            async with fabric.dispatcher() as dispatcher:
+                await dispatcher.run("demo.sleep", {"seconds": 0.1}, wait_s=20)
+            await eventually(
+                lambda: _has(seen, "wayang.heartbeat.v1", "doc-tap-long2"), what="a heartbeat"
+            )
+
+    validators = _validators()
+    by_type: dict[str, int] = {}
+    for message in seen:
+        assert message.type in WIRE_TYPES, message.type
+        by_type[message.type] = by_type.get(message.type, 0) + 1
+        body = msgpack.unpackb(message.body, raw=False)
+        errors = [e.message for e in validators[message.type].iter_errors(body)]
+        assert not errors, f"{message.type}: {errors}"
+        _check_properties(message, body, fabric)
+    assert set(by_type) == set(WIRE_TYPES), f"not seen: {set(WIRE_TYPES) - set(by_type)}"
+    statuses = {msgpack.unpackb(m.body)["status"] for m in seen if m.type == "wayang.result.v1"}
+    assert statuses == {"SUCCESS", "FAILED", "PENDING"}
+
+
+def _has(seen: list[AbstractIncomingMessage], wire_type: str, subject: str) -> bool:
+    return any(m.type == wire_type and m.message_id == subject for m in seen)
+
+
+def _check_properties(
+    message: AbstractIncomingMessage, body: dict[str, Any], fabric: Fabric
+) -> None:
+    """wire-format §2 and §3, for one message."""
+    where = f"{message.type} {message.message_id}"
+    assert message.content_type == "application/msgpack", where
+    assert message.correlation_id == message.message_id, where
+    assert isinstance(message.timestamp, datetime), where
+    assert message.app_id == "wayang-mq", where
+    control = message.exchange == CONTROL_EXCHANGE
+    assert message.delivery_mode == (1 if control else 2), where
+    subject = {
+        "wayang.registration.v1": body.get("executor_id"),
+        "wayang.heartbeat.v1": body.get("executor_id"),
+        "wayang.status-request.v1": body.get("request_id"),
+        "wayang.status.v1": body.get("request_id"),
+    }.get(message.type, body.get("task_id"))
+    assert message.message_id == subject, where
+    if message.type == "wayang.task.v1":
+        assert not message.reply_to or message.reply_to == body.get("reply_to"), where
+        assert message.headers.get(PARTITION_KEY_HEADER), where
+        # retries wait in a tier: no expiration; new tasks expire at their deadline
+        assert (message.expiration is None) == (message.exchange == RETRY_EXCHANGE), where
+    if message.type == "wayang.result.v1" and message.exchange == RESULTS_EXCHANGE:
+        assert message.reply_to == message.routing_key, where
+    # every message is signed (§5), by a key the fabric trusts
+    assert fabric.keyring.verify(message.body, message.headers or {}) == fabric.signer.key_id
