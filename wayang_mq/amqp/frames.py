@@ -2,7 +2,7 @@
 the connection that carries every other message.
 
 Why. pamqp 4.0.1, the frame codec under aiormq 7 and aio-pika 10, decodes a content header's
-properties strictly, and RabbitMQ does not check what pamqp chokes on (it refuses unknown
+properties strictly, and RabbitMQ does not check what pamqp chokes on (3.10.8 refuses unknown
 field-table types, bad table lengths and delivery modes other than 1 and 2, but not these):
 
 - a ``timestamp``, as a property or as a ``T`` value in ``headers``, past the year 9999: pamqp
