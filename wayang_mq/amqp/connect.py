@@ -12,6 +12,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustConnection
 
+from wayang_mq.amqp import frames
 from wayang_mq.amqp.endpoint import BrokerEndpoint, redact_url
 from wayang_mq.amqp.management import ManagementClient
 from wayang_mq.core import logs
@@ -32,6 +33,8 @@ def management_client(endpoint: BrokerEndpoint) -> ManagementClient:
 
 async def connect(url: str, name: str) -> AbstractRobustConnection:
     """A robust connection (it reconnects and redeclares by itself) or a one-line error."""
+    # One message pamqp cannot decode must not close the connection (see amqp.frames).
+    frames.install()
     try:
         connection = await aio_pika.connect_robust(url, client_properties={"connection_name": name})
     except aiormq.exceptions.ProbableAuthenticationError as exc:

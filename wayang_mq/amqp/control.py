@@ -37,7 +37,12 @@ from wayang_mq.core.model import (
     now_ms,
 )
 from wayang_mq.core.signing import KeyRing, Signer
-from wayang_mq.core.wire import decode, open_verified, signed_message
+from wayang_mq.core.wire import (
+    check_properties,
+    open_unverified,
+    open_verified,
+    signed_message,
+)
 
 log = logging.getLogger("wayang_mq.amqp.control")
 M = TypeVar("M", bound=WireModel)
@@ -103,6 +108,8 @@ class ControlServer:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:
+            # first: an undecodable ``type`` reads as None, which would be ignored unlogged
+            check_properties(message.headers or {}, message.body)
             if message.type == CancelRequest.wire_type:
                 self._on_cancel(self._open(message, CancelRequest))
             elif message.type == StatusRequest.wire_type:
@@ -247,8 +254,9 @@ class ControlClient:
 
     async def _on_report(self, message: AbstractIncomingMessage) -> None:
         try:
-            report = decode(message.body, StatusReport)
-        except WayangError:
+            report = open_unverified(message.body, message.headers or {}, StatusReport)
+        except WayangError as exc:
+            logs.event(log, "control.refused", logging.WARNING, type=message.type, error=exc)
             return
         answers = self._waiting.get(report.request_id)
         if answers is not None:

@@ -24,7 +24,7 @@ from wayang_mq.core.bounded import LastSeen
 from wayang_mq.core.errors import ResultTimeout, WayangError
 from wayang_mq.core.model import Result, Task
 from wayang_mq.core.signing import KeyRing
-from wayang_mq.core.wire import decode, open_verified
+from wayang_mq.core.wire import open_unverified, open_verified
 
 log = logging.getLogger("wayang_mq.client.dispatcher")
 
@@ -204,7 +204,7 @@ class Replies:
             if self._keyring is not None:
                 result = open_verified(message.body, message.headers or {}, self._keyring, Result)
             else:
-                result = decode(message.body, Result)
+                result = open_unverified(message.body, message.headers or {}, Result)
         except WayangError as exc:
             logs.event(log, "result.invalid", logging.WARNING, id=message.message_id, error=exc)
             self._notify(Verdict.INVALID, None)

@@ -30,7 +30,7 @@ from wayang_mq.amqp.control import StatusSummary
 from wayang_mq.core import logs, names
 from wayang_mq.core.errors import WayangError
 from wayang_mq.core.model import Heartbeat, Task, now_ms
-from wayang_mq.core.wire import decode
+from wayang_mq.core.wire import open_unverified
 
 log = logging.getLogger("wayang_mq.client.supervisor")
 
@@ -94,7 +94,7 @@ class Supervisor:
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
         try:
-            beat = decode(message.body, Heartbeat)
+            beat = open_unverified(message.body, message.headers or {}, Heartbeat)
         except WayangError:
             return
         self._last_beat[beat.executor_id] = now_ms()

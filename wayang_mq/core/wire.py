@@ -1,5 +1,6 @@
 """The wire codec: msgpack bodies, their AMQP properties and headers, and the checks a
-receiver runs in order (size, signature, msgpack, schema, deadline) before trusting a task.
+receiver runs in order (properties, size, signature, msgpack, schema, deadline) before trusting
+a task.
 
 Kept free of any AMQP client so that the same code serves aio-pika, pika and the docs' vector.
 """
@@ -25,6 +26,9 @@ PARTITION_KEY_HEADER = "x-partition-key"  # what sharded capabilities hash on
 ERROR_CODE_HEADER = "wayang-error-code"
 ERROR_MESSAGE_HEADER = "wayang-error-message"
 DEAD_LETTERED_BY_HEADER = "wayang-dead-lettered-by"  # present: a result was already sent
+# Set on receipt, never by a publisher: the AMQP properties the client could not decode, and
+# why (see wayang_mq.amqp.frames); kept on the dead-letter copy of such a message.
+UNDECODABLE_HEADER = "wayang-undecodable"
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 M = TypeVar("M", bound=WireModel)
@@ -165,6 +169,24 @@ def task_message(task: Task, signer: Signer, *, expire: bool = True) -> WireMess
     )
 
 
+def check_properties(headers: Mapping[str, Any], body: bytes = b"") -> None:
+    """Refuse a message whose AMQP properties could not be decoded (InvalidMessage).
+
+    The client delivers such a message with those properties left out and the reason in the
+    ``wayang-undecodable`` header (:mod:`wayang_mq.amqp.frames`): what is left of it may be
+    read for correlation, never trusted.
+    """
+    reason = headers.get(UNDECODABLE_HEADER)
+    if reason is not None:
+        raise InvalidMessage(f"its AMQP properties could not be decoded: {reason}", body=body)
+
+
+def open_unverified(body: bytes, headers: Mapping[str, Any], model: type[M]) -> M:
+    """Properties, then msgpack and schema, for a receiver that checks no signature."""
+    check_properties(headers, body)
+    return decode(body, model)
+
+
 def open_verified(
     body: bytes,
     headers: Mapping[str, Any],
@@ -173,7 +195,9 @@ def open_verified(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> M:
-    """Size, then signature, then msgpack and schema: nothing is parsed before it is trusted."""
+    """Properties, size, then signature, then msgpack and schema: nothing is parsed before it
+    is trusted."""
+    check_properties(headers, body)
     if len(body) > max_body_bytes:
         raise OversizedMessage(
             f"body is {len(body)} bytes, the limit is {max_body_bytes}",

@@ -48,6 +48,7 @@ from wayang_mq.core.wire import (
     DEAD_LETTERED_BY_HEADER,
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
+    UNDECODABLE_HEADER,
     open_verified,
     task_message,
 )
@@ -155,12 +156,14 @@ def read_dead_letter(
     )
     ttl = _text(death.get("original-expiration"))
     count = death.get("count")
+    undecodable = _text(headers.get(UNDECODABLE_HEADER))  # its reason may be among them
     return DeadLetter(
         task_id=task_id,
         capability=capability,
         code=code,
         message="task "
-        + words.format(queue=queue or "its queue", ttl=f" ({ttl} ms)" if ttl else ""),
+        + words.format(queue=queue or "its queue", ttl=f" ({ttl} ms)" if ttl else "")
+        + (f"; its AMQP properties could not be decoded: {undecodable}" if undecodable else ""),
         broker_reason=reason,
         dead_lettered_by=None,
         source_queue=queue,

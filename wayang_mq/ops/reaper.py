@@ -169,6 +169,7 @@ class Reaper(Daemon):
             "queue": dead.source_queue,
             "reply_to": reply_to,
             "verified": bool(result.token),
+            "unverified": unread.message if unread is not None else None,  # why not
             "compensation_task_id": result.compensation_task_id,
         }
         line = LogLine("dead_letter.answered", logging.WARNING, fields)
