@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from wayang_mq.core.errors import ConfigError, SignatureError
+from wayang_mq.core.private_files import private_dir, write_private
 
 KEY_ID_HEADER = "wayang-key-id"
 SIGNATURE_HEADER = "wayang-signature"
@@ -168,7 +168,7 @@ class KeyRing:
 def write_keypair(directory: Path, signer: Signer | None = None) -> tuple[Path, Path]:
     """Write ``<id>.key`` (private, mode 0600) and ``<id>.pub``; returns both paths."""
     signer = signer or Signer.generate()
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory, narrow_existing=False)  # a new key directory is private (0700)
     private_path = directory / f"{signer.key_id}.key"
     public_path = directory / f"{signer.key_id}.pub"
     private_pem = signer.private_key.private_bytes(
@@ -176,9 +176,7 @@ def write_keypair(directory: Path, signer: Signer | None = None) -> tuple[Path, 
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(private_pem)
+    write_private(private_path, private_pem)
     public_path.write_bytes(
         signer.public_key.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -2,7 +2,8 @@
 
 A private RabbitMQ node (unless ``WAYANG_AMQP_URL`` names a broker), the topology, a signing
 key, demo worker daemons as real processes, and a burst of demo tasks whose results are shown;
-then it stays up until Ctrl-C, printing where the console is.
+then it stays up until Ctrl-C, printing where the console is. The state directory and every
+file in it that holds a secret are private.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pathlib import Path
 from wayang_mq.amqp.connect import management_client
 from wayang_mq.amqp.endpoint import BrokerEndpoint
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
-from wayang_mq.config import Settings, broker_endpoint, save_endpoint
+from wayang_mq.config import ENDPOINT_FILE, Settings, broker_endpoint, save_endpoint
 from wayang_mq.core.model import Result, RetryHints
+from wayang_mq.core.private_files import open_private_log, private_dir
 from wayang_mq.core.signing import Signer, write_keypair
 from wayang_mq.dev.nodes import RabbitNode
 from wayang_mq.topology.apply import apply_topology
@@ -33,6 +35,8 @@ DEMO_EXECUTORS = (
     "wayang_workers.demo:Sleep",
     "wayang_workers.demo:Fail",
 )
+# What an earlier run of `dev` leaves in its state directory: such a directory is the stack's.
+_STATE_MARKERS = (ENDPOINT_FILE, "rabbitmq", "logs", "keys")
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,7 @@ def say(line: str) -> None:
 
 def run_dev(options: DevOptions, settings: Settings) -> int:
     """Start everything, show tasks flowing, then stay up until interrupted."""
-    state_dir = options.state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = _private_state_dir(options.state_dir.resolve())
     node: RabbitNode | None = None
     workers: list[subprocess.Popen[bytes]] = []
     try:
@@ -72,7 +75,7 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
         else:
             endpoint = broker_endpoint(settings)
             say("==> using the broker in WAYANG_AMQP_URL")
-        keys = _ensure_keys(settings.key_dir or state_dir / "keys")
+        keys = _ensure_keys(settings.key_dir or private_dir(state_dir / "keys"))
         say(f"==> applying topology {settings.topology}")
         report = asyncio.run(
             apply_topology(
@@ -80,8 +83,9 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
             )
         )
         say("    " + report.lines()[-1])
-        workers = _start_workers(options.workers, endpoint, keys, state_dir / "logs")
-        workers.append(_start_reaper(endpoint, keys, state_dir / "logs"))
+        log_dir = private_dir(state_dir / "logs")
+        workers = _start_workers(options.workers, endpoint, keys, log_dir)
+        workers.append(_start_reaper(endpoint, keys, log_dir))
         _print_endpoint(endpoint, keys, state_dir)
         asyncio.run(_demo(endpoint, keys, options.demo_tasks))
         if options.wait:
@@ -102,11 +106,25 @@ def _ensure_keys(keys_path: Path) -> Path:
     return keys_path
 
 
+def _private_state_dir(state_dir: Path) -> Path:
+    """The stack's directory, 0700: it holds the broker's password and the signing key.
+
+    One that exists is narrowed only when it is empty or the stack's from an earlier run:
+    ``--state-dir`` aimed at a directory shared with others must not lock them out (the
+    files with secrets in it are 0600 regardless).
+    """
+    ours = not state_dir.exists() or not any(state_dir.iterdir())
+    ours = ours or any((state_dir / marker).exists() for marker in _STATE_MARKERS)
+    private_dir(state_dir, narrow_existing=ours)
+    if not ours and state_dir.stat().st_mode & 0o077:
+        say(f"    note: {state_dir} holds other files, so its mode stays as it is")
+    return state_dir
+
+
 def _start_workers(
     count: int, endpoint: BrokerEndpoint, keys: Path, log_dir: Path
 ) -> list[subprocess.Popen[bytes]]:
     """Demo worker daemons as real processes, exactly as a user would start them."""
-    log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "WAYANG_AMQP_URL": endpoint.amqp_url, "WAYANG_KEY_DIR": str(keys)}
     env.setdefault("WAYANG_MANAGEMENT_URL", endpoint.management_url)
     processes = []
@@ -115,23 +133,28 @@ def _start_workers(
         log_path = log_dir / f"{executor_id}.log"
         command = [sys.executable, "-m", "wayang_mq.cli", "worker", *DEMO_EXECUTORS]
         command += ["--id", executor_id, "--concurrency", "16"]
-        with log_path.open("ab") as log_file:
+        log_file = open_private_log(log_path)
+        try:
             processes.append(
                 subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
             )
+        finally:
+            os.close(log_file)
         say(f"==> started worker {executor_id} (pid {processes[-1].pid}, log {log_path})")
     return processes
 
 
 def _start_reaper(endpoint: BrokerEndpoint, keys: Path, log_dir: Path) -> subprocess.Popen[bytes]:
     """The reaper daemon: the broker's dead letters (expired, poison) become FAILED results."""
-    log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "WAYANG_AMQP_URL": endpoint.amqp_url, "WAYANG_KEY_DIR": str(keys)}
     env.setdefault("WAYANG_MANAGEMENT_URL", endpoint.management_url)
     log_path = log_dir / "reaper.log"
     command = [sys.executable, "-m", "wayang_mq.cli", "reaper", "--id", "dev-reaper"]
-    with log_path.open("ab") as log_file:
+    log_file = open_private_log(log_path)
+    try:
         process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    finally:
+        os.close(log_file)
     say(f"==> started the reaper (pid {process.pid}, log {log_path})")
     return process
 
