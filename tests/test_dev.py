@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -16,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.test_cli import wayang
+from tests.test_dev_supervise import zombie_children
 from wayang_mq.dev.nodes import port_in_use
-from wayang_mq.testing.harness import WAIT_S, Fabric
+from wayang_mq.testing.harness import WAIT_S, Fabric, eventually
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -148,7 +150,7 @@ def older_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def dev_stack(older_state: Path) -> Iterator[DevStack]:
-    """One ``wayang-mq dev`` with a single worker, up and running."""
+    """One ``wayang-mq dev`` with a single worker (so it alone serves), up and running."""
     stack = DevStack(older_state, "--workers", "1", "--demo-tasks", "3")
     try:
         stack.until_printed("==> running", timeout_s=150)
@@ -171,3 +173,31 @@ def test_dev_keeps_its_secrets_0600_in_0700_directories(dev_stack: DevStack) -> 
         assert _mode(state_dir / directory) == 0o700, directory
     # (Erlang makes its cookie 0400 itself, and refuses one that others can read)
     assert _mode(state_dir / "rabbitmq" / ".erlang.cookie") & 0o077 == 0
+
+
+async def test_dev_reports_and_restarts_a_killed_worker_which_then_serves_tasks(
+    dev_stack: DevStack,
+) -> None:
+    # Given dev running one worker
+    first = int(dev_stack.until_printed(r"started worker demo-0 \(pid (\d+),").group(1))
+
+    # When the worker is killed with SIGKILL
+    os.kill(first, signal.SIGKILL)
+
+    # Then dev says which daemon died, how, and that it restarts it; then that it did
+    exited = dev_stack.until_printed(r"==> event=daemon\.exited daemon=demo-0 .*\n").group(0)
+    assert f"kind=worker pid={first} signal=SIGKILL" in exited and "next=restart" in exited
+    restarted = dev_stack.until_printed(
+        r"event=daemon\.restarted daemon=demo-0 kind=worker pid=(\d+)\n"
+    )
+    second = int(restarted.group(1))
+    assert second != first
+    # And the dead worker was reaped: dev has no zombie children
+    await eventually(lambda: not zombie_children(dev_stack.process.pid), what="no zombies")
+    # And tasks still get results, from the new process (the only worker there is)
+    env = {"WAYANG_STATE_DIR": str(dev_stack.state_dir)}
+    run = wayang("submit", "demo.echo", "--input", '{"after": "restart"}', "--wait", env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(run.stdout)
+    assert result["status"] == "SUCCESS" and result["executor_id"] == "demo-0"
+    os.kill(second, 0)  # still the one running

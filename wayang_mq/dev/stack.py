@@ -1,31 +1,32 @@
 """``wayang-mq dev``: the whole fabric on one machine, in the foreground.
 
 A private RabbitMQ node (unless ``WAYANG_AMQP_URL`` names a broker), the topology, a signing
-key, demo worker daemons as real processes, and a burst of demo tasks whose results are shown;
-then it stays up until Ctrl-C, printing where the console is. The state directory and every
-file in it that holds a secret are private.
+key, demo worker daemons and the reaper as real processes (restarted when they die), and a
+burst of demo tasks whose results are shown; then it stays up until Ctrl-C, printing where
+the console is. The state directory and every file in it that holds a secret are private.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from wayang_mq.amqp.connect import management_client
 from wayang_mq.amqp.endpoint import BrokerEndpoint
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
 from wayang_mq.config import ENDPOINT_FILE, Settings, broker_endpoint, save_endpoint
 from wayang_mq.core.model import Result, RetryHints
-from wayang_mq.core.private_files import open_private_log, private_dir
+from wayang_mq.core.private_files import private_dir
 from wayang_mq.core.signing import Signer, write_keypair
 from wayang_mq.dev.nodes import RabbitNode
+from wayang_mq.dev.supervise import DaemonSpec, Supervisor
 from wayang_mq.topology.apply import apply_topology
 from wayang_mq.topology.spec import load_topology
 
@@ -35,6 +36,7 @@ DEMO_EXECUTORS = (
     "wayang_workers.demo:Sleep",
     "wayang_workers.demo:Fail",
 )
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # What an earlier run of `dev` leaves in its state directory: such a directory is the stack's.
 _STATE_MARKERS = (ENDPOINT_FILE, "rabbitmq", "logs", "keys")
 
@@ -60,7 +62,6 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
     """Start everything, show tasks flowing, then stay up until interrupted."""
     state_dir = _private_state_dir(options.state_dir.resolve())
     node: RabbitNode | None = None
-    workers: list[subprocess.Popen[bytes]] = []
     try:
         if settings.amqp_url is None:
             node = RabbitNode(
@@ -83,16 +84,8 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
             )
         )
         say("    " + report.lines()[-1])
-        log_dir = private_dir(state_dir / "logs")
-        workers = _start_workers(options.workers, endpoint, keys, log_dir)
-        workers.append(_start_reaper(endpoint, keys, log_dir))
-        _print_endpoint(endpoint, keys, state_dir)
-        asyncio.run(_demo(endpoint, keys, options.demo_tasks))
-        if options.wait:
-            say("==> running; Ctrl-C stops the workers and the broker")
-            _wait_for_signal()
+        asyncio.run(_run_daemons(options, endpoint, keys, state_dir))
     finally:
-        _stop_workers(workers)
         if node is not None:
             say("==> stopping RabbitMQ")
             node.stop()
@@ -121,53 +114,61 @@ def _private_state_dir(state_dir: Path) -> Path:
     return state_dir
 
 
-def _start_workers(
-    count: int, endpoint: BrokerEndpoint, keys: Path, log_dir: Path
-) -> list[subprocess.Popen[bytes]]:
-    """Demo worker daemons as real processes, exactly as a user would start them."""
+async def _run_daemons(
+    options: DevOptions, endpoint: BrokerEndpoint, keys: Path, state_dir: Path
+) -> None:
+    """The daemons, supervised; the demo; then, unless --no-wait, until SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+    supervisor = Supervisor(say)
+    try:
+        for spec in _daemons(options.workers, endpoint, keys, private_dir(state_dir / "logs")):
+            pid = await supervisor.start(spec)
+            title = "the reaper" if spec.kind == "reaper" else f"{spec.kind} {spec.name}"
+            say(f"==> started {title} (pid {pid}, log {spec.log_path})")
+        _print_endpoint(endpoint, keys, state_dir)
+        finished = await _unless_stopped(_demo(endpoint, keys, options.demo_tasks), stop)
+        if finished and options.wait:
+            say("==> running; Ctrl-C stops the workers and the broker")
+            await stop.wait()
+    finally:
+        await supervisor.stop()
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+
+
+def _daemons(count: int, endpoint: BrokerEndpoint, keys: Path, log_dir: Path) -> list[DaemonSpec]:
+    """Demo worker daemons and the reaper, started exactly as a user would start them."""
     env = {**os.environ, "WAYANG_AMQP_URL": endpoint.amqp_url, "WAYANG_KEY_DIR": str(keys)}
     env.setdefault("WAYANG_MANAGEMENT_URL", endpoint.management_url)
-    processes = []
+    cli = (sys.executable, "-m", "wayang_mq.cli")
+    specs = []
     for index in range(count):
         executor_id = f"demo-{index}"
+        command = (*cli, "worker", *DEMO_EXECUTORS, "--id", executor_id, "--concurrency", "16")
         log_path = log_dir / f"{executor_id}.log"
-        command = [sys.executable, "-m", "wayang_mq.cli", "worker", *DEMO_EXECUTORS]
-        command += ["--id", executor_id, "--concurrency", "16"]
-        log_file = open_private_log(log_path)
-        try:
-            processes.append(
-                subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-            )
-        finally:
-            os.close(log_file)
-        say(f"==> started worker {executor_id} (pid {processes[-1].pid}, log {log_path})")
-    return processes
+        specs.append(DaemonSpec(executor_id, "worker", command, env, log_path))
+    # The reaper: the broker's dead letters (expired, poison) become FAILED results.
+    reaper = (*cli, "reaper", "--id", "dev-reaper")
+    specs.append(DaemonSpec("dev-reaper", "reaper", reaper, env, log_dir / "reaper.log"))
+    return specs
 
 
-def _start_reaper(endpoint: BrokerEndpoint, keys: Path, log_dir: Path) -> subprocess.Popen[bytes]:
-    """The reaper daemon: the broker's dead letters (expired, poison) become FAILED results."""
-    env = {**os.environ, "WAYANG_AMQP_URL": endpoint.amqp_url, "WAYANG_KEY_DIR": str(keys)}
-    env.setdefault("WAYANG_MANAGEMENT_URL", endpoint.management_url)
-    log_path = log_dir / "reaper.log"
-    command = [sys.executable, "-m", "wayang_mq.cli", "reaper", "--id", "dev-reaper"]
-    log_file = open_private_log(log_path)
-    try:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    finally:
-        os.close(log_file)
-    say(f"==> started the reaper (pid {process.pid}, log {log_path})")
-    return process
-
-
-def _stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            process.kill()
+async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run ``work`` to its end, unless ``stop`` is set first (then cancel it); True if it ended."""
+    job = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({job, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not job.done():
+        job.cancel()
+    await asyncio.gather(job, return_exceptions=True)
+    if job.cancelled():
+        return False
+    job.result()  # the demo's own error, if it failed
+    return True
 
 
 def _print_endpoint(endpoint: BrokerEndpoint, keys: Path, state_dir: Path) -> None:
@@ -216,17 +217,3 @@ def _describe(result: Result) -> str:
         f"task {result.task_id[:8]} {result.capability:<10} {outcome} "
         f"(by {result.executor_id}, attempt {result.attempt}, ran {duration:.1f} ms)"
     )
-
-
-def _wait_for_signal() -> None:
-    """Block until SIGINT or SIGTERM."""
-    received = []
-    handler = lambda signum, frame: received.append(signum)  # noqa: E731
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not received:
-            with contextlib.suppress(InterruptedError):
-                signal.pause()
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
