@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
 import signal
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.test_cli import wayang
+from tests.test_dev_supervise import zombie_children
 from wayang_mq.dev.nodes import port_in_use
-from wayang_mq.testing.harness import Fabric
+from wayang_mq.testing.harness import WAIT_S, Fabric, eventually
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -89,3 +93,111 @@ def test_dev_uses_the_broker_named_by_wayang_amqp_url(fabric: Fabric, tmp_path: 
     assert "using the broker in WAYANG_AMQP_URL" in run.stdout
     assert "starting a private RabbitMQ node" not in run.stdout
     assert "==> 4 results" in run.stdout
+
+
+class DevStack:
+    """A ``wayang-mq dev`` in the foreground, its output read as it comes."""
+
+    def __init__(self, state_dir: Path, *args: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WAYANG_")}
+        command = [sys.executable, "-m", "wayang_mq.cli", "dev", "--state-dir", str(state_dir)]
+        self.state_dir = state_dir
+        self.process = subprocess.Popen(
+            [*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0
+        )
+        self.output = ""
+
+    def until_printed(self, pattern: str, timeout_s: float = WAIT_S) -> re.Match[str]:
+        """Until the output matches ``pattern`` (read as it arrives); the match."""
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        while (found := re.search(pattern, self.output)) is None:
+            left_s = deadline - time.monotonic()
+            assert left_s > 0, f"no {pattern!r} within {timeout_s} s in:\n{self.output}"
+            ready, _, _ = select.select([self.process.stdout], [], [], min(left_s, 0.5))
+            if ready:
+                chunk = os.read(self.process.stdout.fileno(), 65536)
+                assert chunk, f"dev exited ({self.process.poll()}):\n{self.output}"
+                self.output += chunk.decode(errors="replace")
+        return found
+
+    def stop(self) -> None:
+        """SIGTERM, as Ctrl-C would; SIGKILL if it does not end."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.communicate()
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture(scope="module")
+def older_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state dir as an older version left it: open directories, a world-readable config."""
+    state_dir = tmp_path_factory.mktemp("dev") / "state"
+    (state_dir / "rabbitmq").mkdir(parents=True)
+    for directory in (state_dir, state_dir / "rabbitmq"):
+        directory.chmod(0o755)
+    for name in ("endpoint.json", "rabbitmq/rabbitmq.conf"):
+        (state_dir / name).write_text("# an older run's\n")
+        (state_dir / name).chmod(0o644)
+    return state_dir
+
+
+@pytest.fixture(scope="module")
+def dev_stack(older_state: Path) -> Iterator[DevStack]:
+    """One ``wayang-mq dev`` with a single worker (so it alone serves), up and running."""
+    stack = DevStack(older_state, "--workers", "1", "--demo-tasks", "3")
+    try:
+        stack.until_printed("==> running", timeout_s=150)
+        yield stack
+    finally:
+        stack.stop()
+
+
+def test_dev_keeps_its_secrets_0600_in_0700_directories(dev_stack: DevStack) -> None:
+    # Given dev started on a state dir an older version left open (see older_state)
+    state_dir = dev_stack.state_dir
+    # When it runs, Then every file that holds the password or the signing key is the owner's
+    # alone, and every directory it keeps them in is closed to others
+    (key,) = (state_dir / "keys").glob("*.key")
+    secrets = ["endpoint.json", "rabbitmq/rabbitmq.conf", "rabbitmq/wayang-node.json"]
+    secrets += [f"keys/{key.name}", "logs/demo-0.log", "logs/reaper.log"]
+    for secret in secrets:
+        assert _mode(state_dir / secret) == 0o600, secret
+    for directory in (".", "rabbitmq", "rabbitmq/mnesia", "rabbitmq/log", "keys", "logs"):
+        assert _mode(state_dir / directory) == 0o700, directory
+    # (Erlang makes its cookie 0400 itself, and refuses one that others can read)
+    assert _mode(state_dir / "rabbitmq" / ".erlang.cookie") & 0o077 == 0
+
+
+async def test_dev_reports_and_restarts_a_killed_worker_which_then_serves_tasks(
+    dev_stack: DevStack,
+) -> None:
+    # Given dev running one worker
+    first = int(dev_stack.until_printed(r"started worker demo-0 \(pid (\d+),").group(1))
+
+    # When the worker is killed with SIGKILL
+    os.kill(first, signal.SIGKILL)
+
+    # Then dev says which daemon died, how, and that it restarts it; then that it did
+    exited = dev_stack.until_printed(r"==> event=daemon\.exited daemon=demo-0 .*\n").group(0)
+    assert f"kind=worker pid={first} signal=SIGKILL" in exited and "next=restart" in exited
+    restarted = dev_stack.until_printed(
+        r"event=daemon\.restarted daemon=demo-0 kind=worker pid=(\d+)\n"
+    )
+    second = int(restarted.group(1))
+    assert second != first
+    # And the dead worker was reaped: dev has no zombie children
+    await eventually(lambda: not zombie_children(dev_stack.process.pid), what="no zombies")
+    # And tasks still get results, from the new process (the only worker there is)
+    env = {"WAYANG_STATE_DIR": str(dev_stack.state_dir)}
+    run = wayang("submit", "demo.echo", "--input", '{"after": "restart"}', "--wait", env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(run.stdout)
+    assert result["status"] == "SUCCESS" and result["executor_id"] == "demo-0"
+    os.kill(second, 0)  # still the one running

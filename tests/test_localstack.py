@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import socket
+import stat
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -227,6 +228,31 @@ def test_boot_failure_shows_the_node_log(tmp_path: Path) -> None:
     assert "node log:" in raised.value.message
     assert "disk on fire" in raised.value.message
     assert not node.is_running()
+
+
+def test_a_nodes_files_with_the_password_are_private_from_the_first_start(tmp_path: Path) -> None:
+    # Given a node directory an older version left open: the dir 0755, its config 0644
+    state_dir = tmp_path / "node"
+    state_dir.mkdir(mode=0o755)
+    state_dir.chmod(0o755)
+    (state_dir / "rabbitmq.conf").write_text("default_pass = old\n")
+    (state_dir / "rabbitmq.conf").chmod(0o644)
+    server = tmp_path / "stand-in-rabbitmq-server"  # the files are written before it runs
+    server.write_text("#!/bin/sh\nexit 1\n")
+    server.chmod(0o755)
+    node = RabbitNode(state_dir, password="s3cret-pass", server_binary=server)
+
+    # When the node is started
+    with pytest.raises(StackError):
+        node.start(timeout_s=10)
+
+    # Then every file holding the password is the owner's alone, in directories only the
+    # owner may enter; so is the log the server writes its console output to
+    assert "s3cret-pass" in (state_dir / "rabbitmq.conf").read_text()
+    for secret in ("rabbitmq.conf", "wayang-node.json", "log/console.log"):
+        assert stat.S_IMODE((state_dir / secret).stat().st_mode) == 0o600, secret
+    for directory in (".", "mnesia", "log"):
+        assert stat.S_IMODE((state_dir / directory).stat().st_mode) == 0o700, directory
 
 
 def test_missing_postgres_binaries_say_how_to_install(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ state directory, so a second terminal finds the local stack without copying URLs
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -16,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from wayang_mq.amqp.endpoint import BrokerEndpoint
 from wayang_mq.core.errors import BrokerUnreachable, ConfigError
+from wayang_mq.core.private_files import private_dir, write_private
 from wayang_mq.core.signing import KeyRing, Signer
 from wayang_mq.topology.spec import DEFAULT_TOPOLOGY_PATH
 
@@ -62,13 +62,9 @@ def broker_endpoint(settings: Settings) -> BrokerEndpoint:
 
 def save_endpoint(state_dir: Path, endpoint: BrokerEndpoint) -> None:
     """Remember the dev stack's endpoint for other commands (private: it holds a password)."""
-    path = state_dir / ENDPOINT_FILE
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(
-            {"amqp_url": endpoint.amqp_url, "management_url": endpoint.management_url}, handle
-        )
+    private_dir(state_dir, narrow_existing=False)
+    saved = {"amqp_url": endpoint.amqp_url, "management_url": endpoint.management_url}
+    write_private(state_dir / ENDPOINT_FILE, json.dumps(saved))
 
 
 def keyring(settings: Settings) -> KeyRing:

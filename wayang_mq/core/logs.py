@@ -20,11 +20,16 @@ def _value(value: Any) -> str:
     return text
 
 
+def line(name: str, **fields: Any) -> str:
+    """One structured line, ``event=NAME key=value ...``: the fields in the order given."""
+    pairs = " ".join(f"{key}={_value(val)}" for key, val in fields.items() if val is not None)
+    return f"event={name} {pairs}"
+
+
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log one structured line: the event name, then the fields in the order given."""
     if logger.isEnabledFor(level):
-        pairs = " ".join(f"{key}={_value(val)}" for key, val in fields.items() if val is not None)
-        logger.log(level, "event=%s %s", name, pairs)
+        logger.log(level, "%s", line(name, **fields))
 
 
 class PrintableFormatter(logging.Formatter):

@@ -29,6 +29,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from wayang_mq.core import logs
 from wayang_mq.core.errors import ConfigError, SignatureError
+from wayang_mq.core.private_files import private_dir, write_private
 
 KEY_ID_HEADER = "wayang-key-id"
 SIGNATURE_HEADER = "wayang-signature"
@@ -252,7 +253,7 @@ def _read_public_keys(directory: Path) -> dict[str, Ed25519PublicKey]:
 def write_keypair(directory: Path, signer: Signer | None = None) -> tuple[Path, Path]:
     """Write ``<id>.key`` (private, mode 0600) and ``<id>.pub``; returns both paths."""
     signer = signer or Signer.generate()
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory, narrow_existing=False)  # a new key directory is private (0700)
     private_path = directory / f"{signer.key_id}.key"
     public_path = directory / f"{signer.key_id}.pub"
     private_pem = signer.private_key.private_bytes(
@@ -260,9 +261,7 @@ def write_keypair(directory: Path, signer: Signer | None = None) -> tuple[Path, 
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(private_pem)
+    write_private(private_path, private_pem)
     # Written aside, then renamed: a running receiver reloading the directory never reads
     # half a key (the temporary name does not end in .pub).
     partial = directory / f".{signer.key_id}.pub.partial"

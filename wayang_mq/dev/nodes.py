@@ -31,6 +31,7 @@ from urllib.parse import quote, urlsplit
 
 from wayang_mq.amqp.endpoint import BrokerEndpoint
 from wayang_mq.core.errors import ConfigError, StackError
+from wayang_mq.core.private_files import open_private_log, private_dir, write_private
 
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
@@ -132,9 +133,8 @@ def _load_state(state_dir: Path) -> dict[str, Any]:
 
 
 def _save_state(state_dir: Path, state: dict[str, Any]) -> None:
-    path = state_dir / _STATE_FILE
-    path.touch(mode=0o600, exist_ok=True)  # holds a password: private before it is written
-    path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    # Holds the broker's password.
+    write_private(state_dir / _STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def _check_credential(kind: str, value: str) -> str:
@@ -359,8 +359,10 @@ class RabbitNode:
         self.stop()
 
     def _write_files(self) -> None:
+        # The directory is the node's own: its config holds the password, its data the messages.
+        private_dir(self.state_dir)
         for sub in ("mnesia", "log"):
-            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+            private_dir(self.state_dir / sub)
         _save_state(
             self.state_dir,
             {
@@ -370,7 +372,7 @@ class RabbitNode:
                 "password": self._password,
             },
         )
-        (self.state_dir / "rabbitmq.conf").write_text(self._config())
+        write_private(self.state_dir / "rabbitmq.conf", self._config())  # default_pass
         (self.state_dir / "enabled_plugins").write_text(f"[{','.join(RABBITMQ_PLUGINS)}].\n")
         # An empty env file shields the node from /etc/rabbitmq/rabbitmq-env.conf.
         (self.state_dir / "rabbitmq-env.conf").write_text("# private node: no overrides\n")
@@ -418,7 +420,9 @@ class RabbitNode:
     def _spawn(self) -> subprocess.Popen[bytes]:
         # The package's inner script, not the /usr/sbin wrapper, which switches to the
         # rabbitmq user. A new session makes the node a process group we can signal whole.
-        with (self.state_dir / "log" / "console.log").open("ab") as console:
+        # umask 077: what the node writes (data, logs, the Erlang cookie) is private as well.
+        console = open_private_log(self.state_dir / "log" / "console.log")
+        try:
             return subprocess.Popen(
                 [str(self.server_binary)],
                 cwd=self.state_dir,
@@ -427,7 +431,10 @@ class RabbitNode:
                 stdout=console,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                umask=0o077,
             )
+        finally:
+            os.close(console)
 
     def _boot_failure(self, error: StackError) -> StackError:
         log = self.log_path if self.log_path.exists() else self.state_dir / "log" / "console.log"

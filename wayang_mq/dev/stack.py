@@ -1,29 +1,32 @@
 """``wayang-mq dev``: the whole fabric on one machine, in the foreground.
 
 A private RabbitMQ node (unless ``WAYANG_AMQP_URL`` names a broker), the topology, a signing
-key, demo worker daemons as real processes, and a burst of demo tasks whose results are shown;
-then it stays up until Ctrl-C, printing where the console is.
+key, demo worker daemons and the reaper as real processes (restarted when they die), and a
+burst of demo tasks whose results are shown; then it stays up until Ctrl-C, printing where
+the console is. The state directory and every file in it that holds a secret are private.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from wayang_mq.amqp.connect import management_client
 from wayang_mq.amqp.endpoint import BrokerEndpoint
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
-from wayang_mq.config import Settings, broker_endpoint, save_endpoint
+from wayang_mq.config import ENDPOINT_FILE, Settings, broker_endpoint, save_endpoint
 from wayang_mq.core.model import Result, RetryHints
+from wayang_mq.core.private_files import private_dir
 from wayang_mq.core.signing import Signer, write_keypair
 from wayang_mq.dev.nodes import RabbitNode
+from wayang_mq.dev.supervise import DaemonSpec, Supervisor
 from wayang_mq.topology.apply import apply_topology
 from wayang_mq.topology.spec import load_topology
 
@@ -33,6 +36,9 @@ DEMO_EXECUTORS = (
     "wayang_workers.demo:Sleep",
     "wayang_workers.demo:Fail",
 )
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# What an earlier run of `dev` leaves in its state directory: such a directory is the stack's.
+_STATE_MARKERS = (ENDPOINT_FILE, "rabbitmq", "logs", "keys")
 
 
 @dataclass(frozen=True)
@@ -54,10 +60,8 @@ def say(line: str) -> None:
 
 def run_dev(options: DevOptions, settings: Settings) -> int:
     """Start everything, show tasks flowing, then stay up until interrupted."""
-    state_dir = options.state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = _private_state_dir(options.state_dir.resolve())
     node: RabbitNode | None = None
-    workers: list[subprocess.Popen[bytes]] = []
     try:
         if settings.amqp_url is None:
             node = RabbitNode(
@@ -72,7 +76,7 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
         else:
             endpoint = broker_endpoint(settings)
             say("==> using the broker in WAYANG_AMQP_URL")
-        keys = _ensure_keys(settings.key_dir or state_dir / "keys")
+        keys = _ensure_keys(settings.key_dir or private_dir(state_dir / "keys"))
         say(f"==> applying topology {settings.topology}")
         report = asyncio.run(
             apply_topology(
@@ -80,15 +84,8 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
             )
         )
         say("    " + report.lines()[-1])
-        workers = _start_workers(options.workers, endpoint, keys, state_dir / "logs")
-        workers.append(_start_reaper(endpoint, keys, state_dir / "logs"))
-        _print_endpoint(endpoint, keys, state_dir)
-        asyncio.run(_demo(endpoint, keys, options.demo_tasks))
-        if options.wait:
-            say("==> running; Ctrl-C stops the workers and the broker")
-            _wait_for_signal()
+        asyncio.run(_run_daemons(options, endpoint, keys, state_dir))
     finally:
-        _stop_workers(workers)
         if node is not None:
             say("==> stopping RabbitMQ")
             node.stop()
@@ -102,49 +99,76 @@ def _ensure_keys(keys_path: Path) -> Path:
     return keys_path
 
 
-def _start_workers(
-    count: int, endpoint: BrokerEndpoint, keys: Path, log_dir: Path
-) -> list[subprocess.Popen[bytes]]:
-    """Demo worker daemons as real processes, exactly as a user would start them."""
-    log_dir.mkdir(parents=True, exist_ok=True)
+def _private_state_dir(state_dir: Path) -> Path:
+    """The stack's directory, 0700: it holds the broker's password and the signing key.
+
+    One that exists is narrowed only when it is empty or the stack's from an earlier run:
+    ``--state-dir`` aimed at a directory shared with others must not lock them out (the
+    files with secrets in it are 0600 regardless).
+    """
+    ours = not state_dir.exists() or not any(state_dir.iterdir())
+    ours = ours or any((state_dir / marker).exists() for marker in _STATE_MARKERS)
+    private_dir(state_dir, narrow_existing=ours)
+    if not ours and state_dir.stat().st_mode & 0o077:
+        say(f"    note: {state_dir} holds other files, so its mode stays as it is")
+    return state_dir
+
+
+async def _run_daemons(
+    options: DevOptions, endpoint: BrokerEndpoint, keys: Path, state_dir: Path
+) -> None:
+    """The daemons, supervised; the demo; then, unless --no-wait, until SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+    supervisor = Supervisor(say)
+    try:
+        for spec in _daemons(options.workers, endpoint, keys, private_dir(state_dir / "logs")):
+            pid = await supervisor.start(spec)
+            title = "the reaper" if spec.kind == "reaper" else f"{spec.kind} {spec.name}"
+            say(f"==> started {title} (pid {pid}, log {spec.log_path})")
+        _print_endpoint(endpoint, keys, state_dir)
+        finished = await _unless_stopped(_demo(endpoint, keys, options.demo_tasks), stop)
+        if finished and options.wait:
+            say("==> running; Ctrl-C stops the workers and the broker")
+            await stop.wait()
+    finally:
+        await supervisor.stop()
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+
+
+def _daemons(count: int, endpoint: BrokerEndpoint, keys: Path, log_dir: Path) -> list[DaemonSpec]:
+    """Demo worker daemons and the reaper, started exactly as a user would start them."""
     env = {**os.environ, "WAYANG_AMQP_URL": endpoint.amqp_url, "WAYANG_KEY_DIR": str(keys)}
     env.setdefault("WAYANG_MANAGEMENT_URL", endpoint.management_url)
-    processes = []
+    cli = (sys.executable, "-m", "wayang_mq.cli")
+    specs = []
     for index in range(count):
         executor_id = f"demo-{index}"
+        command = (*cli, "worker", *DEMO_EXECUTORS, "--id", executor_id, "--concurrency", "16")
         log_path = log_dir / f"{executor_id}.log"
-        command = [sys.executable, "-m", "wayang_mq.cli", "worker", *DEMO_EXECUTORS]
-        command += ["--id", executor_id, "--concurrency", "16"]
-        with log_path.open("ab") as log_file:
-            processes.append(
-                subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-            )
-        say(f"==> started worker {executor_id} (pid {processes[-1].pid}, log {log_path})")
-    return processes
+        specs.append(DaemonSpec(executor_id, "worker", command, env, log_path))
+    # The reaper: the broker's dead letters (expired, poison) become FAILED results.
+    reaper = (*cli, "reaper", "--id", "dev-reaper")
+    specs.append(DaemonSpec("dev-reaper", "reaper", reaper, env, log_dir / "reaper.log"))
+    return specs
 
 
-def _start_reaper(endpoint: BrokerEndpoint, keys: Path, log_dir: Path) -> subprocess.Popen[bytes]:
-    """The reaper daemon: the broker's dead letters (expired, poison) become FAILED results."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "WAYANG_AMQP_URL": endpoint.amqp_url, "WAYANG_KEY_DIR": str(keys)}
-    env.setdefault("WAYANG_MANAGEMENT_URL", endpoint.management_url)
-    log_path = log_dir / "reaper.log"
-    command = [sys.executable, "-m", "wayang_mq.cli", "reaper", "--id", "dev-reaper"]
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    say(f"==> started the reaper (pid {process.pid}, log {log_path})")
-    return process
-
-
-def _stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            process.kill()
+async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run ``work`` to its end, unless ``stop`` is set first (then cancel it); True if it ended."""
+    job = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({job, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not job.done():
+        job.cancel()
+    await asyncio.gather(job, return_exceptions=True)
+    if job.cancelled():
+        return False
+    job.result()  # the demo's own error, if it failed
+    return True
 
 
 def _print_endpoint(endpoint: BrokerEndpoint, keys: Path, state_dir: Path) -> None:
@@ -193,17 +217,3 @@ def _describe(result: Result) -> str:
         f"task {result.task_id[:8]} {result.capability:<10} {outcome} "
         f"(by {result.executor_id}, attempt {result.attempt}, ran {duration:.1f} ms)"
     )
-
-
-def _wait_for_signal() -> None:
-    """Block until SIGINT or SIGTERM."""
-    received = []
-    handler = lambda signum, frame: received.append(signum)  # noqa: E731
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not received:
-            with contextlib.suppress(InterruptedError):
-                signal.pause()
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
