@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -17,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiormq
 import msgpack
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from wayang_workers.demo import Echo
 
 from wayang_mq import ErrorCode, Status, Task
+from wayang_mq.amqp.connect import management_client
 from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
 from wayang_mq.core.errors import InvalidMessage, SignatureError
 from wayang_mq.core.fields import derived_id
@@ -473,3 +476,40 @@ def test_events_carry_their_subject_as_message_id_and_are_persistent(fabric: Fab
     message = signed_message(beat, fabric.signer, message_id="w1")
     assert message.delivery_mode == 2 and message.message_id == "w1"
     assert dead_queue("demo.echo") == "wayang.dead.demo.echo"
+
+
+# -- size limits end to end -------------------------------------------------------------------
+
+
+async def test_the_broker_refuses_a_body_over_the_fabric_limit_before_anyone_holds_it(
+    fabric: Fabric,
+) -> None:
+    # the test broker is configured as `wayang-mq dev` configures its own: max_message_size
+    # is the topology's max_body_bytes, so the broker itself refuses a larger publish
+    limit = fabric.topology.defaults.max_body_bytes
+    connection = await aio_pika.connect(fabric.endpoint.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        tasks = await channel.get_exchange(TASKS_EXCHANGE)
+        with pytest.raises(aiormq.exceptions.AMQPError, match="max size"):
+            await tasks.publish(aio_pika.Message(b"x" * (limit + 1)), routing_key="demo.echo")
+        # a body at the limit is taken (unroutable without mandatory: confirmed, then dropped)
+        channel = await connection.channel(publisher_confirms=True)
+        tasks = await channel.get_exchange(TASKS_EXCHANGE)
+        await tasks.publish(aio_pika.Message(b"x" * limit), routing_key="retry-none.nowhere")
+
+
+async def test_dead_queues_are_bounded_by_the_topologys_policy_on_the_broker(
+    fabric: Fabric,
+) -> None:
+    management = management_client(fabric.endpoint)
+
+    async def applied() -> bool:
+        queue = await asyncio.to_thread(management.get_queue, dead_queue("demo.echo"))
+        definition = (queue or {}).get("effective_policy_definition") or {}
+        return definition.get("max-length-bytes") == fabric.topology.defaults.dead_max_bytes
+
+    await eventually(applied, what="the dead queue's byte bound in effect")
+    queue = await asyncio.to_thread(management.get_queue, dead_queue("demo.echo"))
+    assert queue is not None
+    assert queue["effective_policy_definition"]["overflow"] == "reject-publish"

@@ -32,6 +32,7 @@ from urllib.parse import quote, urlsplit
 from wayang_mq.amqp.endpoint import BrokerEndpoint
 from wayang_mq.core.errors import ConfigError, StackError
 from wayang_mq.core.private_files import open_private_log, private_dir, write_private
+from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES
 
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
@@ -236,6 +237,7 @@ class RabbitNode:
         username: str = "wayang",
         password: str | None = None,
         server_binary: Path | None = None,
+        max_message_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self.state_dir = Path(state_dir).absolute()
         saved = _load_state(self.state_dir)
@@ -252,6 +254,8 @@ class RabbitNode:
             "password", password or stored or secrets.token_urlsafe(18)
         )
         self.server_binary = server_binary or RABBITMQ_SERVER
+        # The fabric's largest body: the broker refuses a larger publish before anyone holds it.
+        self.max_message_bytes = max_message_bytes
         self._process: subprocess.Popen[bytes] | None = None
 
     def _default_node_name(self) -> str:
@@ -392,6 +396,7 @@ class RabbitNode:
                 "loopback_users = none",
                 "log.console = false",
                 "log.file.level = info",
+                f"max_message_size = {self.max_message_bytes}",
                 "",
             ]
         )

@@ -62,6 +62,7 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
     """Start everything, show tasks flowing, then stay up until interrupted."""
     state_dir = _private_state_dir(options.state_dir.resolve())
     node: RabbitNode | None = None
+    topology = load_topology(settings.topology)
     try:
         if settings.amqp_url is None:
             node = RabbitNode(
@@ -69,6 +70,7 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
                 amqp_port=options.amqp_port,
                 management_port=options.management_port,
                 server_binary=settings.rabbitmq_server,
+                max_message_bytes=topology.defaults.max_body_bytes,
             )
             say(f"==> starting a private RabbitMQ node (state in {node.state_dir})")
             endpoint = node.start()
@@ -79,9 +81,7 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
         keys = _ensure_keys(settings.key_dir or private_dir(state_dir / "keys"))
         say(f"==> applying topology {settings.topology}")
         report = asyncio.run(
-            apply_topology(
-                load_topology(settings.topology), endpoint.amqp_url, management_client(endpoint)
-            )
+            apply_topology(topology, endpoint.amqp_url, management_client(endpoint))
         )
         say("    " + report.lines()[-1])
         asyncio.run(_run_daemons(options, endpoint, keys, state_dir))
