@@ -9,13 +9,18 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Iterator
 
+import aio_pika
 import pytest
 
-from wayang_mq import ErrorCode, ErrorInfo, Executor, Pending, Status, Task, TaskRef
+from wayang_mq import ErrorCode, ErrorInfo, Executor, Middleware, Pending, Status, Task, TaskRef
+from wayang_mq.amqp.outcome import Kind
 from wayang_mq.client.dispatcher import ResultSeen, Verdict
 from wayang_mq.client.supervisor import SupervisionConfig
-from wayang_mq.core.model import JsonLike, now_ms
+from wayang_mq.core.model import JsonLike, Result, now_ms
+from wayang_mq.core.names import RESULTS_EXCHANGE
+from wayang_mq.core.wire import decode
 from wayang_mq.runtime.answers import Answers
+from wayang_mq.runtime.middleware import Settled
 from wayang_mq.testing.harness import Fabric, eventually
 from wayang_mq.testing.plugin import BrokerHandle
 
@@ -214,3 +219,64 @@ async def test_a_person_refusing_answers_the_task_failed_with_their_reason(fabri
     assert result.error == refusal
     assert result.executor_id == "approver-2"
     assert result.token == handle.task.token
+
+
+class Instant(Executor):
+    """A long-running executor whose task ends at once: its answer races its own PENDING."""
+
+    serves = ("agent.reason",)
+    long_running = True
+
+    async def execute(self, task: Task) -> JsonLike:
+        return {"done": task.input}
+
+
+class SlowToSettle(Middleware):
+    """Takes its time over a PENDING outcome, as a layer that writes it to a database would."""
+
+    async def on_settled(self, settled: Settled) -> None:
+        if settled.outcome.kind is Kind.PENDING:
+            await asyncio.sleep(0.3)
+
+
+class Order(Middleware):
+    """Records the outcomes in the order the worker settled them."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str | None, Kind]] = []
+
+    async def on_settled(self, settled: Settled) -> None:
+        self.seen.append((settled.outcome.task_id, settled.outcome.kind))
+
+
+async def test_a_long_task_that_ends_at_once_answers_after_its_pending_never_before(
+    fabric: Fabric,
+) -> None:
+    await fabric.purge("agent.reason")
+    order = Order()
+    connection = await aio_pika.connect(fabric.endpoint.amqp_url)
+    async with (
+        connection,
+        fabric.worker([Instant()], middleware=(SlowToSettle(), order)),
+        fabric.dispatcher() as dispatcher,
+    ):
+        channel = await connection.channel()
+        # a second queue on the dispatcher's reply address sees every result in wire order
+        replies = await channel.declare_queue(exclusive=True)
+        await replies.bind(RESULTS_EXCHANGE, dispatcher.reply_to)
+        handles = [await dispatcher.submit("agent.reason", {"n": n}) for n in range(3)]
+        wire: dict[str, list[str]] = {handle.task_id: [] for handle in handles}
+
+        async def all_answered() -> bool:
+            while (message := await replies.get(fail=False, no_ack=True)) is not None:
+                result = decode(message.body, Result)
+                wire[result.task_id].append(result.status.value)
+            return all(len(seen) == 2 for seen in wire.values())
+
+        await eventually(all_answered, what="PENDING and SUCCESS for each task")
+    # the terminal answer waits until its PENDING is settled, slow middleware included: a
+    # client, and every layer, sees the acceptance first, never the answer and then "pending"
+    assert all(seen == ["PENDING", "SUCCESS"] for seen in wire.values()), wire
+    for handle in handles:
+        kinds = [kind for task_id, kind in order.seen if task_id == handle.task_id]
+        assert kinds == [Kind.PENDING, Kind.DONE], order.seen
