@@ -40,7 +40,9 @@ from wayang_mq.amqp.publisher import to_amqp
 from wayang_mq.core import names
 from wayang_mq.core.bounded import LastSeen
 from wayang_mq.core.errors import ConfigError, ErrorCode, WireError
+from wayang_mq.core.fields import REPLY_TO_BYTES, TASK_ID_BYTES, printable, valid_id
 from wayang_mq.core.model import ErrorInfo, JsonLike, Result, Task
+from wayang_mq.core.names import valid_capability
 from wayang_mq.core.signing import KeyRing, Signer
 from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, open_verified, signed_message
 from wayang_mq.ops.deadletters import DeadLetter, dead_letter_of
@@ -146,6 +148,11 @@ class Reaper(Daemon):
             }
             return discard(dead.task_id, LogLine("dead_letter.skipped", fields=skipped))
         task, unread = self._open(message.body, message.headers or {})
+        if task is None and not _answerable(message, dead):
+            # An answer under an id, capability or address the publisher never set correlates
+            # nothing, and may not fit AMQP: the copy in wayang.dead.<cap> (if any) stays.
+            why = {"capability": printable(dead.capability), "reason": dead.broker_reason}
+            return discard(dead.task_id, LogLine("dead_letter.unanswerable", logging.WARNING, why))
         result, reply_to = _failure(dead, task, unread, self.reaper_id)
         if task is not None:
             result = await self._compensate(task, result)
@@ -199,6 +206,14 @@ class Reaper(Daemon):
     async def _compensate(self, task: Task, result: Result) -> Result:
         """The reaper decided this failure, so it compensates it, signed with its own key."""
         return await dispatch_compensation(task, result, self.publisher, self.config.signer)
+
+
+def _answerable(message: AbstractIncomingMessage, dead: DeadLetter) -> bool:
+    """True when an unverified dead letter's AMQP properties can carry its answer: a usable
+    message (or correlation) id, capability and reply address."""
+    task_id = message.message_id or message.correlation_id
+    reply_ok = dead.reply_to is None or valid_id(dead.reply_to, REPLY_TO_BYTES)
+    return valid_id(task_id, TASK_ID_BYTES) and valid_capability(dead.capability) and reply_ok
 
 
 def _failure(
