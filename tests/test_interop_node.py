@@ -304,7 +304,7 @@ async def node_side(
 
 
 async def test_the_docs_test_vector_is_what_node_builds(node: str) -> None:
-    # The body bytes, key id and signature of wire-format §9, from the JavaScript side
+    # The body bytes, key id and signature of wire-format §8, from the JavaScript side
     checked = await asyncio.create_subprocess_exec(
         node, str(INTEROP / "vector.js"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -462,19 +462,34 @@ async def test_the_node_executor_retries_through_a_tier_then_gives_up_as_documen
     _assert_node_side_accepts(node_side.watch, {NODE_EXECUTOR_ID})
 
 
-def _unknown_key(fabric: Fabric, task: Task) -> dict[str, str]:
-    return Signer.generate().headers(encode(task))
+Signed = tuple[bytes, dict[str, str]]
 
 
-def _forged(fabric: Fabric, task: Task) -> dict[str, str]:
-    return fabric.signer.headers(encode(task.model_copy(update={"token": "other"})))
+def _signed(fabric: Fabric, task: Task) -> Signed:
+    return encode(task), fabric.signer.headers(encode(task))
 
 
-REFUSALS: dict[str, tuple[Callable[[Fabric, Task], dict[str, str]], dict[str, Any], ErrorCode]] = {
+def _unknown_key(fabric: Fabric, task: Task) -> Signed:
+    return encode(task), Signer.generate().headers(encode(task))
+
+
+def _forged(fabric: Fabric, task: Task) -> Signed:
+    return encode(task), fabric.signer.headers(encode(task.model_copy(update={"token": "other"})))
+
+
+def _float_attempt(fabric: Fabric, task: Task) -> Signed:
+    # wire-format §4: `1.0` (a msgpack float) is not an integer, though JavaScript reads it as 1
+    fields = msgpack.unpackb(encode(task)) | {"attempt": 1.0}
+    body = msgpack.packb(fields, use_single_float=False)
+    return body, fabric.signer.headers(body)
+
+
+REFUSALS: dict[str, tuple[Callable[[Fabric, Task], Signed], dict[str, Any], ErrorCode]] = {
     "signature by an unknown key": (_unknown_key, {}, ErrorCode.BAD_SIGNATURE),
     "forged signature": (_forged, {}, ErrorCode.BAD_SIGNATURE),
+    "a float where an integer belongs": (_float_attempt, {}, ErrorCode.INVALID_TASK),
     "expired deadline": (
-        lambda fabric, task: fabric.signer.headers(encode(task)),
+        _signed,
         {"issued_at_ms": now_ms() - 5000, "deadline_ms": now_ms() - 1000},
         ErrorCode.TOKEN_EXPIRED,
     ),
@@ -485,10 +500,9 @@ REFUSALS: dict[str, tuple[Callable[[Fabric, Task], dict[str, str]], dict[str, An
 async def test_the_node_executor_dead_letters_refused_input_and_answers_it(
     fabric: Fabric, node_side: NodeSide, case: str
 ) -> None:
-    sign, changes, code = REFUSALS[case]
+    build, changes, code = REFUSALS[case]
     task = Task.create(CAPABILITY, {"text": "x"}, task_id=new_id(), reply_to=REPLY)
-    task = task.model_copy(update=changes)
-    body = encode(task)
+    body, headers = build(fabric, task.model_copy(update=changes))
     connection = await aio_pika.connect(fabric.endpoint.amqp_url)
     async with connection:
         channel = await connection.channel()
@@ -498,7 +512,7 @@ async def test_the_node_executor_dead_letters_refused_input_and_answers_it(
         tasks = await channel.get_exchange(TASKS_EXCHANGE)
         message = aio_pika.Message(
             body,
-            headers=sign(fabric, task),
+            headers=headers,
             message_id=task.task_id,
             correlation_id=task.task_id,
             reply_to=REPLY,
@@ -527,6 +541,7 @@ async def test_the_node_executor_dead_letters_refused_input_and_answers_it(
     # (a body that could not be read is answered through its AMQP properties alone, §4.4)
     readable = code is ErrorCode.TOKEN_EXPIRED
     assert result["token"] == (task.token if readable else "")
+    assert result["error"]["message"], "the reason, for people"
     # And its delivery waits in the dead queue, marked by the Node executor
     dead = await list_dead_letters(fabric.endpoint.amqp_url, CAPABILITY)
     assert [(d.code, d.dead_lettered_by) for d in dead if d.task_id == task.task_id] == [

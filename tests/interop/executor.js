@@ -190,7 +190,11 @@ class NodeExecutor {
     } catch (error) {
       // publishing failed (not confirmed): the task comes back and is answered again (§7.8)
       log(`delivery not settled: ${error.message}; requeueing`);
-      this.consumer.nack(message, false, true);
+      try {
+        this.consumer.nack(message, false, true);
+      } catch {
+        // the channel is gone: the broker requeues every unacked delivery by itself
+      }
     } finally {
       this.unsettled--;
     }
@@ -227,8 +231,9 @@ class NodeExecutor {
     if (message.content.length > this.cfg.maxBodyBytes)
       throw new w.WireError("oversized", `body of ${message.content.length} bytes`);
     this.keyring.verify(message.content, headers);
-    const { raw, view } = w.decode(message.content);
-    const errors = w.schemaErrors(this.validators, w.TYPES.task, view);
+    const decoded = w.decode(message.content);
+    const { raw, view } = decoded;
+    const errors = w.schemaErrors(this.validators, w.TYPES.task, decoded);
     // §4.1: deadline_ms >= issued_at_ms, which JSON Schema cannot say
     if (!errors.length && view.deadline_ms < view.issued_at_ms)
       errors.push("/deadline_ms is before issued_at_ms");
@@ -296,17 +301,20 @@ class NodeExecutor {
     }
   }
 
-  /** §4.7: retry with attempts left, retries_exhausted on the last, else the error itself. */
-  afterFailure(task, error) {
+  /** §4.7: retry with attempts left, retries_exhausted on the last, else the error itself
+   * (also when `tiersTakeIt` is false: no tier queue took the retry). */
+  afterFailure(task, error, tiersTakeIt = true) {
     const { retry } = task;
     const retryable =
       error.retryable && error.code !== "cancelled" && !retry.non_retryable.includes(error.code);
-    if (retryable && task.attempt < retry.max_attempts) return { kind: "retry", task, error };
-    if (retryable && retry.max_attempts > 1) {
+    const attemptsLeft = task.attempt < retry.max_attempts;
+    if (retryable && attemptsLeft && tiersTakeIt) return { kind: "retry", task, error };
+    if (retryable && !attemptsLeft && retry.max_attempts > 1) {
       const exhausted = new w.WireError("retries_exhausted", `${retry.max_attempts} attempts`, {
         details: { last_error: error.toErrorMap() },
       });
-      return { kind: "refuse", error: exhausted, task };
+      // the delivery is kept in the dead queue, and the answer is the final result
+      return { kind: "refuse", error: exhausted, task, answer: this.failed(task, exhausted) };
     }
     return this.failed(task, error);
   }
@@ -317,10 +325,11 @@ class NodeExecutor {
 
   /** An outcome answering `task` with `result` at its reply address (§1). */
   answerOf(task, result) {
-    return { kind: "answer", result, to: task.reply_to || `noreply.${this.cfg.capability}` };
+    return { kind: "answer", result, to: task.reply_to || `noreply.${task.capability}` };
   }
 
-  /** Publish what the outcome needs, wait for confirms, then ack: the one place that settles. */
+  /** Publish what the outcome needs, wait for confirms, then ack: the one place that settles.
+   * A publish that is not confirmed throws: onDelivery requeues the delivery (§7.8). */
   async settle(message, outcome) {
     switch (outcome.kind) {
       case "answer":
@@ -329,19 +338,26 @@ class NodeExecutor {
         break;
       case "retry":
         if (!(await this.publishRetry(outcome.task, outcome.error))) {
-          // no tier took it: the failure is the final answer (§4.7)
-          const final = this.failed(outcome.task, outcome.error);
-          await this.answer(final.result, final.to);
-          this.remember(final);
+          // no tier queue is bound for it: the failure is the final answer (§4.7)
+          await this.settle(message, this.afterFailure(outcome.task, outcome.error, false));
+          return;
         }
         break;
       case "refuse":
+        // §7.7: the copy first; unconfirmed, the queue's own dead-lettering keeps the delivery
+        // (no wayang-dead-lettered-by on that one: the reaper answers it)
         if (!(await this.deadLetter(message, outcome))) {
-          // the broker's own (at-least-once) dead-lettering keeps it; the reaper answers it
           this.consumer.reject(message, false);
           return;
         }
-        await this.answerRefusal(message, outcome);
+        if (outcome.error.code === "retries_exhausted") {
+          await this.answer(outcome.answer.result, outcome.answer.to);
+        } else {
+          // the answer to refused input is a courtesy: the dead copy is what keeps the task
+          await this.answerRefusal(message, outcome).catch((error) =>
+            log(`answer to refused input not confirmed: ${error.message}`),
+          );
+        }
         break;
       case "ack":
         break;
@@ -433,7 +449,9 @@ class NodeExecutor {
 
   // -- retries (§4.7) --
 
-  /** Publish the next attempt to its tier; false when no tier took it. */
+  /** Publish the next attempt to its tier; false when no tier queue is bound for it. A tier
+   * that is full nacks it: that throws, and the delivery is requeued until the queue's
+   * delivery limit dead-letters it. */
   async publishRetry(task, error) {
     const tier = retryTier(this.cfg.tiers, task, error);
     if (!tier) return false;
@@ -449,18 +467,16 @@ class NodeExecutor {
       replyTo: task.reply_to,
       headers: { [w.HEADERS.partitionKey]: task.partition_key ?? task.task_id },
     });
-    try {
-      await w.publishConfirmed(this.publisher, w.EXCHANGES.retry, routingKey, bytes, {
-        ...options,
-        mandatory: true,
-      });
-    } catch {
-      return false; // the tier is full and refused it
-    }
+    await w.publishConfirmed(this.publisher, w.EXCHANGES.retry, routingKey, bytes, {
+      ...options,
+      mandatory: true,
+    });
     if (this.returns.take(w.EXCHANGES.retry, routingKey, task.task_id)) return false;
     log(`retrying ${task.task_id} attempt ${task.attempt + 1} through tier ${tier.name}`);
+    // announced once the retry is safe; an announcement lost is not worth a second retry
     const announced = this.result(task, "FAILED", { error });
-    await this.publishEvent(w.TYPES.result, `attempt.${task.task_id}`, task.task_id, announced);
+    await this.publishEvent(w.TYPES.result, `attempt.${task.task_id}`, task.task_id, announced)
+      .catch((failure) => log(`failed attempt not announced: ${failure.message}`));
     return true;
   }
 
@@ -530,8 +546,9 @@ class NodeExecutor {
     let cancel;
     try {
       this.keyring.verify(message.content, message.properties.headers ?? {});
-      cancel = w.decode(message.content).view;
-      const errors = w.schemaErrors(this.validators, w.TYPES.cancel, cancel);
+      const decoded = w.decode(message.content);
+      cancel = decoded.view;
+      const errors = w.schemaErrors(this.validators, w.TYPES.cancel, decoded);
       if (errors.length) throw new Error(errors.join("; "));
     } catch (error) {
       log(`cancel dropped: ${error.message}`);

@@ -78,7 +78,7 @@ function taskBody(cfg) {
 /** Publish the task (§1, §2, §3, §5), mandatory and confirmed. */
 async function publishTask(channel, returns, cfg, validators, task) {
   const bytes = w.encode(task);
-  const errors = w.schemaErrors(validators, w.TYPES.task, w.decode(bytes).view);
+  const errors = w.schemaErrors(validators, w.TYPES.task, w.decode(bytes));
   if (errors.length) throw new Failure(`the task we built is invalid: ${errors.join("; ")}`);
   const options = w.properties(w.TYPES.task, task.task_id, cfg.signer, bytes, {
     replyTo: task.reply_to,
@@ -106,8 +106,9 @@ function readResult(message, cfg, validators, task) {
   } catch (error) {
     throw new Failure(`result ${p.messageId} is not signed by a trusted key: ${error.message}`);
   }
-  const { view } = w.decode(content);
-  const errors = w.schemaErrors(validators, w.TYPES.result, view);
+  const decoded = w.decode(content);
+  const { view } = decoded;
+  const errors = w.schemaErrors(validators, w.TYPES.result, decoded);
   // §4.4: `error` is required on FAILED and must be nil otherwise (JSON Schema does not say it)
   if ((view.status === "FAILED") !== (view.error != null))
     errors.push(`/error must be present exactly when status is FAILED (${view.status})`);

@@ -36,8 +36,9 @@ function check(message, trust, validators) {
     errors.push(`signature: ${error.message}`);
   }
   try {
-    body = w.decode(content).view;
-    errors.push(...w.schemaErrors(validators, p.type, body).map((e) => `schema: ${e}`));
+    const decoded = w.decode(content);
+    body = decoded.view;
+    errors.push(...w.schemaErrors(validators, p.type, decoded).map((e) => `schema: ${e}`));
   } catch (error) {
     errors.push(`body: ${error.message}`);
   }

@@ -90,21 +90,49 @@ const MAX_SAFE = Number.MAX_SAFE_INTEGER; // §4: integers are at most 2^53 - 1
 // accepts it: §4 says bin is not a string and not a map, and appears only where any value may.
 const BIN_KEY = "\u0000msgpack-bin";
 
-const decoder = new Decoder({
+/** A msgpack float as decoded: §4 refuses `1.0` where an integer is required, and a plain
+ * JavaScript number cannot tell `1.0` from `1`. Re-encoded as a float (a retry keeps the body). */
+class MsgpackFloat {
+  constructor(value) {
+    this.value = value;
+  }
+}
+
+// @msgpack/msgpack has no hook for floats: these override its float reader and its encoder's
+// dispatch (methods of the pinned version, 3.1.3; tests/interop's tests catch a change).
+class FloatKeepingDecoder extends Decoder {
+  readF32() {
+    return new MsgpackFloat(super.readF32());
+  }
+
+  readF64() {
+    return new MsgpackFloat(super.readF64());
+  }
+}
+
+class FloatKeepingEncoder extends Encoder {
+  doEncode(object, depth) {
+    if (object instanceof MsgpackFloat) this.encodeNumberAsFloat(object.value);
+    else super.doEncode(object, depth);
+  }
+}
+
+const decoder = new FloatKeepingDecoder({
   // §4: "map with string keys"; the library's default would turn an integer key into a string
   mapKeyConverter: (key) => {
     if (typeof key !== "string") throw new WireError("invalid_task", "a map key is not a string");
     return key;
   },
 });
-const encoder = new Encoder({ ignoreUndefined: true });
+const encoder = new FloatKeepingEncoder({ ignoreUndefined: true });
 
 /** msgpack bytes of a body (a plain object). */
 function encode(body) {
   return Buffer.from(encoder.encode(body));
 }
 
-/** The decoded body (bin stays Uint8Array) and its JSON view (for schemas and printing). */
+/** The decoded body (bin stays Uint8Array, floats MsgpackFloat: `raw`, to encode again) and
+ * its JSON view (for schemas and printing), with the JSON pointers of integral floats. */
 function decode(bytes) {
   let raw;
   try {
@@ -115,20 +143,30 @@ function decode(bytes) {
   }
   if (raw === null || typeof raw !== "object" || Array.isArray(raw) || raw instanceof Uint8Array)
     throw new WireError("invalid_task", "the body is not a msgpack map");
-  return { raw, view: jsonView(raw) };
+  const integralFloats = new Set();
+  return { raw, view: jsonView(raw, "", integralFloats), integralFloats };
 }
 
-/** A JSON-compatible copy: bin becomes {BIN_KEY: base64}; NaN and infinities are refused. */
-function jsonView(value) {
+/** A JSON-compatible copy: bin becomes {BIN_KEY: base64}; NaN and infinities are refused;
+ * where a float holds an integral value, its JSON pointer goes into `integralFloats`. */
+function jsonView(value, pointer = "", integralFloats = new Set()) {
+  if (value instanceof MsgpackFloat) {
+    if (!Number.isFinite(value.value))
+      throw new WireError("invalid_task", "NaN and infinities are refused (section 4)");
+    if (Number.isInteger(value.value)) integralFloats.add(pointer);
+    return value.value;
+  }
   if (value instanceof Uint8Array) return { [BIN_KEY]: Buffer.from(value).toString("base64") };
-  if (Array.isArray(value)) return value.map(jsonView);
-  if (typeof value === "number" && !Number.isFinite(value))
-    throw new WireError("invalid_task", "NaN and infinities are refused (section 4)");
+  if (Array.isArray(value)) return value.map((v, i) => jsonView(v, `${pointer}/${i}`, integralFloats));
   if (typeof value === "bigint") throw new WireError("invalid_task", "integer out of range");
   if (value !== null && typeof value === "object") {
     if (!(value.constructor === Object || Object.getPrototypeOf(value) === null))
       throw new WireError("invalid_task", `unsupported msgpack value ${value.constructor.name}`);
-    return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, jsonView(v)]));
+    const entries = Object.entries(value).map(([k, v]) => {
+      const escaped = k.replaceAll("~", "~0").replaceAll("/", "~1"); // JSON pointer (RFC 6901)
+      return [k, jsonView(v, `${pointer}/${escaped}`, integralFloats)];
+    });
+    return Object.fromEntries(entries);
   }
   return value;
 }
@@ -140,14 +178,20 @@ const wellFormed = (text) => !LONE_SURROGATE.test(text);
 
 const SCHEMA_DIR = path.resolve(__dirname, "..", "..", "..", "docs", "schema");
 
-/** Every `"type": "object"` place refuses the bin marker (see BIN_KEY). */
-function refuseBinAsMap(schema) {
-  if (Array.isArray(schema)) return schema.map(refuseBinAsMap);
+/** Every `"type": "object"` place refuses the bin marker (see BIN_KEY), and every
+ * `"type": "integer"` place a msgpack float (see MsgpackFloat). */
+function strictMsgpackTypes(schema) {
+  if (Array.isArray(schema)) return schema.map(strictMsgpackTypes);
   if (schema === null || typeof schema !== "object") return schema;
-  const out = Object.fromEntries(Object.entries(schema).map(([k, v]) => [k, refuseBinAsMap(v)]));
+  const entries = Object.entries(schema).map(([k, v]) => [k, strictMsgpackTypes(v)]);
+  const out = Object.fromEntries(entries);
   if (out.type === "object") out.propertyNames = { not: { const: BIN_KEY } };
+  if (out.type === "integer") out[NOT_A_FLOAT] = true;
   return out;
 }
+
+const NOT_A_FLOAT = "x-msgpack-not-float";
+let integralFloatsNow = new Set(); // the pointers of the view being validated (synchronously)
 
 /** Compiled validators by message type, from docs/schema (JSON Schema 2020-12). */
 function loadValidators(schemaDir = SCHEMA_DIR) {
@@ -160,9 +204,16 @@ function loadValidators(schemaDir = SCHEMA_DIR) {
     errors: false,
     validate: (max, data) => wellFormed(data) && Buffer.byteLength(data, "utf8") <= max,
   });
+  ajv.addKeyword({
+    keyword: NOT_A_FLOAT,
+    type: "number",
+    schemaType: "boolean",
+    errors: false,
+    validate: (_, data, parent, where) => !integralFloatsNow.has(where.instancePath),
+  });
   const validators = {};
   for (const file of fs.readdirSync(schemaDir).filter((f) => f.endsWith(".json"))) {
-    const schema = refuseBinAsMap(JSON.parse(fs.readFileSync(path.join(schemaDir, file))));
+    const schema = strictMsgpackTypes(JSON.parse(fs.readFileSync(path.join(schemaDir, file))));
     validators[path.basename(file, ".json")] = ajv.compile(schema);
   }
   for (const type of Object.values(TYPES)) {
@@ -171,11 +222,16 @@ function loadValidators(schemaDir = SCHEMA_DIR) {
   return validators;
 }
 
-/** The schema errors of `view` as `type`, as readable strings ([] when valid). */
-function schemaErrors(validators, type, view) {
+/** The schema errors of a decoded body as `type`, as readable strings ([] when valid). */
+function schemaErrors(validators, type, { view, integralFloats = new Set() }) {
   const validate = validators[type];
   if (!validate) return [`no schema for message type ${JSON.stringify(type)}`];
-  if (validate(view)) return [];
+  integralFloatsNow = integralFloats;
+  try {
+    if (validate(view)) return [];
+  } finally {
+    integralFloatsNow = new Set();
+  }
   return validate.errors.map((e) => `${e.instancePath || "/"} ${e.message}`);
 }
 
@@ -392,6 +448,7 @@ module.exports = {
   encode,
   decode,
   jsonView,
+  MsgpackFloat,
   loadValidators,
   schemaErrors,
   keyIdOf,
