@@ -1,0 +1,56 @@
+#!/usr/bin/env node
+// Check docs/wire-format.md §8 (the test vector) with this directory's implementation: the
+// task's msgpack body byte for byte, the key id and the signature. Exits 0 when all match.
+"use strict";
+
+const crypto = require("node:crypto");
+const fs = require("node:fs");
+const path = require("node:path");
+const w = require("./lib/wire");
+
+const DOC = fs.readFileSync(path.resolve(__dirname, "..", "..", "docs", "wire-format.md"), "utf8");
+
+function block(tag) {
+  const match = DOC.match(new RegExp(`\`\`\`${tag}\\n([\\s\\S]*?)\`\`\``));
+  if (!match) throw new Error(`docs/wire-format.md has no \`\`\`${tag} block`);
+  return match[1];
+}
+
+// An Ed25519 private key from its 32-byte seed: PKCS#8 DER is a fixed prefix and the seed.
+const PKCS8_ED25519_PREFIX = Buffer.from("302e020100300506032b657004220420", "hex");
+const seed = DOC.match(/TEST 1\):\s*`([0-9a-f]{64})`, whose public key is\s*`([0-9a-f]{64})`/);
+const signer = new w.Signer(
+  crypto.createPrivateKey({
+    key: Buffer.concat([PKCS8_ED25519_PREFIX, Buffer.from(seed[1], "hex")]),
+    format: "der",
+    type: "pkcs8",
+  }),
+);
+
+const failures = [];
+const raw = Buffer.from(signer.publicKey.export({ format: "jwk" }).x, "base64url");
+if (raw.toString("hex") !== seed[2]) failures.push("the public key is not the doc's");
+
+const body = w.encode(JSON.parse(block("json test-vector-task")));
+const expected = Buffer.from(block("text test-vector-body").replace(/\s/g, ""), "hex");
+if (!body.equals(expected))
+  failures.push(`body differs:\n  ours ${body.toString("hex")}\n  doc  ${expected.toString("hex")}`);
+
+const docHeaders = Object.fromEntries(
+  block("text test-vector-headers")
+    .trim()
+    .split("\n")
+    .map((line) => line.split(": ")),
+);
+const headers = signer.headers(expected);
+for (const [name, value] of Object.entries(docHeaders)) {
+  if (headers[name] !== value) failures.push(`${name}: ours ${headers[name]}, doc ${value}`);
+}
+
+failures.push(...w.schemaErrors(w.loadValidators(), w.TYPES.task, w.decode(expected)));
+
+if (failures.length) {
+  process.stderr.write(`${failures.join("\n")}\n`);
+  process.exit(1);
+}
+process.stdout.write("test vector: body, key id and signature match\n");
