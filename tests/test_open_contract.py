@@ -513,3 +513,12 @@ async def test_dead_queues_are_bounded_by_the_topologys_policy_on_the_broker(
     queue = await asyncio.to_thread(management.get_queue, dead_queue("demo.echo"))
     assert queue is not None
     assert queue["effective_policy_definition"]["overflow"] == "reject-publish"
+
+
+def test_only_a_failed_result_may_carry_an_error() -> None:
+    task = Task.create("demo.echo", {})
+    for status in ("SUCCESS", "PENDING"):
+        raw = msgpack.unpackb(encode(Result.answering(task, "w", Status.SUCCESS)))
+        raw.update(status=status, error={"code": "timeout"})
+        with pytest.raises(InvalidMessage, match="cannot carry an error"):
+            decode(msgpack.packb(raw), Result)

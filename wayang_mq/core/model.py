@@ -248,8 +248,8 @@ class Result(WireModel):
     def _error_matches_status(self) -> Self:
         if self.status is Status.FAILED and self.error is None:
             raise ValueError("a FAILED result needs an error")
-        if self.status is Status.SUCCESS and self.error is not None:
-            raise ValueError("a SUCCESS result cannot carry an error")
+        if self.status is not Status.FAILED and self.error is not None:
+            raise ValueError(f"a {self.status.value} result cannot carry an error")
         return self
 
     @property
