@@ -100,6 +100,22 @@ def test_the_committed_schemas_are_what_the_models_generate() -> None:
     # `wayang-mq schema --out docs/schema` writes them again after a model change
     committed = {p.stem: json.loads(p.read_text()) for p in SCHEMA_DIR.glob("*.json")}
     assert committed == all_schemas()
+    # and every object map in them is closed: unknown keys are refused, as readers refuse them
+    assert all(node.get("additionalProperties") is False for node in _objects(committed))
+
+
+def _objects(node: Any) -> list[dict[str, Any]]:
+    """Every schema object with ``properties``, at any depth."""
+    found: list[dict[str, Any]] = []
+    if isinstance(node, dict):
+        if "properties" in node:
+            found.append(node)
+        for value in node.values():
+            found.extend(_objects(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(_objects(value))
+    return found
 
 
 @pytest.mark.parametrize("wire_type", list(WIRE_TYPES))
