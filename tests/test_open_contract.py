@@ -266,6 +266,37 @@ async def test_a_dispatcher_trusts_an_executor_key_added_while_it_runs(
     assert result.status is Status.SUCCESS and result.output == {"verified": True}
 
 
+async def test_a_reaper_verifies_dead_letters_signed_by_a_key_added_while_it_runs(
+    fabric: Fabric, tmp_path: Path
+) -> None:
+    key_dir = tmp_path / "keys"
+    write_keypair(key_dir)  # some key, so the reaper starts with a ring
+    await fabric.purge("demo.echo")
+    await fabric.purge_reaper()
+    connection = await aio_pika.connect(fabric.endpoint.amqp_url)
+    async with connection, fabric.reaper(keyring=KeyRing.load_dir(key_dir)):
+        channel = await connection.channel(publisher_confirms=True)
+        replies = await _replies(channel)
+        # When a publisher's key is added to the running reaper's directory
+        newcomer = Signer.generate()
+        write_keypair(key_dir, newcomer)
+        # and a task it signed is dead-lettered
+        task = _dated()
+        body = encode(task)
+        dlx = await channel.get_exchange("wayang.dlx")
+        await dlx.publish(
+            aio_pika.Message(
+                body, headers=newcomer.headers(body), message_id=task.task_id, reply_to=REPLY
+            ),
+            routing_key="demo.echo",
+        )
+        # Then the reaper verified it: its answer carries the task's own token
+        result = decode((await _next(replies)).body, Result)
+    await fabric.purge("demo.echo")
+    assert (result.task_id, result.token) == (task.task_id, task.token)
+    assert result.status is Status.FAILED
+
+
 # -- refusals answered with the task's own token, or not at all ----------------------------
 
 
