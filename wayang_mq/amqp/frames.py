@@ -45,9 +45,10 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from pamqp import base, commands, common, decode
+from pamqp import base, commands, common, decode, encode
 
 from wayang_mq.core import logs
 from wayang_mq.core.wire import UNDECODABLE_HEADER
@@ -164,3 +165,30 @@ def _decode_replacing(frame: base.Frame, data: bytes) -> None:
             consumed, value = decode.by_type(data, data_type)
         setattr(frame, name, value)
         data = data[consumed:]
+
+
+#: the most a dead-letter copy's headers may take, encoded: well inside one AMQP frame (the
+#: broker's frame_max is 131,072 bytes by default, and the content header must fit in one)
+COPY_HEADER_BYTES = 64 * 1024
+
+
+def writable_headers(
+    headers: Mapping[str, Any], keep: tuple[str, ...], budget: int = COPY_HEADER_BYTES
+) -> tuple[dict[str, Any], str | None]:
+    """``headers`` as they can be published again, and why some were dropped (None: none).
+
+    pamqp decodes some values it cannot encode (a longstr that is not UTF-8 comes back as
+    bytes; a double beyond float32's range is written as float32), and a header table that
+    nearly filled its frame overflows it once error headers are added: the broker then closes
+    the connection. Such a table is replaced by the ``keep`` headers that are plain strings.
+    """
+    try:
+        size = len(encode.field_table(dict(headers)))
+    except Exception as exc:  # whatever pamqp raises on values it decoded but cannot write
+        reason = f"headers that cannot be written again ({type(exc).__name__}: {exc})"
+    else:
+        if size <= budget:
+            return dict(headers), None
+        reason = f"{size} bytes of headers (a copy keeps at most {budget})"
+    kept = {key: value for key in keep if isinstance(value := headers.get(key), str)}
+    return kept, reason[:MAX_REASON_CHARS]

@@ -26,6 +26,8 @@ PARTITION_KEY_HEADER = "x-partition-key"  # what sharded capabilities hash on
 ERROR_CODE_HEADER = "wayang-error-code"
 ERROR_MESSAGE_HEADER = "wayang-error-message"
 DEAD_LETTERED_BY_HEADER = "wayang-dead-lettered-by"  # present: a result was already sent
+# On a dead-letter copy whose delivery's headers could not be copied whole: why not.
+HEADERS_DROPPED_HEADER = "wayang-headers-dropped"
 # Set on receipt, never by a publisher: the AMQP properties the client could not decode, and
 # why (see wayang_mq.amqp.frames); kept on the dead-letter copy of such a message.
 UNDECODABLE_HEADER = "wayang-undecodable"
@@ -67,7 +69,7 @@ def _timestamps(model: type[WireModel]) -> frozenset[str]:
 def decode(body: bytes, model: type[M]) -> M:
     """Parse and validate a body as ``model``; raises InvalidMessage carrying the body."""
     try:
-        raw = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        raw = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_no_ext)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise InvalidMessage(f"body is not valid msgpack: {exc}", body=body) from exc
     if not isinstance(raw, dict):
@@ -78,6 +80,12 @@ def decode(body: bytes, model: type[M]) -> M:
         raise InvalidMessage(
             f"body does not match {model.wire_type}: {_summarise(exc)}", body=body
         ) from exc
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    """msgpack ext types (timestamps included) are not part of the wire: no model could carry
+    one back unchanged, so a body holding one is refused, not altered."""
+    raise ValueError(f"msgpack ext type {code} is not part of the wire format")
 
 
 def _summarise(exc: ValidationError) -> str:

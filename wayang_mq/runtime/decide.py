@@ -18,17 +18,20 @@ from collections.abc import Callable
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from wayang_mq.amqp.frames import writable_headers
 from wayang_mq.amqp.outcome import Kind, LogLine, Outcome, Send, Settle, done
 from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
 from wayang_mq.core import names, retry
 from wayang_mq.core.errors import ErrorCode, WireError
 from wayang_mq.core.fields import REPLY_TO_BYTES, TASK_ID_BYTES, printable, valid_id
 from wayang_mq.core.model import ErrorInfo, Result, Task, new_id, now_ms
-from wayang_mq.core.signing import Signer
+from wayang_mq.core.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Signer
 from wayang_mq.core.wire import (
     DEAD_LETTERED_BY_HEADER,
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
+    HEADERS_DROPPED_HEADER,
+    PARTITION_KEY_HEADER,
     signed_message,
     task_message,
 )
@@ -187,12 +190,15 @@ class Decider:
         If the broker does not confirm it, the delivery is rejected instead, so the queue's
         own dead-lettering (reason ``rejected``) keeps it: never lost.
         """
+        kept, dropped = writable_headers(message.headers or {}, _KEPT_ON_COPIES)
         headers = {
-            **(message.headers or {}),
+            **kept,
             ERROR_CODE_HEADER: str(code),
             ERROR_MESSAGE_HEADER: reason[:1000],
             DEAD_LETTERED_BY_HEADER: self._executor_id,
         }
+        if dropped is not None:
+            headers[HEADERS_DROPPED_HEADER] = dropped
         # No expiration on the copy: a dead letter must wait for inspection, not expire.
         copy = aio_pika.Message(
             message.body,
@@ -212,6 +218,11 @@ class Decider:
             if_unconfirmed=Settle.REJECT,
             unconfirmed_event="dead_letter.rejected",
         )
+
+
+#: what a dead-letter copy keeps when the delivery's headers cannot be copied whole: enough to
+#: verify and replay it
+_KEPT_ON_COPIES = (KEY_ID_HEADER, SIGNATURE_HEADER, PARTITION_KEY_HEADER)
 
 
 def _property_id(value: object, max_bytes: int) -> str | None:
