@@ -57,10 +57,21 @@ class Runner:
         self._progress = progress
         self._on_start = on_start
         self._running: dict[str, Running] = {}
+        self._accepting: dict[str, Running] = {}  # long tasks whose PENDING is not settled yet
 
     def get(self, task_id: str) -> Running | None:
         """The run of ``task_id`` in flight here, if any."""
         return self._running.get(task_id)
+
+    def accepting(self, running: Running) -> None:
+        """A long-running task was accepted: its answer waits until :meth:`announced`."""
+        self._accepting[running.task.task_id] = running
+
+    def announced(self, task_id: str | None) -> None:
+        """The delivery of ``task_id`` is settled: an accepted task's answer may follow."""
+        running = self._accepting.pop(task_id or "", None)
+        if running is not None:
+            running.announced.set()
 
     def in_flight(self) -> tuple[str, ...]:
         """The ids of the tasks running here."""

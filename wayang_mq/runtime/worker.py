@@ -123,7 +123,6 @@ class Worker(Daemon):
             self.executor_id, config.signer, config.retry_tiers, lambda: self.publisher
         )
         self._heartbeat_seq = 0
-        self._announcing: dict[str, Running] = {}  # accepted long tasks, until PENDING is settled
         self._control: ControlServer | None = None
         for executor in executors:
             executor.attach(self)
@@ -218,9 +217,7 @@ class Worker(Daemon):
                 try:
                     await self._after(capability, await settle(message, outcome, self.publisher))
                 finally:
-                    following = self._announcing.pop(outcome.task_id or "", None)
-                    if following is not None:
-                        following.announced.set()
+                    self._runner.announced(outcome.task_id)
         except asyncio.CancelledError:
             # Shutdown past the grace period: the broker gets the delivery back, unharmed.
             await settle(message, requeue(message.message_id, "stopped past the grace"))
@@ -278,7 +275,7 @@ class Worker(Daemon):
             return await self._conclude(capability, message, task, answer)
         running = await self._runner.start(task)
         if self._runner.long_running(task):
-            self._announcing[task.task_id] = running
+            self._runner.accepting(running)
             self.spawn(self._follow(capability, message, running))
             return self._accepted(running)
         # Awaited directly: if this handler is cancelled (shutdown), so is the run.
