@@ -11,6 +11,7 @@ import logging
 import subprocess
 import tomllib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aio_pika
 import pytest
@@ -210,6 +211,12 @@ async def test_a_publish_while_the_broker_blocks_is_reported_as_broker_blocked_a
                     ),
                     return_exceptions=True,
                 )
+                # and the dispatcher submits again while the alarm holds: now the connection
+                # is known to be blocked, so the publish waits before it is even sent
+                again = await asyncio.wait_for(
+                    _raised(dispatcher.submit(BLOCKED, {}, queue_timeout_s=QUEUE_TIMEOUT_S)),
+                    HANG_GUARD_S,
+                )
             finally:
                 # Cleared before the dispatcher closes: a blocked connection cannot even close.
                 await _memory_alarm(rabbitmq, previous, raised=False)
@@ -223,6 +230,10 @@ async def test_a_publish_while_the_broker_blocks_is_reported_as_broker_blocked_a
     # Then the dispatcher's caller gets the typed, retryable BrokerBlocked, not a hang
     assert isinstance(submitted, BrokerBlocked), submitted
     assert submitted.retryable and "blocked" in submitted.one_line()
+    # (the first while its confirm was owed, the second before it was sent)
+    assert isinstance(again, BrokerBlocked), again
+    # and a publish the broker holds is not treated as lost: never queued up to be sent again
+    assert "event=publish.resending" not in caplog.text
     # and the block is logged as a structured event an operator can alert on
     assert "event=broker.blocked" in caplog.text
     # and the CLI exits 5 with one line saying the broker blocked publishing
@@ -232,3 +243,12 @@ async def test_a_publish_while_the_broker_blocks_is_reported_as_broker_blocked_a
 
 async def _landed(fabric: Fabric, count: int) -> bool:
     return await depth(fabric, BLOCKED) == count
+
+
+async def _raised(submitting: Any) -> BaseException | None:
+    """What ``submitting`` raised (None if it returned)."""
+    try:
+        await submitting
+    except Exception as exc:  # the test asserts which
+        return exc
+    return None
