@@ -44,6 +44,8 @@ COLLECT_TIMEOUT_S = 90.0
 QUEUE_TIMEOUT_S = 600.0
 # Tasks confirmed after the broker came back, at least, to call publishing recovered.
 RECOVERED = 200
+# Results the other workers hand out while a victim is frozen before its kill.
+HELD_WHILE_FROZEN = 200
 
 
 async def drive(ledger: Ledger, dispatcher: Dispatcher, count: int) -> None:
@@ -145,6 +147,11 @@ async def test_10000_tasks_with_5_worker_kills_each_get_exactly_one_result(
         for n in range(5):
             await until_delivered(ledger, (n + 1) * TASKS // 7)
             victim = pool.pop(0)
+            # (frozen first, until the others have taken 200 more results: the broker has
+            # pushed the frozen one its full prefetch by then, so the kill always finds
+            # deliveries in its hands; an instant echo worker otherwise often holds none)
+            victim.signal(signal.SIGSTOP)
+            await until_delivered(ledger, ledger.delivered_count + HELD_WHILE_FROZEN)
             victim.signal(signal.SIGKILL)
             assert await asyncio.to_thread(victim.wait) == -signal.SIGKILL
             victims.append(victim.executor_id)
