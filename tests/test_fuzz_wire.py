@@ -69,6 +69,7 @@ from wayang_workers.demo import Echo
 from wayang_mq import ErrorCode, Status
 from wayang_mq.amqp import frames
 from wayang_mq.client.replies import ResultSeen, Verdict
+from wayang_mq.core.envelope import open_task
 from wayang_mq.core.errors import WireError
 from wayang_mq.core.model import Result, now_ms
 from wayang_mq.core.names import (
@@ -86,7 +87,6 @@ from wayang_mq.core.wire import (
     ERROR_MESSAGE_HEADER,
     UNDECODABLE_HEADER,
     decode,
-    open_task,
 )
 from wayang_mq.testing.harness import Fabric, eventually
 

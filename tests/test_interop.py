@@ -23,8 +23,9 @@ from wayang_workers.demo import Echo
 
 from wayang_mq import Status, Task
 from wayang_mq.amqp.publisher import to_amqp
+from wayang_mq.core.envelope import open_task
 from wayang_mq.core.signing import KeyRing
-from wayang_mq.core.wire import open_task, task_message
+from wayang_mq.core.wire import task_message
 from wayang_mq.testing.harness import Fabric, eventually
 
 
@@ -129,7 +130,7 @@ async def test_a_pika_task_is_read_back_and_decoded_by_wayang_mq(fabric: Fabric)
         properties, body = await foreign.receive(queue)
     finally:
         await asyncio.to_thread(foreign.connection.close)
-    task = open_task(body, properties.headers, KeyRing.of([foreign.key.public_key()]))
+    task = open_task(body, properties.headers, KeyRing.of([foreign.key.public_key()])).task
     assert (task.task_id, task.capability, task.input) == (task_id, "interop.read", {"n": 7})
 
 

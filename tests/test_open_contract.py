@@ -27,14 +27,14 @@ from wayang_workers.demo import Echo
 from wayang_mq import ErrorCode, Status, Task
 from wayang_mq.amqp.connect import management_client
 from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
+from wayang_mq.core.envelope import TaskChecks, compensation_of, open_task
 from wayang_mq.core.errors import InvalidMessage, SignatureError
 from wayang_mq.core.fields import derived_id
 from wayang_mq.core.model import Compensation, Result, new_id, now_ms
 from wayang_mq.core.names import RESULTS_EXCHANGE, TASKS_EXCHANGE, dead_queue
 from wayang_mq.core.signing import KeyRing, Signer, write_keypair
-from wayang_mq.core.wire import decode, encode, open_task, signed_message, task_message
+from wayang_mq.core.wire import decode, encode, signed_message, task_message
 from wayang_mq.ops.deadletters import list_dead_letters
-from wayang_mq.runtime.compensation import compensation_for
 from wayang_mq.testing.harness import Fabric, eventually
 
 REPLY = "reply.open-contract"
@@ -110,14 +110,16 @@ def test_clocks_out_of_bounds_are_refused_with_the_task_so_its_token_can_be_answ
     )
     body = encode(future)
     with pytest.raises(InvalidMessage, match="in the future") as raised:
-        open_task(body, signer.headers(body), ring, max_clock_skew_ms=300_000)
+        open_task(body, signer.headers(body), ring, TaskChecks(max_clock_skew_ms=300_000))
     assert raised.value.task == future
     far = Task.create("demo.echo", {}, queue_timeout_ms=40 * 24 * 3_600_000)
     body = encode(far)
     with pytest.raises(InvalidMessage, match="deadline"):
-        open_task(body, signer.headers(body), ring, max_queue_window_ms=7 * 24 * 3_600_000)
+        open_task(
+            body, signer.headers(body), ring, TaskChecks(max_queue_window_ms=7 * 24 * 3_600_000)
+        )
     # within the bounds, both open
-    open_task(body, signer.headers(body), ring, max_queue_window_ms=41 * 24 * 3_600_000)
+    open_task(body, signer.headers(body), ring, TaskChecks(max_queue_window_ms=41 * 24 * 3_600_000))
 
 
 def test_a_compensation_id_that_would_overflow_its_bound_is_derived_from_a_hash() -> None:
@@ -126,7 +128,7 @@ def test_a_compensation_id_that_would_overflow_its_bound_is_derived_from_a_hash(
         "demo.echo", {}, task_id=long_id, compensation=Compensation(capability="demo.echo")
     )
     failed = Result.failure(task, "w", error=_error())
-    compensation = compensation_for(task, failed)
+    compensation = compensation_of(task, failed.error)
     assert compensation is not None
     assert compensation.task_id == derived_id(long_id, ".compensation", 128)
     assert len(compensation.task_id.encode()) <= 128

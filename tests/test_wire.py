@@ -7,6 +7,7 @@ import base64
 import msgpack
 import pytest
 
+from wayang_mq.core.envelope import TaskChecks, open_task
 from wayang_mq.core.errors import (
     ErrorCode,
     InvalidMessage,
@@ -16,7 +17,7 @@ from wayang_mq.core.errors import (
 )
 from wayang_mq.core.model import ErrorInfo, Heartbeat, Progress, Registration, Result, Status, Task
 from wayang_mq.core.signing import KEY_ID_HEADER, SIGNATURE_HEADER, KeyRing, Signer, write_keypair
-from wayang_mq.core.wire import decode, encode, open_task, task_message
+from wayang_mq.core.wire import decode, encode, task_message
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,15 @@ def test_every_message_type_round_trips_through_msgpack() -> None:
 def test_fields_at_their_default_are_left_out_of_the_body() -> None:
     task = Task.create("demo.echo")
     keys = set(msgpack.unpackb(encode(task)))
-    assert keys == {"task_id", "token", "node_id", "capability", "issued_at_ms", "deadline_ms"}
+    assert keys == {
+        "task_id",
+        "token",
+        "node_id",
+        "capability",
+        "issued_at_ms",
+        "deadline_ms",
+        "audience",
+    }
 
 
 def test_timestamps_are_written_even_in_the_millisecond_they_were_taken() -> None:
@@ -123,7 +132,7 @@ def test_signed_task_opens_with_the_publishers_key(signer: Signer, ring: KeyRing
     assert message.reply_to == "reply.d1"
     assert message.type == "wayang.task.v1"
     assert 0 < (message.expiration_ms or 0) <= 60_000
-    assert open_task(message.body, message.headers, ring) == task
+    assert open_task(message.body, message.headers, ring).task == task
 
 
 def test_one_flipped_body_byte_fails_verification(signer: Signer, ring: KeyRing) -> None:
@@ -159,7 +168,7 @@ def test_unsigned_message_is_refused_before_it_is_parsed(ring: KeyRing) -> None:
 
 def test_oversized_body_is_refused_before_the_signature_is_checked(ring: KeyRing) -> None:
     with pytest.raises(OversizedMessage, match="limit is 10") as caught:
-        open_task(b"x" * 11, {}, ring, max_body_bytes=10)
+        open_task(b"x" * 11, {}, ring, TaskChecks(max_body_bytes=10))
     assert caught.value.code is ErrorCode.OVERSIZED
 
 

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jsonschema import Draft202012Validator
 from wayang_workers.demo import Echo, Fail, LongSleep, Sleep
 
+from wayang_mq.core.envelope import open_task
 from wayang_mq.core.model import WIRE_TYPES, RetryHints, Task
 from wayang_mq.core.names import (
     CONTROL_EXCHANGE,
@@ -28,7 +29,7 @@ from wayang_mq.core.names import (
 )
 from wayang_mq.core.schema import all_schemas
 from wayang_mq.core.signing import KeyRing, Signer
-from wayang_mq.core.wire import PARTITION_KEY_HEADER, encode, open_task
+from wayang_mq.core.wire import PARTITION_KEY_HEADER, encode
 from wayang_mq.testing.harness import Fabric, eventually
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "wire-format.md"
@@ -87,7 +88,9 @@ def test_vector_signature_and_key_id_match_the_signer() -> None:
     signer = Signer.from_seed(bytes.fromhex(seed))
     body = bytes.fromhex("".join(_block("text test-vector-body").split()))
     assert _doc_headers() == signer.headers(body)
-    task = open_task(body, _doc_headers(), KeyRing.of([signer.public_key]), at_ms=1767225600000)
+    task = open_task(
+        body, _doc_headers(), KeyRing.of([signer.public_key]), at_ms=1767225600000
+    ).task
     assert task.capability == "demo.echo"
 
 

@@ -15,7 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from wayang_mq.amqp.endpoint import BrokerEndpoint
 from wayang_mq.core.errors import BrokerUnreachable, ConfigError
+from wayang_mq.core.model import DEFAULT_AUDIENCE
 from wayang_mq.core.private_files import private_dir, write_private
+from wayang_mq.core.scopes import KeyScope, read_scope, scope_path
 from wayang_mq.core.signing import KeyRing, Signer
 from wayang_mq.topology.spec import DEFAULT_TOPOLOGY_PATH
 
@@ -35,6 +37,7 @@ class Settings(BaseSettings):
     key_dir: Path | None = None  # trusted public keys; default <state_dir>/keys
     signing_key: Path | None = None  # private key; default the first *.key in key_dir
     rabbitmq_server: Path | None = None  # default Debian's /usr/lib/rabbitmq/bin/rabbitmq-server
+    audience: str = DEFAULT_AUDIENCE  # the deployment: tasks name it, receivers require it
 
     @property
     def keys_path(self) -> Path:
@@ -78,14 +81,26 @@ def keyring(settings: Settings) -> KeyRing:
     return ring
 
 
-def signer(settings: Settings) -> Signer:
-    """The private key this process signs with: WAYANG_SIGNING_KEY, else the key dir's first."""
+def signing_key_path(settings: Settings) -> Path:
+    """WAYANG_SIGNING_KEY, else the key dir's first ``*.key``."""
     if settings.signing_key is not None:
-        return Signer.from_file(settings.signing_key)
+        return settings.signing_key
     found = sorted(settings.keys_path.glob("*.key")) if settings.keys_path.is_dir() else []
     if not found:
         raise ConfigError(
             f"no signing key (*.key) in {settings.keys_path}",
             hint="create one with `wayang-mq keys new --dir DIR`, or set WAYANG_SIGNING_KEY",
         )
-    return Signer.from_file(found[0])
+    return found[0]
+
+
+def signer(settings: Settings) -> Signer:
+    """The private key this process signs with (see :func:`signing_key_path`)."""
+    return Signer.from_file(signing_key_path(settings))
+
+
+def signer_scope(settings: Settings) -> KeyScope | None:
+    """The scope written beside the signing key (``<stem>.toml``), if there is one: a
+    dispatcher issues its tasks under the id it names."""
+    path = scope_path(signing_key_path(settings))
+    return read_scope(path) if path.exists() else None

@@ -19,8 +19,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from wayang_mq.amqp.publisher import ConfirmedPublisher, Unroutable, to_amqp
 from wayang_mq.core import logs, names
+from wayang_mq.core.authority import check_cancel, check_executor_event, check_status_request
 from wayang_mq.core.bounded import LastSeen
-from wayang_mq.core.errors import ErrorCode, WayangError
+from wayang_mq.core.errors import ErrorCode, SignatureError, WayangError
 from wayang_mq.core.model import (
     CancelRequest,
     ErrorInfo,
@@ -36,11 +37,11 @@ from wayang_mq.core.model import (
     new_id,
     now_ms,
 )
-from wayang_mq.core.signing import KeyRing, Signer
+from wayang_mq.core.scopes import Role
+from wayang_mq.core.signing import KeyRing, Signer, Verified
 from wayang_mq.core.wire import (
     check_properties,
-    open_unverified,
-    open_verified,
+    open_signed,
     signed_message,
 )
 
@@ -56,6 +57,8 @@ class ControlTarget(Protocol):
     def status(self, task_id: str) -> TaskStatus: ...
 
     def cancel(self, task_id: str, reason: str = "") -> bool: ...
+
+    def running_task(self, task_id: str) -> Task | None: ...
 
 
 def _message(model: WireModel, signer: Signer, message_id: str) -> aio_pika.Message:
@@ -79,7 +82,8 @@ class ControlServer:
         self._keyring = keyring
         self._signer = signer
         self._publisher = publisher
-        self._cancelled: LastSeen[tuple[str, int]] = LastSeen(remember)  # id → reason, until
+        # task id → reason, until when, and who may have sent it (issuer; None: an admin)
+        self._cancelled: LastSeen[tuple[str, int, str | None]] = LastSeen(remember)
 
     async def start(self, channel: AbstractChannel) -> None:
         """Declare this worker's control queue, bind it to every request, consume it."""
@@ -90,16 +94,28 @@ class ControlServer:
         await queue.bind(names.CONTROL_EXCHANGE, "status.#")
         await queue.consume(self._on_message, no_ack=True)
 
-    def cancelled(self, task_id: str) -> str | None:
-        """The reason, when a cancel for this task arrived before the task itself."""
-        entry = self._cancelled.get(task_id)
+    def cancelled(self, task: Task) -> str | None:
+        """The reason, when a cancel for this task arrived before the task itself, from the
+        task's own issuer (or an admin)."""
+        entry = self._cancelled.get(task.task_id)
         if entry is None or entry[1] < now_ms():
             return None
-        return entry[0]
+        reason, _, requester = entry
+        if requester is not None and requester != task.issuer:
+            logs.event(
+                log,
+                "security.refused",
+                logging.WARNING,
+                task_id=task.task_id,
+                code=ErrorCode.KEY_NOT_ALLOWED,
+                why=f"a cancel by {requester!r}, but the task was issued by {task.issuer!r}",
+            )
+            return None
+        return reason
 
     def answer_if_cancelled(self, task: Task, executor_id: str) -> Result | None:
         """A task whose cancel arrived before it did is answered FAILED ``cancelled``, not run."""
-        reason = self.cancelled(task.task_id)
+        reason = self.cancelled(task)
         if reason is None:
             return None
         logs.event(log, "task.discarded", task_id=task.task_id, reason=reason)
@@ -111,20 +127,26 @@ class ControlServer:
             # first: an undecodable ``type`` reads as None, which would be ignored unlogged
             check_properties(message.headers or {}, message.body)
             if message.type == CancelRequest.wire_type:
-                self._on_cancel(self._open(message, CancelRequest))
+                self._on_cancel(*self._open(message, CancelRequest))
             elif message.type == StatusRequest.wire_type:
-                await self._on_status(self._open(message, StatusRequest))
+                request, signer = self._open(message, StatusRequest)
+                check_status_request(signer)
+                await self._on_status(request)
         except WayangError as exc:
-            logs.event(log, "control.refused", logging.WARNING, type=message.type, error=exc)
+            event = "security.refused" if isinstance(exc, SignatureError) else "control.refused"
+            logs.event(log, event, logging.WARNING, type=message.type, code=exc.code, error=exc)
 
-    def _open(self, message: AbstractIncomingMessage, model: type[M]) -> M:
-        return open_verified(message.body, message.headers or {}, self._keyring, model)
+    def _open(self, message: AbstractIncomingMessage, model: type[M]) -> tuple[M, Verified]:
+        return open_signed(message.body, message.headers or {}, self._keyring, model)
 
-    def _on_cancel(self, request: CancelRequest) -> None:
+    def _on_cancel(self, request: CancelRequest, signer: Verified) -> None:
+        check_cancel(signer, request, self._target.running_task(request.task_id))
         reason = request.reason or f"cancelled by {request.requester or 'a caller'}"
         running = self._target.cancel(request.task_id, reason)
         if not running:
-            self._cancelled.put(request.task_id, (reason, now_ms() + request.forget_after_ms))
+            requester = None if signer.scope.role is Role.ADMIN else signer.scope.identity
+            until = now_ms() + request.forget_after_ms
+            self._cancelled.put(request.task_id, (reason, until, requester))
         logs.event(
             log, "task.cancel_requested", task_id=request.task_id, running=running, reason=reason
         )
@@ -201,10 +223,19 @@ def summarize(task_id: str, reports: list[StatusReport], outcome: Status | None)
 class ControlClient:
     """The caller side: broadcast cancels, ask status and gather the answers."""
 
-    def __init__(self, publisher: ConfirmedPublisher, signer: Signer, requester_id: str) -> None:
+    def __init__(
+        self,
+        publisher: ConfirmedPublisher,
+        signer: Signer,
+        requester_id: str,
+        keyring: KeyRing,
+        issuer: str | None = None,
+    ) -> None:
         self._publisher = publisher
         self._signer = signer
-        self._requester_id = requester_id
+        self._requester_id = requester_id  # names its status-reply queue
+        self._issuer = issuer or requester_id  # who its cancels say they come from
+        self._keyring = keyring  # status reports are verified: an executor speaks for itself
         self._waiting: dict[str, list[StatusReport]] = {}
 
     async def start(self, channel: AbstractChannel) -> None:
@@ -217,7 +248,7 @@ class ControlClient:
 
     async def cancel(self, task_id: str, reason: str = "") -> bool:
         """Broadcast a cancel; False when no executor is listening at all."""
-        request = CancelRequest(task_id=task_id, reason=reason, requester=self._requester_id)
+        request = CancelRequest(task_id=task_id, reason=reason, requester=self._issuer)
         try:
             await self._publisher.publish(
                 names.CONTROL_EXCHANGE,
@@ -254,9 +285,13 @@ class ControlClient:
 
     async def _on_report(self, message: AbstractIncomingMessage) -> None:
         try:
-            report = open_unverified(message.body, message.headers or {}, StatusReport)
+            report, signer = open_signed(
+                message.body, message.headers or {}, self._keyring, StatusReport
+            )
+            check_executor_event(signer, report.executor_id, ())
         except WayangError as exc:
-            logs.event(log, "control.refused", logging.WARNING, type=message.type, error=exc)
+            event = "security.refused" if isinstance(exc, SignatureError) else "control.refused"
+            logs.event(log, event, logging.WARNING, type=message.type, code=exc.code, error=exc)
             return
         answers = self._waiting.get(report.request_id)
         if answers is not None:

@@ -31,9 +31,17 @@ async def run_until_signal(
 def dispatcher_config(settings: Settings) -> DispatcherConfig:
     """A dispatcher on the configured broker, signing with the configured key."""
     from wayang_mq.client.dispatcher import DispatcherConfig
-    from wayang_mq.config import broker_endpoint, signer
+    from wayang_mq.config import broker_endpoint, keyring, signer, signer_scope
 
-    return DispatcherConfig(amqp_url=broker_endpoint(settings).amqp_url, signer=signer(settings))
+    key = signer(settings)
+    scope = signer_scope(settings)
+    return DispatcherConfig(
+        amqp_url=broker_endpoint(settings).amqp_url,
+        signer=key,
+        results_keyring=keyring(settings),
+        issuer=scope.identity if scope is not None else None,
+        audience=settings.audience,
+    )
 
 
 def capability_arg(capability: str) -> str:

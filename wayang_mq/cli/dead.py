@@ -53,12 +53,15 @@ def _cmd_reaper(args: argparse.Namespace, settings: Settings) -> int:
     from wayang_mq.topology.spec import load_topology
 
     extra = {"reaper_id": args.reaper_id} if args.reaper_id else {}
+    topology = load_topology(settings.topology)
     config = ReaperConfig(
         amqp_url=broker_endpoint(settings).amqp_url,
         keyring=keyring(settings),
         signer=signer(settings),
         prefetch=args.prefetch,
-        max_body_bytes=load_topology(settings.topology).defaults.max_body_bytes,
+        max_body_bytes=topology.defaults.max_body_bytes,
+        audience=settings.audience,
+        retry_tiers=topology.retry_tiers,
         health_port=args.health_port,
         **extra,
     )

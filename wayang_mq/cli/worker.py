@@ -74,6 +74,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         max_body_bytes=topology.defaults.max_body_bytes,
         max_clock_skew_ms=int(args.max_clock_skew * 1000),
         max_queue_window_ms=int(args.max_queue_window * 1000),
+        audience=settings.audience,
         middleware=middleware,
         health_port=args.health_port,
         **extra,

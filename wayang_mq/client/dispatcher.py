@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Final, Self, TypedDict, Unpack
+from typing import Self, TypedDict, Unpack
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
@@ -31,9 +31,12 @@ from wayang_mq.client.replies import (
 )
 from wayang_mq.client.supervisor import SupervisionConfig, Supervisor
 from wayang_mq.core import logs, names
+from wayang_mq.core.authority import DECIDED_BY_DISPATCHER
 from wayang_mq.core.durations import Seconds, to_ms, to_ms_or_none
+from wayang_mq.core.envelope import compensation_of
 from wayang_mq.core.errors import ErrorCode, WayangError
 from wayang_mq.core.model import (
+    DEFAULT_AUDIENCE,
     Compensation,
     ErrorInfo,
     JsonLike,
@@ -46,11 +49,11 @@ from wayang_mq.core.model import (
 )
 from wayang_mq.core.signing import KeyRing, Signer
 from wayang_mq.core.wire import signed_message, task_message
-from wayang_mq.runtime.compensation import compensation_for
 
 log = logging.getLogger("wayang_mq.client.dispatcher")
 
 __all__ = [
+    "DECIDED_BY_DISPATCHER",
     "Dispatcher",
     "DispatcherConfig",
     "ResultListener",
@@ -62,8 +65,6 @@ __all__ = [
 
 #: an idle reply queue (its dispatcher gone) is deleted by the broker after this long
 REPLY_QUEUE_EXPIRES_MS = 24 * 3600 * 1000
-#: how a result the dispatcher decided itself (not an executor's answer) names its executor
-DECIDED_BY_DISPATCHER: Final = "dispatcher:"
 
 
 #: how long a task may wait in its queue when the caller does not say
@@ -89,6 +90,7 @@ class TaskOptions(TypedDict, total=False):
     token: str | None  # the execution token (default: a fresh one)
     partition_key: str | None  # order per key on a sharded capability
     idempotency_key: str | None  # side effects once per key
+    not_before_ms: int | None  # no executor may start it before this instant
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,10 @@ class DispatcherConfig:
 
     amqp_url: str = field(repr=False)
     signer: Signer
+    results_keyring: KeyRing  # executors' (and the reaper's) keys: every result is verified
     dispatcher_id: str = field(default_factory=lambda: f"d-{new_id()[:8]}")
-    results_keyring: KeyRing | None = None  # verify executors' result signatures when given
+    issuer: str | None = None  # the id its key's scope names (default: dispatcher_id)
+    audience: str = DEFAULT_AUDIENCE  # the deployment its tasks are for
     backpressure_wait_s: float = 10.0  # how long a full queue is retried before Backpressure
     prefetch: int = 512
     seen_results: int = 10_000  # terminal results kept: duplicates dropped, resubmits answered
@@ -114,6 +118,8 @@ class Dispatcher:
         self.config = config
         self.dispatcher_id = config.dispatcher_id
         self.reply_to = names.reply_routing_key(config.dispatcher_id)
+        #: who its tasks say issued them: its key's scope must name the same id
+        self.issuer = config.issuer or config.dispatcher_id
         self._replies = Replies(config.results_keyring, config.seen_results, self._unwatch)
         self._control: ControlClient | None = None
         self._supervisor: Supervisor | None = None
@@ -154,10 +160,18 @@ class Dispatcher:
         )
         await queue.bind(names.RESULTS_EXCHANGE, self.reply_to)
         await queue.consume(self._replies.on_message)
-        self._control = ControlClient(self._publisher, self.config.signer, self.dispatcher_id)
+        self._control = ControlClient(
+            self._publisher,
+            self.config.signer,
+            self.dispatcher_id,
+            self.config.results_keyring,
+            self.issuer,
+        )
         await self._control.start(replies)
         if self.config.supervision is not None:
-            self._supervisor = Supervisor(self, self.config.supervision)
+            self._supervisor = Supervisor(
+                self, self.config.supervision, self.config.results_keyring
+            )
             await self._supervisor.start(replies)
 
     async def close(self) -> None:
@@ -193,7 +207,9 @@ class Dispatcher:
             partition_key=options.get("partition_key"),
             idempotency_key=options.get("idempotency_key"),
             reply_to=self.reply_to,
-            issuer=self.dispatcher_id,
+            issuer=self.issuer,
+            audience=self.config.audience,
+            not_before_ms=options.get("not_before_ms"),
         )
 
     async def submit(
@@ -263,6 +279,10 @@ class Dispatcher:
         """True while the task waits for its terminal result here."""
         return self._replies.is_waiting(task_id)
 
+    def pending_task(self, task_id: str) -> Task | None:
+        """The current attempt of a task waiting here, if it is one."""
+        return self._replies.current(task_id)
+
     def is_accepted(self, task_id: str) -> bool:
         """True once a PENDING result said the task was accepted (it is answered later)."""
         return self._replies.is_accepted(task_id)
@@ -274,15 +294,19 @@ class Dispatcher:
         )
         result = Result.failure(
             task,
-            f"{DECIDED_BY_DISPATCHER}{self.dispatcher_id}",
+            f"{DECIDED_BY_DISPATCHER}{self.issuer}",
             ErrorInfo(
                 code=ErrorCode.TIMEOUT,
                 message="no executor started the task before "
                 "its deadline (it may wait behind others in its queue)",
             ),
         )
-        compensation = compensation_for(task, result)
+        compensation = compensation_of(task, result.error) if result.error else None
         if compensation is not None:
+            # derived from the task (same id and token wherever it is derived), given a fresh
+            # window: the task's own deadline has just passed
+            fresh = {"deadline_ms": now_ms() + task.queue_window_ms}
+            compensation = compensation.model_copy(update=fresh)
             await self.submit_task(compensation)
             result = result.model_copy(update={"compensation_task_id": compensation.task_id})
         self._replies.deliver(result)

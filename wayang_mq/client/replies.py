@@ -1,10 +1,14 @@
 """The dispatcher's book of replies: which tasks wait for an answer, and what became of every
 result that came back on the reply queue.
 
-The first terminal result per task id wins and is handed to the caller waiting; later ones
-are duplicates; a result for an attempt a newer one replaced (another token) is fenced. A
-PENDING result is not an answer: it marks the task accepted (someone will answer it later),
-which stops the dispatcher from expiring it at its queue deadline.
+Every result is verified first: its signature, and that the signing key may say it (an
+executor answers as itself for its capabilities, see :mod:`wayang_mq.core.authority`); an
+unsigned or forged one is rejected, never handed out. The first terminal result per task id
+wins and is handed to the caller waiting; later ones are duplicates; a result whose token,
+capability or node is not the current attempt's is fenced (an empty token included), and so
+is a ``token_expired`` for a task known to have started (a replayed copy cannot end a task
+that is running). A PENDING result is not an answer: it marks the task accepted (someone will
+answer it later), which stops the dispatcher from expiring it at its queue deadline.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from wayang_mq.amqp.outcome import discard, reject, settle
 from wayang_mq.core import logs
+from wayang_mq.core.authority import check_result
 from wayang_mq.core.bounded import LastSeen
-from wayang_mq.core.errors import ResultTimeout, WayangError
+from wayang_mq.core.errors import ErrorCode, ResultTimeout, SignatureError, WayangError
 from wayang_mq.core.model import Result, Task
-from wayang_mq.core.signing import KeyRing
-from wayang_mq.core.wire import open_unverified, open_verified
+from wayang_mq.core.signing import KEY_ID_HEADER, KeyRing
+from wayang_mq.core.wire import open_signed
 
 log = logging.getLogger("wayang_mq.client.dispatcher")
 
@@ -35,9 +40,9 @@ class Verdict(StrEnum):
     HANDED_OUT = "handed_out"  # the task's first terminal result: given to the caller waiting
     UNCLAIMED = "unclaimed"  # the first terminal result, but no caller waits here: kept
     DUPLICATE = "duplicate"  # the task already has its terminal result: dropped
-    FENCED = "fenced"  # answers an attempt a newer one (new token) replaced: dropped
+    FENCED = "fenced"  # not the current attempt (token, capability, node), or a false expiry
     NOT_TERMINAL = "not_terminal"  # PENDING: the task is accepted; its answer comes later
-    INVALID = "invalid"  # not a result, or its signature does not verify: rejected
+    INVALID = "invalid"  # not a result, unsigned, forged, or signed by a key not allowed
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +110,11 @@ class Replies:
 
     def __init__(
         self,
-        keyring: KeyRing | None,
+        keyring: KeyRing,
         seen_limit: int,
         on_forget: Callable[[str], None] = lambda task_id: None,
     ) -> None:
-        self._keyring = keyring  # verify results' signatures when given
+        self._keyring = keyring  # every result's signature, and its key's scope
         self._waiting: dict[str, _Waiting] = {}
         self._seen: LastSeen[Result] = LastSeen(seen_limit)  # terminal results handed out
         self._listeners: list[ResultListener] = []
@@ -157,6 +162,11 @@ class Replies:
         waiting = self._waiting.get(task_id)
         return waiting is not None and waiting.task is not None
 
+    def current(self, task_id: str) -> Task | None:
+        """The current attempt of a task waiting here, if it is one."""
+        waiting = self._waiting.get(task_id)
+        return waiting.task if waiting is not None else None
+
     def is_accepted(self, task_id: str) -> bool:
         """True once a PENDING result accepted the task's current attempt (a re-dispatched
         attempt must be accepted again)."""
@@ -201,12 +211,21 @@ class Replies:
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         """The reply queue's consumer: read, decide, then settle (the bad ones rejected)."""
         try:
-            if self._keyring is not None:
-                result = open_verified(message.body, message.headers or {}, self._keyring, Result)
-            else:
-                result = open_unverified(message.body, message.headers or {}, Result)
+            result, signer = open_signed(message.body, message.headers or {}, self._keyring, Result)
+            check_result(signer, result)
         except WayangError as exc:
-            logs.event(log, "result.invalid", logging.WARNING, id=message.message_id, error=exc)
+            event = "security.refused" if isinstance(exc, SignatureError) else "result.invalid"
+            key_id = (message.headers or {}).get(KEY_ID_HEADER)
+            logs.event(
+                log,
+                event,
+                logging.WARNING,
+                id=message.message_id,
+                code=exc.code,
+                key_id=str(key_id)[:64] if key_id is not None else None,
+                user_id=message.user_id,
+                error=exc,
+            )
             self._notify(Verdict.INVALID, None)
             await settle(message, reject(message.message_id, "not a result we can trust"))
             return
@@ -240,18 +259,19 @@ class Replies:
             logs.event(log, "result.duplicate", logging.DEBUG, task_id=result.task_id)
             return Verdict.DUPLICATE
         current = waiting.task if waiting is not None else None
-        # An empty token marks a result for a body nobody could trust (bad input): terminal.
-        if current is not None and result.token and result.token != current.token:
-            logs.event(
-                log,
-                "result.fenced",
-                logging.WARNING,
-                task_id=result.task_id,
-                executor=result.executor_id,
-                attempt=result.attempt,
-                reason="a newer attempt replaced the one this result answers",
-            )
-            return Verdict.FENCED
+        if current is not None:
+            why = _not_current(result, current, waiting.accepted_token if waiting else None)
+            if why is not None:
+                logs.event(
+                    log,
+                    "result.fenced",
+                    logging.WARNING,
+                    task_id=result.task_id,
+                    executor=result.executor_id,
+                    attempt=result.attempt,
+                    reason=why,
+                )
+                return Verdict.FENCED
         self._seen.put(result.task_id, result)
         self.forget(result.task_id)
         if waiting is None:
@@ -262,3 +282,17 @@ class Replies:
             if not future.done():
                 future.set_result(result)
         return Verdict.HANDED_OUT
+
+
+def _not_current(result: Result, current: Task, accepted_token: str | None) -> str | None:
+    """Why ``result`` does not answer the task's current attempt, or None when it does."""
+    if result.token != current.token:
+        return "its token is not the current attempt's (a newer attempt replaced it)"
+    if result.capability != current.capability or result.node_id != current.node_id:
+        return "its capability or node is not the task's"
+    if result.attempt > current.retry.max_attempts and result.attempt > current.attempt:
+        return "its attempt is beyond the task's retry limit"
+    expired = result.error is not None and result.error.code is ErrorCode.TOKEN_EXPIRED
+    if expired and accepted_token == current.token:
+        return "the task started (it was accepted) before its deadline: an expired copy of it"
+    return None

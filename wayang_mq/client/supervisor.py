@@ -28,9 +28,11 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from wayang_mq.amqp.control import StatusSummary
 from wayang_mq.core import logs, names
+from wayang_mq.core.authority import check_executor_event, check_task_claim
 from wayang_mq.core.errors import WayangError
 from wayang_mq.core.model import Heartbeat, Task, now_ms
-from wayang_mq.core.wire import open_unverified
+from wayang_mq.core.signing import KeyRing
+from wayang_mq.core.wire import open_signed
 
 log = logging.getLogger("wayang_mq.client.supervisor")
 
@@ -43,6 +45,8 @@ class Supervised(Protocol):
     def pending_tasks(self) -> list[Task]: ...
 
     def is_pending(self, task_id: str) -> bool: ...
+
+    def pending_task(self, task_id: str) -> Task | None: ...
 
     def is_accepted(self, task_id: str) -> bool: ...
 
@@ -65,9 +69,10 @@ class SupervisionConfig:
 class Supervisor:
     """Watches the pending tasks of one dispatcher."""
 
-    def __init__(self, dispatcher: Supervised, config: SupervisionConfig) -> None:
+    def __init__(self, dispatcher: Supervised, config: SupervisionConfig, keyring: KeyRing) -> None:
         self._dispatcher = dispatcher
         self._config = config
+        self._keyring = keyring  # a heartbeat that does not verify, or lies, is ignored
         self._last_beat: dict[str, int] = {}  # executor id → when its last heartbeat came
         self._running_on: dict[str, str] = {}  # task id → executor that listed it in flight
         self._loop: asyncio.Task[None] | None = None
@@ -94,13 +99,24 @@ class Supervisor:
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
         try:
-            beat = open_unverified(message.body, message.headers or {}, Heartbeat)
-        except WayangError:
+            beat, signer = open_signed(
+                message.body, message.headers or {}, self._keyring, Heartbeat
+            )
+            check_executor_event(signer, beat.executor_id, beat.capabilities)
+        except WayangError as exc:
+            logs.event(log, "heartbeat.refused", logging.WARNING, id=message.message_id, error=exc)
             return
         self._last_beat[beat.executor_id] = now_ms()
         for task_id in beat.in_flight:
-            if self._dispatcher.is_pending(task_id):  # other dispatchers' tasks are theirs
-                self._running_on[task_id] = beat.executor_id
+            task = self._dispatcher.pending_task(task_id)  # other dispatchers' are theirs
+            if task is None:
+                continue
+            try:
+                check_task_claim(signer, task)
+            except WayangError as exc:
+                logs.event(log, "heartbeat.refused", logging.WARNING, task_id=task_id, error=exc)
+                continue
+            self._running_on[task_id] = beat.executor_id
 
     async def _run(self) -> None:
         while True:

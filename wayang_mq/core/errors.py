@@ -24,6 +24,15 @@ class ErrorCode(StrEnum):
     OVERSIZED = "oversized"  # body larger than the worker accepts
     RETRIES_EXHAUSTED = "retries_exhausted"  # every attempt the retry policy allowed failed
     BACKPRESSURE = "backpressure"  # the capability's queue is full
+    # Security refusals (docs/security.md §6). A task refused with one of these is never
+    # answered to its reply address: it goes to the dead queue and the security log.
+    UNKNOWN_KEY = "unknown_key"  # signed by a key the receiver does not hold
+    KEY_NOT_ALLOWED = "key_not_allowed"  # the key's role may not sign this (executor key, task)
+    CAPABILITY_NOT_ALLOWED = "capability_not_allowed"  # the key's scope lacks the capability
+    WRONG_AUDIENCE = "wrong_audience"  # meant for another deployment
+    NOT_YET_VALID = "not_yet_valid"  # its not-before (or issue time) is still ahead
+    REPLAYED = "replayed"  # this task attempt was already received within its validity
+    BAD_ATTEMPT = "bad_attempt"  # a retry or compensation record that does not hold
 
 
 class WayangError(Exception):
@@ -92,6 +101,48 @@ class SignatureError(WireError):
     """The signature is missing, names an unknown key, or does not match the body."""
 
     code = ErrorCode.BAD_SIGNATURE
+
+
+class UnknownKey(SignatureError):
+    """Signed by a key id the receiver does not hold."""
+
+    code = ErrorCode.UNKNOWN_KEY
+
+
+class KeyNotAllowed(SignatureError):
+    """The signature holds, but the key's role or identity may not sign this message."""
+
+    code = ErrorCode.KEY_NOT_ALLOWED
+
+
+class CapabilityNotAllowed(SignatureError):
+    """The signature holds, but the key's scope does not cover the message's capability."""
+
+    code = ErrorCode.CAPABILITY_NOT_ALLOWED
+
+
+class WrongAudience(SignatureError):
+    """A verified task meant for another deployment."""
+
+    code = ErrorCode.WRONG_AUDIENCE
+
+
+class NotYetValid(SignatureError):
+    """A verified task whose not-before (or issue time) is further ahead than the skew allows."""
+
+    code = ErrorCode.NOT_YET_VALID
+
+
+class Replayed(SignatureError):
+    """A verified task attempt this receiver has already taken within its validity."""
+
+    code = ErrorCode.REPLAYED
+
+
+class BadAttempt(SignatureError):
+    """A retry or compensation whose attempt record is missing a piece or does not hold."""
+
+    code = ErrorCode.BAD_ATTEMPT
 
 
 class TokenExpired(WireError):

@@ -108,11 +108,6 @@ Token = Annotated[str, _id(TOKEN_BYTES), _described(TOKEN_BYTES)]
 ReplyTo = Annotated[str, _id(REPLY_TO_BYTES, min_bytes=0), _described(REPLY_TO_BYTES, min_bytes=0)]
 Key = Annotated[str, _id(KEY_BYTES), _described(KEY_BYTES)]
 OptionalKey = Annotated[str, _id(KEY_BYTES, min_bytes=0), _described(KEY_BYTES, min_bytes=0)]
-#: a result for a body nobody could read carries an empty token and node id
-ResultToken = Annotated[str, _id(TOKEN_BYTES, min_bytes=0), _described(TOKEN_BYTES, min_bytes=0)]
-ResultNodeId = Annotated[
-    str, _id(NODE_ID_BYTES, min_bytes=0), _described(NODE_ID_BYTES, min_bytes=0)
-]
 
 
 def _capability(value: str) -> str:

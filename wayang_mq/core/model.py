@@ -30,14 +30,15 @@ from wayang_mq.core.fields import (
     NodeId,
     OptionalKey,
     ReplyTo,
-    ResultNodeId,
-    ResultToken,
     TaskId,
     Token,
     WireEnum,
 )
 
 JsonLike = Any  # any msgpack-representable value: nil, bool, int, float, str, bin, array, map
+
+#: the deployment a task is for when nobody names one (``--audience``, ``WAYANG_AUDIENCE``)
+DEFAULT_AUDIENCE = "wayang"
 
 
 def now_ms() -> int:
@@ -116,18 +117,22 @@ class Task(WireModel):
     timeout_ms: Count | None = None  # start-to-close execution timeout
     heartbeat_timeout_ms: Count | None = None
     issued_at_ms: Millis
-    deadline_ms: Millis  # nothing may start after this instant
+    deadline_ms: Millis  # nothing may start after this instant (the envelope's expiry)
+    audience: Key  # the deployment it is for: receivers of another refuse it
     attempt: int = Field(default=1, ge=1, le=MAX_INT)
     reply_to: ReplyTo = ""  # routing key on wayang.results; signed: a result cannot be redirected
     partition_key: Key | None = None  # sharded capabilities keep order per key
     idempotency_key: Key | None = None  # executors with side effects do them once per key
-    issuer: OptionalKey = ""  # who signed: a dispatcher id
+    issuer: OptionalKey = ""  # who signed: a dispatcher id (its key's scope must say so)
     compensation: Compensation | None = None  # dispatched when the task fails for good
+    not_before_ms: Millis | None = None  # nothing may start before this instant
 
     @model_validator(mode="after")
     def _deadline_after_issue(self) -> Self:
         if self.deadline_ms < self.issued_at_ms:
             raise ValueError("deadline_ms is before issued_at_ms")
+        if self.not_before_ms is not None and self.not_before_ms > self.deadline_ms:
+            raise ValueError("not_before_ms is after deadline_ms")
         return self
 
     @classmethod
@@ -150,6 +155,8 @@ class Task(WireModel):
         idempotency_key: str | None = None,
         compensation: Compensation | None = None,
         attempt: int = 1,
+        audience: str = DEFAULT_AUDIENCE,
+        not_before_ms: int | None = None,
     ) -> Task:
         """A new task with fresh ids, issued now, with a deadline ``queue_timeout_ms`` from now."""
         issued = now_ms()
@@ -172,6 +179,8 @@ class Task(WireModel):
             issuer=issuer,
             compensation=compensation,
             attempt=attempt,
+            audience=audience,
+            not_before_ms=not_before_ms,
         )
 
     @property
@@ -231,8 +240,8 @@ class Result(WireModel):
     wire_type: ClassVar[str] = "wayang.result.v1"
 
     task_id: TaskId
-    token: ResultToken  # empty only when the body could not be read as a task
-    node_id: ResultNodeId
+    token: Token  # the task's execution token, as the dispatcher issued it
+    node_id: NodeId
     capability: Capability
     status: WireEnum[Status]
     executor_id: ExecutorId
@@ -283,24 +292,22 @@ class Result(WireModel):
         """A PENDING result: the task is accepted, its answer comes later."""
         return cls.answering(task, executor_id, Status.PENDING, output=details)
 
-    @classmethod
-    def uncorrelated_failure(
-        cls, task_id: str, capability: str, executor_id: str, error: ErrorInfo
-    ) -> Result:
-        """A FAILED result for a task whose body could not be trusted (or read).
 
-        Nothing in an unverified body is used: the task id comes from the AMQP properties
-        (``message_id``), and the token and node id, which only the body carries, stay empty.
-        """
-        return cls(
-            task_id=task_id,
-            token="",
-            node_id="",
-            capability=capability,
-            status=Status.FAILED,
-            executor_id=executor_id,
-            error=error,
-        )
+class AttemptRecord(WireModel):
+    """What makes a retry or a compensation out of a task, without anyone but its issuer
+    signing a task: the issuer's signed task travels unchanged, and this record, signed by
+    the executor (or reaper) that decided, says which attempt it now is and until when it may
+    start (see docs/security.md §7). Carried in the ``wayang-attempt`` header."""
+
+    wire_type: ClassVar[str] = "wayang.attempt.v1"
+
+    task_id: TaskId  # the signed task's id
+    attempt: int = Field(ge=1, le=MAX_INT)  # the attempt the receiver runs
+    deadline_ms: Millis  # it may not start after this instant
+    executor_id: ExecutorId  # who decided: its key must speak for it
+    # a compensation of the signed task (its ``compensation`` spec), for this failure
+    compensates: ErrorInfo | None = None
+    issued_at_ms: Millis = Field(default_factory=now_ms)
 
 
 class Registration(WireModel):
@@ -405,6 +412,7 @@ WIRE_TYPES: dict[str, type[WireModel]] = {
     for model in (
         Task,
         Result,
+        AttemptRecord,
         Registration,
         Heartbeat,
         Progress,

@@ -1,7 +1,11 @@
-"""Ed25519 signatures over the exact body bytes, with key ids so keys can rotate.
+"""Ed25519 signatures over the exact body bytes, with key ids so keys can rotate, and scopes
+that say what each key may sign.
 
 The signature covers the bytes as they travel, so a receiver verifies before it decodes
-anything: a forged body never reaches the msgpack parser or the schema.
+anything: a forged body never reaches the msgpack parser or the schema. What is signed is the
+body behind a short protected header naming the wire version, the algorithm, the message type
+and the key id (:func:`signing_input`): a signature made for a result cannot pass for a task's,
+and a signature cannot be moved to another key id.
 
 Keys are ``cryptography`` objects (PEM files, key ids); the per-message signing and
 verification run on libsodium through PyNaCl, which does the same Ed25519 about twice as fast
@@ -28,15 +32,31 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from wayang_mq.core import logs
-from wayang_mq.core.errors import ConfigError, SignatureError
+from wayang_mq.core.errors import ConfigError, KeyNotAllowed, SignatureError, UnknownKey
 from wayang_mq.core.private_files import private_dir, write_private
+from wayang_mq.core.scopes import FULL_TRUST, KeyScope, read_scope, scope_path
 
 KEY_ID_HEADER = "wayang-key-id"
 SIGNATURE_HEADER = "wayang-signature"
+SIGNATURE_VERSION = "wayang-mq/1"
+ALGORITHM = "ed25519"
+#: the type a signature is made for when the caller names none: tasks are most hand-signed
+TASK_TYPE = "wayang.task.v1"
 
 log = logging.getLogger("wayang_mq.core.signing")
 
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+
+
+def signing_input(body: bytes, wire_type: str, key_id: str) -> bytes:
+    """The bytes an Ed25519 signature covers: ``wayang-mq/1 ed25519 <type> <key id>\n<body>``.
+
+    The header is ASCII (types and key ids are), one line, then the body exactly as it
+    travels. A receiver builds it from the type it expects and the key id header, so neither
+    can be changed without breaking the signature.
+    """
+    header = f"{SIGNATURE_VERSION} {ALGORITHM} {wire_type} {key_id}\n".encode()
+    return header + body
 
 
 def key_id_of(public_key: Ed25519PublicKey) -> str:
@@ -95,34 +115,49 @@ class Signer:
         """The matching public key, for a receiver's key ring."""
         return self.private_key.public_key()
 
-    def sign(self, body: bytes) -> bytes:
-        """The 64-byte signature of ``body``."""
-        return self._fast.sign(body).signature
+    def sign(self, body: bytes, wire_type: str = TASK_TYPE) -> bytes:
+        """The 64-byte signature of ``body`` as a message of ``wire_type``."""
+        return self._fast.sign(signing_input(body, wire_type, self.key_id)).signature
 
-    def headers(self, body: bytes) -> dict[str, str]:
+    def headers(self, body: bytes, wire_type: str = TASK_TYPE) -> dict[str, str]:
         """The AMQP headers that carry this body's signature."""
         return {
             KEY_ID_HEADER: self.key_id,
-            SIGNATURE_HEADER: base64.b64encode(self.sign(body)).decode("ascii"),
+            SIGNATURE_HEADER: base64.b64encode(self.sign(body, wire_type)).decode("ascii"),
         }
 
 
-class KeyRing:
-    """Public keys a receiver trusts, by id; several at once so a key can be rotated.
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """Who signed a message that verified: the key id and what that key may sign."""
 
-    A ring loaded from a directory follows it without a restart: a signature by a key id it
+    key_id: str
+    scope: KeyScope
+
+
+class KeyRing:
+    """Public keys a receiver trusts, by id, each with its scope; several at once so a key can
+    be rotated.
+
+    A ring loaded from a directory follows it without a restart. A signature by a key id it
     does not know makes it read the directory again when the directory changed since the
     last read (a file added or renamed into it changes its mtime; one ``stat`` per unknown
     key id) or, failing that, at most once per ``reload_interval_s``, so a flood of made-up
-    key ids costs no more than one directory read per interval. ``reload()`` (daemons call it
-    on SIGHUP) re-reads it at once, which is how a removed key stops being trusted. A
-    directory that cannot be read on a reload keeps the keys already loaded.
+    key ids costs no more than one directory read per interval. Known keys are checked
+    against the directory at most once per interval too, so a revoked key (its files
+    removed) stops verifying within about a second. ``reload()`` (daemons call it on SIGHUP)
+    re-reads it at once. A directory that cannot be read on a reload keeps the keys already
+    loaded.
+
+    A ``.pub`` without its scope file (``<stem>.toml``) is loaded but trusted for nothing:
+    its signatures are refused as ``key_not_allowed``.
     """
 
     def __init__(
         self,
         keys: Mapping[str, Ed25519PublicKey] | None = None,
         *,
+        scopes: Mapping[str, KeyScope | None] | None = None,
         directory: Path | None = None,
         reload_interval_s: float = 1.0,
     ) -> None:
@@ -130,11 +165,14 @@ class KeyRing:
         self._reload_interval_s = reload_interval_s
         self._last_read = time.monotonic()
         self._stamp = _stamp(directory)
-        self._set(dict(keys or {}))
+        self._set(dict(keys or {}), dict(scopes or {}))
 
-    def _set(self, keys: dict[str, Ed25519PublicKey]) -> None:
+    def _set(self, keys: dict[str, Ed25519PublicKey], scopes: dict[str, KeyScope | None]) -> None:
         # One assignment each: a verify running meanwhile sees the old ring or the new one.
-        self._fast = {key_id: VerifyKey(key.public_bytes(*_RAW)) for key_id, key in keys.items()}
+        self._fast = {
+            key_id: (VerifyKey(key.public_bytes(*_RAW)), scopes.get(key_id))
+            for key_id, key in keys.items()
+        }
         self._keys: Mapping[str, Ed25519PublicKey] = MappingProxyType(keys)
 
     @property
@@ -142,17 +180,32 @@ class KeyRing:
         """The trusted keys by key id, as of the last (re)load."""
         return self._keys
 
+    def scope(self, key_id: str) -> KeyScope | None:
+        """What ``key_id`` may sign (None: nothing, or no such key)."""
+        entry = self._fast.get(key_id)
+        return entry[1] if entry else None
+
     @classmethod
-    def of(cls, public_keys: Iterable[Ed25519PublicKey]) -> KeyRing:
-        """A fixed ring of the given keys, each under its derived id."""
-        return cls({key_id_of(key): key for key in public_keys})
+    def of(cls, public_keys: Iterable[Ed25519PublicKey], scope: KeyScope = FULL_TRUST) -> KeyRing:
+        """A fixed ring of the given keys, each under its derived id, all with ``scope``
+        (by default trusted for everything: tests and embedding)."""
+        keys = {key_id_of(key): key for key in public_keys}
+        return cls(keys, scopes=dict.fromkeys(keys, scope))
+
+    @classmethod
+    def scoped(cls, entries: Iterable[tuple[Ed25519PublicKey, KeyScope]]) -> KeyRing:
+        """A fixed ring of keys, each with its own scope."""
+        pairs = [(key_id_of(key), key, scope) for key, scope in entries]
+        return cls(
+            {key_id: key for key_id, key, _ in pairs},
+            scopes={key_id: scope for key_id, _, scope in pairs},
+        )
 
     @classmethod
     def load_dir(cls, directory: Path, *, reload_interval_s: float = 1.0) -> KeyRing:
-        """Every ``*.pub`` PEM in ``directory``, followed as it changes (see the class)."""
-        return cls(
-            _read_public_keys(directory), directory=directory, reload_interval_s=reload_interval_s
-        )
+        """Every ``*.pub`` PEM in ``directory`` with its scope, followed as it changes."""
+        keys, scopes = _read_public_keys(directory)
+        return cls(keys, scopes=scopes, directory=directory, reload_interval_s=reload_interval_s)
 
     def reload(self) -> bool:
         """Read the directory again; True when the set of key ids changed. A ring made of
@@ -162,32 +215,43 @@ class KeyRing:
         self._last_read = time.monotonic()
         self._stamp = _stamp(self._directory)  # before reading: a change meanwhile is seen next
         try:
-            keys = _read_public_keys(self._directory)
+            keys, scopes = _read_public_keys(self._directory)
         except ConfigError as exc:
             logs.event(log, "keyring.reload_failed", logging.ERROR, error=exc.one_line())
             return False
         added = sorted(keys.keys() - self._keys.keys())
         removed = sorted(self._keys.keys() - keys.keys())
-        self._set(keys)
-        if added or removed:
-            logs.event(log, "keyring.reloaded", added=",".join(added), removed=",".join(removed))
-        return bool(added or removed)
+        rescoped = sorted(k for k in keys.keys() & self._keys.keys() if scopes[k] != self.scope(k))
+        self._set(keys, scopes)
+        if added or removed or rescoped:
+            logs.event(
+                log,
+                "keyring.reloaded",
+                added=",".join(added),
+                removed=",".join(removed),
+                rescoped=",".join(rescoped),
+            )
+        return bool(added or removed or rescoped)
 
-    def _lookup(self, key_id: str) -> VerifyKey | None:
-        found = self._fast.get(key_id)
-        if found is None and self._directory is not None and self._stale() and self.reload():
-            found = self._fast.get(key_id)
-        return found
-
-    def _stale(self) -> bool:
-        changed = _stamp(self._directory) != self._stamp
-        return changed or time.monotonic() - self._last_read >= self._reload_interval_s
+    def _lookup(self, key_id: str) -> tuple[VerifyKey, KeyScope | None] | None:
+        if self._directory is not None:
+            if time.monotonic() - self._last_read >= self._reload_interval_s:
+                if _stamp(self._directory) != self._stamp:
+                    self.reload()  # a key added, revoked or rescoped since the last read
+                else:
+                    self._last_read = time.monotonic()
+            elif key_id not in self._fast and _stamp(self._directory) != self._stamp:
+                self.reload()
+        return self._fast.get(key_id)
 
     def __contains__(self, key_id: object) -> bool:
         return key_id in self.keys
 
-    def verify(self, body: bytes, headers: Mapping[str, object]) -> str:
-        """Check ``body`` against its signature headers; returns the key id or raises."""
+    def verify(
+        self, body: bytes, headers: Mapping[str, object], wire_type: str = TASK_TYPE
+    ) -> Verified:
+        """Check ``body`` as a ``wire_type`` message against its signature headers; returns
+        who signed it, or raises (SignatureError, UnknownKey, KeyNotAllowed)."""
         key_id = headers.get(KEY_ID_HEADER)
         signature = headers.get(SIGNATURE_HEADER)
         if isinstance(key_id, bytes):
@@ -201,20 +265,32 @@ class KeyRing:
                 body=body,
                 hint="sign the exact body bytes with Ed25519, see docs/wire-format.md",
             )
-        public_key = self._lookup(key_id)
-        if public_key is None:
-            raise SignatureError(
-                f"unknown signing key id {key_id!r}",
+        entry = self._lookup(key_id)
+        if entry is None:
+            raise UnknownKey(
+                f"unknown signing key id {key_id[:64]!r}",
                 body=body,
-                hint="add the publisher's public key to the receiver's key directory",
+                hint="add the publisher's public key and its scope to the receiver's key "
+                "directory (`wayang-mq keys new`)",
             )
+        public_key, scope = entry
         try:
-            public_key.verify(body, base64.b64decode(signature, validate=True))
+            if not key_id.isascii():
+                raise ValueError("key id is not ASCII")
+            public_key.verify(
+                signing_input(body, wire_type, key_id), base64.b64decode(signature, validate=True)
+            )
         except (BadSignatureError, ValueError) as exc:
             raise SignatureError(
                 f"signature does not match the body (key id {key_id})", body=body
             ) from exc
-        return key_id
+        if scope is None:
+            raise KeyNotAllowed(
+                f"key {key_id} has no scope file: it is trusted for nothing",
+                body=body,
+                hint="write its scope with `wayang-mq keys new` or beside the .pub as .toml",
+            )
+        return Verified(key_id, scope)
 
 
 def _stamp(directory: Path | None) -> int | None:
@@ -227,15 +303,18 @@ def _stamp(directory: Path | None) -> int | None:
         return None
 
 
-def _read_public_keys(directory: Path) -> dict[str, Ed25519PublicKey]:
-    """Every ``*.pub`` in ``directory`` (PEM SubjectPublicKeyInfo), by derived key id; the
-    file name does not matter."""
+def _read_public_keys(
+    directory: Path,
+) -> tuple[dict[str, Ed25519PublicKey], dict[str, KeyScope | None]]:
+    """Every ``*.pub`` in ``directory`` (PEM SubjectPublicKeyInfo) by derived key id, and the
+    scope beside each (``<stem>.toml``; None when there is none). File names do not matter."""
     if not directory.is_dir():
         raise ConfigError(
             f"key directory {directory} does not exist",
             hint="create keys with `wayang-mq keys new --dir DIR`",
         )
     keys: dict[str, Ed25519PublicKey] = {}
+    scopes: dict[str, KeyScope | None] = {}
     for path in sorted(directory.glob("*.pub")):
         try:
             key = serialization.load_pem_public_key(path.read_bytes())
@@ -246,12 +325,29 @@ def _read_public_keys(directory: Path) -> dict[str, Ed25519PublicKey]:
             ) from exc
         if not isinstance(key, Ed25519PublicKey):
             raise ConfigError(f"{path} is not an Ed25519 public key")
-        keys[key_id_of(key)] = key
-    return keys
+        key_id = key_id_of(key)
+        keys[key_id] = key
+        scope_file = scope_path(path)
+        scopes[key_id] = read_scope(scope_file) if scope_file.exists() else None
+        if scopes[key_id] is None:
+            logs.event(
+                log,
+                "keyring.unscoped",
+                logging.WARNING,
+                key_id=key_id,
+                file=str(path),
+                hint=f"write {scope_file.name} (role, id, capabilities): until then its "
+                "signatures are refused",
+            )
+    return keys, scopes
 
 
-def write_keypair(directory: Path, signer: Signer | None = None) -> tuple[Path, Path]:
-    """Write ``<id>.key`` (private, mode 0600) and ``<id>.pub``; returns both paths."""
+def write_keypair(
+    directory: Path, signer: Signer | None = None, scope: KeyScope = FULL_TRUST
+) -> tuple[Path, Path]:
+    """Write ``<id>.key`` (private, mode 0600), its scope ``<id>.toml`` and ``<id>.pub``;
+    returns the key and public key paths. The .pub goes last, renamed into place: a running
+    receiver that reloads never sees a key without its scope, nor half a key."""
     signer = signer or Signer.generate()
     private_dir(directory, narrow_existing=False)  # a new key directory is private (0700)
     private_path = directory / f"{signer.key_id}.key"
@@ -262,8 +358,10 @@ def write_keypair(directory: Path, signer: Signer | None = None) -> tuple[Path, 
         serialization.NoEncryption(),
     )
     write_private(private_path, private_pem)
-    # Written aside, then renamed: a running receiver reloading the directory never reads
-    # half a key (the temporary name does not end in .pub).
+    scope_file = scope_path(public_path)
+    partial_scope = directory / f".{signer.key_id}.toml.partial"
+    partial_scope.write_text(scope.to_toml())
+    os.replace(partial_scope, scope_file)
     partial = directory / f".{signer.key_id}.pub.partial"
     partial.write_bytes(
         signer.public_key.public_bytes(

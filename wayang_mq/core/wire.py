@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 import msgpack
 from pydantic import ValidationError
 
-from wayang_mq.core.errors import InvalidMessage, OversizedMessage, TokenExpired
+from wayang_mq.core.errors import InvalidMessage, OversizedMessage
 from wayang_mq.core.model import Task, WireModel, now_ms
-from wayang_mq.core.signing import KeyRing, Signer
+from wayang_mq.core.signing import KeyRing, Signer, Verified
 
 CONTENT_TYPE = "application/msgpack"
 APP_ID = "wayang-mq"
@@ -147,7 +147,7 @@ def signed_message(
     """Encode ``model``, sign the exact bytes, and attach the standard properties."""
     body = encode(model)
     headers: dict[str, Any] = dict(extra_headers or {})
-    headers.update(signer.headers(body))
+    headers.update(signer.headers(body, model.wire_type))
     return WireMessage(
         body=body,
         type=model.wire_type,
@@ -195,6 +195,28 @@ def open_unverified(body: bytes, headers: Mapping[str, Any], model: type[M]) -> 
     return decode(body, model)
 
 
+def open_signed(
+    body: bytes,
+    headers: Mapping[str, Any],
+    keyring: KeyRing,
+    model: type[M],
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> tuple[M, Verified]:
+    """Properties, size, then the signature (made for ``model``'s type), then msgpack and
+    schema: nothing is parsed before it is trusted. Returns the message and who signed it;
+    what that signer may say is the caller's to check (see :mod:`wayang_mq.core.scopes`)."""
+    check_properties(headers, body)
+    if len(body) > max_body_bytes:
+        raise OversizedMessage(
+            f"body is {len(body)} bytes, the limit is {max_body_bytes}",
+            body=body,
+            hint="pass large inputs by reference (a URL or object key), not inline",
+        )
+    signer = keyring.verify(body, headers, model.wire_type)
+    return decode(body, model), signer
+
+
 def open_verified(
     body: bytes,
     headers: Mapping[str, Any],
@@ -203,57 +225,5 @@ def open_verified(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> M:
-    """Properties, size, then signature, then msgpack and schema: nothing is parsed before it
-    is trusted."""
-    check_properties(headers, body)
-    if len(body) > max_body_bytes:
-        raise OversizedMessage(
-            f"body is {len(body)} bytes, the limit is {max_body_bytes}",
-            body=body,
-            hint="pass large inputs by reference (a URL or object key), not inline",
-        )
-    keyring.verify(body, headers)
-    return decode(body, model)
-
-
-DEFAULT_MAX_CLOCK_SKEW_MS = 5 * 60_000
-DEFAULT_MAX_QUEUE_WINDOW_MS = 7 * 24 * 3_600_000
-
-
-def open_task(
-    body: bytes,
-    headers: Mapping[str, Any],
-    keyring: KeyRing,
-    *,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    at_ms: int | None = None,
-    max_clock_skew_ms: int = DEFAULT_MAX_CLOCK_SKEW_MS,
-    max_queue_window_ms: int = DEFAULT_MAX_QUEUE_WINDOW_MS,
-) -> Task:
-    """A received task, verified and decoded; refused if its deadline has passed, or if its
-    clocks are out of bounds: issued further in the future than the allowed skew, or a deadline
-    further away than the longest queue window (a task "issued in the year 3000" would
-    otherwise sit in memory and caches for ever)."""
-    task = open_verified(body, headers, keyring, Task, max_body_bytes=max_body_bytes)
-    now = now_ms() if at_ms is None else at_ms
-    if task.expired(now):
-        raise TokenExpired(
-            f"task {task.task_id} passed its deadline before it could start", body=body, task=task
-        )
-    if task.issued_at_ms - now > max_clock_skew_ms:
-        raise InvalidMessage(
-            f"task {task.task_id} is issued {(task.issued_at_ms - now) // 1000} s in the future; "
-            f"the allowed clock skew is {max_clock_skew_ms // 1000} s",
-            body=body,
-            task=task,
-            hint="check the publisher's clock (NTP), or raise the workers' --max-clock-skew",
-        )
-    if task.deadline_ms - now > max_queue_window_ms:
-        raise InvalidMessage(
-            f"task {task.task_id} has its deadline {(task.deadline_ms - now) // 1000} s away; "
-            f"the longest queue window is {max_queue_window_ms // 1000} s",
-            body=body,
-            task=task,
-            hint="give the task a shorter queue timeout, or raise the workers' --max-queue-window",
-        )
-    return task
+    """:func:`open_signed` for a receiver that needs only the message."""
+    return open_signed(body, headers, keyring, model, max_body_bytes=max_body_bytes)[0]

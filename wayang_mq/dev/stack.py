@@ -24,7 +24,7 @@ from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
 from wayang_mq.config import ENDPOINT_FILE, Settings, broker_endpoint, save_endpoint
 from wayang_mq.core.model import Result, RetryHints
 from wayang_mq.core.private_files import private_dir
-from wayang_mq.core.signing import Signer, write_keypair
+from wayang_mq.core.signing import KeyRing, Signer, write_keypair
 from wayang_mq.dev.nodes import RabbitNode
 from wayang_mq.dev.supervise import DaemonSpec, Supervisor
 from wayang_mq.topology.apply import apply_topology
@@ -190,7 +190,11 @@ async def _demo(endpoint: BrokerEndpoint, keys: Path, count: int) -> None:
     if count <= 0:
         return
     signing_key = sorted(keys.glob("*.key"))[0]
-    config = DispatcherConfig(amqp_url=endpoint.amqp_url, signer=Signer.from_file(signing_key))
+    config = DispatcherConfig(
+        amqp_url=endpoint.amqp_url,
+        signer=Signer.from_file(signing_key),
+        results_keyring=KeyRing.load_dir(keys),
+    )
     say(f"==> sending {count} demo tasks (echo, a sleep with progress, a failure, a retry)")
     started = time.monotonic()
     async with Dispatcher(config) as dispatcher:

@@ -39,14 +39,15 @@ from wayang_mq.amqp.outcome import (
 from wayang_mq.amqp.publisher import to_amqp
 from wayang_mq.core import names
 from wayang_mq.core.bounded import LastSeen
-from wayang_mq.core.errors import ConfigError, ErrorCode, WireError
-from wayang_mq.core.fields import REPLY_TO_BYTES, TASK_ID_BYTES, printable, valid_id
-from wayang_mq.core.model import ErrorInfo, JsonLike, Result, Task
-from wayang_mq.core.names import valid_capability
-from wayang_mq.core.signing import KeyRing, Signer
-from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, open_verified, signed_message
+from wayang_mq.core.envelope import TaskChecks, open_task
+from wayang_mq.core.errors import ConfigError, ErrorCode, SignatureError, WireError
+from wayang_mq.core.fields import printable
+from wayang_mq.core.model import DEFAULT_AUDIENCE, ErrorInfo, JsonLike, Result, Task
+from wayang_mq.core.signing import KEY_ID_HEADER, KeyRing, Signer
+from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, signed_message
 from wayang_mq.ops.deadletters import DeadLetter, dead_letter_of
-from wayang_mq.runtime.compensation import dispatch_compensation
+from wayang_mq.runtime.attempts import dispatch_compensation
+from wayang_mq.topology.spec import RetryTier
 
 log = logging.getLogger("wayang_mq.ops.reaper")
 
@@ -65,6 +66,8 @@ class ReaperConfig:
     prefetch: int = 32
     grace_s: float = 10.0  # on stop: how long answers in flight may finish
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    audience: str = DEFAULT_AUDIENCE  # the deployment: tasks for another are not answered
+    retry_tiers: tuple[RetryTier, ...] = ()  # compensations travel through the shortest
     recent: int = 10_000  # outcomes remembered, by task id (tests and status)
     health_port: int | None = None  # answer health probes over HTTP on this port (0: any)
 
@@ -148,14 +151,24 @@ class Reaper(Daemon):
             }
             return discard(dead.task_id, LogLine("dead_letter.skipped", fields=skipped))
         task, unread = self._open(message.body, message.headers or {})
-        if task is None and not _answerable(message, dead):
-            # An answer under an id, capability or address the publisher never set correlates
-            # nothing, and may not fit AMQP: the copy in wayang.dead.<cap> (if any) stays.
-            why = {"capability": printable(dead.capability), "reason": dead.broker_reason}
-            return discard(dead.task_id, LogLine("dead_letter.unanswerable", logging.WARNING, why))
+        if task is None:
+            # Nothing in a body nobody could verify may choose where a signed FAILED goes:
+            # the copy in wayang.dead.<cap> (if any) stays for inspection.
+            why: dict[str, Any] = {
+                "capability": printable(dead.capability),
+                "reason": dead.broker_reason,
+                "code": unread.code if unread is not None else None,
+                "why": unread.message if unread is not None else None,
+                "answered": "no",
+            }
+            event = "dead_letter.unanswerable"
+            if isinstance(unread, SignatureError):
+                key_id = (message.headers or {}).get(KEY_ID_HEADER)
+                why["key_id"] = printable(str(key_id)[:64]) if key_id is not None else None
+                event = "security.refused"
+            return discard(dead.task_id, LogLine(event, logging.WARNING, why))
         result, reply_to = _failure(dead, task, unread, self.reaper_id)
-        if task is not None:
-            result = await self._compensate(task, result)
+        result = await self._compensate(message, task, result)
         signed = signed_message(
             result, self.config.signer, message_id=result.task_id, reply_to=reply_to
         )
@@ -175,58 +188,48 @@ class Reaper(Daemon):
             "reason": dead.broker_reason,
             "queue": dead.source_queue,
             "reply_to": reply_to,
-            "verified": bool(result.token),
             "unverified": unread.message if unread is not None else None,  # why not
             "compensation_task_id": result.compensation_task_id,
         }
         line = LogLine("dead_letter.answered", logging.WARNING, fields)
         return done(result.task_id, answer, result=result, log=line)
 
-    def failed_result(
-        self, dead: DeadLetter, body: bytes, headers: dict[str, Any]
-    ) -> tuple[Result, str]:
-        """The FAILED result for a dead letter, and the routing key it goes to.
-
-        A body whose signature verifies gives the task's own ids, token, attempt and (signed)
-        reply address; otherwise the result is correlated from the AMQP properties alone.
-        """
-        task, unread = self._open(body, headers)
-        return _failure(dead, task, unread, self.reaper_id)
-
     def _open(self, body: bytes, headers: dict[str, Any]) -> tuple[Task | None, WireError | None]:
-        """The task if its signature verifies, else why it cannot be read."""
+        """The task if it verifies and its issuer may send it, else why not. Its deadline
+        is not checked: many dead letters died of it."""
+        checks = TaskChecks(
+            audience=self.config.audience, max_body_bytes=self.config.max_body_bytes
+        )
         try:
-            task = open_verified(
-                body, headers, self.config.keyring, Task, max_body_bytes=self.config.max_body_bytes
-            )
+            return open_task(body, headers, self.config.keyring, checks, times=False).task, None
         except WireError as exc:
             return None, exc
-        return task, None
 
-    async def _compensate(self, task: Task, result: Result) -> Result:
-        """The reaper decided this failure, so it compensates it, signed with its own key."""
-        return await dispatch_compensation(task, result, self.publisher, self.config.signer)
-
-
-def _answerable(message: AbstractIncomingMessage, dead: DeadLetter) -> bool:
-    """True when an unverified dead letter's AMQP properties can carry its answer: a usable
-    message (or correlation) id, capability and reply address."""
-    task_id = message.message_id or message.correlation_id
-    reply_ok = dead.reply_to is None or valid_id(dead.reply_to, REPLY_TO_BYTES)
-    return valid_id(task_id, TASK_ID_BYTES) and valid_capability(dead.capability) and reply_ok
+    async def _compensate(
+        self, message: AbstractIncomingMessage, task: Task, result: Result
+    ) -> Result:
+        """The reaper decided this failure, so it dispatches the compensation (the issuer's
+        task with the reaper's signed attempt record)."""
+        return await dispatch_compensation(
+            message.body,
+            message.headers or {},
+            task,
+            result,
+            publisher=self.publisher,
+            signer=self.config.signer,
+            decider_id=self.reaper_id,
+            tiers=self.config.retry_tiers,
+        )
 
 
 def _failure(
-    dead: DeadLetter, task: Task | None, unread: WireError | None, reaper_id: str
+    dead: DeadLetter, task: Task, unread: WireError | None, reaper_id: str
 ) -> tuple[Result, str]:
-    """The FAILED result and its routing key: the task's own ids and reply address when it
-    verified, else the dead letter's AMQP properties."""
+    """The FAILED result and its routing key: the task's own ids and signed reply address."""
     error = _error_info(dead, unread)
-    if task is not None:
-        result = Result.failure(task, reaper_id, error)
-        return result, task.reply_to or names.noreply_routing_key(task.capability)
-    result = Result.uncorrelated_failure(dead.task_id, dead.capability, reaper_id, error)
-    return result, dead.reply_to or names.noreply_routing_key(dead.capability)
+    return Result.failure(task, reaper_id, error), task.reply_to or names.noreply_routing_key(
+        task.capability
+    )
 
 
 def _error_info(dead: DeadLetter, unread: WireError | None) -> ErrorInfo:

@@ -1,13 +1,15 @@
 """What becomes of a task once it has a result: the worker's decisions, as :class:`Outcome`
 values (nothing here publishes or acks; :func:`~wayang_mq.amqp.outcome.settle` does).
 
-- a failure the task's retry hints allow again: RETRY, the next attempt (a new, re-signed task)
-  to its tier; if no tier queue takes it, the task's final answer instead;
+- a failure the task's retry hints allow again: RETRY, the next attempt (the issuer's task with
+  this executor's signed attempt record, :mod:`~wayang_mq.runtime.attempts`) to its tier; if
+  no tier queue takes it, the task's final answer instead;
 - a PENDING result: PENDING, the result published, the delivery acked;
 - otherwise DONE: with retries exhausted, a copy of the delivery kept in the dead queue first,
   then the compensation the task names if it failed for good, then the result;
-- a body that cannot be trusted or read: DEAD_LETTER, a copy with the reason to
-  ``wayang.dlx`` and a courtesy FAILED answer.
+- a delivery refused as bad input: DEAD_LETTER, a copy with the reason to the dead queue;
+  answered FAILED only when the task itself verified and its issuer was allowed to send it
+  (otherwise nothing in it, reply address included, is the sender's to choose).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from wayang_mq.amqp.frames import writable_headers
 from wayang_mq.amqp.outcome import Kind, LogLine, Outcome, Send, Settle, done
 from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
 from wayang_mq.core import names, retry
-from wayang_mq.core.errors import ErrorCode, WireError
-from wayang_mq.core.fields import REPLY_TO_BYTES, TASK_ID_BYTES, printable, valid_id
-from wayang_mq.core.model import ErrorInfo, Result, Task, new_id, now_ms
+from wayang_mq.core.envelope import ATTEMPT_HEADERS
+from wayang_mq.core.errors import ErrorCode, SignatureError, WireError
+from wayang_mq.core.fields import TASK_ID_BYTES, printable, valid_id
+from wayang_mq.core.model import AttemptRecord, ErrorInfo, Result, Task, new_id, now_ms
 from wayang_mq.core.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Signer
 from wayang_mq.core.wire import (
     DEAD_LETTERED_BY_HEADER,
@@ -33,9 +36,8 @@ from wayang_mq.core.wire import (
     HEADERS_DROPPED_HEADER,
     PARTITION_KEY_HEADER,
     signed_message,
-    task_message,
 )
-from wayang_mq.runtime.compensation import dispatch_compensation
+from wayang_mq.runtime.attempts import carried_compensation, derived_message, dispatch_compensation
 from wayang_mq.topology.spec import RetryTier
 
 
@@ -86,7 +88,16 @@ class Decider:
                     capability, message, task.task_id, ErrorCode.RETRIES_EXHAUSTED, reason
                 )
             )
-        result = await dispatch_compensation(task, result, self._publisher(), self._signer)
+        result = await dispatch_compensation(
+            message.body,
+            message.headers or {},
+            task,
+            result,
+            publisher=self._publisher(),
+            signer=self._signer,
+            decider_id=self._executor_id,
+            tiers=self._tiers,
+        )
         sends.append(self.result_send(task, result))
         return done(task.task_id, *sends, result=result)
 
@@ -103,11 +114,16 @@ class Decider:
         The next attempt keeps its schedule-to-start window, counted from when it leaves the
         tier, so a long backoff does not eat the time it may wait for a worker.
         """
-        next_task = task.next_attempt(
+        record = AttemptRecord(
+            task_id=task.task_id,
+            attempt=decision.attempt,
             deadline_ms=now_ms() + decision.tier.ttl_ms + task.queue_window_ms,
+            executor_id=self._executor_id,
+            compensates=carried_compensation(message.headers or {}),
         )
         key = names.retry_routing_key(decision.tier.name, task.capability)
-        message_out = to_amqp(task_message(next_task, self._signer, expire=False))
+        headers = message.headers or {}
+        message_out = derived_message(message.body, headers, task, record, self._signer)
         send = Send(
             names.RETRY_EXCHANGE,
             key,
@@ -140,35 +156,40 @@ class Decider:
     def bad_input(
         self, capability: str, message: AbstractIncomingMessage, error: WireError
     ) -> Outcome:
-        """Bad input: a copy with the reason to ``wayang.dlx``, a FAILED answer, then ack.
-
-        A task that verified and decoded but was refused (deadline, clocks, wrong queue) is
-        answered with its own ids and token at its signed reply address. Otherwise nothing in
-        the body is trusted: the answer goes by the AMQP ``message_id`` and ``reply_to``, with
-        empty token and node id, and only when both are ids an answer can carry (wire §4).
-        """
+        """Bad input: a copy with the reason to the dead queue, then ack; a FAILED answer only
+        for a task that verified and that its issuer was allowed to send (refused for its
+        deadline, clocks, queue or reply address), with its own ids and token, at its signed
+        reply address. Anything else is answered to nobody: a body nobody could verify, or
+        a security refusal, would otherwise let its sender choose where a signed FAILED goes
+        (docs/security.md §6). Security refusals are logged as ``security.refused``."""
         code = error.code or ErrorCode.INVALID_TASK
         task = error.task if isinstance(error.task, Task) else None
         task_id = task.task_id if task else _property_id(message.message_id, TASK_ID_BYTES)
         task_id = task_id or _property_id(message.correlation_id, TASK_ID_BYTES)
-        answerable = task_id is not None
         task_id = task_id or f"unknown-{new_id()}"
         sends = [self.dead_copy(capability, message, task_id, code, error.message)]
-        failure = ErrorInfo(code=code, message=error.message)
         if task is not None:
+            failure = ErrorInfo(code=code, message=error.message)
             answer = Result.failure(task, self._executor_id, failure)
             reply_to = task.reply_to or names.noreply_routing_key(task.capability)
             sends.append(self._courtesy(task_id, reply_to, answer))
-        elif answerable and _property_id(message.reply_to, REPLY_TO_BYTES):
-            answer = Result.uncorrelated_failure(task_id, capability, self._executor_id, failure)
-            sends.append(self._courtesy(task_id, str(message.reply_to), answer))
-        fields = {"capability": capability, "code": code, "reason": printable(error.message)}
+        fields: dict[str, str | None] = {
+            "capability": capability,
+            "code": code,
+            "reason": printable(error.message),
+        }
+        event, level = "task.dead_lettered", logging.WARNING
+        if isinstance(error, SignatureError):
+            key_id = (message.headers or {}).get(KEY_ID_HEADER)
+            fields["key_id"] = printable(str(key_id)[:64]) if key_id is not None else None
+            fields["answered"] = "no"
+            event = "security.refused"
         return Outcome(
             Kind.DEAD_LETTER,
             Settle.ACK,
             task_id,
             tuple(sends),
-            log=LogLine("task.dead_lettered", logging.WARNING, fields),
+            log=LogLine(event, level, fields),
         )
 
     def _courtesy(self, task_id: str, reply_to: str, answer: Result) -> Send:
@@ -222,7 +243,7 @@ class Decider:
 
 #: what a dead-letter copy keeps when the delivery's headers cannot be copied whole: enough to
 #: verify and replay it
-_KEPT_ON_COPIES = (KEY_ID_HEADER, SIGNATURE_HEADER, PARTITION_KEY_HEADER)
+_KEPT_ON_COPIES = (KEY_ID_HEADER, SIGNATURE_HEADER, PARTITION_KEY_HEADER, *ATTEMPT_HEADERS)
 
 
 def _property_id(value: object, max_bytes: int) -> str | None:

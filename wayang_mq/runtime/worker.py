@@ -30,15 +30,23 @@ from wayang_mq.amqp.daemon import Daemon
 from wayang_mq.amqp.outcome import Kind, Outcome, deliver, requeue, settle
 from wayang_mq.amqp.publisher import to_amqp
 from wayang_mq.core import logs, names
+from wayang_mq.core.envelope import (
+    DEFAULT_MAX_CLOCK_SKEW_MS,
+    DEFAULT_MAX_QUEUE_WINDOW_MS,
+    TaskChecks,
+    open_task,
+)
 from wayang_mq.core.errors import (
     ConfigError,
     InvalidMessage,
+    Replayed,
     WayangError,
     WireError,
     WrongCapability,
 )
 from wayang_mq.core.fields import printable
 from wayang_mq.core.model import (
+    DEFAULT_AUDIENCE,
     Heartbeat,
     Progress,
     Registration,
@@ -47,17 +55,12 @@ from wayang_mq.core.model import (
     WireModel,
 )
 from wayang_mq.core.signing import KeyRing, Signer
-from wayang_mq.core.wire import (
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_CLOCK_SKEW_MS,
-    DEFAULT_MAX_QUEUE_WINDOW_MS,
-    open_task,
-    signed_message,
-)
+from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, signed_message
 from wayang_mq.runtime.decide import Decider
 from wayang_mq.runtime.executor import Executor, TaskState, TaskStatus, check_capabilities
 from wayang_mq.runtime.middleware import Chain, Executed, Middleware, Opened, Received, Settled
 from wayang_mq.runtime.recent import RecentResults
+from wayang_mq.runtime.replays import Replays
 from wayang_mq.runtime.running import Runner, Running
 from wayang_mq.topology.spec import RetryTier
 
@@ -79,6 +82,7 @@ class WorkerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # the topology's max_body_bytes
     max_clock_skew_ms: int = DEFAULT_MAX_CLOCK_SKEW_MS  # tasks issued further ahead: refused
     max_queue_window_ms: int = DEFAULT_MAX_QUEUE_WINDOW_MS  # deadlines further away: refused
+    audience: str = DEFAULT_AUDIENCE  # the deployment: tasks for another are refused
     recent_results: int = 10_000  # results kept to answer a redelivered finished task
     recent_results_bytes: int = 16 * 1024 * 1024  # and their outputs' size, at most
     retry_tiers: tuple[RetryTier, ...] = ()  # from the topology; none: failures are final
@@ -94,6 +98,16 @@ class WorkerConfig:
             raise ConfigError(
                 f"executor id {self.executor_id!r} must be lowercase letters, digits, '-' or '_'"
             )
+
+    @property
+    def checks(self) -> TaskChecks:
+        """What a task must pass here besides its signature."""
+        return TaskChecks(
+            audience=self.audience,
+            max_body_bytes=self.max_body_bytes,
+            max_clock_skew_ms=self.max_clock_skew_ms,
+            max_queue_window_ms=self.max_queue_window_ms,
+        )
 
 
 class Worker(Daemon):
@@ -116,6 +130,8 @@ class Worker(Daemon):
         self._executors = list(executors)
         self._slots = asyncio.Semaphore(config.concurrency)
         self._recent = RecentResults(config.recent_results, config.recent_results_bytes)
+        self._replays = Replays()
+        self._checks = config.checks
         # the built-in layer innermost: every configured layer sees every task first
         self._chain = Chain((*config.middleware, self._recent))
         self._runner = Runner(self._by_capability, self.executor_id, self._progress, self._started)
@@ -128,6 +144,11 @@ class Worker(Daemon):
             executor.attach(self)
 
     # -- the executor contract, answered for attached executors -------------------------
+
+    def running_task(self, task_id: str) -> Task | None:
+        """The attempt of ``task_id`` running here, if any (a cancel checks its issuer)."""
+        running = self._runner.get(task_id)
+        return running.task if running is not None else None
 
     def status(self, task_id: str) -> TaskStatus:
         """Running here (with its last progress), finished here recently, or unknown."""
@@ -264,7 +285,14 @@ class Worker(Daemon):
                         message.headers or {},
                     )
                 )
-            task = _open(capability, message, self.config)
+            task = _open(capability, message, self.config.keyring, self._checks)
+            if not self._replays.take(task, redelivered=bool(message.redelivered)):
+                raise Replayed(
+                    f"task {task.task_id} attempt {task.attempt} was received here before, "
+                    "and this copy is no broker redelivery: a replay",
+                    body=message.body,
+                    hint="a task is published once; see docs/security.md §7",
+                )
             answer = await self._chain.opened(Opened(self.executor_id, capability, task))
         except WireError as exc:
             return self._decider.bad_input(capability, message, exc)
@@ -347,17 +375,12 @@ class Worker(Daemon):
             await self.beat()
 
 
-def _open(capability: str, message: AbstractIncomingMessage, config: WorkerConfig) -> Task:
-    """The delivery's task, checked (size, signature, schema, clocks, deadline, capability,
-    reply address)."""
-    task = open_task(
-        message.body,
-        message.headers or {},
-        config.keyring,
-        max_body_bytes=config.max_body_bytes,
-        max_clock_skew_ms=config.max_clock_skew_ms,
-        max_queue_window_ms=config.max_queue_window_ms,
-    )
+def _open(
+    capability: str, message: AbstractIncomingMessage, keyring: KeyRing, checks: TaskChecks
+) -> Task:
+    """The delivery's task, checked (size, signature and its key's scope, schema, audience,
+    clocks, deadline, attempt record, capability, reply address)."""
+    task = open_task(message.body, message.headers or {}, keyring, checks).task
     if task.capability != capability:
         raise WrongCapability(
             f"task {task.task_id} names capability {task.capability!r} but arrived on "

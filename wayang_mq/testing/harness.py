@@ -189,7 +189,11 @@ class Fabric:
 
     def dispatcher_config(self, **overrides: Any) -> DispatcherConfig:
         """A dispatcher config signing with this fabric's key."""
-        values: dict[str, Any] = {"amqp_url": self.endpoint.amqp_url, "signer": self.signer}
+        values: dict[str, Any] = {
+            "amqp_url": self.endpoint.amqp_url,
+            "signer": self.signer,
+            "results_keyring": self.keyring,
+        }
         return DispatcherConfig(**(values | overrides))
 
     @contextlib.asynccontextmanager
@@ -205,6 +209,7 @@ class Fabric:
             "keyring": self.keyring,
             "signer": self.signer,
             "grace_s": 5.0,
+            "retry_tiers": self.topology.retry_tiers,
         }
         return ReaperConfig(**(values | overrides))
 
