@@ -1,8 +1,10 @@
-"""Bad input never kills a worker: it is dead-lettered with a reason and answered FAILED.
+"""Bad input never kills a worker: it is dead-lettered with a reason, and answered FAILED only
+when the task itself verified (docs/security.md §6).
 
 Each case publishes raw AMQP (as a foreign client could) to ``wayang.tasks``, then checks the
-dead letter in ``wayang.dead.<capability>``, the FAILED result at the reply address (when the
-message names one), and that the very next valid task on the same worker succeeds. When the
+dead letter in ``wayang.dead.<capability>``, the FAILED result at the reply address for a task
+that verified (and none for a body nobody could verify), and that the very next valid task on
+the same worker succeeds. When the
 broker will not take the worker's dead-letter copy, the delivery is rejected instead, and the
 queue's own (at-least-once) dead-lettering keeps the task.
 """
@@ -58,36 +60,47 @@ def _task(task_id: str, **changes: Any) -> Task:
     return task.model_copy(update=changes)
 
 
-CASES: dict[str, tuple[Build, ErrorCode]] = {
+#: case -> how to build it, its code, and whether it is answered at its reply address
+CASES: dict[str, tuple[Build, ErrorCode, bool]] = {
     "unparseable body": (
         lambda f, tid: _signed(f, GARBAGE),
         ErrorCode.INVALID_TASK,
+        False,
     ),
     "body failing the schema": (
         lambda f, tid: _signed(f, msgpack.packb({"task_id": tid, "capability": "demo.echo"})),
         ErrorCode.INVALID_TASK,
+        False,
     ),
-    "missing signature": (lambda f, tid: (encode(_task(tid)), {}), ErrorCode.BAD_SIGNATURE),
+    "missing signature": (
+        lambda f, tid: (encode(_task(tid)), {}),
+        ErrorCode.BAD_SIGNATURE,
+        False,
+    ),
     "forged signature": (
         lambda f, tid: (
             encode(_task(tid)),
             {**f.signer.headers(encode(_task(tid, token="other"))), KEY_ID_HEADER: f.signer.key_id},
         ),
         ErrorCode.BAD_SIGNATURE,
+        False,
     ),
     "signature by an unknown key": (
         lambda f, tid: (encode(_task(tid)), Signer.generate().headers(encode(_task(tid)))),
-        ErrorCode.BAD_SIGNATURE,
+        ErrorCode.UNKNOWN_KEY,
+        False,
     ),
     "expired deadline": (
         lambda f, tid: _signed(
             f, encode(_task(tid, issued_at_ms=now_ms() - 5000, deadline_ms=now_ms() - 1000))
         ),
         ErrorCode.TOKEN_EXPIRED,
+        True,
     ),
     "capability the queue does not serve": (
         lambda f, tid: _signed(f, encode(_task(tid, capability="demo.sleep"))),
         ErrorCode.NO_EXECUTOR,
+        True,
     ),
     "oversized body": (
         lambda f, tid: _signed(
@@ -95,6 +108,7 @@ CASES: dict[str, tuple[Build, ErrorCode]] = {
             encode(_task(tid, node_id="n" * 200, token="t" * 1000, input={"pad": "x" * MAX_BODY})),
         ),
         ErrorCode.OVERSIZED,
+        False,
     ),
 }
 
@@ -141,17 +155,18 @@ def _publish_bare(amqp_url: str, capability: str, body: bytes) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-async def test_bad_input_is_dead_lettered_answered_and_the_worker_keeps_serving(
+async def test_bad_input_is_dead_lettered_answered_only_if_verified_and_the_worker_keeps_serving(
     fabric: Fabric, case: str
 ) -> None:
-    build, code = CASES[case]
+    build, code, answered = CASES[case]
     task_id = new_id()
     body, headers = build(fabric, task_id)
     await fabric.purge("demo.echo")
     connection = await aio_pika.connect(fabric.endpoint.amqp_url)
     async with (
         connection,
-        fabric.worker([Echo()], max_body_bytes=MAX_BODY),
+        # one delivery at a time: the valid task after the bad one is a barrier
+        fabric.worker([Echo()], max_body_bytes=MAX_BODY, concurrency=1),
         fabric.dispatcher() as dispatcher,
     ):
         channel = await connection.channel(publisher_confirms=True)
@@ -170,11 +185,12 @@ async def test_bad_input_is_dead_lettered_answered_and_the_worker_keeps_serving(
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             ),
         )
-        # Then a FAILED result with the matching code arrives at its reply address
-        reply = await _next(replies)
-        result = decode(reply.body, Result)
-        assert (result.task_id, result.status) == (task_id, Status.FAILED)
-        assert result.error is not None and result.error.code is code
+        if answered:
+            # Then a task that verified gets a FAILED result with its code at its reply address
+            reply = await _next(replies)
+            result = decode(reply.body, Result)
+            assert (result.task_id, result.status) == (task_id, Status.FAILED)
+            assert result.error is not None and result.error.code is code
         # and the dead letter keeps the original body with the reason in its headers
         dead = await _next(await channel.get_queue(dead_queue("demo.echo"), ensure=False))
         assert dead.body == body
@@ -185,6 +201,10 @@ async def test_bad_input_is_dead_lettered_answered_and_the_worker_keeps_serving(
         # and the same worker answers the next valid task
         good = await dispatcher.run("demo.echo", {"after": case}, wait_s=10)
         assert good.status is Status.SUCCESS and good.output == {"after": case}
+        if not answered:
+            # and a body nobody could trust was answered to nobody: its sender chose that
+            # reply address (docs/security.md §6)
+            assert await replies.get(fail=False, no_ack=True) is None
 
 
 async def test_garbage_with_no_properties_is_dead_lettered_under_a_generated_id_and_not_answered(
