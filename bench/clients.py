@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobu
 from bench import raw_worker
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig, TaskHandle
 from wayang_mq.core.model import Status
-from wayang_mq.core.signing import Signer
+from wayang_mq.core.signing import KeyRing, Signer
 
 RESULT_TIMEOUT_S = 60.0
 RAW_REPLY_QUEUE = "bench.raw.reply"
@@ -56,7 +56,12 @@ class WayangClient:
 
     def __init__(self, amqp_url: str, signer: Signer) -> None:
         dispatcher_id = f"bench-{uuid.uuid4().hex[:8]}"
-        config = DispatcherConfig(amqp_url=amqp_url, signer=signer, dispatcher_id=dispatcher_id)
+        config = DispatcherConfig(
+            amqp_url=amqp_url,
+            signer=signer,
+            results_keyring=KeyRing.of([signer.public_key]),
+            dispatcher_id=dispatcher_id,
+        )
         self._dispatcher = Dispatcher(config)
 
     async def start(self) -> None:
