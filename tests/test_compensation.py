@@ -10,9 +10,11 @@ from wayang_workers.demo import Echo, Fail
 from wayang_mq import ErrorCode, Executor, Status, Task
 from wayang_mq.amqp.publisher import to_amqp
 from wayang_mq.client.supervisor import SupervisionConfig
-from wayang_mq.core.model import Compensation, JsonLike, Result, RetryHints
+from wayang_mq.core.envelope import compensation_of
+from wayang_mq.core.model import Compensation, ErrorInfo, JsonLike, Result, RetryHints
 from wayang_mq.core.names import RESULTS_EXCHANGE, TASKS_EXCHANGE
 from wayang_mq.core.wire import decode, task_message
+from wayang_mq.ops.deadletters import list_dead_letters
 from wayang_mq.testing.harness import Fabric, eventually
 
 UNDO = Compensation(capability="demo.echo", input={"undo": "charge-42"})
@@ -95,7 +97,19 @@ async def test_a_task_the_dispatcher_expires_dispatches_its_compensation(fabric:
     assert compensated.output["compensates"]["error"]["code"] == "timeout"
 
 
-async def test_a_failure_decided_twice_compensates_once(fabric: Fabric) -> None:
+def test_a_compensation_derived_twice_is_one_task() -> None:
+    # Given a task that names a compensation, and its failure
+    task = Task.create("demo.fail", {}, compensation=UNDO)
+    error = ErrorInfo(code=ErrorCode.EXECUTOR_ERROR, message="boom")
+    # When the failure is decided twice (a worker after a redelivery, the reaper, anyone)
+    first, second = compensation_of(task, error), compensation_of(task, error)
+    # Then both derive the same task: id, token, node and idempotency key, so it runs once
+    assert first is not None and first == second
+    assert first.task_id == first.idempotency_key == f"{task.task_id}.compensation"
+    assert first.token != task.token and first.node_id == f"{task.node_id}:compensate"
+
+
+async def test_a_task_published_twice_is_decided_and_compensated_once(fabric: Fabric) -> None:
     await fabric.purge("demo.fail", "demo.echo")
     undo = Undo()
     connection = await aio_pika.connect(fabric.endpoint.amqp_url)
@@ -108,39 +122,34 @@ async def test_a_failure_decided_twice_compensates_once(fabric: Fabric) -> None:
         wire = await channel.declare_queue(exclusive=True)
         await wire.bind(RESULTS_EXCHANGE, dispatcher.reply_to)
         # Given a task that fails for good and names a compensation, published twice (as a
-        # publisher retrying after a lost confirm does): the worker decides its failure for
-        # each copy, and each decision dispatches the compensation
+        # publisher retrying after a lost confirm does)
         task = dispatcher.task("demo.fail", {"mode": "permanent"}, compensation=UNDO)
         handle = await dispatcher.submit_task(task)
         tasks = await channel.get_exchange(TASKS_EXCHANGE)
         again = to_amqp(task_message(task, fabric.signer))
         await tasks.publish(again, task.capability, mandatory=True)
-        # When both copies are answered, and a marker queued after both compensations is too
-        # (a single slot takes the queue in order: the compensations are behind us then)
-        seen: list[Result] = []
-        await eventually(
-            lambda: _collect(wire, seen, lambda r: r.task_id == task.task_id, 2),
-            what="both copies answered",
-        )
+        # When a marker queued after both copies is answered (a single slot takes the queue
+        # in order: the copies and the compensation are behind us then)
+        failed = await handle.result(10)
         marker = await dispatcher.run("demo.echo", {"undo": "marker"}, wait_s=10)
+        compensation_id = f"{task.task_id}.compensation"
+        compensated = await dispatcher.result_of(compensation_id, timeout_s=10)
+        seen: list[Result] = []
         await eventually(
             lambda: _collect(wire, seen, lambda r: r.task_id == marker.task_id, 1),
             what="the marker on the wire",
         )
-        failed = await handle.result(10)
-        compensation_id = f"{task.task_id}.compensation"
-        compensated = await dispatcher.result_of(compensation_id, timeout_s=10)
-    # Then both decisions linked the same compensation task
+    # Then the task was decided once: the second copy, no broker redelivery, was refused as
+    # a replay (dead-lettered, answered to nobody), so one FAILED went out, linked
     decisions = [r for r in seen if r.task_id == task.task_id]
-    assert [r.compensation_task_id for r in decisions] == [compensation_id] * 2
+    assert [r.compensation_task_id for r in decisions] == [compensation_id]
     assert failed.compensation_task_id == compensation_id
-    # and every compensation result the caller got is that one task's, handed out once
-    answers = {r.task_id for r in seen if r.capability == "demo.echo"} - {marker.task_id}
-    assert answers == {compensation_id}
     assert compensated.status is Status.SUCCESS
-    # and its executor ran it once, under one idempotency key
+    # and the compensation ran once, under one idempotency key
     compensations = [run for run in undo.runs if run[0] != marker.task_id]
     assert compensations == [(compensation_id, compensation_id)]
+    dead = await list_dead_letters(fabric.endpoint.amqp_url, "demo.fail")
+    assert [d.code for d in dead if d.task_id == task.task_id] == [ErrorCode.REPLAYED]
 
 
 async def _collect(

@@ -128,7 +128,7 @@ async def test_a_cancel_signed_by_an_untrusted_key_is_ignored(fabric: Fabric) ->
         assert dispatcher._publisher is not None
         await dispatcher._publisher.publish(CONTROL_EXCHANGE, cancel_key(handle.task_id), forged)
         # Then the worker refuses it, and the task runs on until a trusted cancel ends it
-        await daemon.until_logged("event=control.refused")
+        await daemon.until_logged("event=security.refused")
         assert await dispatcher.cancel(handle.task_id, "trusted")
         result = await handle.result(10)
     assert result.error is not None and result.error.code is ErrorCode.CANCELLED

@@ -42,8 +42,9 @@ from wayang_mq.core.names import (
     dead_queue,
     task_queue,
 )
+from wayang_mq.core.scopes import FULL_TRUST, KeyScope, Role
 from wayang_mq.core.signing import KeyRing, Signer
-from wayang_mq.core.wire import decode
+from wayang_mq.core.wire import decode, encode
 from wayang_mq.ops.deadletters import list_dead_letters, purge, read_dead_letter, replay
 from wayang_mq.ops.reaper import Handled, Reaper
 from wayang_mq.testing.harness import Fabric, WorkerProcess, eventually
@@ -145,8 +146,14 @@ async def _reaper_caught_up(fabric: Fabric, reaper: Reaper, tap: ReplyTap, capab
     marker's id (its copy stays in ``wayang.dead.<capability>``)."""
     assert reaper.config.prefetch == 1
     marker = f"marker-{new_id()}"
+    task = Task.create(capability, {}, task_id=marker, reply_to=tap.reply_to)
     await _publish_raw(
-        fabric, DEAD_LETTER_EXCHANGE, capability, GARBAGE, message_id=marker, reply_to=tap.reply_to
+        fabric,
+        DEAD_LETTER_EXCHANGE,
+        capability,
+        encode(task),
+        message_id=marker,
+        reply_to=tap.reply_to,
     )
     await tap.wait_for(marker)
     return marker
@@ -216,7 +223,7 @@ async def test_a_task_outliving_its_queue_timeout_ends_failed_timeout_and_stays_
     await fabric.purge("demo.sleep")
 
 
-async def test_garbage_that_expires_unread_is_answered_from_its_amqp_properties(
+async def test_garbage_that_expires_unread_is_answered_to_nobody_and_kept(
     fabric: Fabric,
 ) -> None:
     # Given a foreign client's unreadable task with a reply address, and no worker to read it
@@ -238,19 +245,21 @@ async def test_garbage_that_expires_unread_is_answered_from_its_amqp_properties(
             reply_to=reply_to,
             expiration=0.3,
         )
-        # Then the reaper answers FAILED timeout, correlated by the message id alone
-        result = await tap.wait_for(task_id)
-        assert result.status is Status.FAILED
-        assert result.error is not None and result.error.code is ErrorCode.TIMEOUT
-        assert (result.token, result.node_id) == ("", "")  # nothing read from the body
-        assert "msgpack" in result.error.details["unverified"]
-        # and once the reaper has caught up, that is the one answer
+        # Then once the reaper has seen it, and caught up, nothing was answered to the
+        # address the unverified message named: its sender chose it (docs/security.md §6)
+        await eventually(
+            lambda: reaper.handled(task_id) is not None, what="the reaper seeing the dead letter"
+        )
         marker = await _reaper_caught_up(fabric, reaper, tap, "demo.sleep")
-        assert tap.terminal(besides=marker) == [task_id]
+        assert tap.terminal(besides=marker) == []
+        assert reaper.handled(task_id) is Handled.SKIPPED
+    # and the dead letter waits in wayang.dead.demo.sleep, for inspection
+    letters = await list_dead_letters(fabric.endpoint.amqp_url, "demo.sleep")
+    assert (task_id, "expired") in {(d.task_id, d.broker_reason) for d in letters}
     await fabric.purge("demo.sleep")
 
 
-async def test_a_task_a_consumer_rejects_is_answered_executor_error_or_the_bodys_fault(
+async def test_a_task_a_consumer_rejects_is_answered_executor_error_and_garbage_is_not(
     dl_fabric: Fabric,
 ) -> None:
     fabric = dl_fabric
@@ -288,14 +297,12 @@ async def test_a_task_a_consumer_rejects_is_answered_executor_error_or_the_bodys
         assert result.error is not None and result.error.code is ErrorCode.EXECUTOR_ERROR
         assert result.error.details["dead_letter_reason"] == "rejected"
         assert (result.token, result.error.retryable) == (handle.task.token, False)
-        # and the unreadable one FAILED with the body's fault, from its AMQP properties
-        garbage = await tap.wait_for(garbage_id)
-        assert garbage.error is not None and garbage.error.code is ErrorCode.INVALID_TASK
-        assert garbage.error.details["dead_letter_reason"] == "rejected"
-        assert "msgpack" in garbage.error.message
+        # and the unreadable one is answered to nobody (once the reaper caught up)
+        marker = await _reaper_caught_up(fabric, reaper, tap, REJECTED)
+        assert tap.terminal(besides=marker) == []
     # and both wait in wayang.dead.dl.rejected with that reason
     letters = await list_dead_letters(fabric.endpoint.amqp_url, REJECTED)
-    assert {(d.task_id, d.broker_reason) for d in letters} == {
+    assert {(d.task_id, d.broker_reason) for d in letters if d.task_id != marker} == {
         (handle.task_id, "rejected"),
         (garbage_id, "rejected"),
     }
@@ -347,17 +354,24 @@ async def test_the_reaper_dispatches_the_compensation_of_a_task_it_answers(
     fabric: Fabric, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given no worker for demo.sleep; a reaper signing with a key of its own; a worker for
-    # demo.echo that trusts that key only (so it runs only what the reaper signed)
+    # demo.echo that trusts the issuer's key and, for attempt records, that reaper's only
+    # (so a compensation runs only when that reaper decided it)
     await fabric.purge("demo.sleep", "demo.echo")
     await fabric.purge_reaper()
     assert await _consumers(fabric, task_queue("demo.sleep")) == 0
     reaper_signer = Signer.generate()
+    ring = KeyRing.scoped(
+        [
+            (fabric.signer.public_key, FULL_TRUST),
+            (reaper_signer.public_key, KeyScope(Role.REAPER, "comp-reaper")),
+        ]
+    )
     undo = CompensationRecorder()
     caplog.set_level(logging.INFO, logger="wayang_mq")
     async with (
-        fabric.reaper(signer=reaper_signer) as reaper,
-        fabric.worker([undo], keyring=KeyRing.of([reaper_signer.public_key])),
-        fabric.dispatcher(supervision=None) as dispatcher,
+        fabric.reaper(signer=reaper_signer, reaper_id="comp-reaper") as reaper,
+        fabric.worker([undo], keyring=ring),
+        fabric.dispatcher(supervision=None, results_keyring=ring) as dispatcher,
     ):
         # When a task naming a compensation expires in its queue, and another whose
         # compensation's capability has no queue
@@ -477,14 +491,20 @@ async def test_bad_input_dead_lettered_by_a_worker_is_answered_once(fabric: Fabr
         await aio_pika.connect(fabric.endpoint.amqp_url) as connection,
     ):
         tap = await _tap(connection, reply_to)
-        # When the worker dead-letters a garbage task
+        # When the worker dead-letters a signed task that arrived on the wrong queue
+        wrong = Task.create("demo.sleep", {}, task_id=task_id, reply_to=reply_to)
         await _publish_raw(
-            fabric, TASKS_EXCHANGE, "demo.echo", GARBAGE, message_id=task_id, reply_to=reply_to
+            fabric,
+            TASKS_EXCHANGE,
+            "demo.echo",
+            encode(wrong),
+            message_id=task_id,
+            reply_to=reply_to,
         )
-        # Then the worker's FAILED invalid_task is the one answer
+        # Then the worker's FAILED no_executor is the one answer
         result = await tap.wait_for(task_id)
         assert (result.executor_id, result.status) == (worker.executor_id, Status.FAILED)
-        assert result.error is not None and result.error.code is ErrorCode.INVALID_TASK
+        assert result.error is not None and result.error.code is ErrorCode.NO_EXECUTOR
         # and the reaper saw the dead letter, and left it alone (its verdict is the barrier:
         # an answer of its own would have been confirmed before it)
         await eventually(
@@ -495,7 +515,7 @@ async def test_bad_input_dead_lettered_by_a_worker_is_answered_once(fabric: Fabr
         assert tap.terminal() == [task_id]
     letters = await list_dead_letters(fabric.endpoint.amqp_url, "demo.echo")
     assert [(d.task_id, d.code, d.dead_lettered_by) for d in letters] == [
-        (task_id, ErrorCode.INVALID_TASK, worker.executor_id)
+        (task_id, ErrorCode.NO_EXECUTOR, worker.executor_id)
     ]
     await fabric.purge("demo.echo")
 

@@ -219,6 +219,7 @@ class Reaper(Daemon):
             signer=self.config.signer,
             decider_id=self.reaper_id,
             tiers=self.config.retry_tiers,
+            queue_exists=self.queue_exists,
         )
 
 

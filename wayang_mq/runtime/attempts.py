@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aio_pika
@@ -30,8 +30,9 @@ from wayang_mq.core.envelope import (
     compensation_of,
     issued_headers,
 )
-from wayang_mq.core.errors import WayangError, WireError
+from wayang_mq.core.errors import NoExecutor, WayangError, WireError
 from wayang_mq.core.model import AttemptRecord, ErrorInfo, Result, Status, Task, now_ms
+from wayang_mq.core.names import task_queue
 from wayang_mq.core.signing import Signer
 from wayang_mq.core.wire import PARTITION_KEY_HEADER, decode
 from wayang_mq.topology.spec import RetryTier
@@ -88,6 +89,7 @@ async def dispatch_compensation(
     signer: Signer,
     decider_id: str,
     tiers: Sequence[RetryTier],
+    queue_exists: Callable[[str], Awaitable[bool]],
 ) -> Result:
     """Publish the compensation of a task that failed for good; the result, linked to it.
 
@@ -95,7 +97,9 @@ async def dispatch_compensation(
     Published ``mandatory`` and confirmed before the decider acks or answers, so a crash in
     between decides (and compensates) again, under the same derived id. One that cannot be
     published (no tier, no queue for its capability, no broker) is logged, and the FAILED
-    result goes out unlinked: the caller must learn of the failure either way.
+    result goes out unlinked: the caller must learn of the failure either way. Its queue is
+    checked first: through a tier the broker would confirm it, then drop it unrouted when the
+    tier gives it back to ``wayang.tasks``.
     """
     if result.status is not Status.FAILED or result.error is None:
         return result
@@ -107,6 +111,11 @@ async def dispatch_compensation(
     try:
         if not tiers:
             raise WayangError("the topology has no retry tier to carry it")
+        capability = compensation.capability
+        if not any(
+            [await queue_exists(q) for q in (task_queue(capability), task_queue(capability, 0))]
+        ):
+            raise NoExecutor(capability)
         tier = retry.pick_tier(0, tiers)
         record = AttemptRecord(
             task_id=task.task_id,

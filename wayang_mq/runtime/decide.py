@@ -15,7 +15,7 @@ values (nothing here publishes or acks; :func:`~wayang_mq.amqp.outcome.settle` d
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
@@ -50,7 +50,9 @@ class Decider:
         signer: Signer,
         retry_tiers: tuple[RetryTier, ...],
         publisher: Callable[[], ConfirmedPublisher],
+        queue_exists: Callable[[str], Awaitable[bool]],
     ) -> None:
+        self._queue_exists = queue_exists  # a compensation's queue is checked before it goes
         self._executor_id = executor_id
         self._signer = signer
         self._tiers = retry_tiers
@@ -97,6 +99,7 @@ class Decider:
             signer=self._signer,
             decider_id=self._executor_id,
             tiers=self._tiers,
+            queue_exists=self._queue_exists,
         )
         sends.append(self.result_send(task, result))
         return done(task.task_id, *sends, result=result)

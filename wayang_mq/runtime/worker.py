@@ -136,7 +136,11 @@ class Worker(Daemon):
         self._chain = Chain((*config.middleware, self._recent))
         self._runner = Runner(self._by_capability, self.executor_id, self._progress, self._started)
         self._decider = Decider(
-            self.executor_id, config.signer, config.retry_tiers, lambda: self.publisher
+            self.executor_id,
+            config.signer,
+            config.retry_tiers,
+            lambda: self.publisher,
+            self.queue_exists,
         )
         self._heartbeat_seq = 0
         self._control: ControlServer | None = None
