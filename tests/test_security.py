@@ -685,8 +685,10 @@ async def test_a_forged_heartbeat_does_not_stop_the_dispatcher_expiring_a_task(
             ),
         ]
 
+        stop = asyncio.Event()
+
         async def forge() -> None:
-            while True:
+            while not stop.is_set():
                 for body, headers in beats:
                     executor_id = msgpack.unpackb(body)["executor_id"]
                     await _publish(
@@ -704,9 +706,8 @@ async def test_a_forged_heartbeat_does_not_stop_the_dispatcher_expiring_a_task(
         try:
             result = await handle.result(WAIT_S)
         finally:
-            forger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await forger
+            stop.set()
+            await asyncio.wait_for(forger, WAIT_S)
     # Then the dispatcher still ends it at its deadline: FAILED timeout, decided by itself
     assert result.status is Status.FAILED
     assert result.error is not None and result.error.code is ErrorCode.TIMEOUT
@@ -719,47 +720,42 @@ async def test_a_forged_heartbeat_does_not_stop_the_dispatcher_expiring_a_task(
     assert any(f"task_id={tid}" in line and "does not serve" in line for line in refused)
 
 
-async def _answer_status_requests(
-    channel: AbstractChannel,
-    task_id: str,
-    reports: Callable[[StatusRequest], list[tuple[bytes, dict[str, Any]]]],
-    answered: list[str],
-) -> None:
-    """Read every status request about ``task_id`` off wayang.control (any account may bind
-    there) and answer it with ``reports``."""
-    requests = await _tap(channel, CONTROL_EXCHANGE, status_key(task_id))
-    while True:
-        for message in await _drain(requests):
-            request = decode(message.body, StatusRequest)
-            for body, headers in reports(request):
-                await _publish(
-                    channel,
-                    CONTROL_EXCHANGE,
-                    request.reply_to,
-                    body,
-                    headers,
-                    message_id=request.request_id,
-                    wire_type=StatusReport.wire_type,
-                )
-            answered.append(request.request_id)
-        await asyncio.sleep(0.02)
-
-
 @contextlib.asynccontextmanager
 async def _answering(
     channel: AbstractChannel,
     task_id: str,
     reports: Callable[[StatusRequest], list[tuple[bytes, dict[str, Any]]]],
 ) -> AsyncIterator[list[str]]:
+    """While the block runs, read every status request about ``task_id`` off wayang.control
+    (any account may bind there) and answer it with ``reports``; yields the request ids
+    answered."""
+    requests = await _tap(channel, CONTROL_EXCHANGE, status_key(task_id))
     answered: list[str] = []
-    responder = asyncio.create_task(_answer_status_requests(channel, task_id, reports, answered))
-    await asyncio.sleep(0.2)  # its queue bound before the first request
+    stop = asyncio.Event()
+
+    async def answer() -> None:
+        while not stop.is_set():
+            for message in await _drain(requests):
+                request = decode(message.body, StatusRequest)
+                for body, headers in reports(request):
+                    await _publish(
+                        channel,
+                        CONTROL_EXCHANGE,
+                        request.reply_to,
+                        body,
+                        headers,
+                        message_id=request.request_id,
+                        wire_type=StatusReport.wire_type,
+                    )
+                answered.append(request.request_id)
+            await asyncio.sleep(0.02)
+
+    responder = asyncio.create_task(answer())
     try:
         yield answered
     finally:
-        responder.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await responder
+        stop.set()
+        await asyncio.wait_for(responder, WAIT_S)
 
 
 async def test_a_forged_status_report_is_ignored(
