@@ -236,7 +236,8 @@ class ControlClient:
         self._requester_id = requester_id  # names its status-reply queue
         self._issuer = issuer or requester_id  # who its cancels say they come from
         self._keyring = keyring  # status reports are verified: an executor speaks for itself
-        self._waiting: dict[str, list[StatusReport]] = {}
+        # request id → the task's capability (None: not known here) and the reports so far
+        self._waiting: dict[str, tuple[str | None, list[StatusReport]]] = {}
 
     async def start(self, channel: AbstractChannel) -> None:
         """Declare the queue that collects status answers for this requester."""
@@ -260,14 +261,18 @@ class ControlClient:
             return False
         return True
 
-    async def status(self, task_id: str, wait_s: float = 1.0) -> list[StatusReport]:
-        """Every executor's answer that arrives within ``wait_s``."""
+    async def status(
+        self, task_id: str, wait_s: float = 1.0, capability: str | None = None
+    ) -> list[StatusReport]:
+        """Every executor's answer that arrives within ``wait_s``; with the task's
+        ``capability`` known, only from keys that serve it (a key speaks only for tasks of
+        its capabilities: a report by another capability's executor is refused)."""
         request = StatusRequest(
             request_id=new_id(),
             task_id=task_id,
             reply_to=names.status_reply_key(self._requester_id),
         )
-        self._waiting[request.request_id] = []
+        self._waiting[request.request_id] = (capability, [])
         try:
             await self._publisher.publish(
                 names.CONTROL_EXCHANGE,
@@ -279,7 +284,7 @@ class ControlClient:
             return []
         try:
             await asyncio.sleep(wait_s)
-            return self._waiting[request.request_id]
+            return self._waiting[request.request_id][1]
         finally:
             del self._waiting[request.request_id]
 
@@ -288,11 +293,12 @@ class ControlClient:
             report, signer = open_signed(
                 message.body, message.headers or {}, self._keyring, StatusReport
             )
-            check_executor_event(signer, report.executor_id, ())
+            waiting = self._waiting.get(report.request_id)
+            capability = waiting[0] if waiting is not None else None
+            check_executor_event(signer, report.executor_id, (capability,) if capability else ())
         except WayangError as exc:
             event = "security.refused" if isinstance(exc, SignatureError) else "control.refused"
             logs.event(log, event, logging.WARNING, type=message.type, code=exc.code, error=exc)
             return
-        answers = self._waiting.get(report.request_id)
-        if answers is not None:
-            answers.append(report)
+        if waiting is not None:
+            waiting[1].append(report)

@@ -265,7 +265,9 @@ class Dispatcher:
 
     async def status(self, task_id: str, wait_s: float = 1.0) -> StatusSummary:
         """Ask the executors, for ``wait_s``, what they know of the task."""
-        reports = await self._started_control().status(task_id, wait_s)
+        task = self._replies.current(task_id)
+        capability = task.capability if task is not None else None
+        reports = await self._started_control().status(task_id, wait_s, capability)
         finished = self._replies.finished(task_id)
         return summarize(task_id, reports, finished.status if finished else None)
 

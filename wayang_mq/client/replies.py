@@ -212,7 +212,7 @@ class Replies:
         """The reply queue's consumer: read, decide, then settle (the bad ones rejected)."""
         try:
             result, signer = open_signed(message.body, message.headers or {}, self._keyring, Result)
-            check_result(signer, result)
+            check_result(signer, result, self.current(result.task_id))
         except WayangError as exc:
             event = "security.refused" if isinstance(exc, SignatureError) else "result.invalid"
             key_id = (message.headers or {}).get(KEY_ID_HEADER)

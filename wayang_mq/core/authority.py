@@ -16,9 +16,10 @@ from wayang_mq.core.signing import Verified
 DECIDED_BY_DISPATCHER = "dispatcher:"
 
 
-def check_result(signer: Verified, result: Result) -> None:
+def check_result(signer: Verified, result: Result, task: Task | None = None) -> None:
     """An executor answers as itself for its capabilities; the reaper answers FAILED for
-    any; a dispatcher only its own deadline's FAILED, as ``dispatcher:<id>``."""
+    any; a dispatcher only its own deadline's FAILED, as ``dispatcher:<id>``, for a task it
+    issued (``task``: the attempt the receiver waits for, when it knows it)."""
     scope = signer.scope
     if scope.role is Role.ADMIN:
         return
@@ -42,6 +43,11 @@ def check_result(signer: Verified, result: Result) -> None:
         raise KeyNotAllowed(
             f"result for task {result.task_id} ({result.status.value}, executor "
             f"{result.executor_id!r}) may not be signed by {scope.describe()}"
+        )
+    if scope.role is Role.DISPATCHER and task is not None and task.issuer != scope.identity:
+        raise KeyNotAllowed(
+            f"result for task {result.task_id} is signed by {scope.describe()}, but the task "
+            f"was issued by {task.issuer!r}: a dispatcher decides only its own tasks' deadlines"
         )
 
 

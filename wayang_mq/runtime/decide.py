@@ -185,7 +185,7 @@ class Decider:
         if isinstance(error, SignatureError):
             key_id = (message.headers or {}).get(KEY_ID_HEADER)
             fields["key_id"] = printable(str(key_id)[:64]) if key_id is not None else None
-            fields["answered"] = "no"
+            fields["answered"] = "yes" if task is not None else "no"
             event = "security.refused"
         return Outcome(
             Kind.DEAD_LETTER,
