@@ -24,9 +24,17 @@ from wayang_workers.demo import Echo
 from wayang_mq import Status, Task
 from wayang_mq.amqp.publisher import to_amqp
 from wayang_mq.core.envelope import open_task
+from wayang_mq.core.scopes import FULL_TRUST, KeyScope, Role
 from wayang_mq.core.signing import KeyRing
 from wayang_mq.core.wire import task_message
 from wayang_mq.testing.harness import Fabric, eventually
+
+ISSUER = "foreign-client"
+
+
+def signed_bytes(wire_type: str, key_id: str, body: bytes) -> bytes:
+    """Section 5: what Ed25519 signs, the protected header line and then the exact body."""
+    return f"wayang-mq/1 ed25519 {wire_type} {key_id}\n".encode("ascii") + body
 
 
 class ForeignPublisher:
@@ -39,6 +47,10 @@ class ForeignPublisher:
         self.connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
         self.channel = self.connection.channel()
         self.channel.confirm_delivery()
+
+    def scope(self, *capabilities: str) -> KeyScope:
+        """What an operator writes beside our public key (docs/security.md §4)."""
+        return KeyScope(Role.DISPATCHER, ISSUER, capabilities)
 
     def reply_queue(self, reply_key: str) -> str:
         """Section 1: a queue of our own bound to wayang.results with our reply key."""
@@ -59,10 +71,14 @@ class ForeignPublisher:
                 "input": task_input,
                 "issued_at_ms": now,
                 "deadline_ms": now + 30_000,
+                "audience": "wayang",
                 "reply_to": reply_to,
+                "issuer": ISSUER,  # the id our key's scope names
             }
         )
-        signature = base64.b64encode(self.key.sign(body)).decode()
+        signature = base64.b64encode(
+            self.key.sign(signed_bytes("wayang.task.v1", self.key_id, body))
+        ).decode()
         self.channel.basic_publish(
             "wayang.tasks",
             capability,
@@ -98,7 +114,12 @@ class ForeignPublisher:
 
 async def test_a_pika_publisher_gets_its_result_on_its_own_reply_queue(fabric: Fabric) -> None:
     foreign = await asyncio.to_thread(ForeignPublisher, fabric.endpoint.amqp_url)
-    trusted = KeyRing.of([fabric.signer.public_key, foreign.key.public_key()])
+    trusted = KeyRing.scoped(
+        [
+            (fabric.signer.public_key, FULL_TRUST),
+            (foreign.key.public_key(), foreign.scope("demo.*")),
+        ]
+    )
     try:
         async with fabric.worker([Echo()], keyring=trusted):
             queue = await asyncio.to_thread(foreign.reply_queue, "reply.foreign-client")
@@ -108,6 +129,10 @@ async def test_a_pika_publisher_gets_its_result_on_its_own_reply_queue(fabric: F
             properties, body = await foreign.receive(queue)
     finally:
         await asyncio.to_thread(foreign.connection.close)
+    # The result verifies by the document alone: the worker's key, over the result's header
+    key_id = properties.headers["wayang-key-id"]
+    signature = base64.b64decode(properties.headers["wayang-signature"])
+    fabric.signer.public_key.verify(signature, signed_bytes("wayang.result.v1", key_id, body))
     result = msgpack.unpackb(body)
     assert properties.type == "wayang.result.v1"
     assert properties.correlation_id == task_id
@@ -130,8 +155,11 @@ async def test_a_pika_task_is_read_back_and_decoded_by_wayang_mq(fabric: Fabric)
         properties, body = await foreign.receive(queue)
     finally:
         await asyncio.to_thread(foreign.connection.close)
-    task = open_task(body, properties.headers, KeyRing.of([foreign.key.public_key()])).task
+    ring = KeyRing.scoped([(foreign.key.public_key(), foreign.scope("interop.*"))])
+    opened = open_task(body, properties.headers, ring)
+    task = opened.task
     assert (task.task_id, task.capability, task.input) == (task_id, "interop.read", {"n": 7})
+    assert (task.issuer, task.audience, opened.issuer.key_id) == (ISSUER, "wayang", foreign.key_id)
 
 
 async def test_a_wayang_mq_task_is_read_and_verified_by_plain_pika(fabric: Fabric) -> None:
@@ -152,11 +180,14 @@ async def test_a_wayang_mq_task_is_read_and_verified_by_plain_pika(fabric: Fabri
         properties, body = await foreign.receive(queue)
     finally:
         await asyncio.to_thread(foreign.connection.close)
-    # When pika verifies it by the document alone: key id, then Ed25519 over the exact bytes
+    # When pika verifies it by the document alone: key id, then Ed25519 over the header line
+    # for the type it expects and the exact bytes
     public = fabric.signer.public_key
     raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    assert properties.headers["wayang-key-id"] == hashlib.sha256(raw).hexdigest()[:16]
-    public.verify(base64.b64decode(properties.headers["wayang-signature"]), body)
+    key_id = hashlib.sha256(raw).hexdigest()[:16]
+    assert properties.headers["wayang-key-id"] == key_id
+    signature = base64.b64decode(properties.headers["wayang-signature"])
+    public.verify(signature, signed_bytes("wayang.task.v1", key_id, body))
     # Then the properties and the body are what the document says
     assert properties.content_type == "application/msgpack"
     assert properties.type == "wayang.task.v1"
@@ -165,7 +196,9 @@ async def test_a_wayang_mq_task_is_read_and_verified_by_plain_pika(fabric: Fabri
     assert 0 < int(properties.expiration) <= 60_000
     decoded = msgpack.unpackb(body)
     assert decoded["task_id"] == task.task_id and decoded["input"] == {"n": 8}
-    # and a flipped byte no longer verifies
+    # and a flipped byte no longer verifies, nor does the signature pass for another type
     tampered = bytes([body[0] ^ 1]) + body[1:]
     with pytest.raises(InvalidSignature):
-        public.verify(base64.b64decode(properties.headers["wayang-signature"]), tampered)
+        public.verify(signature, signed_bytes("wayang.task.v1", key_id, tampered))
+    with pytest.raises(InvalidSignature):
+        public.verify(signature, signed_bytes("wayang.result.v1", key_id, body))

@@ -3,6 +3,7 @@ byte, its schemas are what the models generate, and every message the code emits
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -18,8 +19,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jsonschema import Draft202012Validator
 from wayang_workers.demo import Echo, Fail, LongSleep, Sleep
 
-from wayang_mq.core.envelope import open_task
-from wayang_mq.core.model import WIRE_TYPES, RetryHints, Task
+from wayang_mq.core.envelope import (
+    ATTEMPT_HEADER,
+    ATTEMPT_KEY_ID_HEADER,
+    ATTEMPT_SIGNATURE_HEADER,
+    open_task,
+)
+from wayang_mq.core.model import WIRE_TYPES, AttemptRecord, RetryHints, Task
 from wayang_mq.core.names import (
     CONTROL_EXCHANGE,
     EVENTS_EXCHANGE,
@@ -28,7 +34,7 @@ from wayang_mq.core.names import (
     TASKS_EXCHANGE,
 )
 from wayang_mq.core.schema import all_schemas
-from wayang_mq.core.signing import KeyRing, Signer
+from wayang_mq.core.signing import KEY_ID_HEADER, SIGNATURE_HEADER, KeyRing, Signer
 from wayang_mq.core.wire import PARTITION_KEY_HEADER, encode
 from wayang_mq.testing.harness import Fabric, eventually
 
@@ -197,6 +203,11 @@ async def test_every_message_type_the_code_emits_matches_the_doc(fabric: Fabric)
         errors = [e.message for e in validators[message.type].iter_errors(body)]
         assert not errors, f"{message.type}: {errors}"
         _check_properties(message, body, fabric)
+        record = (message.headers or {}).get(ATTEMPT_HEADER)
+        if record is not None:
+            # §3, §4.7: the attempt record travels in headers, signed as its own type
+            _check_attempt_record(message, fabric, validators)
+            by_type[AttemptRecord.wire_type] = by_type.get(AttemptRecord.wire_type, 0) + 1
     assert set(by_type) == set(WIRE_TYPES), f"not seen: {set(WIRE_TYPES) - set(by_type)}"
     statuses = {msgpack.unpackb(m.body)["status"] for m in seen if m.type == "wayang.result.v1"}
     assert statuses == {"SUCCESS", "FAILED", "PENDING"}
@@ -204,6 +215,24 @@ async def test_every_message_type_the_code_emits_matches_the_doc(fabric: Fabric)
 
 def _has(seen: list[AbstractIncomingMessage], wire_type: str, subject: str) -> bool:
     return any(m.type == wire_type and m.message_id == subject for m in seen)
+
+
+def _check_attempt_record(
+    message: AbstractIncomingMessage, fabric: Fabric, validators: dict[str, Draft202012Validator]
+) -> None:
+    """wire-format §3 and §4.7: a retry's record is base64 msgpack, signed by its decider."""
+    headers = message.headers or {}
+    packed = base64.b64decode(str(headers[ATTEMPT_HEADER]), validate=True)
+    record = msgpack.unpackb(packed, raw=False)
+    errors = [e.message for e in validators[AttemptRecord.wire_type].iter_errors(record)]
+    assert not errors, f"attempt record: {errors}"
+    signature_headers = {
+        KEY_ID_HEADER: headers[ATTEMPT_KEY_ID_HEADER],
+        SIGNATURE_HEADER: headers[ATTEMPT_SIGNATURE_HEADER],
+    }
+    signer = fabric.keyring.verify(packed, signature_headers, AttemptRecord.wire_type)
+    assert signer.key_id == fabric.signer.key_id
+    assert record["task_id"] == message.message_id
 
 
 def _check_properties(
@@ -232,4 +261,5 @@ def _check_properties(
     if message.type == "wayang.result.v1" and message.exchange == RESULTS_EXCHANGE:
         assert message.reply_to == message.routing_key, where
     # every message is signed (§5), by a key the fabric trusts
-    assert fabric.keyring.verify(message.body, message.headers or {}) == fabric.signer.key_id
+    signer = fabric.keyring.verify(message.body, message.headers or {}, str(message.type))
+    assert signer.key_id == fabric.signer.key_id, where

@@ -1,6 +1,8 @@
 #!/usr/bin/env node
 // Check docs/wire-format.md §8 (the test vector) with this directory's implementation: the
-// task's msgpack body byte for byte, the key id and the signature. Exits 0 when all match.
+// task's msgpack body byte for byte, the signed header line, the key id and the signature
+// (over the header line and the body, §5), and that the signature verifies for a task and for
+// no other type. Exits 0 when all match.
 "use strict";
 
 const crypto = require("node:crypto");
@@ -42,10 +44,27 @@ const docHeaders = Object.fromEntries(
     .split("\n")
     .map((line) => line.split(": ")),
 );
-const headers = signer.headers(expected);
+const headers = signer.headers(expected, w.TYPES.task);
 for (const [name, value] of Object.entries(docHeaders)) {
   if (headers[name] !== value) failures.push(`${name}: ours ${headers[name]}, doc ${value}`);
 }
+
+// "The bytes signed are the line `...`, a line feed, then those 218 bytes."
+const line = DOC.match(/The bytes signed are the line `([^`]+)`, a line feed/);
+if (!line) failures.push("the doc names no signed header line");
+const signed = w.signingInput(w.TYPES.task, signer.keyId, expected);
+if (line && !signed.equals(Buffer.concat([Buffer.from(`${line[1]}\n`, "ascii"), expected])))
+  failures.push(`signed bytes: ours start ${JSON.stringify(signed.subarray(0, 60).toString())}`);
+const hex = DOC.match(/The signature in hex: `([0-9a-f]+)\s*([0-9a-f]+)`/);
+const docSignature = hex ? Buffer.from(hex[1] + hex[2], "hex") : null;
+if (!docSignature || !docSignature.equals(Buffer.from(headers[w.HEADERS.signature], "base64")))
+  failures.push("the signature in hex is not the header's");
+// a receiver that expects a task verifies it; one expecting any other type does not (§5)
+const verifies = (type) =>
+  crypto.verify(null, w.signingInput(type, signer.keyId, expected), signer.publicKey,
+    Buffer.from(docHeaders[w.HEADERS.signature] ?? "", "base64"));
+if (!verifies(w.TYPES.task)) failures.push("the doc's signature does not verify as a task");
+if (verifies(w.TYPES.result)) failures.push("the doc's signature verifies as a result");
 
 failures.push(...w.schemaErrors(w.loadValidators(), w.TYPES.task, w.decode(expected)));
 
@@ -53,4 +72,4 @@ if (failures.length) {
   process.stderr.write(`${failures.join("\n")}\n`);
   process.exit(1);
 }
-process.stdout.write("test vector: body, key id and signature match\n");
+process.stdout.write("test vector: body, signed header, key id and signature match\n");

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // Watch wayang-mq's results and events and check each message against docs/wire-format.md:
-// its signature (§5, against a directory of trusted keys), its body against docs/schema (§4)
+// its signature (§5, for the type where it was published, against a directory of trusted
+// keys) and whether the key's scope may say it (§4.4, §4.5), its body against docs/schema (§4)
 // and its AMQP properties (§2). Written from the doc alone.
 //
 // Binds `#` on each exchange, prints "ready" on stdout, then one JSON line per message:
@@ -24,28 +25,62 @@ const SUBJECT = {
   [w.TYPES.status]: "request_id",
 };
 
+/** The type a message must be, from where it was published (§1), as a receiver expects it:
+ * the signature is checked for that type, never for the AMQP `type` property (§5). */
+function expectedType(exchange, routingKey) {
+  if (exchange === w.EXCHANGES.results) return w.TYPES.result;
+  if (exchange === w.EXCHANGES.events) {
+    const kind = routingKey.split(".")[0];
+    return {
+      registered: w.TYPES.registration,
+      heartbeat: w.TYPES.heartbeat,
+      progress: w.TYPES.progress,
+      attempt: w.TYPES.result,
+    }[kind];
+  }
+  return undefined;
+}
+
+/** Whether the key's scope lets it say what the message says (§4.4, §4.5). */
+function scopeErrors(type, scope, body) {
+  try {
+    if (type === w.TYPES.result) w.checkResult(scope, body);
+    else if (type === w.TYPES.registration || type === w.TYPES.heartbeat)
+      w.checkExecutorEvent(scope, body.executor_id, body.capabilities);
+    else if (type === w.TYPES.progress) w.checkExecutorEvent(scope, body.executor_id);
+  } catch (error) {
+    if (!(error instanceof w.WireError)) throw error;
+    return [`signature: ${error.code}: ${error.message}`];
+  }
+  return [];
+}
+
 /** Every way `message` departs from the doc ([] when it follows it). */
 function check(message, trust, validators) {
   const { fields, properties: p, content } = message;
   const errors = [];
-  let keyId = null;
+  let signer = null;
   let body = null;
+  const type = expectedType(fields.exchange, fields.routingKey) ?? p.type;
+  if (p.type !== type) errors.push(`properties: type ${p.type}, published as a ${type}`);
   try {
-    keyId = trust.verify(content, p.headers ?? {});
+    signer = trust.verify(content, p.headers ?? {}, type);
   } catch (error) {
-    errors.push(`signature: ${error.message}`);
+    errors.push(`signature: ${error.code ?? ""}: ${error.message}`);
   }
   try {
     const decoded = w.decode(content);
     body = decoded.view;
-    errors.push(...w.schemaErrors(validators, p.type, decoded).map((e) => `schema: ${e}`));
+    errors.push(...w.schemaErrors(validators, type, decoded).map((e) => `schema: ${e}`));
   } catch (error) {
+    body = null;
     errors.push(`body: ${error.message}`);
   }
-  if (p.type === w.TYPES.result && body && (body.status === "FAILED") !== (body.error != null))
+  if (type === w.TYPES.result && body && (body.status === "FAILED") !== (body.error != null))
     errors.push("schema: /error must be present exactly when status is FAILED");
+  if (signer && body) errors.push(...scopeErrors(type, signer.scope, body));
   errors.push(...propertyErrors(fields, p, body));
-  return { keyId, body, errors };
+  return { keyId: signer?.keyId ?? null, body, errors };
 }
 
 function propertyErrors(fields, p, body) {

@@ -30,6 +30,7 @@ const TYPES = Object.freeze({
   cancel: "wayang.cancel.v1",
   statusRequest: "wayang.status-request.v1",
   status: "wayang.status.v1",
+  attempt: "wayang.attempt.v1", // travels in headers (§3, §4.7)
 });
 
 // §3
@@ -41,7 +42,18 @@ const HEADERS = Object.freeze({
   errorMessage: "wayang-error-message",
   deadLetteredBy: "wayang-dead-lettered-by",
   undecodable: "wayang-undecodable",
+  headersDropped: "wayang-headers-dropped",
+  attempt: "wayang-attempt",
+  attemptKeyId: "wayang-attempt-key-id",
+  attemptSignature: "wayang-attempt-signature",
 });
+
+/** The three headers of an attempt record (§3, §4.7). */
+const ATTEMPT_HEADERS = Object.freeze([
+  HEADERS.attempt,
+  HEADERS.attemptKeyId,
+  HEADERS.attemptSignature,
+]);
 
 // §6, and the schemas' ErrorCode enum
 const ERROR_CODES = Object.freeze([
@@ -57,6 +69,24 @@ const ERROR_CODES = Object.freeze([
   "oversized",
   "retries_exhausted",
   "backpressure",
+  "unknown_key",
+  "key_not_allowed",
+  "capability_not_allowed",
+  "wrong_audience",
+  "not_yet_valid",
+  "replayed",
+  "bad_attempt",
+]);
+
+/** Refusals about who sent a message (§4.4 "What is answered"): never answered. */
+const SECURITY_CODES = Object.freeze([
+  "bad_signature",
+  "unknown_key",
+  "key_not_allowed",
+  "capability_not_allowed",
+  "wrong_audience",
+  "replayed",
+  "bad_attempt",
 ]);
 
 /** A refusal or failure that carries its §6 code (and whether trying again may help). */
@@ -237,13 +267,161 @@ function schemaErrors(validators, type, { view, integralFloats = new Set() }) {
 
 // -- §5: signing and keys --------------------------------------------------------------------
 
+const SIGNATURE_VERSION = "wayang-mq/1";
+const ALGORITHM = "ed25519";
+
+/** The bytes an Ed25519 signature covers (§5 step 2): the ASCII line
+ * `wayang-mq/1 ed25519 <type> <key id>`, a line feed, then the exact body bytes. */
+function signingInput(type, keyId, body) {
+  if (!type || !/^[\x21-\x7e]+$/.test(type)) throw new Error(`not a message type: ${type}`);
+  if (!/^[\x21-\x7e]+$/.test(keyId)) throw new Error("a key id is printable ASCII");
+  const header = Buffer.from(`${SIGNATURE_VERSION} ${ALGORITHM} ${type} ${keyId}\n`, "ascii");
+  return Buffer.concat([header, body]);
+}
+
 /** The key id: the first 16 hex digits of SHA-256 over the raw 32-byte public key. */
 function keyIdOf(publicKey) {
   const raw = Buffer.from(publicKey.export({ format: "jwk" }).x, "base64url");
   return crypto.createHash("sha256").update(raw).digest("hex").slice(0, 16);
 }
 
-/** A private key that signs bodies: loaded from PKCS#8 PEM, or new. */
+// -- scopes (§5 "Who signs what", docs/security.md §4) --
+
+const ROLES = Object.freeze(["dispatcher", "executor", "reaper", "control-plane", "admin"]);
+const CAPABILITY = /^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)*$/; // §1
+
+/** A capability pattern of a scope: a capability, `prefix.*` or `*`. */
+function validPattern(pattern) {
+  if (pattern === "*") return true;
+  const name = pattern.endsWith(".*") ? pattern.slice(0, -2) : pattern;
+  return name.length <= 128 && CAPABILITY.test(name) && !name.startsWith("retry.");
+}
+
+/** What one key may sign: its role, the id it signs as, the capabilities it covers. */
+class KeyScope {
+  constructor(role, id, capabilities) {
+    if (!ROLES.includes(role)) throw new Error(`role must be one of ${ROLES.join(", ")}`);
+    if (typeof id !== "string" || !id) throw new Error("id must be a non-empty string");
+    if (!Array.isArray(capabilities) || !capabilities.every((c) => typeof c === "string" && validPattern(c)))
+      throw new Error("capabilities must be capability names, 'prefix.*' or '*'");
+    this.role = role;
+    this.id = id;
+    this.capabilities = Object.freeze([...capabilities]);
+    Object.freeze(this);
+  }
+
+  /** The key holds one of `roles` (an admin key holds every role). */
+  is(...roles) {
+    return this.role === "admin" || roles.includes(this.role);
+  }
+
+  /** The key may sign as `id` (an admin key signs as anyone). */
+  speaksFor(id) {
+    return this.role === "admin" || this.id === id;
+  }
+
+  /** The key may speak about tasks of `capability`: an exact name, `prefix.*` (any
+   * capability under the prefix) or `*`. */
+  covers(capability) {
+    return this.capabilities.some(
+      (p) =>
+        p === "*" ||
+        p === capability ||
+        (p.endsWith(".*") && capability.startsWith(p.slice(0, -1)) && capability.length > p.length - 1),
+    );
+  }
+
+  toString() {
+    return `${this.role} ${this.id} [${this.capabilities.join(",")}]`;
+  }
+
+  /** The scope file's text (docs/security.md §4). */
+  toToml() {
+    const caps = this.capabilities.map((c) => JSON.stringify(c)).join(", ");
+    return `role = ${JSON.stringify(this.role)}\nid = ${JSON.stringify(this.id)}\ncapabilities = [${caps}]\n`;
+  }
+}
+
+/** Parse a scope file: the tiny subset of TOML a scope is (`role = "..."`, `id = "..."`,
+ * `capabilities = ["...", ...]`, comments, basic or literal strings, an array over several
+ * lines). Anything else is an error, and so is a missing role or id; a missing
+ * `capabilities` means `["*"]` (as wayang-mq reads it; the doc does not say). */
+function parseScope(text) {
+  let i = 0;
+  const fail = (why) => {
+    const line = text.slice(0, i).split("\n").length;
+    throw new Error(`line ${line}: ${why}`);
+  };
+  const skip = (newlines) => {
+    for (;;) {
+      if (text[i] === " " || text[i] === "\t" || (newlines && (text[i] === "\n" || text[i] === "\r"))) i++;
+      else if (text[i] === "#") while (i < text.length && text[i] !== "\n") i++;
+      else return;
+    }
+  };
+  const string = () => {
+    const quote = text[i];
+    if (quote !== '"' && quote !== "'") fail("expected a string");
+    i++;
+    let out = "";
+    while (i < text.length && text[i] !== quote) {
+      const c = text[i++];
+      if (c === "\n") fail("a string ends on its line");
+      if (c !== "\\" || quote === "'") {
+        out += c;
+        continue;
+      }
+      const e = text[i++];
+      const simple = { b: "\b", t: "\t", n: "\n", f: "\f", r: "\r", '"': '"', "\\": "\\" };
+      if (e in simple) out += simple[e];
+      else if (e === "u" || e === "U") {
+        const digits = text.slice(i, i + (e === "u" ? 4 : 8));
+        if (!/^[0-9a-fA-F]+$/.test(digits) || digits.length !== (e === "u" ? 4 : 8)) fail("bad escape");
+        out += String.fromCodePoint(parseInt(digits, 16));
+        i += digits.length;
+      } else fail(`bad escape \\${e}`);
+    }
+    if (text[i] !== quote) fail("unterminated string");
+    i++;
+    return out;
+  };
+  const values = {};
+  for (;;) {
+    skip(true);
+    if (i >= text.length) break;
+    const start = i;
+    while (i < text.length && /[A-Za-z0-9_-]/.test(text[i])) i++;
+    const key = text.slice(start, i);
+    if (!key) fail("expected a key");
+    if (!["role", "id", "capabilities"].includes(key)) fail(`unknown key ${key}`);
+    if (key in values) fail(`${key} given twice`);
+    skip(false);
+    if (text[i++] !== "=") fail(`expected = after ${key}`);
+    skip(false);
+    if (key === "capabilities") {
+      if (text[i++] !== "[") fail("capabilities is an array");
+      const items = [];
+      for (;;) {
+        skip(true);
+        if (text[i] === "]") break;
+        items.push(string());
+        skip(true);
+        if (text[i] === ",") i++;
+        else if (text[i] !== "]") fail("expected , or ]");
+      }
+      i++;
+      values[key] = items;
+    } else values[key] = string();
+    skip(false);
+    if (i < text.length && text[i] !== "\n" && text[i] !== "\r") fail("one key per line");
+  }
+  return new KeyScope(values.role, values.id, values.capabilities ?? ["*"]);
+}
+
+/** The scope file of a public key file: `<stem>.toml` beside `<stem>.pub`. */
+const scopePath = (publicKeyFile) => publicKeyFile.replace(/\.pub$/, ".toml");
+
+/** A private key that signs messages: loaded from PKCS#8 PEM, or new. */
 class Signer {
   constructor(privateKey) {
     if (privateKey.asymmetricKeyType !== "ed25519") throw new Error("not an Ed25519 key");
@@ -260,21 +438,30 @@ class Signer {
     return new Signer(crypto.generateKeyPairSync("ed25519").privateKey);
   }
 
-  /** The §3 headers for `body` (the exact bytes that are published). */
-  headers(body) {
-    const signature = crypto.sign(null, body, this.privateKey); // pure Ed25519
-    return { [HEADERS.keyId]: this.keyId, [HEADERS.signature]: signature.toString("base64") };
+  /** The 64-byte signature of `body` as a message of `type` (§5). */
+  sign(body, type) {
+    return crypto.sign(null, signingInput(type, this.keyId, body), this.privateKey); // pure Ed25519
   }
 
-  /** Put the public key into a receiver's key directory, as §5 "Rotation" says: written
-   * under another name, then renamed into place, so no receiver reads half a file. */
-  publishPublicKey(directory) {
+  /** The §3 headers for `body` (the exact bytes that are published) as a `type` message. */
+  headers(body, type) {
+    const signature = this.sign(body, type).toString("base64");
+    return { [HEADERS.keyId]: this.keyId, [HEADERS.signature]: signature };
+  }
+
+  /** Put the public key and its scope into a receiver's key directory, as §5 "Rotation" and
+   * docs/security.md §4 say: each written under another name and renamed into place, the
+   * scope first, so no receiver reads half a file or a key without its scope. */
+  publishPublicKey(directory, scope) {
     fs.mkdirSync(directory, { recursive: true });
-    const target = path.join(directory, `${this.keyId}.pub`);
-    const partial = path.join(directory, `.${this.keyId}.partial`);
-    fs.writeFileSync(partial, this.publicKey.export({ type: "spki", format: "pem" }));
-    fs.renameSync(partial, target);
-    return target;
+    const place = (name, text) => {
+      const partial = path.join(directory, `.${name}.partial`);
+      fs.writeFileSync(partial, text);
+      fs.renameSync(partial, path.join(directory, name));
+    };
+    if (scope) place(`${this.keyId}.toml`, scope.toToml());
+    place(`${this.keyId}.pub`, this.publicKey.export({ type: "spki", format: "pem" }));
+    return path.join(directory, `${this.keyId}.pub`);
   }
 
   /** Write the private key as PKCS#8 PEM, mode 0600 (§5 "Key files"). */
@@ -294,40 +481,52 @@ function headerString(headers, name) {
 
 const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
 
-/** The public keys in a directory of `*.pub` files; reread when an unknown key id signs and
- * the directory changed since the last read (a key renamed into place, §5), or at most once
- * a second otherwise. */
+/** The public keys of a directory of `*.pub` files, each with its scope (`<stem>.toml`; a
+ * key without a readable one is trusted for nothing). Read again when an unknown key id
+ * signs and the directory changed since the last read (a key renamed into place, §5), and at
+ * most once a second while verifying otherwise, so a removed key stops verifying within
+ * about a second. */
 class KeyRing {
   constructor(directory, { reloadIntervalMs = 1000, log = () => {} } = {}) {
     this.directory = directory;
     this.reloadIntervalMs = reloadIntervalMs;
     this.log = log;
-    this.keys = new Map();
+    this.keys = new Map(); // key id -> {key, scope (KeyScope or null)}
     this.lastLoad = 0;
     this.load();
   }
 
-  /** Read the directory again (SIGHUP, or an unknown key id at most once a second). */
+  /** Read the directory again (SIGHUP, a change seen while verifying). */
   load() {
     this.stamp = this.directoryStamp(); // before reading: a change meanwhile is seen next time
+    this.lastLoad = Date.now();
     const keys = new Map();
     let files = [];
     try {
       files = fs.readdirSync(this.directory).filter((f) => f.endsWith(".pub"));
     } catch (error) {
       this.log(`cannot read key directory ${this.directory}: ${error.message}`);
+      return; // keep the keys already loaded
     }
-    for (const file of files) {
+    for (const file of files.sort()) {
+      const where = path.join(this.directory, file);
+      let key;
       try {
-        const key = crypto.createPublicKey(fs.readFileSync(path.join(this.directory, file)));
+        key = crypto.createPublicKey(fs.readFileSync(where));
         if (key.asymmetricKeyType !== "ed25519") throw new Error("not an Ed25519 key");
-        keys.set(keyIdOf(key), key);
       } catch (error) {
         this.log(`skipping ${file}: ${error.message}`);
+        continue;
       }
+      let scope = null;
+      try {
+        scope = parseScope(fs.readFileSync(scopePath(where), "utf8"));
+      } catch (error) {
+        this.log(`key ${keyIdOf(key)} (${file}) is trusted for nothing: scope ${error.message}`);
+      }
+      keys.set(keyIdOf(key), { key, scope });
     }
     this.keys = keys;
-    this.lastLoad = Date.now();
   }
 
   directoryStamp() {
@@ -338,30 +537,79 @@ class KeyRing {
     }
   }
 
-  /** The key for `keyId`, reading the directory again when it is unknown (throttled). */
+  /** The entry for `keyId`: the directory is read again when it changed, at once for an
+   * unknown key id, at most once a second for a known one (a revoked key). */
   find(keyId) {
-    const stale =
-      this.directoryStamp() !== this.stamp || Date.now() - this.lastLoad >= this.reloadIntervalMs;
-    if (!this.keys.has(keyId) && stale) {
+    const due = Date.now() - this.lastLoad >= this.reloadIntervalMs;
+    if ((due || !this.keys.has(keyId)) && this.directoryStamp() !== this.stamp) {
+      const known = this.keys.has(keyId);
       this.load();
-      if (this.keys.has(keyId)) this.log(`trusting new key ${keyId} from ${this.directory}`);
-    }
+      if (!known && this.keys.has(keyId)) this.log(`trusting new key ${keyId} from ${this.directory}`);
+    } else if (due) this.lastLoad = Date.now();
     return this.keys.get(keyId);
   }
 
-  /** The key id that signed `body`; WireError bad_signature otherwise. */
-  verify(body, headers) {
+  /** Who signed `body` as a `type` message: {keyId, scope}. Refuses with WireError
+   * bad_signature (no signature, or one that does not match), unknown_key (a key id not in
+   * the directory) or key_not_allowed (a key without a scope). */
+  verify(body, headers, type) {
     const keyId = headerString(headers, HEADERS.keyId);
     const signature = headerString(headers, HEADERS.signature);
     if (!keyId || !signature) throw new WireError("bad_signature", "missing signature");
-    const key = this.find(keyId);
-    if (!key) throw new WireError("bad_signature", `unknown key id ${keyId}`);
+    const entry = this.find(keyId);
+    if (!entry) throw new WireError("unknown_key", `unknown key id ${keyId.slice(0, 64)}`);
     const bytes = BASE64.test(signature) ? Buffer.from(signature, "base64") : Buffer.alloc(0);
     if (bytes.length !== 64) throw new WireError("bad_signature", "signature is not 64 bytes");
-    if (!crypto.verify(null, body, key, bytes))
-      throw new WireError("bad_signature", `forged signature (key id ${keyId})`);
-    return keyId;
+    if (!crypto.verify(null, signingInput(type, keyId, body), entry.key, bytes))
+      throw new WireError("bad_signature", `signature does not match (key id ${keyId})`);
+    if (!entry.scope)
+      throw new WireError("key_not_allowed", `key ${keyId} has no scope: trusted for nothing`);
+    return { keyId, scope: entry.scope };
   }
+}
+
+// -- what a key may sign (§5 "Who signs what", docs/security.md §4) --
+
+/** May `scope` sign this result? An executor as itself for its capabilities, the reaper
+ * FAILED as itself, a dispatcher only the FAILED of its own deadline as `dispatcher:<id>`,
+ * an admin anything. Throws WireError key_not_allowed / capability_not_allowed. */
+function checkResult(scope, result) {
+  if (scope.role === "admin") return;
+  if (scope.role === "executor") {
+    if (!scope.speaksFor(result.executor_id))
+      throw new WireError("key_not_allowed", `result names executor ${result.executor_id}, signed by ${scope}`);
+    if (!scope.covers(result.capability))
+      throw new WireError("capability_not_allowed", `result for ${result.capability}, signed by ${scope}`);
+    return;
+  }
+  const own = { reaper: scope.id, dispatcher: `dispatcher:${scope.id}` }[scope.role];
+  if (own === undefined || result.executor_id !== own || result.status !== "FAILED")
+    throw new WireError(
+      "key_not_allowed",
+      `a ${result.status} result by ${result.executor_id} may not be signed by ${scope}`,
+    );
+}
+
+/** May `scope` sign an event (registration, heartbeat, progress, status report) of
+ * `executorId` claiming `capabilities`? An executor as itself, for its capabilities. */
+function checkExecutorEvent(scope, executorId, capabilities = []) {
+  if (!scope.is("executor") || !scope.speaksFor(executorId))
+    throw new WireError("key_not_allowed", `an event of ${executorId} may not be signed by ${scope}`);
+  for (const capability of capabilities) {
+    if (!scope.covers(capability))
+      throw new WireError("capability_not_allowed", `${executorId} claims ${capability}, signed by ${scope}`);
+  }
+}
+
+/** May `scope` sign this task? A dispatcher (or admin) key, as its `issuer`, covering its
+ * capability (§7 step 4). */
+function checkTask(scope, task) {
+  if (!scope.is("dispatcher"))
+    throw new WireError("key_not_allowed", `task ${task.task_id} signed by ${scope}: only dispatchers sign tasks`);
+  if (!scope.speaksFor(task.issuer))
+    throw new WireError("key_not_allowed", `task ${task.task_id} names issuer ${JSON.stringify(task.issuer)}, signed by ${scope}`);
+  if (!scope.covers(task.capability))
+    throw new WireError("capability_not_allowed", `task ${task.task_id} is for ${task.capability}, signed by ${scope}`);
 }
 
 // -- §2: AMQP properties -----------------------------------------------------------------------
@@ -376,7 +624,7 @@ function properties(type, messageId, signer, body, { replyTo, expirationMs, head
     deliveryMode: 2,
     timestamp: Math.floor(Date.now() / 1000), // seconds since the epoch (AMQP's timestamp)
     appId: APP_ID,
-    headers: { ...headers, ...signer.headers(body) },
+    headers: { ...headers, ...signer.headers(body, type) },
   };
   if (replyTo) options.replyTo = replyTo;
   if (expirationMs !== undefined) options.expiration = String(Math.max(0, expirationMs));
@@ -443,6 +691,8 @@ module.exports = {
   TYPES,
   HEADERS,
   ERROR_CODES,
+  SECURITY_CODES,
+  ATTEMPT_HEADERS,
   BIN_KEY,
   WireError,
   encode,
@@ -451,9 +701,17 @@ module.exports = {
   MsgpackFloat,
   loadValidators,
   schemaErrors,
+  signingInput,
   keyIdOf,
+  KeyScope,
+  parseScope,
+  scopePath,
+  validPattern,
   Signer,
   KeyRing,
+  checkResult,
+  checkExecutorEvent,
+  checkTask,
   headerString,
   properties,
   usableId,
