@@ -45,6 +45,9 @@ ATTEMPT_SIGNATURE_HEADER = "wayang-attempt-signature"
 ATTEMPT_HEADERS = (ATTEMPT_HEADER, ATTEMPT_KEY_ID_HEADER, ATTEMPT_SIGNATURE_HEADER)
 MAX_ATTEMPT_HEADER_CHARS = 16_384  # a record is a few hundred bytes; its error is bounded
 
+#: the longest delay a record may add before the issuer's queue window, unless the issuer's
+#: own max_backoff_ms is longer (the shortest tier or an executor's retry_after may exceed it)
+LONGEST_RETRY_DELAY_MS = 24 * 3_600_000
 DEFAULT_MAX_CLOCK_SKEW_MS = 5 * 60_000
 DEFAULT_MAX_QUEUE_WINDOW_MS = 7 * 24 * 3_600_000
 
@@ -221,9 +224,10 @@ def _apply_record(
             )
     if record.compensates is not None and not 1 <= record.attempt <= task.retry.max_attempts:
         raise refuse(f"attempt {record.attempt} is outside the compensation's retry limit")
-    latest = record.issued_at_ms + original.retry.max_backoff_ms + original.queue_window_ms
+    delay = max(original.retry.max_backoff_ms, LONGEST_RETRY_DELAY_MS)
+    latest = record.issued_at_ms + delay + original.queue_window_ms
     if record.deadline_ms > latest:
-        raise refuse("its deadline is later than the issuer's backoff and queue window allow")
+        raise refuse("its deadline is later than a retry delay and the issuer's queue window allow")
     derived = task.model_copy(update={"attempt": record.attempt, "deadline_ms": record.deadline_ms})
     return derived, decider
 

@@ -106,12 +106,13 @@ def read_scope(path: Path) -> KeyScope:
     identity = data.get("id")
     if not isinstance(identity, str) or not identity:
         raise ConfigError(f"{path}: id must be a non-empty string", hint=hint)
-    capabilities = data.get("capabilities", ["*"])
+    capabilities = data.get("capabilities")  # required: "*" is said, never assumed
     if not isinstance(capabilities, list) or not all(
         isinstance(c, str) and valid_pattern(c) for c in capabilities
     ):
         raise ConfigError(
-            f"{path}: capabilities must be a list of capability names, 'prefix.*' or '*'",
+            f"{path}: capabilities must be a list of capability names, 'prefix.*' or '*' "
+            "(write [\"*\"] for every capability)",
             hint=hint,
         )
     return KeyScope(role, identity, tuple(capabilities))

@@ -67,6 +67,16 @@ def derived_message(
     )
 
 
+def issuer_window_ms(body: bytes, task: Task) -> int:
+    """The queue window the issuer gave the task (deadline minus issue time, as signed): each
+    retry and compensation gets this window again, never the last attempt's (which the
+    backoff stretched). ``body`` is a delivery that already opened."""
+    try:
+        return decode(body, Task).queue_window_ms
+    except WireError:
+        return task.queue_window_ms
+
+
 def carried_compensation(headers: Mapping[str, Any]) -> ErrorInfo | None:
     """The failure a delivery compensates, read from its attempt record: a retry of a
     compensation stays one. Only for a delivery that already opened (the record verified)."""
@@ -120,7 +130,7 @@ async def dispatch_compensation(
         record = AttemptRecord(
             task_id=task.task_id,
             attempt=1,
-            deadline_ms=now_ms() + tier.ttl_ms + task.queue_window_ms,
+            deadline_ms=now_ms() + tier.ttl_ms + issuer_window_ms(body, task),
             executor_id=decider_id,
             compensates=result.error,
         )

@@ -37,7 +37,12 @@ from wayang_mq.core.wire import (
     PARTITION_KEY_HEADER,
     signed_message,
 )
-from wayang_mq.runtime.attempts import carried_compensation, derived_message, dispatch_compensation
+from wayang_mq.runtime.attempts import (
+    carried_compensation,
+    derived_message,
+    dispatch_compensation,
+    issuer_window_ms,
+)
 from wayang_mq.topology.spec import RetryTier
 
 
@@ -120,7 +125,7 @@ class Decider:
         record = AttemptRecord(
             task_id=task.task_id,
             attempt=decision.attempt,
-            deadline_ms=now_ms() + decision.tier.ttl_ms + task.queue_window_ms,
+            deadline_ms=now_ms() + decision.tier.ttl_ms + issuer_window_ms(message.body, task),
             executor_id=self._executor_id,
             compensates=carried_compensation(message.headers or {}),
         )
