@@ -24,6 +24,7 @@ class ErrorCode(StrEnum):
     OVERSIZED = "oversized"  # body larger than the worker accepts
     RETRIES_EXHAUSTED = "retries_exhausted"  # every attempt the retry policy allowed failed
     BACKPRESSURE = "backpressure"  # the capability's queue is full
+    SECRET_UNAVAILABLE = "secret_unavailable"  # a referenced secret is unknown or unreadable
 
 
 class WayangError(Exception):
