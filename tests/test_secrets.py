@@ -30,7 +30,7 @@ import psycopg
 import pytest
 from cryptography.fernet import Fernet
 
-from wayang_mq import ErrorCode, Executor, RetryHints, Status, Task, current
+from wayang_mq import ErrorCode, Executor, ExecutorError, RetryHints, Status, Task, current
 from wayang_mq.core import logs, names
 from wayang_mq.core.errors import ConfigError
 from wayang_mq.core.model import JsonLike
@@ -330,6 +330,19 @@ class Caller(Executor):
         ctx = current()
         token = task.input["headers"]["token"]
         assert isinstance(token, Secret) and ctx.secret("api.token") is token
+        if task.input.get("objects"):  # Secret objects where messages are encoded
+            await ctx.progress(0.5, f"{token}", key=token)
+            ctx.heartbeat(keys=[token])
+            assert ctx.last_progress is not None
+            raise ExecutorError(
+                "failed on purpose",
+                retryable=False,
+                details={
+                    "key": token,
+                    "progress": ctx.last_progress.details,
+                    "heartbeat": ctx.heartbeat_details,
+                },
+            )
         if task.input.get("ask_unreferenced"):
             ctx.secret("other")  # not referenced by this task: fails secret_unavailable
         return {
@@ -367,6 +380,9 @@ async def test_an_executor_gets_secret_values_and_its_output_is_redacted(
         unreferenced = await dispatcher.run(
             "http.call", {"headers": {"token": ref}, "ask_unreferenced": True}, wait_s=30
         )
+        objects = await dispatcher.run(
+            "http.call", {"headers": {"token": ref}, "objects": True}, wait_s=30
+        )
         malformed = await dispatcher.run(
             "http.call", {"headers": {"token": {"$secret": "api.token", "x": 1}}}, wait_s=30
         )
@@ -376,6 +392,11 @@ async def test_an_executor_gets_secret_values_and_its_output_is_redacted(
         "length": len(value),
         "names": ["api.token"],
         "leak": "[secret:api.token]",
+    }
+    assert objects.error is not None and objects.error.details == {
+        "key": "[secret:api.token]",
+        "progress": {"key": "[secret:api.token]"},
+        "heartbeat": {"keys": ["[secret:api.token]"]},
     }
     for failed, code, text in (
         (unknown, ErrorCode.SECRET_UNAVAILABLE, "'api.x' is not known"),
@@ -557,3 +578,29 @@ async def test_canaries_appear_nowhere_after_every_failure_path(
         if value.encode() in data
     ]
     assert leaks == []
+
+
+def test_the_worker_settings_chain_providers_and_keep_passwords_out_of_logs(
+    tmp_path: Path,
+) -> None:
+    from wayang_mq.config import Settings, redact_credentials, secret_provider
+    from wayang_mq.core.redact import REDACTOR
+
+    key = Fernet.generate_key()
+    write_secrets_file(tmp_path / "s.enc", Fernet(key), {"a": "abcd"})
+    settings = Settings(
+        secrets=f"env:APP_, fernet:{tmp_path / 's.enc'}",
+        secrets_key=key.decode(),
+        database_url="postgresql://u:p%40ss-word@db:5432/x",
+    )
+    chained = secret_provider(settings)
+    assert isinstance(chained, ProviderChain)
+    assert [type(p) for p in chained.providers] == [EnvProvider, FernetFileProvider]
+    assert isinstance(secret_provider(settings, ["env"]), EnvProvider)  # --secrets wins
+    assert secret_provider(Settings()) is None
+    redact_credentials(settings)
+    text = f"postgresql://u:p%40ss-word@db p@ss-word {key.decode()}"
+    assert REDACTOR.text(text) == (
+        "postgresql://u:[secret:database-password]@db [secret:database-password] "
+        "[secret:secrets-key]"
+    )

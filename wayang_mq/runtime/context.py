@@ -18,7 +18,7 @@ from typing import Any
 from wayang_mq.core.errors import ErrorCode, ExecutorError
 from wayang_mq.core.model import JsonLike, Progress, Task
 from wayang_mq.core.redact import REDACTOR, Redactor
-from wayang_mq.security.secrets import Secret
+from wayang_mq.security.secrets import Secret, shown
 
 ProgressSink = Callable[[Progress], Awaitable[None]]
 
@@ -61,15 +61,15 @@ class TaskContext:
             executor_id=self.executor_id,
             attempt=self.task.attempt,
             fraction=fraction,
-            message=self.redactor.text(message),
-            details=self.redactor.value(details),
+            message=self.redactor.text(str(message)),
+            details=self.redactor.value(shown(details)),
         )
         await self._emit(self.last_progress)
 
     def heartbeat(self, **details: Any) -> None:
         """Record liveness details; the worker's next heartbeat carries the latest under this
         task's id (they coalesce: only the last call before a heartbeat is sent)."""
-        self.heartbeat_details = self.redactor.value(details)
+        self.heartbeat_details = self.redactor.value(shown(details))
 
     def log(self, line: str) -> None:
         """A line for the result's ``logs``."""

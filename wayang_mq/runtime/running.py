@@ -39,6 +39,7 @@ from wayang_mq.security.secrets import (
     SecretProvider,
     SecretUnavailable,
     references,
+    shown,
     substitute,
 )
 
@@ -270,11 +271,11 @@ def _result(
         output_bytes = 0
         status, output = Status.FAILED, None
         error = ErrorInfo(code=ErrorCode.INVALID_RESULT, message=f"output cannot be sent: {exc}")
-    if error is not None and redactor:
+    if error is not None:
         error = error.model_copy(
             update={
                 "message": redactor.text(error.message),
-                "details": redactor.value(error.details),
+                "details": redactor.value(shown(error.details)),
             }
         )
     result = Result.answering(

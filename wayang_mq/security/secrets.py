@@ -174,6 +174,19 @@ def substitute(value: Any, secrets: Mapping[str, Secret]) -> Any:
     return value
 
 
+def shown(value: Any) -> Any:
+    """A copy of ``value`` with each :class:`Secret` replaced by its ``[secret:<name>]`` form:
+    for what is published beside an output (progress and heartbeat details, error details),
+    where a Secret would otherwise fail the message's encoding."""
+    if isinstance(value, Secret):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {shown(key): shown(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(shown(item) for item in value)
+    return value
+
+
 # -- resolving --------------------------------------------------------------------------------
 
 
