@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from wayang_mq.amqp.endpoint import BrokerEndpoint
+from wayang_mq.amqp.tls import with_tls
 from wayang_mq.core.errors import BrokerUnreachable, ConfigError
 from wayang_mq.core.private_files import private_dir, write_private
 from wayang_mq.core.signing import KeyRing, Signer
@@ -35,6 +36,10 @@ class Settings(BaseSettings):
     key_dir: Path | None = None  # trusted public keys; default <state_dir>/keys
     signing_key: Path | None = None  # private key; default the first *.key in key_dir
     rabbitmq_server: Path | None = None  # default Debian's /usr/lib/rabbitmq/bin/rabbitmq-server
+    # TLS (amqps:// only); each replaces the URL's cafile= / certfile= / keyfile= parameter.
+    tls_ca: Path | None = None  # the CA that issued the broker's certificate
+    tls_cert: Path | None = None  # our client certificate: its CN is our broker user (EXTERNAL)
+    tls_key: Path | None = None  # its private key (default: read from the certificate's file)
 
     @property
     def keys_path(self) -> Path:
@@ -43,15 +48,23 @@ class Settings(BaseSettings):
 
 
 def broker_endpoint(settings: Settings) -> BrokerEndpoint:
-    """The broker to use: ``WAYANG_AMQP_URL``, else the one ``wayang-mq dev`` is running."""
+    """The broker to use: ``WAYANG_AMQP_URL``, else the one ``wayang-mq dev`` is running.
+
+    ``WAYANG_TLS_*`` are folded into its URL (they win over the URL's own parameters), so
+    every connection made from the endpoint uses the same CA and client certificate.
+    """
     if settings.amqp_url is not None:
-        return BrokerEndpoint.from_url(
-            settings.amqp_url.get_secret_value(), settings.management_url
-        )
-    path = settings.state_dir / ENDPOINT_FILE
+        amqp_url, management_url = settings.amqp_url.get_secret_value(), settings.management_url
+    else:
+        amqp_url, management_url = _saved_endpoint(settings.state_dir / ENDPOINT_FILE)
+    amqp_url = with_tls(amqp_url, ca=settings.tls_ca, cert=settings.tls_cert, key=settings.tls_key)
+    return BrokerEndpoint.from_url(amqp_url, management_url)
+
+
+def _saved_endpoint(path: Path) -> tuple[str, str | None]:
     try:
         saved = json.loads(path.read_text())
-        return BrokerEndpoint.from_url(saved["amqp_url"], saved["management_url"])
+        return str(saved["amqp_url"]), str(saved["management_url"])
     except (OSError, ValueError, KeyError, TypeError):
         raise BrokerUnreachable(
             "no broker configured",

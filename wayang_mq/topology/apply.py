@@ -27,6 +27,7 @@ from pamqp.common import FieldTable
 
 from wayang_mq.amqp.endpoint import redact_url, url_vhost
 from wayang_mq.amqp.management import ManagementClient
+from wayang_mq.amqp.tls import check_files, explain
 from wayang_mq.core import names
 from wayang_mq.core.errors import BrokerUnreachable, ConfigError, TopologyError
 from wayang_mq.topology.spec import BindingSpec, Pairs, PolicySpec, Topology, as_dict
@@ -204,19 +205,25 @@ async def _declare(topology: Topology, amqp_url: str) -> None:
 
 
 async def _connect(amqp_url: str) -> AbstractConnection:
-    where = redact_url(amqp_url)
+    check_files(amqp_url)
     try:
         return await aio_pika.connect(amqp_url, timeout=_CONNECT_TIMEOUT_S)
-    except (AuthenticationError, ProbableAuthenticationError):
-        raise BrokerUnreachable(
+    except (AMQPConnectionError, OSError) as exc:  # TimeoutError is an OSError
+        raise _unreachable(exc, amqp_url) from None
+
+
+def _unreachable(exc: BaseException, amqp_url: str) -> BrokerUnreachable:
+    explained = explain(exc, amqp_url)  # TLS and certificate-login failures
+    if explained is not None:
+        return explained
+    where = redact_url(amqp_url)
+    if isinstance(exc, AuthenticationError | ProbableAuthenticationError):
+        return BrokerUnreachable(
             f"the broker at {where} refused the login",
             hint="check the username, password and vhost in the AMQP URL",
-        ) from None
-    except (AMQPConnectionError, OSError, TimeoutError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise BrokerUnreachable(
-            f"cannot reach the broker at {where}: {reason}", hint=_START_HINT
-        ) from None
+        )
+    reason = str(exc) or type(exc).__name__
+    return BrokerUnreachable(f"cannot reach the broker at {where}: {reason}", hint=_START_HINT)
 
 
 async def _declare_exchanges(
