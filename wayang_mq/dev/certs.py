@@ -166,3 +166,41 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+class DevCertificates:
+    """``wayang-mq dev --tls``'s certificates, in one private directory (``<state>/tls``).
+
+    The CA is kept across runs (clients that trust it keep working); the server certificate
+    names 127.0.0.1 and localhost, the hosts a local client dials.
+    """
+
+    SERVER_HOSTS = ("127.0.0.1", "localhost")
+
+    def __init__(self, directory: Path) -> None:
+        self.ca = CertificateAuthority.open(directory)
+        self._clients: dict[str, CertFiles] = {}
+
+    @property
+    def directory(self) -> Path:
+        """Where the CA, the server's and the clients' certificates and keys are."""
+        return self.ca.directory
+
+    def server(self) -> CertFiles:
+        """The broker's certificate and key (issued anew on every start)."""
+        return self.ca.issue_server("server", self.SERVER_HOSTS)
+
+    def client(self, user: str) -> CertFiles:
+        """A client certificate logging in as broker user ``user`` (one per user and run)."""
+        if user not in self._clients:
+            self._clients[user] = self.ca.issue_client(user)
+        return self._clients[user]
+
+    def client_env(self, user: str) -> dict[str, str]:
+        """``WAYANG_TLS_*`` for a process that logs in as broker user ``user`` (EXTERNAL)."""
+        files = self.client(user)
+        return {
+            "WAYANG_TLS_CA": str(self.ca.cert_path),
+            "WAYANG_TLS_CERT": str(files.cert),
+            "WAYANG_TLS_KEY": str(files.key),
+        }
