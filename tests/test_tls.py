@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from tests.test_cli import assert_one_line_error, wayang
+from tests.test_dev import _read_until
 from wayang_mq.amqp.connect import connect
 from wayang_mq.amqp.tls import TlsFiles, with_tls
 from wayang_mq.client.dispatcher import Dispatcher
@@ -52,6 +61,9 @@ async def _refusal(url: str) -> BrokerUnreachable:
     with pytest.raises(BrokerUnreachable) as refused:
         connection = await connect(url, "tls-test")
         await connection.close()
+    # Nothing of the failed attempt is left for the garbage collector to close: collected off
+    # the loop (as a to_thread call may do), it could not, and warned of an unawaited close().
+    await asyncio.to_thread(gc.collect)
     return refused.value
 
 
@@ -218,3 +230,54 @@ def _request(broker: TlsBrokerHandle, method: str, path: str, body: Any = None) 
 def _basic(broker: TlsBrokerHandle) -> str:
     token = base64.b64encode(f"{broker.username}:{broker.password}".encode()).decode()
     return f"Basic {token}"
+
+
+@pytest.mark.timeout(180)
+def test_dev_tls_runs_the_stack_over_amqps_and_other_commands_find_it(
+    tmp_path: Path, stranger: CertificateAuthority
+) -> None:
+    # Given `wayang-mq dev --tls` running in the foreground
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WAYANG_")}
+    state = tmp_path / "state"
+    command = [sys.executable, "-m", "wayang_mq.cli", "dev", "--tls", "--state-dir", str(state)]
+    process = subprocess.Popen(
+        [*command, "--workers", "1", "--demo-tasks", "3"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        bufsize=0,
+    )
+    try:
+        output = _read_until(process, "==> running", 150)
+        # When another command runs in the same state directory
+        run = wayang("submit", "demo.echo", "--input", '{"via": "tls"}', "--wait",
+                     env={"WAYANG_STATE_DIR": str(state)})  # fmt: skip
+        # Then it found the TLS endpoint and its certificate, and the task ran
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["output"] == {"via": "tls"}
+        # And a certificate from another CA, or trusting another CA, is one line, exit 3
+        forged = stranger.issue_client("wayang")
+        refused = {"WAYANG_TLS_CERT": str(forged.cert), "WAYANG_TLS_KEY": str(forged.key)}
+        for settings, needle in (
+            (refused, "refused our client certificate"),
+            ({"WAYANG_TLS_CA": str(stranger.cert_path)}, "is not trusted"),
+        ):
+            run = wayang("submit", "demo.echo", "--input", "{}",
+                         env={"WAYANG_STATE_DIR": str(state), **settings})  # fmt: skip
+            assert_one_line_error(run, 3, needle)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rest = process.communicate(timeout=90)[0].decode(errors="replace")
+    # And it said where the CA and certificates are; the broker was TLS only
+    assert process.returncode == 0, rest
+    assert re.search(r"RabbitMQ console  https://127\.0\.0\.1:\d+/", output)
+    assert re.search(r"AMQP URL          amqps://\S+auth=external", output)
+    assert f"TLS CA            {state / 'tls' / 'ca.pem'}" in output
+    assert "==> 3 results" in output
+    saved = json.loads((state / "endpoint.json").read_text())
+    files = TlsFiles.of_url(saved["amqp_url"])
+    assert files.ca == state / "tls" / "ca.pem" and files.cert is not None
+    assert saved["management_url"].startswith("https://")
+    # And every private key is 0600
+    for key in (state / "tls").glob("*.key"):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key

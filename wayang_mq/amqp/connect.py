@@ -11,6 +11,7 @@ import logging
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustConnection
+from yarl import URL
 
 from wayang_mq.amqp import frames
 from wayang_mq.amqp.endpoint import BrokerEndpoint, redact_url
@@ -47,9 +48,14 @@ async def connect(url: str, name: str) -> AbstractRobustConnection:
     # One message pamqp cannot decode must not close the connection (see amqp.frames).
     frames.install()
     check_files(url)
+    # What aio_pika.connect_robust does, but a connection whose first attempt failed is closed
+    # here: left to its __del__, it cannot close when the garbage collector runs outside the
+    # event loop (a thread), and leaks a never-awaited close().
+    connection = aio_pika.RobustConnection(URL(url), client_properties={"connection_name": name})
     try:
-        connection = await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+        await connection.connect()
     except (ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError) as exc:
+        await connection.close()
         raise _unreachable(exc, url) from exc
     where = redact_url(url)
 

@@ -24,6 +24,7 @@ from aio_pika.exceptions import (
     ProbableAuthenticationError,
 )
 from pamqp.common import FieldTable
+from yarl import URL
 
 from wayang_mq.amqp.endpoint import redact_url, url_vhost
 from wayang_mq.amqp.management import ManagementClient
@@ -206,10 +207,14 @@ async def _declare(topology: Topology, amqp_url: str) -> None:
 
 async def _connect(amqp_url: str) -> AbstractConnection:
     check_files(amqp_url)
+    # aio_pika.connect, closing a connection that failed (see amqp.connect.connect for why).
+    connection = aio_pika.Connection(URL(amqp_url))
     try:
-        return await aio_pika.connect(amqp_url, timeout=_CONNECT_TIMEOUT_S)
+        await connection.connect(timeout=_CONNECT_TIMEOUT_S)
     except (AMQPConnectionError, OSError) as exc:  # TimeoutError is an OSError
+        await connection.close()
         raise _unreachable(exc, amqp_url) from None
+    return connection
 
 
 def _unreachable(exc: BaseException, amqp_url: str) -> BrokerUnreachable:
