@@ -150,12 +150,18 @@ def test_settings_fold_into_the_url_and_win_over_its_parameters(tmp_path: Path) 
         broker_endpoint(Settings(amqp_url="amqp://h/", tls_ca=tmp_path / "ca.pem"))
 
 
-async def test_a_missing_certificate_file_is_a_configuration_error(
+async def test_unusable_certificate_files_are_a_configuration_error(
     rabbitmq_tls: TlsBrokerHandle, tmp_path: Path
 ) -> None:
     url = with_tls(rabbitmq_tls.address, ca=rabbitmq_tls.ca.cert_path,
                    cert=tmp_path / "absent.pem")  # fmt: skip
     with pytest.raises(ConfigError, match="cannot read the TLS client certificate"):
+        await connect(url, "tls-test")
+    # And a key that is not the certificate's is refused before any connection is tried
+    one, other = (rabbitmq_tls.client_certificate(name) for name in ("tls-one", "tls-other"))
+    url = with_tls(rabbitmq_tls.address, ca=rabbitmq_tls.ca.cert_path, cert=one.cert,
+                   key=other.key)  # fmt: skip
+    with pytest.raises(ConfigError, match="cannot be used: KEY_VALUES_MISMATCH"):
         await connect(url, "tls-test")
 
 

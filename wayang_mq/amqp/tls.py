@@ -24,7 +24,6 @@ CA_PARAM = "cafile"
 CERT_PARAM = "certfile"
 KEY_PARAM = "keyfile"
 AUTH_PARAM = "auth"
-NO_VERIFY_PARAM = "no_verify_ssl"
 
 
 @dataclass(frozen=True)
@@ -101,8 +100,17 @@ def with_tls(
     return str(url.with_query(query))
 
 
+_FIX_FILES = (
+    "fix WAYANG_TLS_CA / WAYANG_TLS_CERT / WAYANG_TLS_KEY or the URL's "
+    f"{CA_PARAM}/{CERT_PARAM}/{KEY_PARAM}"
+)
+
+
 def check_files(amqp_url: str) -> None:
-    """Refuse up front a URL naming TLS files that cannot be read (else a bare OSError later)."""
+    """Refuse up front TLS files that cannot be read or used (not PEM, a key that does not
+    match its certificate): later they would surface as a handshake failure."""
+    if not is_tls(amqp_url):
+        return
     files = TlsFiles.of_url(amqp_url)
     for what, path in (("CA", files.ca), ("client certificate", files.cert), ("key", files.key)):
         if path is None:
@@ -111,10 +119,15 @@ def check_files(amqp_url: str) -> None:
             path.read_bytes()
         except OSError as exc:
             raise ConfigError(
-                f"cannot read the TLS {what} {path}: {exc.strerror or exc}",
-                hint="fix WAYANG_TLS_CA / WAYANG_TLS_CERT / WAYANG_TLS_KEY or the URL's "
-                f"{CA_PARAM}/{CERT_PARAM}/{KEY_PARAM}",
+                f"cannot read the TLS {what} {path}: {exc.strerror or exc}", hint=_FIX_FILES
             ) from None
+    try:
+        files.context()
+    except ssl.SSLError as exc:
+        named = ", ".join(str(path) for path in (files.ca, files.cert, files.key) if path)
+        raise ConfigError(
+            f"the TLS files ({named}) cannot be used: {exc.reason or exc}", hint=_FIX_FILES
+        ) from None
 
 
 def explain(exc: BaseException, amqp_url: str) -> BrokerUnreachable | None:
