@@ -19,6 +19,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from wayang_mq.amqp.endpoint import BrokerEndpoint
+from wayang_mq.amqp.tls import with_tls
 from wayang_mq.core.errors import BrokerUnreachable, ConfigError
 from wayang_mq.core.private_files import private_dir, write_private
 from wayang_mq.core.redact import REDACTOR
@@ -45,6 +46,10 @@ class Settings(BaseSettings):
     secrets: str | None = None  # a worker's secret providers, comma-separated (--secrets)
     secrets_key: SecretStr | None = None  # the Fernet key of an encrypted secrets file
     secrets_key_file: Path | None = None  # or the file that holds it
+    # TLS (amqps:// only); each replaces the URL's cafile= / certfile= / keyfile= parameter.
+    tls_ca: Path | None = None  # the CA that issued the broker's certificate
+    tls_cert: Path | None = None  # our client certificate: its CN is our broker user (EXTERNAL)
+    tls_key: Path | None = None  # its private key (default: read from the certificate's file)
 
     @property
     def keys_path(self) -> Path:
@@ -76,19 +81,24 @@ def _redact_url_password(name: str, url: str) -> None:
 
 
 def broker_endpoint(settings: Settings) -> BrokerEndpoint:
-    """The broker to use: ``WAYANG_AMQP_URL``, else the one ``wayang-mq dev`` is running."""
+    """The broker to use: ``WAYANG_AMQP_URL``, else the one ``wayang-mq dev`` is running.
+
+    ``WAYANG_TLS_*`` are folded into its URL (they win over the URL's own parameters), so
+    every connection made from the endpoint uses the same CA and client certificate.
+    """
     if settings.amqp_url is not None:
-        endpoint = BrokerEndpoint.from_url(
-            settings.amqp_url.get_secret_value(), settings.management_url
-        )
-        _redact_url_password("broker-password", endpoint.amqp_url)
-        return endpoint
-    path = settings.state_dir / ENDPOINT_FILE
+        amqp_url, management_url = settings.amqp_url.get_secret_value(), settings.management_url
+    else:
+        amqp_url, management_url = _saved_endpoint(settings.state_dir / ENDPOINT_FILE)
+    _redact_url_password("broker-password", amqp_url)
+    amqp_url = with_tls(amqp_url, ca=settings.tls_ca, cert=settings.tls_cert, key=settings.tls_key)
+    return BrokerEndpoint.from_url(amqp_url, management_url)
+
+
+def _saved_endpoint(path: Path) -> tuple[str, str | None]:
     try:
         saved = json.loads(path.read_text())
-        endpoint = BrokerEndpoint.from_url(saved["amqp_url"], saved["management_url"])
-        _redact_url_password("broker-password", endpoint.amqp_url)
-        return endpoint
+        return str(saved["amqp_url"]), str(saved["management_url"])
     except (OSError, ValueError, KeyError, TypeError):
         raise BrokerUnreachable(
             "no broker configured",
