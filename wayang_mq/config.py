@@ -3,22 +3,30 @@ time: the ``WAYANG_*`` settings, and what they resolve to (the broker's endpoint
 
 A URL in the environment wins; otherwise the endpoint that ``wayang-mq dev`` wrote into its
 state directory, so a second terminal finds the local stack without copying URLs around.
+
+The passwords read here (broker, database, the secrets key) are added to the process's
+redactor as they are read: no log line of a daemon shows them, whatever exception quotes them.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from wayang_mq.amqp.endpoint import BrokerEndpoint
+from wayang_mq.amqp.tls import with_tls
 from wayang_mq.core.errors import BrokerUnreachable, ConfigError
 from wayang_mq.core.model import DEFAULT_AUDIENCE
 from wayang_mq.core.private_files import private_dir, write_private
+from wayang_mq.core.redact import REDACTOR
 from wayang_mq.core.scopes import KeyScope, read_scope, scope_path
 from wayang_mq.core.signing import KeyRing, Signer
+from wayang_mq.security.secrets import SecretProvider
 from wayang_mq.topology.spec import DEFAULT_TOPOLOGY_PATH
 
 ENDPOINT_FILE = "endpoint.json"
@@ -38,6 +46,13 @@ class Settings(BaseSettings):
     signing_key: Path | None = None  # private key; default the first *.key in key_dir
     rabbitmq_server: Path | None = None  # default Debian's /usr/lib/rabbitmq/bin/rabbitmq-server
     audience: str = DEFAULT_AUDIENCE  # the deployment: tasks name it, receivers require it
+    secrets: str | None = None  # a worker's secret providers, comma-separated (--secrets)
+    secrets_key: SecretStr | None = None  # the Fernet key of an encrypted secrets file
+    secrets_key_file: Path | None = None  # or the file that holds it
+    # TLS (amqps:// only); each replaces the URL's cafile= / certfile= / keyfile= parameter.
+    tls_ca: Path | None = None  # the CA that issued the broker's certificate
+    tls_cert: Path | None = None  # our client certificate: its CN is our broker user (EXTERNAL)
+    tls_key: Path | None = None  # its private key (default: read from the certificate's file)
 
     @property
     def keys_path(self) -> Path:
@@ -45,16 +60,48 @@ class Settings(BaseSettings):
         return self.key_dir or self.state_dir / "keys"
 
 
+def redact_credentials(settings: Settings) -> None:
+    """Keep the configured passwords out of every log line from now on (the CLI calls this
+    once; :func:`broker_endpoint` adds the broker's, wherever it was found)."""
+    for name, url in (
+        ("broker-password", settings.amqp_url),
+        ("database-password", settings.database_url),
+    ):
+        if url is not None:
+            _redact_url_password(name, url.get_secret_value())
+    if settings.secrets_key is not None:
+        REDACTOR.add("secrets-key", settings.secrets_key.get_secret_value())
+
+
+def _redact_url_password(name: str, url: str) -> None:
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return
+    if password:
+        for form in {password, unquote(password), quote(unquote(password), safe="")}:
+            REDACTOR.add(name, form)
+
+
 def broker_endpoint(settings: Settings) -> BrokerEndpoint:
-    """The broker to use: ``WAYANG_AMQP_URL``, else the one ``wayang-mq dev`` is running."""
+    """The broker to use: ``WAYANG_AMQP_URL``, else the one ``wayang-mq dev`` is running.
+
+    ``WAYANG_TLS_*`` are folded into its URL (they win over the URL's own parameters), so
+    every connection made from the endpoint uses the same CA and client certificate.
+    """
     if settings.amqp_url is not None:
-        return BrokerEndpoint.from_url(
-            settings.amqp_url.get_secret_value(), settings.management_url
-        )
-    path = settings.state_dir / ENDPOINT_FILE
+        amqp_url, management_url = settings.amqp_url.get_secret_value(), settings.management_url
+    else:
+        amqp_url, management_url = _saved_endpoint(settings.state_dir / ENDPOINT_FILE)
+    _redact_url_password("broker-password", amqp_url)
+    amqp_url = with_tls(amqp_url, ca=settings.tls_ca, cert=settings.tls_cert, key=settings.tls_key)
+    return BrokerEndpoint.from_url(amqp_url, management_url)
+
+
+def _saved_endpoint(path: Path) -> tuple[str, str | None]:
     try:
         saved = json.loads(path.read_text())
-        return BrokerEndpoint.from_url(saved["amqp_url"], saved["management_url"])
+        return str(saved["amqp_url"]), str(saved["management_url"])
     except (OSError, ValueError, KeyError, TypeError):
         raise BrokerUnreachable(
             "no broker configured",
@@ -104,3 +151,36 @@ def signer_scope(settings: Settings) -> KeyScope | None:
     dispatcher issues its tasks under the id it names."""
     path = scope_path(signing_key_path(settings))
     return read_scope(path) if path.exists() else None
+
+
+def secrets_key(settings: Settings) -> str:
+    """The Fernet key of the encrypted secrets file: WAYANG_SECRETS_KEY, else the content of
+    WAYANG_SECRETS_KEY_FILE."""
+    if settings.secrets_key is not None:
+        return settings.secrets_key.get_secret_value()
+    if settings.secrets_key_file is not None:
+        try:
+            key = settings.secrets_key_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the secrets key file {settings.secrets_key_file}: {exc.strerror}"
+            ) from None
+        REDACTOR.add("secrets-key", key)
+        return key
+    raise ConfigError(
+        "an encrypted secrets file needs its key",
+        hint="set WAYANG_SECRETS_KEY_FILE (make one with `wayang-mq secrets keygen --out F`)",
+    )
+
+
+def secret_provider(settings: Settings, specs: Sequence[str] = ()) -> SecretProvider | None:
+    """A worker's secret providers, from ``--secrets`` (else ``WAYANG_SECRETS``), chained in
+    the order given; None when none is configured."""
+    from wayang_mq.security.providers import ProviderChain, from_spec
+
+    if not specs and settings.secrets:
+        specs = [spec.strip() for spec in settings.secrets.split(",") if spec.strip()]
+    if not specs:
+        return None
+    providers = [from_spec(spec, lambda: secrets_key(settings)) for spec in specs]
+    return providers[0] if len(providers) == 1 else ProviderChain(providers)

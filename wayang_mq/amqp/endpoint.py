@@ -46,13 +46,20 @@ class BrokerEndpoint:
             )
         username = unquote(parts.username or "guest")  # AMQP's default account
         password = unquote(parts.password or "guest")
-        management = management_url or f"http://{parts.hostname}:15672"
+        # RabbitMQ's conventional ports: 15672 for HTTP, 15671 for HTTPS beside amqps.
+        default = "https://{}:15671" if parts.scheme == "amqps" else "http://{}:15672"
+        management = management_url or default.format(parts.hostname)
         return cls(amqp_url, management.rstrip("/"), username, password)
 
     @property
     def vhost(self) -> str:
         """The vhost the AMQP URL names; the management client acts on the same one."""
         return url_vhost(self.amqp_url)
+
+    @property
+    def tls(self) -> bool:
+        """True when AMQP goes over TLS (``amqps://``)."""
+        return urlsplit(self.amqp_url).scheme == "amqps"
 
     @property
     def console_url(self) -> str:

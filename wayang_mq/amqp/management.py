@@ -12,6 +12,7 @@ import copy
 import html
 import json
 import socket
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ _BODY_IN_ERRORS: Final = 300  # characters of an error body worth a one-line mes
 class ManagementClient:
     """The management API of one broker, acting on one vhost (default ``/``)."""
 
-    __slots__ = ("_auth", "_base_url", "_timeout_s", "_username", "_vhost")
+    __slots__ = ("_auth", "_base_url", "_ssl_context", "_timeout_s", "_username", "_vhost")
 
     def __init__(
         self,
@@ -39,6 +40,7 @@ class ManagementClient:
         password: str,
         vhost: str = "/",
         timeout_s: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
@@ -49,6 +51,7 @@ class ManagementClient:
         self._auth = f"Basic {token}"  # the password is kept only inside this header
         self._vhost = vhost
         self._timeout_s = timeout_s
+        self._ssl_context = ssl_context  # None: the system's CAs for https
 
     def __repr__(self) -> str:
         return (
@@ -171,7 +174,9 @@ class ManagementClient:
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout_s) as response:
+            with urllib.request.urlopen(
+                request, timeout=self._timeout_s, context=self._ssl_context
+            ) as response:
                 payload = response.read()
         except urllib.error.HTTPError as exc:
             if exc.code == 404 and none:
@@ -199,6 +204,12 @@ class ManagementClient:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         if isinstance(reason, socket.timeout | TimeoutError):
             what = f"timed out after {self._timeout_s:g} s"
+        elif isinstance(reason, ssl.SSLCertVerificationError):
+            return BrokerUnreachable(
+                f"the management API's certificate at {self._base_url} is not trusted: "
+                f"{reason.verify_message or reason}",
+                hint="set WAYANG_TLS_CA to the CA that issued the broker's certificate",
+            )
         else:
             what = str(reason)
         return BrokerUnreachable(

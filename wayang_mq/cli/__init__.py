@@ -12,9 +12,9 @@ import sys
 from collections.abc import Sequence
 
 from wayang_mq import __version__
-from wayang_mq.cli import control, dead, dev, keys, schema, submit, topology, worker
+from wayang_mq.cli import control, dead, dev, keys, schema, secrets, submit, topology, worker
 from wayang_mq.cli.exits import Exit, exit_code_for
-from wayang_mq.config import Settings
+from wayang_mq.config import Settings, redact_credentials
 from wayang_mq.core import logs
 from wayang_mq.core.errors import WayangError
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wayang-mq {__version__}")
     parser.add_argument("--log-level", default="INFO", help="daemon log level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for verb in (dev, topology, keys, worker, submit, control, dead, schema):
+    for verb in (dev, topology, keys, secrets, worker, submit, control, dead, schema):
         verb.add(sub)
     return parser
 
@@ -40,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level)
     try:
         settings = Settings()
+        redact_credentials(settings)  # no log line shows the configured passwords
         code = int(args.func(args, settings))
     except WayangError as exc:
         print(f"wayang-mq: error: {exc.one_line()}", file=sys.stderr)

@@ -18,6 +18,11 @@ def add(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=2, help="demo worker processes (default 2)")
     p.add_argument("--demo-tasks", type=int, default=20, help="tasks to send at start")
     p.add_argument("--no-wait", action="store_true", help="exit after the demo (for scripts)")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS-only broker: a private CA, client certificates, EXTERNAL login",
+    )
     p.set_defaults(func=_cmd_dev)
 
 
@@ -31,5 +36,6 @@ def _cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
         workers=args.workers,
         demo_tasks=args.demo_tasks,
         wait=not args.no_wait,
+        tls=args.tls,
     )
     return int(run_dev(options, settings))

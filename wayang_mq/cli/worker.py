@@ -46,11 +46,20 @@ def add(sub: Any) -> None:
         metavar="SECONDS",
         help="refuse tasks whose deadline is further away than this (default 7 days)",
     )
+    p.add_argument(
+        "--secrets",
+        action="append",
+        default=[],
+        metavar="PROVIDER",
+        help='where tasks\' {"$secret": NAME} references are resolved, asked in order '
+        "(repeatable; default WAYANG_SECRETS, comma-separated): env[:PREFIX], dir:PATH, "
+        "fernet:PATH (key: WAYANG_SECRETS_KEY_FILE), class:MODULE:CLASS",
+    )
     p.set_defaults(func=_cmd_worker)
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from wayang_mq.config import broker_endpoint, keyring, signer
+    from wayang_mq.config import broker_endpoint, keyring, secret_provider, signer
     from wayang_mq.runtime.executor import load_class, load_executor
     from wayang_mq.runtime.middleware import Middleware
     from wayang_mq.runtime.worker import Worker, WorkerConfig
@@ -77,6 +86,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         audience=settings.audience,
         middleware=middleware,
         health_port=args.health_port,
+        secrets=secret_provider(settings, args.secrets),
         **extra,
     )
     worker = Worker(executors, config)

@@ -33,6 +33,7 @@ class ErrorCode(StrEnum):
     NOT_YET_VALID = "not_yet_valid"  # its not-before (or issue time) is still ahead
     REPLAYED = "replayed"  # this task attempt was already received within its validity
     BAD_ATTEMPT = "bad_attempt"  # a retry or compensation record that does not hold
+    SECRET_UNAVAILABLE = "secret_unavailable"  # a referenced secret is unknown or unreadable
 
 
 class WayangError(Exception):

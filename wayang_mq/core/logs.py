@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from wayang_mq.core.fields import printable
+from wayang_mq.core.redact import RedactingFilter
 
 
 def _value(value: Any) -> str:
@@ -44,8 +45,10 @@ _LINE_LIMIT = 16_000
 
 
 def configure(level: str = "INFO") -> None:
-    """Daemon logging to stderr with a timestamp and the logger name; called once by the CLI."""
+    """Daemon logging to stderr with a timestamp and the logger name; called once by the CLI.
+    Known secret values and passwords are cut out of every record (see core.redact)."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
     handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
     # aiormq logs a dropped connection as an ERROR with a traceback; our own

@@ -112,7 +112,7 @@ def read_scope(path: Path) -> KeyScope:
     ):
         raise ConfigError(
             f"{path}: capabilities must be a list of capability names, 'prefix.*' or '*' "
-            "(write [\"*\"] for every capability)",
+            '(write ["*"] for every capability)',
             hint=hint,
         )
     return KeyScope(role, identity, tuple(capabilities))

@@ -30,6 +30,7 @@ from typing import Any, Self
 from urllib.parse import quote, urlsplit
 
 from wayang_mq.amqp.endpoint import BrokerEndpoint
+from wayang_mq.amqp.tls import TlsFiles
 from wayang_mq.core.errors import ConfigError, StackError
 from wayang_mq.core.private_files import open_private_log, private_dir, write_private
 from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES
@@ -37,6 +38,8 @@ from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
 RABBITMQ_PLUGINS = ("rabbitmq_management", "rabbitmq_consistent_hash_exchange")
+# EXTERNAL SASL: the broker user is the client certificate's common name.
+TLS_PLUGINS = ("rabbitmq_auth_mechanism_ssl",)
 POSTGRES_OS_USER = "wayang-pg"
 LOOPBACK = "127.0.0.1"
 
@@ -164,11 +167,31 @@ def _require_executable(path: Path, message: str, hint: str) -> None:
 # --- RabbitMQ ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class NodeTls:
+    """A TLS-only node's files: the CA it trusts for client certificates, its own cert and key.
+
+    With it the node has no plain AMQP listener: amqps only, a client certificate from ``ca``
+    required, EXTERNAL auth as the certificate's common name, and the management API on HTTPS
+    (where a certificate is verified if sent, not required, so a browser can log in).
+    """
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
 def _local_endpoint(
-    amqp_port: int, management_port: int, user: str, password: str
+    amqp_port: int, management_port: int, user: str, password: str, tls: NodeTls | None = None
 ) -> BrokerEndpoint:
-    amqp_url = f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{LOOPBACK}:{amqp_port}/"
-    return BrokerEndpoint(amqp_url, f"http://{LOOPBACK}:{management_port}", user, password)
+    account = f"{quote(user, safe='')}:{quote(password, safe='')}"
+    if tls is None:
+        amqp_url = f"amqp://{account}@{LOOPBACK}:{amqp_port}/"
+        return BrokerEndpoint(amqp_url, f"http://{LOOPBACK}:{management_port}", user, password)
+    # The CA goes with the URL (aiormq reads ``cafile``); the client certificate is the
+    # caller's to add (see amqp.tls.with_tls): the node does not know who will connect.
+    amqp_url = f"amqps://{account}@{LOOPBACK}:{amqp_port}/?cafile={quote(str(tls.ca), safe='/')}"
+    return BrokerEndpoint(amqp_url, f"https://{LOOPBACK}:{management_port}", user, password)
 
 
 def wait_for_broker(
@@ -202,8 +225,9 @@ def _management_answers(endpoint: BrokerEndpoint) -> bool:
     request = urllib.request.Request(
         f"{endpoint.management_url}/api/overview", headers={"Authorization": f"Basic {token}"}
     )
+    context = TlsFiles.of_url(endpoint.amqp_url).context() if endpoint.tls else None
     try:
-        with urllib.request.urlopen(request, timeout=2) as response:
+        with urllib.request.urlopen(request, timeout=2, context=context) as response:
             return bool(response.status == 200)
     except urllib.error.HTTPError as error:
         error.close()
@@ -238,6 +262,7 @@ class RabbitNode:
         password: str | None = None,
         server_binary: Path | None = None,
         max_message_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        tls: NodeTls | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).absolute()
         saved = _load_state(self.state_dir)
@@ -256,6 +281,7 @@ class RabbitNode:
         self.server_binary = server_binary or RABBITMQ_SERVER
         # The fabric's largest body: the broker refuses a larger publish before anyone holds it.
         self.max_message_bytes = max_message_bytes
+        self.tls = tls
         self._process: subprocess.Popen[bytes] | None = None
 
     def _default_node_name(self) -> str:
@@ -267,7 +293,11 @@ class RabbitNode:
     def endpoint(self) -> BrokerEndpoint:
         """URLs and account of this node (valid once ``start()`` returned)."""
         return _local_endpoint(
-            self._ports["amqp_port"], self._ports["management_port"], self.username, self._password
+            self._ports["amqp_port"],
+            self._ports["management_port"],
+            self.username,
+            self._password,
+            self.tls,
         )
 
     @property
@@ -377,7 +407,8 @@ class RabbitNode:
             },
         )
         write_private(self.state_dir / "rabbitmq.conf", self._config())  # default_pass
-        (self.state_dir / "enabled_plugins").write_text(f"[{','.join(RABBITMQ_PLUGINS)}].\n")
+        plugins = RABBITMQ_PLUGINS + (TLS_PLUGINS if self.tls else ())
+        (self.state_dir / "enabled_plugins").write_text(f"[{','.join(plugins)}].\n")
         # An empty env file shields the node from /etc/rabbitmq/rabbitmq-env.conf.
         (self.state_dir / "rabbitmq-env.conf").write_text("# private node: no overrides\n")
 
@@ -385,9 +416,7 @@ class RabbitNode:
         return "\n".join(
             [
                 "# Written by wayang_mq.dev.nodes on every start: edit RabbitNode, not this.",
-                f"listeners.tcp.default = {LOOPBACK}:{self._ports['amqp_port']}",
-                f"management.tcp.ip = {LOOPBACK}",
-                f"management.tcp.port = {self._ports['management_port']}",
+                *(self._listeners() if self.tls is None else self._tls_listeners(self.tls)),
                 # Used only when the data directory is first initialised.
                 f"default_user = {self.username}",
                 f"default_pass = {self._password}",
@@ -401,6 +430,35 @@ class RabbitNode:
             ]
         )
 
+    def _listeners(self) -> list[str]:
+        return [
+            f"listeners.tcp.default = {LOOPBACK}:{self._ports['amqp_port']}",
+            f"management.tcp.ip = {LOOPBACK}",
+            f"management.tcp.port = {self._ports['management_port']}",
+        ]
+
+    def _tls_listeners(self, tls: NodeTls) -> list[str]:
+        files = [f"cacertfile = {tls.ca}", f"certfile = {tls.cert}", f"keyfile = {tls.key}"]
+        return [
+            "listeners.tcp = none",  # TLS only: no plain AMQP port at all
+            f"listeners.ssl.default = {LOOPBACK}:{self._ports['amqp_port']}",
+            *(f"ssl_options.{line}" for line in files),
+            # A client must present a certificate our CA issued, or the handshake fails.
+            "ssl_options.verify = verify_peer",
+            "ssl_options.fail_if_no_peer_cert = true",
+            # EXTERNAL only: the certificate is the login (its CN is the broker user), never
+            # a password over AMQP.
+            "auth_mechanisms.1 = EXTERNAL",
+            "ssl_cert_login_from = common_name",
+            f"management.ssl.ip = {LOOPBACK}",
+            f"management.ssl.port = {self._ports['management_port']}",
+            *(f"management.ssl.{line}" for line in files),
+            # The console is for people with a browser and a password: a certificate is
+            # checked if one is sent, not required.
+            "management.ssl.verify = verify_peer",
+            "management.ssl.fail_if_no_peer_cert = false",
+        ]
+
     def _environment(self) -> dict[str, str]:
         # Inherited RABBITMQ_* variables would point this node at someone else's files.
         env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
@@ -410,8 +468,6 @@ class RabbitNode:
             RABBITMQ_MNESIA_BASE=str(home / "mnesia"),
             RABBITMQ_LOG_BASE=str(home / "log"),
             RABBITMQ_NODENAME=self.node_name,
-            RABBITMQ_NODE_IP_ADDRESS=LOOPBACK,
-            RABBITMQ_NODE_PORT=str(self._ports["amqp_port"]),
             RABBITMQ_DIST_PORT=str(self._ports["dist_port"]),
             RABBITMQ_ENABLED_PLUGINS_FILE=str(home / "enabled_plugins"),
             RABBITMQ_CONFIG_FILE=str(home / "rabbitmq.conf"),
@@ -420,6 +476,12 @@ class RabbitNode:
             # Erlang distribution would listen on every interface; loopback is enough here.
             RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
         )
+        if self.tls is None:
+            # The plain listener's address: a TLS-only node must not name one at all.
+            env.update(
+                RABBITMQ_NODE_IP_ADDRESS=LOOPBACK,
+                RABBITMQ_NODE_PORT=str(self._ports["amqp_port"]),
+            )
         return env
 
     def _spawn(self) -> subprocess.Popen[bytes]:

@@ -20,12 +20,15 @@ from typing import Any
 
 from wayang_mq.amqp.connect import management_client
 from wayang_mq.amqp.endpoint import BrokerEndpoint
+from wayang_mq.amqp.tls import with_tls
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
 from wayang_mq.config import ENDPOINT_FILE, Settings, broker_endpoint, save_endpoint
+from wayang_mq.core.errors import ConfigError
 from wayang_mq.core.model import Result, RetryHints
 from wayang_mq.core.private_files import private_dir
 from wayang_mq.core.signing import KeyRing, Signer, write_keypair
-from wayang_mq.dev.nodes import RabbitNode
+from wayang_mq.dev.certs import DevCertificates
+from wayang_mq.dev.nodes import NodeTls, RabbitNode
 from wayang_mq.dev.supervise import DaemonSpec, Supervisor
 from wayang_mq.topology.apply import apply_topology
 from wayang_mq.topology.spec import load_topology
@@ -51,6 +54,7 @@ class DevOptions:
     workers: int = 2
     demo_tasks: int = 20
     wait: bool = True
+    tls: bool = False  # a TLS-only broker; daemons log in with client certificates
 
 
 def say(line: str) -> None:
@@ -63,6 +67,7 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
     state_dir = _private_state_dir(options.state_dir.resolve())
     node: RabbitNode | None = None
     topology = load_topology(settings.topology)
+    certs = _dev_certificates(options, settings, state_dir)
     try:
         if settings.amqp_url is None:
             node = RabbitNode(
@@ -71,9 +76,10 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
                 management_port=options.management_port,
                 server_binary=settings.rabbitmq_server,
                 max_message_bytes=topology.defaults.max_body_bytes,
+                tls=_node_tls(certs),
             )
             say(f"==> starting a private RabbitMQ node (state in {node.state_dir})")
-            endpoint = node.start()
+            endpoint = _with_client_cert(node.start(), certs)
             save_endpoint(state_dir, endpoint)
         else:
             endpoint = broker_endpoint(settings)
@@ -84,12 +90,48 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
             apply_topology(topology, endpoint.amqp_url, management_client(endpoint))
         )
         say("    " + report.lines()[-1])
-        asyncio.run(_run_daemons(options, endpoint, keys, state_dir))
+        asyncio.run(_run_daemons(options, endpoint, keys, state_dir, certs))
     finally:
         if node is not None:
             say("==> stopping RabbitMQ")
             node.stop()
     return 0
+
+
+def _dev_certificates(
+    options: DevOptions, settings: Settings, state_dir: Path
+) -> DevCertificates | None:
+    """With ``--tls``, the stack's CA and certificates (in ``<state>/tls``)."""
+    if not options.tls:
+        return None
+    if settings.amqp_url is not None:
+        raise ConfigError(
+            "--tls starts a TLS-only broker of its own, but WAYANG_AMQP_URL names a broker",
+            hint="unset WAYANG_AMQP_URL, or drop --tls and set WAYANG_TLS_CA/CERT/KEY "
+            "for that broker",
+        )
+    certs = DevCertificates(state_dir / "tls")
+    say(f"==> TLS: CA and certificates in {certs.directory}")
+    return certs
+
+
+def _node_tls(certs: DevCertificates | None) -> NodeTls | None:
+    if certs is None:
+        return None
+    server = certs.server()
+    return NodeTls(certs.ca.cert_path, server.cert, server.key)
+
+
+def _with_client_cert(endpoint: BrokerEndpoint, certs: DevCertificates | None) -> BrokerEndpoint:
+    """The node's endpoint, logging in by certificate as its account (EXTERNAL) with --tls.
+
+    The password stays in the URL for the management API (HTTP Basic over HTTPS).
+    """
+    if certs is None:
+        return endpoint
+    files = certs.client(endpoint.username)
+    amqp_url = with_tls(endpoint.amqp_url, cert=files.cert, key=files.key)
+    return BrokerEndpoint.from_url(amqp_url, endpoint.management_url)
 
 
 def _ensure_keys(keys_path: Path) -> Path:
@@ -115,7 +157,11 @@ def _private_state_dir(state_dir: Path) -> Path:
 
 
 async def _run_daemons(
-    options: DevOptions, endpoint: BrokerEndpoint, keys: Path, state_dir: Path
+    options: DevOptions,
+    endpoint: BrokerEndpoint,
+    keys: Path,
+    state_dir: Path,
+    certs: DevCertificates | None = None,
 ) -> None:
     """The daemons, supervised; the demo; then, unless --no-wait, until SIGINT or SIGTERM."""
     loop = asyncio.get_running_loop()
@@ -124,11 +170,12 @@ async def _run_daemons(
         loop.add_signal_handler(signum, stop.set)
     supervisor = Supervisor(say)
     try:
-        for spec in _daemons(options.workers, endpoint, keys, private_dir(state_dir / "logs")):
+        log_dir = private_dir(state_dir / "logs")
+        for spec in _daemons(options.workers, endpoint, keys, log_dir, certs):
             pid = await supervisor.start(spec)
             title = "the reaper" if spec.kind == "reaper" else f"{spec.kind} {spec.name}"
             say(f"==> started {title} (pid {pid}, log {spec.log_path})")
-        _print_endpoint(endpoint, keys, state_dir)
+        _print_endpoint(endpoint, keys, state_dir, certs)
         finished = await _unless_stopped(_demo(endpoint, keys, options.demo_tasks), stop)
         if finished and options.wait:
             say("==> running; Ctrl-C stops the workers and the broker")
@@ -139,10 +186,21 @@ async def _run_daemons(
             loop.remove_signal_handler(signum)
 
 
-def _daemons(count: int, endpoint: BrokerEndpoint, keys: Path, log_dir: Path) -> list[DaemonSpec]:
-    """Demo worker daemons and the reaper, started exactly as a user would start them."""
+def _daemons(
+    count: int,
+    endpoint: BrokerEndpoint,
+    keys: Path,
+    log_dir: Path,
+    certs: DevCertificates | None = None,
+) -> list[DaemonSpec]:
+    """Demo worker daemons and the reaper, started exactly as a user would start them.
+
+    With --tls each gets WAYANG_TLS_* for a client certificate naming its broker user.
+    """
     env = {**os.environ, "WAYANG_AMQP_URL": endpoint.amqp_url, "WAYANG_KEY_DIR": str(keys)}
     env.setdefault("WAYANG_MANAGEMENT_URL", endpoint.management_url)
+    if certs is not None:
+        env.update(certs.client_env(endpoint.username))
     cli = (sys.executable, "-m", "wayang_mq.cli")
     specs = []
     for index in range(count):
@@ -171,12 +229,19 @@ async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) 
     return True
 
 
-def _print_endpoint(endpoint: BrokerEndpoint, keys: Path, state_dir: Path) -> None:
+def _print_endpoint(
+    endpoint: BrokerEndpoint, keys: Path, state_dir: Path, certs: DevCertificates | None = None
+) -> None:
     say("")
     say(f"    RabbitMQ console  {endpoint.console_url}")
     say(f"    login             {endpoint.username} / {endpoint.password}")
     say(f"    AMQP URL          {endpoint.amqp_url}")
     say(f"    signing keys      {keys}")
+    if certs is not None:
+        admin = certs.client(endpoint.username)
+        say(f"    TLS CA            {certs.ca.cert_path}  (the console's too: trust it or accept)")
+        say(f"    client cert       {admin.cert} / {admin.key}  (CN {endpoint.username})")
+        say("    TLS only          no plain AMQP port; log in with a certificate (EXTERNAL)")
     say(
         "    try (another terminal, same directory):  wayang-mq submit demo.echo "
         '--input \'{"hello": "world"}\' --wait'

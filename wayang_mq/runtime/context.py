@@ -1,18 +1,24 @@
-"""What executor code reaches while it runs: progress, heartbeat details, cancellation, logs.
+"""What executor code reaches while it runs: progress, heartbeat details, cancellation, logs,
+the task's secrets.
 
 Like Temporal's ``activity.info()``, the context travels in a contextvar, so an executor stays
-plain async code and never sees AMQP.
+plain async code and never sees AMQP. Progress and heartbeat details leave through the
+worker's redactor: a secret value put in them is published as ``[secret:<name>]``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
+from wayang_mq.core.errors import ErrorCode, ExecutorError
 from wayang_mq.core.model import JsonLike, Progress, Task
+from wayang_mq.core.redact import REDACTOR, Redactor
+from wayang_mq.security.secrets import Secret, shown
 
 ProgressSink = Callable[[Progress], Awaitable[None]]
 
@@ -30,6 +36,21 @@ class TaskContext:
     logs: list[str] = field(default_factory=list)
     last_progress: Progress | None = None
     heartbeat_details: dict[str, JsonLike] = field(default_factory=dict)
+    #: the secrets the task's input references, by name (see wayang_mq.security.secrets)
+    secrets: Mapping[str, Secret] = field(default_factory=lambda: MappingProxyType({}))
+    redactor: Redactor = field(default=REDACTOR, repr=False)
+
+    def secret(self, name: str) -> Secret:
+        """The secret the task references as ``{"$secret": name}``; a name the task does not
+        reference fails the task ``secret_unavailable`` (references are the task's grant)."""
+        try:
+            return self.secrets[name]
+        except KeyError:
+            raise ExecutorError(
+                f"secret {name!r} is not referenced by the task's input",
+                code=ErrorCode.SECRET_UNAVAILABLE,
+                retryable=False,
+            ) from None
 
     async def progress(
         self, fraction: float | None = None, message: str = "", **details: Any
@@ -40,15 +61,15 @@ class TaskContext:
             executor_id=self.executor_id,
             attempt=self.task.attempt,
             fraction=fraction,
-            message=message,
-            details=details,
+            message=self.redactor.text(str(message)),
+            details=self.redactor.value(shown(details)),
         )
         await self._emit(self.last_progress)
 
     def heartbeat(self, **details: Any) -> None:
         """Record liveness details; the worker's next heartbeat carries the latest under this
         task's id (they coalesce: only the last call before a heartbeat is sent)."""
-        self.heartbeat_details = details
+        self.heartbeat_details = self.redactor.value(shown(details))
 
     def log(self, line: str) -> None:
         """A line for the result's ``logs``."""

@@ -67,6 +67,10 @@ class Executor:
     #: publishes its answer. Give such tasks a heartbeat timeout: if the worker dies meanwhile,
     #: the dispatcher's supervision re-dispatches them (the broker no longer holds them).
     long_running: ClassVar[bool] = False
+    #: the secret names (fnmatch patterns) a task may reference for this executor: a task
+    #: naming another fails ``secret_unavailable`` before it runs. Narrow it so that whoever
+    #: may issue tasks cannot aim, say, ``http.call`` at a secret meant for ``db.query``.
+    allowed_secrets: ClassVar[tuple[str, ...]] = ("*",)
     #: free-form metadata published at registration (region, version, labels)
     metadata: ClassVar[dict[str, str]] = {}
 

@@ -19,8 +19,8 @@ written against it. Hooks run in the order given, and only the layers that overr
 are called for it. A :class:`~wayang_mq.core.errors.WireError` raised by ``on_received`` or
 ``on_opened`` refuses the task as bad input (dead-lettered with that reason, answered FAILED).
 Any other exception is logged and skipped: a metrics bug must not fail a task. Task records,
-envelope checks, metrics and tracing plug in here (secrets need a way into the executor's
-context: not built yet).
+envelope checks, metrics and tracing plug in here. Secrets are not a layer: the runtime
+resolves and redacts them itself (see :mod:`wayang_mq.runtime.running` for why).
 """
 
 from __future__ import annotations

@@ -6,6 +6,13 @@ A run is an asyncio task that never raises for the executor's sake: success, an
 cannot carry all become a Result. Only the worker's own shutdown cancels it without one (the
 delivery then goes back to its queue). An executor that returns :class:`Pending` has accepted
 the task and will be answered later by someone else: its Result is PENDING.
+
+Secrets (:mod:`wayang_mq.security.secrets`) are resolved here, inside the run and its timeout,
+and every Result leaves through :func:`_result`, which redacts known secret values from its
+output, error and logs. This is the runtime, not a middleware layer, on purpose: a layer cannot
+change the task the executor receives nor fill its context, progress and heartbeats do not
+pass through the chain, and the chain logs and skips a layer that raises, which would let an
+unredacted result out.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import msgpack
@@ -22,8 +30,18 @@ import msgpack
 from wayang_mq.core import logs
 from wayang_mq.core.errors import ErrorCode, ExecutorError
 from wayang_mq.core.model import ErrorInfo, JsonLike, Result, Status, Task, now_ms
+from wayang_mq.core.redact import REDACTOR, Redactor
 from wayang_mq.runtime.context import ProgressSink, TaskContext, bind, unbind
 from wayang_mq.runtime.executor import Executor, Pending
+from wayang_mq.security.secrets import (
+    BadReference,
+    Resolver,
+    SecretProvider,
+    SecretUnavailable,
+    references,
+    shown,
+    substitute,
+)
 
 log = logging.getLogger("wayang_mq.runtime.running")
 
@@ -51,8 +69,12 @@ class Runner:
         executor_id: str,
         progress: ProgressSink,
         on_start: Callable[[Task], Awaitable[None]],
+        secrets: SecretProvider | None = None,
+        redactor: Redactor = REDACTOR,
     ) -> None:
         self._executors = executors
+        self._resolver = Resolver(secrets, redactor) if secrets is not None else None
+        self._redactor = redactor
         self._executor_id = executor_id
         self._progress = progress
         self._on_start = on_start
@@ -115,7 +137,7 @@ class Runner:
 
     async def start(self, task: Task) -> Running:
         """Start the task's run (it goes on even if the caller stops waiting for it)."""
-        context = TaskContext(task, self._executor_id, self._progress)
+        context = TaskContext(task, self._executor_id, self._progress, redactor=self._redactor)
         running = Running(task, context)
         running.job = asyncio.create_task(self._run(running))
         self._running[task.task_id] = running
@@ -151,7 +173,7 @@ class Runner:
             if self._running.get(task.task_id) is running:
                 del self._running[task.task_id]
         result, output_bytes = _result(
-            task, self._executor_id, status, output, error, context, started
+            task, self._executor_id, status, output, error, context, started, self._redactor
         )
         logs.event(
             log,
@@ -168,10 +190,10 @@ class Runner:
         try:
             executor = self._executors[task.capability]
             if task.timeout_ms is None:
-                return await executor.execute(task)
+                return await self._execute(executor, task, context)
             try:
                 async with asyncio.timeout(task.timeout_ms / 1000):
-                    return await executor.execute(task)
+                    return await self._execute(executor, task, context)
             except TimeoutError:
                 raise ExecutorError(
                     f"execution passed its timeout of {task.timeout_ms} ms",
@@ -180,6 +202,31 @@ class Runner:
                 ) from None
         finally:
             unbind(token)
+
+    async def _execute(self, executor: Executor, task: Task, context: TaskContext) -> Any:
+        """Resolve the task's secret references (the executor gets them as ``Secret`` values
+        in its input and in ``ctx.secrets``), then run it."""
+        try:
+            names = references(task.input)
+            if names:
+                if self._resolver is None:
+                    raise SecretUnavailable(
+                        f"the task references secrets ({', '.join(sorted(names))}) but this "
+                        "worker has no secret providers",
+                        hint="start it with --secrets (see `wayang-mq worker --help`)",
+                    )
+                secrets = await self._resolver.resolve(
+                    names, executor.allowed_secrets, capability=task.capability
+                )
+                task = task.model_copy(update={"input": substitute(task.input, secrets)})
+                context.task, context.secrets = task, MappingProxyType(secrets)
+        except (SecretUnavailable, BadReference) as exc:
+            raise ExecutorError(
+                exc.one_line(),
+                code=exc.code or ErrorCode.SECRET_UNAVAILABLE,
+                retryable=exc.retryable,
+            ) from None
+        return await executor.execute(task)
 
 
 def _error_info(exc: BaseException) -> ErrorInfo:
@@ -205,19 +252,32 @@ def _result(
     error: ErrorInfo | None,
     context: TaskContext,
     started: float,
+    redactor: Redactor,
 ) -> tuple[Result, int]:
     """Build the result (and its output's size), turning an output msgpack cannot carry into
-    ``invalid_result``."""
+    ``invalid_result``, with every known secret value cut out of its output, error and logs:
+    the one choke point every executed result passes before anything publishes or keeps it."""
     metrics = {
         "duration_ms": round((time.monotonic() - started) * 1000, 3),
         "queue_ms": float(max(0, now_ms() - task.issued_at_ms)),
     }
     try:
-        output_bytes = len(msgpack.packb(output, use_bin_type=True))
+        packed = msgpack.packb(output, use_bin_type=True)
+        if redactor.found_in(packed):  # one C-speed search; the walk only when it hits
+            output = redactor.value(output)
+            packed = msgpack.packb(output, use_bin_type=True)
+        output_bytes = len(packed)
     except (TypeError, ValueError, OverflowError) as exc:
         output_bytes = 0
         status, output = Status.FAILED, None
         error = ErrorInfo(code=ErrorCode.INVALID_RESULT, message=f"output cannot be sent: {exc}")
+    if error is not None:
+        error = error.model_copy(
+            update={
+                "message": redactor.text(error.message),
+                "details": redactor.value(shown(error.details)),
+            }
+        )
     result = Result.answering(
         task,
         executor_id,
@@ -225,6 +285,6 @@ def _result(
         output=output,
         error=error,
         metrics=metrics,
-        logs=tuple(context.logs),
+        logs=tuple(redactor.text(line) for line in context.logs),
     )
     return result, output_bytes

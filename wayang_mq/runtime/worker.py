@@ -62,6 +62,7 @@ from wayang_mq.runtime.middleware import Chain, Executed, Middleware, Opened, Re
 from wayang_mq.runtime.recent import RecentResults
 from wayang_mq.runtime.replays import Replays
 from wayang_mq.runtime.running import Runner, Running
+from wayang_mq.security.secrets import SecretProvider
 from wayang_mq.topology.spec import RetryTier
 
 log = logging.getLogger("wayang_mq.runtime.worker")
@@ -88,6 +89,7 @@ class WorkerConfig:
     retry_tiers: tuple[RetryTier, ...] = ()  # from the topology; none: failures are final
     middleware: tuple[Middleware, ...] = ()  # layers around every delivery, in this order
     health_port: int | None = None  # answer health probes over HTTP on this port (0: any)
+    secrets: SecretProvider | None = None  # resolves tasks' {"$secret": name} references
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -134,7 +136,9 @@ class Worker(Daemon):
         self._checks = config.checks
         # the built-in layer innermost: every configured layer sees every task first
         self._chain = Chain((*config.middleware, self._recent))
-        self._runner = Runner(self._by_capability, self.executor_id, self._progress, self._started)
+        self._runner = Runner(
+            self._by_capability, self.executor_id, self._progress, self._started, config.secrets
+        )
         self._decider = Decider(
             self.executor_id,
             config.signer,

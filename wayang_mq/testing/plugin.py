@@ -10,6 +10,10 @@ from the first source that works:
 
 When none works the fixture skips, or fails when ``CI=true``, so CI cannot go green by
 skipping every test that needs a broker.
+
+A third, ``rabbitmq_tls`` (a :class:`TlsBrokerHandle`), is a TLS-only private node with its
+own CA, started only when a test asks for it (always a local node: a broker from the
+environment cannot be made TLS-only for the tests).
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from typing import Any, NoReturn, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import pytest
+from yarl import URL
 
 from wayang_mq.amqp.endpoint import BrokerEndpoint
+from wayang_mq.amqp.tls import with_tls
 from wayang_mq.core.errors import StackError
-from wayang_mq.dev.nodes import PostgresNode, RabbitNode, wait_for_broker
+from wayang_mq.dev.certs import CertFiles, CertificateAuthority
+from wayang_mq.dev.nodes import NodeTls, PostgresNode, RabbitNode, wait_for_broker
 
 AMQP_URL_ENV = "WAYANG_AMQP_URL"
 MANAGEMENT_URL_ENV = "WAYANG_MANAGEMENT_URL"
@@ -122,6 +129,30 @@ class BrokerHandle:
         return f"BrokerHandle({self.endpoint!r}, origin={self.origin!r})"
 
 
+class TlsBrokerHandle(BrokerHandle):
+    """A TLS-only broker: amqps with a client certificate from ``ca``, EXTERNAL login.
+
+    ``amqp_url`` logs in as the administrator (a certificate whose CN is its user name);
+    :meth:`client_certificate` issues more, one per broker user a test logs in as.
+    """
+
+    def __init__(
+        self, endpoint: BrokerEndpoint, *, ca: CertificateAuthority, node: RabbitNode
+    ) -> None:
+        super().__init__(endpoint, origin=f"a TLS-only node in {node.state_dir}", lifecycle=node)
+        self.ca = ca
+        self.node = node
+
+    @property
+    def address(self) -> str:
+        """``amqps://host:port/`` with no account and no files (add them with ``with_tls``)."""
+        return str(URL(self.endpoint.amqp_url).with_user(None).with_query(None))
+
+    def client_certificate(self, common_name: str) -> CertFiles:
+        """A client certificate from the broker's CA; EXTERNAL logs it in as ``common_name``."""
+        return self.ca.issue_client(common_name)
+
+
 # --- sources -----------------------------------------------------------------------------------
 
 
@@ -141,6 +172,28 @@ def local_rabbitmq(state_dir: Path, *, clean_shutdown: bool = True) -> Iterator[
             node.stop()
         else:
             node.kill()
+
+
+@contextlib.contextmanager
+def local_rabbitmq_tls(state_dir: Path) -> Iterator[TlsBrokerHandle]:
+    """A private TLS-only RabbitMQ node in ``state_dir``, with its CA in ``state_dir/ca``.
+
+    The server certificate names 127.0.0.1 only, so a test can dial ``localhost`` to see a
+    hostname mismatch.
+    """
+    ca = CertificateAuthority.open(state_dir / "ca", name="wayang-mq test CA")
+    server = ca.issue_server("server", ("127.0.0.1",))
+    node = RabbitNode(state_dir / "node", tls=NodeTls(ca.cert_path, server.cert, server.key))
+    admin = ca.issue_client(node.username)
+    node.start()
+    try:
+        plain = node.endpoint
+        endpoint = BrokerEndpoint.from_url(
+            with_tls(plain.amqp_url, cert=admin.cert, key=admin.key), plain.management_url
+        )
+        yield TlsBrokerHandle(endpoint, ca=ca, node=node)
+    finally:
+        node.kill()  # thrown away: no need to wait for a clean stop
 
 
 @contextlib.contextmanager
@@ -377,6 +430,14 @@ def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]
         yield _enter_or_give_up(
             stack, "RabbitMQ", lambda: open_rabbitmq(state_dir, clean_shutdown=False)
         )
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBrokerHandle]:
+    """A TLS-only RabbitMQ node (client certificates, EXTERNAL login), for the TLS tests."""
+    state_dir = tmp_path_factory.mktemp("rabbitmq-tls")
+    with contextlib.ExitStack() as stack:
+        yield _enter_or_give_up(stack, "RabbitMQ (TLS)", lambda: local_rabbitmq_tls(state_dir))
 
 
 @pytest.fixture(scope="session")

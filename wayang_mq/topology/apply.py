@@ -24,9 +24,11 @@ from aio_pika.exceptions import (
     ProbableAuthenticationError,
 )
 from pamqp.common import FieldTable
+from yarl import URL
 
 from wayang_mq.amqp.endpoint import redact_url, url_vhost
 from wayang_mq.amqp.management import ManagementClient
+from wayang_mq.amqp.tls import check_files, explain
 from wayang_mq.core import names
 from wayang_mq.core.errors import BrokerUnreachable, ConfigError, TopologyError
 from wayang_mq.topology.spec import BindingSpec, Pairs, PolicySpec, Topology, as_dict
@@ -204,19 +206,29 @@ async def _declare(topology: Topology, amqp_url: str) -> None:
 
 
 async def _connect(amqp_url: str) -> AbstractConnection:
-    where = redact_url(amqp_url)
+    check_files(amqp_url)
+    # aio_pika.connect, closing a connection that failed (see amqp.connect.connect for why).
+    connection = aio_pika.Connection(URL(amqp_url))
     try:
-        return await aio_pika.connect(amqp_url, timeout=_CONNECT_TIMEOUT_S)
-    except (AuthenticationError, ProbableAuthenticationError):
-        raise BrokerUnreachable(
+        await connection.connect(timeout=_CONNECT_TIMEOUT_S)
+    except (AMQPConnectionError, OSError) as exc:  # TimeoutError is an OSError
+        await connection.close()
+        raise _unreachable(exc, amqp_url) from None
+    return connection
+
+
+def _unreachable(exc: BaseException, amqp_url: str) -> BrokerUnreachable:
+    explained = explain(exc, amqp_url)  # TLS and certificate-login failures
+    if explained is not None:
+        return explained
+    where = redact_url(amqp_url)
+    if isinstance(exc, AuthenticationError | ProbableAuthenticationError):
+        return BrokerUnreachable(
             f"the broker at {where} refused the login",
             hint="check the username, password and vhost in the AMQP URL",
-        ) from None
-    except (AMQPConnectionError, OSError, TimeoutError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise BrokerUnreachable(
-            f"cannot reach the broker at {where}: {reason}", hint=_START_HINT
-        ) from None
+        )
+    reason = str(exc) or type(exc).__name__
+    return BrokerUnreachable(f"cannot reach the broker at {where}: {reason}", hint=_START_HINT)
 
 
 async def _declare_exchanges(
