@@ -206,7 +206,14 @@ class Replies:
             else:
                 result = open_unverified(message.body, message.headers or {}, Result)
         except WayangError as exc:
-            logs.event(log, "result.invalid", logging.WARNING, id=message.message_id, error=exc)
+            logs.event(
+                log,
+                "result.invalid",
+                logging.WARNING,
+                id=message.message_id,
+                user_id=message.user_id,  # the publishing account, as the broker checked it
+                error=exc,
+            )
             self._notify(Verdict.INVALID, None)
             await settle(message, reject(message.message_id, "not a result we can trust"))
             return

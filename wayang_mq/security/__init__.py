@@ -1,0 +1,1 @@
+"""Security: broker accounts per role (and, to come, key scopes, tokens, secrets)."""
