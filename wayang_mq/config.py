@@ -8,6 +8,7 @@ state directory, so a second terminal finds the local stack without copying URLs
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -42,8 +43,13 @@ class Settings(BaseSettings):
         return self.key_dir or self.state_dir / "keys"
 
 
-def broker_endpoint(settings: Settings) -> BrokerEndpoint:
-    """The broker to use: ``WAYANG_AMQP_URL``, else the one ``wayang-mq dev`` is running."""
+def broker_endpoint(settings: Settings, role: str | None = None) -> BrokerEndpoint:
+    """The broker to use: ``WAYANG_AMQP_URL``, else the one ``wayang-mq dev`` is running.
+
+    From ``wayang-mq dev``'s file, ``role`` (``dispatcher``, ``executor``, ``reaper``) picks
+    the account the stack granted for it; without a role (or in a file from before roles)
+    it is the administrator's, which only ``topology``, ``access`` and ``dead`` need.
+    """
     if settings.amqp_url is not None:
         return BrokerEndpoint.from_url(
             settings.amqp_url.get_secret_value(), settings.management_url
@@ -51,8 +57,9 @@ def broker_endpoint(settings: Settings) -> BrokerEndpoint:
     path = settings.state_dir / ENDPOINT_FILE
     try:
         saved = json.loads(path.read_text())
-        return BrokerEndpoint.from_url(saved["amqp_url"], saved["management_url"])
-    except (OSError, ValueError, KeyError, TypeError):
+        url = saved.get("accounts", {}).get(role) or saved["amqp_url"]
+        return BrokerEndpoint.from_url(url, saved["management_url"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise BrokerUnreachable(
             "no broker configured",
             hint="set WAYANG_AMQP_URL=amqp://user:pass@host:5672/, "
@@ -60,10 +67,18 @@ def broker_endpoint(settings: Settings) -> BrokerEndpoint:
         ) from None
 
 
-def save_endpoint(state_dir: Path, endpoint: BrokerEndpoint) -> None:
-    """Remember the dev stack's endpoint for other commands (private: it holds a password)."""
+def save_endpoint(
+    state_dir: Path, endpoint: BrokerEndpoint, accounts: Mapping[str, str] | None = None
+) -> None:
+    """Remember the dev stack's endpoint (the administrator's URL) and the AMQP URL of each
+    role's account for other commands (private, 0600: it holds their passwords)."""
     private_dir(state_dir, narrow_existing=False)
-    saved = {"amqp_url": endpoint.amqp_url, "management_url": endpoint.management_url}
+    saved: dict[str, object] = {
+        "amqp_url": endpoint.amqp_url,
+        "management_url": endpoint.management_url,
+    }
+    if accounts:
+        saved["accounts"] = dict(accounts)
     write_private(state_dir / ENDPOINT_FILE, json.dumps(saved))
 
 

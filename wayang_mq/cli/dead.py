@@ -54,7 +54,7 @@ def _cmd_reaper(args: argparse.Namespace, settings: Settings) -> int:
 
     extra = {"reaper_id": args.reaper_id} if args.reaper_id else {}
     config = ReaperConfig(
-        amqp_url=broker_endpoint(settings).amqp_url,
+        amqp_url=broker_endpoint(settings, "reaper").amqp_url,
         keyring=keyring(settings),
         signer=signer(settings),
         prefetch=args.prefetch,

@@ -4,6 +4,11 @@ A private RabbitMQ node (unless ``WAYANG_AMQP_URL`` names a broker), the topolog
 key, demo worker daemons and the reaper as real processes (restarted when they die), and a
 burst of demo tasks whose results are shown; then it stays up until Ctrl-C, printing where
 the console is. The state directory and every file in it that holds a secret are private.
+
+The administrator's account only applies the topology and grants the role accounts
+(``wayang-mq access``): each worker runs as its own executor account, the reaper as a reaper,
+the demo as a dispatcher. ``endpoint.json`` keeps a dispatcher's, an executor's and the
+reaper's URL besides the administrator's, so commands in another terminal run under a role.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from wayang_mq.amqp.connect import management_client
-from wayang_mq.amqp.endpoint import BrokerEndpoint
+from wayang_mq.amqp.endpoint import BrokerEndpoint, with_credentials
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
 from wayang_mq.config import ENDPOINT_FILE, Settings, broker_endpoint, save_endpoint
 from wayang_mq.core.model import Result, RetryHints
@@ -27,8 +32,15 @@ from wayang_mq.core.private_files import private_dir
 from wayang_mq.core.signing import Signer, write_keypair
 from wayang_mq.dev.nodes import RabbitNode
 from wayang_mq.dev.supervise import DaemonSpec, Supervisor
+from wayang_mq.security.accounts import (
+    Account,
+    dispatcher_account,
+    executor_account,
+    grant,
+    reaper_account,
+)
 from wayang_mq.topology.apply import apply_topology
-from wayang_mq.topology.spec import load_topology
+from wayang_mq.topology.spec import Topology, load_topology
 
 RETRY_ONCE = RetryHints(max_attempts=3, initial_backoff_ms=1000)  # through the 1 s retry tier
 DEMO_EXECUTORS = (
@@ -36,9 +48,48 @@ DEMO_EXECUTORS = (
     "wayang_workers.demo:Sleep",
     "wayang_workers.demo:Fail",
 )
+DEMO_CAPABILITIES = ("demo.echo", "demo.sleep", "demo.fail")  # what DEMO_EXECUTORS serve
+DEV_DISPATCHER = "dev-dispatcher"  # the demo; `submit` elsewhere runs as dev-dispatcher--<n>
+DEV_EXECUTOR = "dev-executor"  # every capability, for workers started in another terminal
+DEV_REAPER = "dev-reaper"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # What an earlier run of `dev` leaves in its state directory: such a directory is the stack's.
 _STATE_MARKERS = (ENDPOINT_FILE, "rabbitmq", "logs", "keys")
+
+
+@dataclass(frozen=True)
+class DevAccounts:
+    """The AMQP URL of each role account the stack granted (they hold passwords)."""
+
+    dispatcher: str
+    executor: str
+    reaper: str
+    workers: dict[str, str]  # demo worker id -> its own executor account's URL
+
+    def by_role(self) -> dict[str, str]:
+        """What ``endpoint.json`` keeps for other commands, by role."""
+        return {"dispatcher": self.dispatcher, "executor": self.executor, "reaper": self.reaper}
+
+
+def grant_dev_accounts(endpoint: BrokerEndpoint, topology: Topology, workers: int) -> DevAccounts:
+    """One account per daemon, each with a fresh password (a restarted stack rotates them)."""
+    admin = management_client(endpoint)
+
+    def url(account: Account) -> str:
+        password = grant(admin, account, new_password=True).password
+        assert password is not None  # new_password: always a new one
+        return with_credentials(endpoint.amqp_url, account.user, password)
+
+    every = [c.name for c in topology.capabilities]
+    return DevAccounts(
+        dispatcher=url(dispatcher_account(DEV_DISPATCHER, every)),
+        executor=url(executor_account(DEV_EXECUTOR, every)),
+        reaper=url(reaper_account(DEV_REAPER)),
+        workers={
+            f"demo-{n}": url(executor_account(f"demo-{n}", DEMO_CAPABILITIES))
+            for n in range(workers)
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -84,7 +135,14 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
             apply_topology(topology, endpoint.amqp_url, management_client(endpoint))
         )
         say("    " + report.lines()[-1])
-        asyncio.run(_run_daemons(options, endpoint, keys, state_dir))
+        accounts = grant_dev_accounts(endpoint, topology, options.workers)
+        say(
+            f"==> granted role accounts: {DEV_DISPATCHER}, {', '.join(accounts.workers)}, "
+            f"{DEV_EXECUTOR}, {DEV_REAPER} (see `wayang-mq access show`)"
+        )
+        if node is not None:
+            save_endpoint(state_dir, endpoint, accounts.by_role())
+        asyncio.run(_run_daemons(options, endpoint, accounts, keys, state_dir))
     finally:
         if node is not None:
             say("==> stopping RabbitMQ")
@@ -115,7 +173,11 @@ def _private_state_dir(state_dir: Path) -> Path:
 
 
 async def _run_daemons(
-    options: DevOptions, endpoint: BrokerEndpoint, keys: Path, state_dir: Path
+    options: DevOptions,
+    endpoint: BrokerEndpoint,
+    accounts: DevAccounts,
+    keys: Path,
+    state_dir: Path,
 ) -> None:
     """The daemons, supervised; the demo; then, unless --no-wait, until SIGINT or SIGTERM."""
     loop = asyncio.get_running_loop()
@@ -124,12 +186,13 @@ async def _run_daemons(
         loop.add_signal_handler(signum, stop.set)
     supervisor = Supervisor(say)
     try:
-        for spec in _daemons(options.workers, endpoint, keys, private_dir(state_dir / "logs")):
+        for spec in _daemons(accounts, endpoint, keys, private_dir(state_dir / "logs")):
             pid = await supervisor.start(spec)
             title = "the reaper" if spec.kind == "reaper" else f"{spec.kind} {spec.name}"
             say(f"==> started {title} (pid {pid}, log {spec.log_path})")
         _print_endpoint(endpoint, keys, state_dir)
-        finished = await _unless_stopped(_demo(endpoint, keys, options.demo_tasks), stop)
+        demo = _demo(accounts.dispatcher, keys, options.demo_tasks)
+        finished = await _unless_stopped(demo, stop)
         if finished and options.wait:
             say("==> running; Ctrl-C stops the workers and the broker")
             await stop.wait()
@@ -139,20 +202,24 @@ async def _run_daemons(
             loop.remove_signal_handler(signum)
 
 
-def _daemons(count: int, endpoint: BrokerEndpoint, keys: Path, log_dir: Path) -> list[DaemonSpec]:
-    """Demo worker daemons and the reaper, started exactly as a user would start them."""
-    env = {**os.environ, "WAYANG_AMQP_URL": endpoint.amqp_url, "WAYANG_KEY_DIR": str(keys)}
-    env.setdefault("WAYANG_MANAGEMENT_URL", endpoint.management_url)
+def _daemons(
+    accounts: DevAccounts, endpoint: BrokerEndpoint, keys: Path, log_dir: Path
+) -> list[DaemonSpec]:
+    """Demo worker daemons and the reaper, started exactly as a user would start them, each
+    under its own account."""
+    base = {**os.environ, "WAYANG_KEY_DIR": str(keys)}
+    base.setdefault("WAYANG_MANAGEMENT_URL", endpoint.management_url)
     cli = (sys.executable, "-m", "wayang_mq.cli")
     specs = []
-    for index in range(count):
-        executor_id = f"demo-{index}"
+    for executor_id, url in accounts.workers.items():
         command = (*cli, "worker", *DEMO_EXECUTORS, "--id", executor_id, "--concurrency", "16")
         log_path = log_dir / f"{executor_id}.log"
+        env = base | {"WAYANG_AMQP_URL": url}
         specs.append(DaemonSpec(executor_id, "worker", command, env, log_path))
     # The reaper: the broker's dead letters (expired, poison) become FAILED results.
-    reaper = (*cli, "reaper", "--id", "dev-reaper")
-    specs.append(DaemonSpec("dev-reaper", "reaper", reaper, env, log_dir / "reaper.log"))
+    reaper = (*cli, "reaper", "--id", DEV_REAPER)
+    env = base | {"WAYANG_AMQP_URL": accounts.reaper}
+    specs.append(DaemonSpec(DEV_REAPER, "reaper", reaper, env, log_dir / "reaper.log"))
     return specs
 
 
@@ -175,6 +242,7 @@ def _print_endpoint(endpoint: BrokerEndpoint, keys: Path, state_dir: Path) -> No
     say("")
     say(f"    RabbitMQ console  {endpoint.console_url}")
     say(f"    login             {endpoint.username} / {endpoint.password}")
+    say("    (the administrator: daemons, the demo and commands run as role accounts)")
     say(f"    AMQP URL          {endpoint.amqp_url}")
     say(f"    signing keys      {keys}")
     say(
@@ -185,12 +253,16 @@ def _print_endpoint(endpoint: BrokerEndpoint, keys: Path, state_dir: Path) -> No
     say("")
 
 
-async def _demo(endpoint: BrokerEndpoint, keys: Path, count: int) -> None:
+async def _demo(dispatcher_url: str, keys: Path, count: int) -> None:
     """Send a burst of demo tasks and show each result as it arrives."""
     if count <= 0:
         return
     signing_key = sorted(keys.glob("*.key"))[0]
-    config = DispatcherConfig(amqp_url=endpoint.amqp_url, signer=Signer.from_file(signing_key))
+    config = DispatcherConfig(
+        amqp_url=dispatcher_url,
+        signer=Signer.from_file(signing_key),
+        dispatcher_id=DEV_DISPATCHER,
+    )
     say(f"==> sending {count} demo tasks (echo, a sleep with progress, a failure, a retry)")
     started = time.monotonic()
     async with Dispatcher(config) as dispatcher:
