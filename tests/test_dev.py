@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -11,13 +12,16 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from tests.test_cli import wayang
 from tests.test_dev_supervise import zombie_children
+from wayang_mq.amqp.connect import management_client
+from wayang_mq.amqp.endpoint import BrokerEndpoint
 from wayang_mq.dev.nodes import port_in_use
 from wayang_mq.testing.harness import WAIT_S, Fabric, eventually
 
@@ -201,3 +205,48 @@ async def test_dev_reports_and_restarts_a_killed_worker_which_then_serves_tasks(
     result = json.loads(run.stdout)
     assert result["status"] == "SUCCESS" and result["executor_id"] == "demo-0"
     os.kill(second, 0)  # still the one running
+
+
+async def test_dev_runs_each_daemon_under_its_own_role_account(dev_stack: DevStack) -> None:
+    # Given dev running, When one looks at what it saved and at the broker's connections
+    saved = json.loads((dev_stack.state_dir / "endpoint.json").read_text())
+    users = {role: urlsplit(url).username for role, url in saved["accounts"].items()}
+    # Then another terminal finds a dispatcher's, an executor's and the reaper's account
+    assert users == {
+        "dispatcher": "dev-dispatcher",
+        "executor": "dev-executor",
+        "reaper": "dev-reaper",
+    }
+    admin = management_client(BrokerEndpoint.from_url(saved["amqp_url"], saved["management_url"]))
+
+    async def connected() -> dict[str, str]:
+        rows = await asyncio.to_thread(admin._request, "GET", "/api/connections")
+        return {r["client_properties"].get("connection_name", ""): r["user"] for r in rows}
+
+    # and the worker and the reaper are connected as themselves, not as the administrator
+    await eventually(
+        lambda: _has(connected(), {"demo-0": "demo-0", "dev-reaper": "dev-reaper"}),
+        what="demo-0 and dev-reaper connected under their own accounts",
+        timeout_s=30,  # the management API lists a connection a few seconds after it opens
+    )
+    # And a worker started in another terminal runs as the executor account, with an id of it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WAYANG_")}
+    env["WAYANG_STATE_DIR"] = str(dev_stack.state_dir)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "wayang_mq.cli", "worker", "wayang_workers.demo:Echo"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        bufsize=0,
+    )
+    try:
+        started = _read_until(worker, "event=worker.started", 60)
+        assert re.search(r"event=worker\.started id=dev-executor--[0-9a-f]{8}\b", started), started
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=60)
+
+
+async def _has(rows: Awaitable[dict[str, str]], wanted: dict[str, str]) -> bool:
+    found = await rows
+    return all(found.get(name) == user for name, user in wanted.items())

@@ -11,7 +11,7 @@ redactor as they are read: no log line of a daemon shows them, whatever exceptio
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
@@ -83,8 +83,12 @@ def _redact_url_password(name: str, url: str) -> None:
             REDACTOR.add(name, form)
 
 
-def broker_endpoint(settings: Settings) -> BrokerEndpoint:
+def broker_endpoint(settings: Settings, role: str | None = None) -> BrokerEndpoint:
     """The broker to use: ``WAYANG_AMQP_URL``, else the one ``wayang-mq dev`` is running.
+
+    From ``wayang-mq dev``'s file, ``role`` (``dispatcher``, ``executor``, ``reaper``) picks
+    the account the stack granted for it; without a role (or in a file from before roles)
+    it is the administrator's, which only ``topology``, ``access`` and ``dead`` need.
 
     ``WAYANG_TLS_*`` are folded into its URL (they win over the URL's own parameters), so
     every connection made from the endpoint uses the same CA and client certificate.
@@ -92,17 +96,18 @@ def broker_endpoint(settings: Settings) -> BrokerEndpoint:
     if settings.amqp_url is not None:
         amqp_url, management_url = settings.amqp_url.get_secret_value(), settings.management_url
     else:
-        amqp_url, management_url = _saved_endpoint(settings.state_dir / ENDPOINT_FILE)
+        amqp_url, management_url = _saved_endpoint(settings.state_dir / ENDPOINT_FILE, role)
     _redact_url_password("broker-password", amqp_url)
     amqp_url = with_tls(amqp_url, ca=settings.tls_ca, cert=settings.tls_cert, key=settings.tls_key)
     return BrokerEndpoint.from_url(amqp_url, management_url)
 
 
-def _saved_endpoint(path: Path) -> tuple[str, str | None]:
+def _saved_endpoint(path: Path, role: str | None) -> tuple[str, str | None]:
     try:
         saved = json.loads(path.read_text())
-        return str(saved["amqp_url"]), str(saved["management_url"])
-    except (OSError, ValueError, KeyError, TypeError):
+        url = (saved.get("accounts") or {}).get(role) or saved["amqp_url"]
+        return str(url), str(saved["management_url"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise BrokerUnreachable(
             "no broker configured",
             hint="set WAYANG_AMQP_URL=amqp://user:pass@host:5672/, "
@@ -110,10 +115,24 @@ def _saved_endpoint(path: Path) -> tuple[str, str | None]:
         ) from None
 
 
-def save_endpoint(state_dir: Path, endpoint: BrokerEndpoint) -> None:
-    """Remember the dev stack's endpoint for other commands (private: it holds a password)."""
+def save_endpoint(
+    state_dir: Path,
+    endpoint: BrokerEndpoint,
+    accounts: Mapping[str, str] | None = None,
+    signing_keys: Mapping[str, str] | None = None,
+) -> None:
+    """Remember the dev stack's endpoint (the administrator's URL), the AMQP URL of each
+    role's account and the signing key of each role, for other commands (private, 0600: it
+    holds their passwords)."""
     private_dir(state_dir, narrow_existing=False)
-    saved = {"amqp_url": endpoint.amqp_url, "management_url": endpoint.management_url}
+    saved: dict[str, object] = {
+        "amqp_url": endpoint.amqp_url,
+        "management_url": endpoint.management_url,
+    }
+    if accounts:
+        saved["accounts"] = dict(accounts)
+    if signing_keys:
+        saved["signing_keys"] = dict(signing_keys)
     write_private(state_dir / ENDPOINT_FILE, json.dumps(saved))
 
 
@@ -128,10 +147,17 @@ def keyring(settings: Settings) -> KeyRing:
     return ring
 
 
-def signing_key_path(settings: Settings) -> Path:
-    """WAYANG_SIGNING_KEY, else the key dir's first ``*.key``."""
+def signing_key_path(settings: Settings, role: str | None = None) -> Path:
+    """WAYANG_SIGNING_KEY, else the key ``wayang-mq dev`` keeps for ``role``, else the key
+    dir's first ``*.key``."""
     if settings.signing_key is not None:
         return settings.signing_key
+    if role is not None and settings.amqp_url is None:
+        try:
+            saved = json.loads((settings.state_dir / ENDPOINT_FILE).read_text())
+            return Path(saved["signing_keys"][role])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     found = sorted(settings.keys_path.glob("*.key")) if settings.keys_path.is_dir() else []
     if not found:
         raise ConfigError(
@@ -141,16 +167,21 @@ def signing_key_path(settings: Settings) -> Path:
     return found[0]
 
 
-def signer(settings: Settings) -> Signer:
+def signer(settings: Settings, role: str | None = None) -> Signer:
     """The private key this process signs with (see :func:`signing_key_path`)."""
-    return Signer.from_file(signing_key_path(settings))
+    return Signer.from_file(signing_key_path(settings, role))
 
 
-def signer_scope(settings: Settings) -> KeyScope | None:
-    """The scope written beside the signing key (``<stem>.toml``), if there is one: a
-    dispatcher issues its tasks under the id it names."""
-    path = scope_path(signing_key_path(settings))
-    return read_scope(path) if path.exists() else None
+def signer_scope(settings: Settings, role: str | None = None) -> KeyScope | None:
+    """The scope of the signing key: beside it (``<stem>.toml``), or beside its public half
+    in the key directory; None when there is none. A dispatcher issues its tasks under the
+    id it names."""
+    path = signing_key_path(settings, role)
+    signer_key = Signer.from_file(path)
+    for candidate in (scope_path(path), settings.keys_path / f"{signer_key.key_id}.toml"):
+        if candidate.exists():
+            return read_scope(candidate)
+    return None
 
 
 def secrets_key(settings: Settings) -> str:

@@ -7,7 +7,7 @@ is :mod:`wayang_mq.dev`'s business, not this module's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from wayang_mq.core.errors import ConfigError
 
@@ -18,6 +18,17 @@ def redact_url(url: str) -> str:
     if parts.password is None:
         return url
     netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def with_credentials(amqp_url: str, username: str, password: str) -> str:
+    """The same broker and vhost, logged in as another account (``wayang-mq access``)."""
+    parts = urlsplit(amqp_url)
+    host = parts.hostname or "localhost"
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal keeps its brackets
+    netloc = f"{quote(username, safe='')}:{quote(password, safe='')}@{host}"
+    netloc += f":{parts.port}" if parts.port else ""
     return urlunsplit(parts._replace(netloc=netloc))
 
 

@@ -15,7 +15,7 @@ import socket
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
@@ -153,6 +153,71 @@ class ManagementClient:
     def delete_vhost(self, name: str) -> None:
         """Delete a vhost and everything in it (absent is fine)."""
         self._request("DELETE", f"/api/vhosts/{_seg(name)}", none=True)
+
+    # -- users and permissions (wayang_mq.security.accounts) ---------------------------------
+
+    def list_users(self) -> list[JSON]:
+        """Every user of the broker: ``name``, ``tags``, ``password_hash``, ..."""
+        return self._list("/api/users")
+
+    def get_user(self, name: str) -> JSON | None:
+        """One user, or None when there is none of that name."""
+        result: JSON | None = self._request("GET", f"/api/users/{_seg(name)}", none=True)
+        return result
+
+    def put_user(
+        self,
+        name: str,
+        *,
+        tags: Sequence[str],
+        password: str | None = None,
+        password_hash: str | None = None,
+        hashing_algorithm: str | None = None,
+    ) -> None:
+        """Create or replace a user. Give ``password``, or the ``password_hash`` (and its
+        algorithm) that ``get_user`` returned to keep the current one: with neither, the
+        broker would leave the user no password at all."""
+        body: JSON = {"tags": ",".join(tags)}  # 3.10 takes tags as one comma-separated string
+        if password is not None:
+            body["password"] = password
+        elif password_hash is not None:
+            body["password_hash"] = password_hash
+            if hashing_algorithm:
+                body["hashing_algorithm"] = hashing_algorithm
+        else:
+            raise ValueError("put_user needs a password or the current password_hash")
+        self._request("PUT", f"/api/users/{_seg(name)}", body)
+
+    def delete_user(self, name: str) -> bool:
+        """Delete a user (False when there was none). The broker closes its connections
+        (``CONNECTION_FORCED - user '...' is deleted``)."""
+        if self.get_user(name) is None:
+            return False
+        self._request("DELETE", f"/api/users/{_seg(name)}", none=True)
+        return True
+
+    def put_permissions(self, user: str, *, configure: str, write: str, read: str) -> None:
+        """Set a user's permissions (three regexes over resource names) on this vhost."""
+        body = {"configure": configure, "write": write, "read": read}
+        self._request("PUT", f"/api/permissions/{self._v}/{_seg(user)}", body)
+
+    def get_permissions(self, user: str) -> JSON | None:
+        """A user's permissions on this vhost, or None when it has none."""
+        path = f"/api/permissions/{self._v}/{_seg(user)}"
+        result: JSON | None = self._request("GET", path, none=True)
+        return result
+
+    def put_topic_permission(self, user: str, *, exchange: str, write: str, read: str) -> None:
+        """Set a user's topic permission on one topic exchange of this vhost (regexes over
+        routing keys: ``write`` for publishing, ``read`` for binding keys)."""
+        body = {"exchange": exchange, "write": write, "read": read}
+        self._request("PUT", f"/api/topic-permissions/{self._v}/{_seg(user)}", body)
+
+    def get_topic_permissions(self, user: str) -> list[JSON]:
+        """A user's topic permissions on this vhost, one per exchange."""
+        path = f"/api/topic-permissions/{self._v}/{_seg(user)}"
+        result: list[JSON] | None = self._request("GET", path, none=True)
+        return result or []
 
     # -- transport -------------------------------------------------------------------------
 

@@ -1,8 +1,14 @@
 """Publishing with publisher confirms: a publish returns only once the broker has the message.
 
-The broker's three answers become typed errors here, once: ``basic.return`` (no queue bound,
+The broker's answers become typed errors here, once: ``basic.return`` (no queue bound,
 only with ``mandatory``) → :class:`Unroutable`; ``basic.nack`` (a full queue with
-``reject-publish``) → :class:`Rejected`; a closed channel or connection → ``PublishFailed``.
+``reject-publish``) → :class:`Rejected`; the channel closed with ``ACCESS_REFUSED`` (the
+account may not publish there) → :class:`AccessRefused`; any other closed channel or
+connection → ``PublishFailed``.
+
+Every message leaves with the AMQP ``user_id`` property set to the connection's user: the
+broker refuses a ``user_id`` that is not the authenticated user's (``PRECONDITION_FAILED``),
+so a receiver can trust it names the account that published (docs/security.md, section 3).
 """
 
 from __future__ import annotations
@@ -35,6 +41,20 @@ class Unroutable(WayangError):
 
 class Rejected(WayangError):
     """The broker nacked the message: a queue it routes to is full (``reject-publish``)."""
+
+
+class AccessRefused(WayangError):
+    """The broker closed the channel with ACCESS_REFUSED: this account may not publish to that
+    exchange (or under that routing key). Sending it again cannot help, so it is not retried."""
+
+
+def connection_user(connection: aiormq.abc.AbstractConnection) -> str | None:
+    """The user a connection authenticated as, for ``user_id``: the URL's user with PLAIN
+    (aiormq, like the broker, defaults it to ``guest``), None with EXTERNAL (a certificate
+    names the user; the client does not know it)."""
+    if connection.url.query.get("auth", "plain").lower() != "plain":
+        return None
+    return connection.url.user or "guest"
 
 
 def to_amqp(message: WireMessage, *, persistent: bool = True) -> aio_pika.Message:
@@ -101,11 +121,19 @@ class ConfirmedPublisher:
         target = await self._exchange(exchange)
         try:
             connection = await self._wait_unblocked()
+            if message.user_id is None:
+                # set once; a resend keeps it (the same user on every connection of this URL)
+                message.user_id = connection_user(connection)
             await self._confirmed(connection, target, exchange, routing_key, message, mandatory)
         except aiormq.exceptions.PublishError as exc:
             raise Unroutable(f"no queue bound on {exchange} for {routing_key!r}") from exc
         except aiormq.exceptions.DeliveryError as exc:
             raise Rejected(f"broker refused the message for {routing_key!r}") from exc
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise AccessRefused(
+                f"the broker refused publishing to {exchange} with key {routing_key!r}: {exc}",
+                hint="the account lacks that permission; see `wayang-mq access show`",
+            ) from exc
         except (
             aiormq.exceptions.AMQPError,
             aio_pika.exceptions.ChannelInvalidStateError,

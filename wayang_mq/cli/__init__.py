@@ -12,7 +12,18 @@ import sys
 from collections.abc import Sequence
 
 from wayang_mq import __version__
-from wayang_mq.cli import control, dead, dev, keys, schema, secrets, submit, topology, worker
+from wayang_mq.cli import (
+    access,
+    control,
+    dead,
+    dev,
+    keys,
+    schema,
+    secrets,
+    submit,
+    topology,
+    worker,
+)
 from wayang_mq.cli.exits import Exit, exit_code_for
 from wayang_mq.config import Settings, redact_credentials
 from wayang_mq.core import logs
@@ -29,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wayang-mq {__version__}")
     parser.add_argument("--log-level", default="INFO", help="daemon log level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for verb in (dev, topology, keys, secrets, worker, submit, control, dead, schema):
+    for verb in (dev, topology, access, keys, secrets, worker, submit, control, dead, schema):
         verb.add(sub)
     return parser
 

@@ -33,15 +33,30 @@ def dispatcher_config(settings: Settings) -> DispatcherConfig:
     from wayang_mq.client.dispatcher import DispatcherConfig
     from wayang_mq.config import broker_endpoint, keyring, signer, signer_scope
 
-    key = signer(settings)
-    scope = signer_scope(settings)
+    endpoint = broker_endpoint(settings, "dispatcher")
+    scope = signer_scope(settings, "dispatcher")
     return DispatcherConfig(
-        amqp_url=broker_endpoint(settings).amqp_url,
-        signer=key,
+        amqp_url=endpoint.amqp_url,
+        signer=signer(settings, "dispatcher"),
         results_keyring=keyring(settings),
+        dispatcher_id=process_id(endpoint.username, "d"),
         issuer=scope.identity if scope is not None else None,
         audience=settings.audience,
     )
+
+
+def process_id(account: str, fallback_prefix: str) -> str:
+    """This process's id under a broker account: ``<account>--<instance>``, which the
+    account's permissions allow (docs/security.md, section 3); a user name that cannot start
+    an id (``guest@example``) gets the old ``<prefix>-…`` default."""
+    from wayang_mq.core.names import valid_word
+    from wayang_mq.security.accounts import INSTANCE_SEPARATOR, instance_id
+
+    if valid_word(account) and INSTANCE_SEPARATOR not in account:
+        return instance_id(account)
+    from wayang_mq.core.model import new_id
+
+    return f"{fallback_prefix}-{new_id()[:8]}"
 
 
 def capability_arg(capability: str) -> str:

@@ -55,9 +55,9 @@ def _cmd_reaper(args: argparse.Namespace, settings: Settings) -> int:
     extra = {"reaper_id": args.reaper_id} if args.reaper_id else {}
     topology = load_topology(settings.topology)
     config = ReaperConfig(
-        amqp_url=broker_endpoint(settings).amqp_url,
+        amqp_url=broker_endpoint(settings, "reaper").amqp_url,
         keyring=keyring(settings),
-        signer=signer(settings),
+        signer=signer(settings, "reaper"),
         prefetch=args.prefetch,
         max_body_bytes=topology.defaults.max_body_bytes,
         audience=settings.audience,
@@ -120,9 +120,16 @@ def _dead_table(letters: Sequence[DeadLetter]) -> list[str]:
 
 
 def _cmd_dead_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from wayang_mq.config import broker_endpoint, keyring, signer
+    from wayang_mq.config import broker_endpoint, keyring, signer, signer_scope
     from wayang_mq.core.names import dead_queue
+    from wayang_mq.core.scopes import Role
     from wayang_mq.ops.deadletters import replay
+
+    # a replay is a new task: an admin key issues it as dead-replay, a dispatcher's as itself
+    scope = signer_scope(settings, "admin")
+    issuer = "dead-replay"
+    if scope is not None and scope.role is not Role.ADMIN:
+        issuer = scope.identity
 
     capability = capability_arg(args.capability)
     timeout_ms = None if args.queue_timeout is None else int(args.queue_timeout * 1000)
@@ -131,9 +138,10 @@ def _cmd_dead_replay(args: argparse.Namespace, settings: Settings) -> int:
             broker_endpoint(settings).amqp_url,
             capability,
             keyring=keyring(settings),
-            signer=signer(settings),
+            signer=signer(settings, "admin"),
             task_id=args.task_id,
             queue_timeout_ms=timeout_ms,
+            issuer=issuer,
         )
     )
     if args.task_id and not outcomes:

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 from typing import Any
 
-from wayang_mq.cli.common import run_until_signal
+from wayang_mq.cli.common import process_id, run_until_signal
 from wayang_mq.cli.exits import Exit
 from wayang_mq.config import Settings
 
@@ -19,7 +19,7 @@ def add(sub: Any) -> None:
     )
     p.add_argument("--concurrency", type=int, default=8, help="tasks run at once (default 8)")
     p.add_argument("--prefetch", type=int, help="deliveries held (default: concurrency)")
-    p.add_argument("--id", dest="executor_id", help="executor id (default: host-pid)")
+    p.add_argument("--id", dest="executor_id", help="executor id (default: <account>--<random>)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to finish on SIGTERM")
     p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats")
     p.add_argument(
@@ -69,12 +69,15 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     middleware = tuple(
         load_class(spec, Middleware, "mypackage.metrics:Timing") for spec in args.middleware
     )
-    extra = {"executor_id": args.executor_id} if args.executor_id else {}
+    endpoint = broker_endpoint(settings, "executor")
+    # An executor account allows its own id and <id>--<instance>: without --id, one of those.
+    executor_id = args.executor_id or process_id(endpoint.username, "executor")
     topology = load_topology(settings.topology)
     config = WorkerConfig(
-        amqp_url=broker_endpoint(settings).amqp_url,
+        amqp_url=endpoint.amqp_url,
+        executor_id=executor_id,
         keyring=keyring(settings),
-        signer=signer(settings),
+        signer=signer(settings, "executor"),
         concurrency=args.concurrency,
         prefetch=args.prefetch,
         grace_s=args.grace,
@@ -87,7 +90,6 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         middleware=middleware,
         health_port=args.health_port,
         secrets=secret_provider(settings, args.secrets),
-        **extra,
     )
     worker = Worker(executors, config)
     asyncio.run(run_until_signal(worker.run, worker.stop, config.keyring.reload))

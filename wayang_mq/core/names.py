@@ -12,6 +12,10 @@ EVENTS_EXCHANGE = "wayang.events"
 CONTROL_EXCHANGE = "wayang.control"
 RETRY_EXCHANGE = "wayang.retry"
 DEAD_LETTER_EXCHANGE = "wayang.dlx"
+# Where a worker puts its own dead copies of input it refused. Not wayang.dlx: only the
+# broker's dead-lettering (which checks no user permission) reaches wayang.dlx and so the
+# reaper; no account may publish there. This one routes to wayang.dead.<capability> only.
+DEAD_COPY_EXCHANGE = "wayang.dead"
 
 # Capabilities are dotted lowercase words (``http.call``); ``retry`` is reserved as a first
 # word because retry routing keys are ``retry.<tier>.<capability>``.
@@ -76,7 +80,8 @@ def dead_queue(capability: str) -> str:
 
 
 # The reaper's own queue: bound to wayang.dlx with "#", so it gets a copy of every dead letter
-# (wayang.dead.<capability> keeps the other copy, for inspection and replay).
+# the broker makes (wayang.dead.<capability> keeps the other copy, for inspection and replay).
+# Workers' own dead copies go to wayang.dead instead, which does not reach it.
 REAPER_QUEUE = "wayang.reaper"
 ALL_DEAD_LETTERS = "#"
 

@@ -52,8 +52,11 @@ class KeyScope:
         return self.role is Role.ADMIN or self.role in roles
 
     def speaks_for(self, identity: str) -> bool:
-        """True when the key may sign as ``identity`` (an admin key signs as anyone)."""
-        return self.role is Role.ADMIN or self.identity == identity
+        """True when the key may sign as ``identity``: its own id, or one of its instances
+        ``<id>--<instance>`` (as broker accounts allow); an admin key signs as anyone."""
+        if self.role is Role.ADMIN or self.identity == identity:
+            return True
+        return identity.startswith(f"{self.identity}--") and "--" not in self.identity
 
     def describe(self) -> str:
         """``executor worker-1 [demo.*]``, for logs and error messages."""

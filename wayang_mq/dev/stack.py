@@ -4,6 +4,11 @@ A private RabbitMQ node (unless ``WAYANG_AMQP_URL`` names a broker), the topolog
 key, demo worker daemons and the reaper as real processes (restarted when they die), and a
 burst of demo tasks whose results are shown; then it stays up until Ctrl-C, printing where
 the console is. The state directory and every file in it that holds a secret are private.
+
+The administrator's account only applies the topology and grants the role accounts
+(``wayang-mq access``): each worker runs as its own executor account, the reaper as a reaper,
+the demo as a dispatcher. ``endpoint.json`` keeps a dispatcher's, an executor's and the
+reaper's URL besides the administrator's, so commands in another terminal run under a role.
 """
 
 from __future__ import annotations
@@ -13,25 +18,33 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wayang_mq.amqp.connect import management_client
-from wayang_mq.amqp.endpoint import BrokerEndpoint
+from wayang_mq.amqp.endpoint import BrokerEndpoint, with_credentials
 from wayang_mq.amqp.tls import with_tls
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
 from wayang_mq.config import ENDPOINT_FILE, Settings, broker_endpoint, save_endpoint
 from wayang_mq.core.errors import ConfigError
 from wayang_mq.core.model import Result, RetryHints
-from wayang_mq.core.private_files import private_dir
+from wayang_mq.core.private_files import private_dir, write_private
+from wayang_mq.core.scopes import FULL_TRUST, KeyScope, Role
 from wayang_mq.core.signing import KeyRing, Signer, write_keypair
 from wayang_mq.dev.certs import DevCertificates
 from wayang_mq.dev.nodes import NodeTls, RabbitNode
 from wayang_mq.dev.supervise import DaemonSpec, Supervisor
+from wayang_mq.security.accounts import (
+    Account,
+    dispatcher_account,
+    executor_account,
+    grant,
+    reaper_account,
+)
 from wayang_mq.topology.apply import apply_topology
-from wayang_mq.topology.spec import load_topology
+from wayang_mq.topology.spec import Topology, load_topology
 
 RETRY_ONCE = RetryHints(max_attempts=3, initial_backoff_ms=1000)  # through the 1 s retry tier
 DEMO_EXECUTORS = (
@@ -39,9 +52,58 @@ DEMO_EXECUTORS = (
     "wayang_workers.demo:Sleep",
     "wayang_workers.demo:Fail",
 )
+DEMO_CAPABILITIES = ("demo.echo", "demo.sleep", "demo.fail")  # what DEMO_EXECUTORS serve
+DEV_DISPATCHER = "dev-dispatcher"  # the demo; `submit` elsewhere runs as dev-dispatcher--<n>
+DEV_EXECUTOR = "dev-executor"  # every capability, for workers started in another terminal
+DEV_REAPER = "dev-reaper"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # What an earlier run of `dev` leaves in its state directory: such a directory is the stack's.
 _STATE_MARKERS = (ENDPOINT_FILE, "rabbitmq", "logs", "keys")
+
+
+@dataclass(frozen=True)
+class DevAccounts:
+    """The AMQP URL of each role account the stack granted (they hold passwords)."""
+
+    dispatcher: str
+    executor: str
+    reaper: str
+    workers: dict[str, str]  # demo worker id -> its own executor account's URL
+
+    def by_role(self) -> dict[str, str]:
+        """What ``endpoint.json`` keeps for other commands, by role."""
+        return {"dispatcher": self.dispatcher, "executor": self.executor, "reaper": self.reaper}
+
+
+def grant_dev_accounts(
+    endpoint: BrokerEndpoint,
+    topology: Topology,
+    workers: int,
+    certs: DevCertificates | None = None,
+) -> DevAccounts:
+    """One account per daemon, each with a fresh password (a restarted stack rotates them);
+    with --tls each URL also names a client certificate for that account (EXTERNAL login)."""
+    admin = management_client(endpoint)
+
+    def url(account: Account) -> str:
+        password = grant(admin, account, new_password=True).password
+        assert password is not None  # new_password: always a new one
+        amqp_url = with_credentials(endpoint.amqp_url, account.user, password)
+        if certs is None:
+            return amqp_url
+        files = certs.client(account.user)
+        return with_tls(amqp_url, cert=files.cert, key=files.key)
+
+    every = [c.name for c in topology.capabilities]
+    return DevAccounts(
+        dispatcher=url(dispatcher_account(DEV_DISPATCHER, every)),
+        executor=url(executor_account(DEV_EXECUTOR, every)),
+        reaper=url(reaper_account(DEV_REAPER)),
+        workers={
+            f"demo-{n}": url(executor_account(f"demo-{n}", DEMO_CAPABILITIES))
+            for n in range(workers)
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -84,13 +146,27 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
         else:
             endpoint = broker_endpoint(settings)
             say("==> using the broker in WAYANG_AMQP_URL")
-        keys = _ensure_keys(settings.key_dir or private_dir(state_dir / "keys"))
+        keys = settings.key_dir or private_dir(state_dir / "keys")
         say(f"==> applying topology {settings.topology}")
         report = asyncio.run(
             apply_topology(topology, endpoint.amqp_url, management_client(endpoint))
         )
         say("    " + report.lines()[-1])
-        asyncio.run(_run_daemons(options, endpoint, keys, state_dir, certs))
+        accounts = grant_dev_accounts(endpoint, topology, options.workers, certs)
+        say(
+            f"==> granted role accounts: {DEV_DISPATCHER}, {', '.join(accounts.workers)}, "
+            f"{DEV_EXECUTOR}, {DEV_REAPER} (see `wayang-mq access show`)"
+        )
+        signing = _dev_keys(keys, accounts.workers)
+        say(f"==> a signing key per role, each with its scope, in {keys}")
+        if node is not None:
+            save_endpoint(
+                state_dir,
+                endpoint,
+                accounts.by_role(),
+                {role: str(signing[name]) for role, name in _KEY_OF_ROLE.items()},
+            )
+        asyncio.run(_run_daemons(options, endpoint, accounts, keys, signing, state_dir, certs))
     finally:
         if node is not None:
             say("==> stopping RabbitMQ")
@@ -134,11 +210,41 @@ def _with_client_cert(endpoint: BrokerEndpoint, certs: DevCertificates | None) -
     return BrokerEndpoint.from_url(amqp_url, endpoint.management_url)
 
 
-def _ensure_keys(keys_path: Path) -> Path:
-    if not any(keys_path.glob("*.key")):
-        private_path, _ = write_keypair(keys_path)
-        say(f"==> created signing key {private_path}")
-    return keys_path
+def _dev_keys(keys: Path, workers: Iterable[str]) -> dict[str, Path]:
+    """A signing key per identity, each scoped to its role (docs/security.md §4): the
+    dispatcher, each demo worker, the spare executor, the reaper, and an admin key for
+    operators (dead-letter replays). Public halves and scopes in ``keys`` (every daemon
+    trusts them); private keys in ``keys/private``, each handed to its daemon only. The
+    dispatcher's is also ``keys/dev-dispatcher.key``: commands run in another terminal sign
+    with the first ``*.key`` there. Kept across runs."""
+    private = private_dir(keys / "private")
+    wanted = {
+        DEV_DISPATCHER: KeyScope(Role.DISPATCHER, DEV_DISPATCHER, ("*",)),
+        DEV_EXECUTOR: KeyScope(Role.EXECUTOR, DEV_EXECUTOR, ("*",)),
+        DEV_REAPER: KeyScope(Role.REAPER, DEV_REAPER, ("*",)),
+        "admin": FULL_TRUST,
+        **{w: KeyScope(Role.EXECUTOR, w, DEMO_CAPABILITIES) for w in workers},
+    }
+    paths: dict[str, Path] = {}
+    for name, scope in wanted.items():
+        path = private / f"{name}.key"
+        if not path.exists():
+            key_path, _ = write_keypair(keys, Signer.generate(), scope)
+            os.replace(key_path, path)
+        paths[name] = path
+    default = keys / f"{DEV_DISPATCHER}.key"
+    if not default.exists():
+        write_private(default, paths[DEV_DISPATCHER].read_bytes())
+    return paths
+
+
+#: which key ``endpoint.json`` names for commands of each role run in another terminal
+_KEY_OF_ROLE = {
+    "dispatcher": DEV_DISPATCHER,
+    "executor": DEV_EXECUTOR,
+    "reaper": DEV_REAPER,
+    "admin": "admin",
+}
 
 
 def _private_state_dir(state_dir: Path) -> Path:
@@ -159,7 +265,9 @@ def _private_state_dir(state_dir: Path) -> Path:
 async def _run_daemons(
     options: DevOptions,
     endpoint: BrokerEndpoint,
+    accounts: DevAccounts,
     keys: Path,
+    signing: dict[str, Path],
     state_dir: Path,
     certs: DevCertificates | None = None,
 ) -> None:
@@ -171,12 +279,13 @@ async def _run_daemons(
     supervisor = Supervisor(say)
     try:
         log_dir = private_dir(state_dir / "logs")
-        for spec in _daemons(options.workers, endpoint, keys, log_dir, certs):
+        for spec in _daemons(accounts, endpoint, keys, signing, log_dir):
             pid = await supervisor.start(spec)
             title = "the reaper" if spec.kind == "reaper" else f"{spec.kind} {spec.name}"
             say(f"==> started {title} (pid {pid}, log {spec.log_path})")
         _print_endpoint(endpoint, keys, state_dir, certs)
-        finished = await _unless_stopped(_demo(endpoint, keys, options.demo_tasks), stop)
+        demo = _demo(accounts.dispatcher, keys, signing[DEV_DISPATCHER], options.demo_tasks)
+        finished = await _unless_stopped(demo, stop)
         if finished and options.wait:
             say("==> running; Ctrl-C stops the workers and the broker")
             await stop.wait()
@@ -187,30 +296,31 @@ async def _run_daemons(
 
 
 def _daemons(
-    count: int,
+    accounts: DevAccounts,
     endpoint: BrokerEndpoint,
     keys: Path,
+    signing: dict[str, Path],
     log_dir: Path,
-    certs: DevCertificates | None = None,
 ) -> list[DaemonSpec]:
-    """Demo worker daemons and the reaper, started exactly as a user would start them.
-
-    With --tls each gets WAYANG_TLS_* for a client certificate naming its broker user.
-    """
-    env = {**os.environ, "WAYANG_AMQP_URL": endpoint.amqp_url, "WAYANG_KEY_DIR": str(keys)}
-    env.setdefault("WAYANG_MANAGEMENT_URL", endpoint.management_url)
-    if certs is not None:
-        env.update(certs.client_env(endpoint.username))
+    """Demo worker daemons and the reaper, started exactly as a user would start them, each
+    under its own account and signing with its own scoped key (with --tls, each logs in
+    with a client certificate naming its account)."""
+    base = {**os.environ, "WAYANG_KEY_DIR": str(keys)}
+    base.setdefault("WAYANG_MANAGEMENT_URL", endpoint.management_url)
     cli = (sys.executable, "-m", "wayang_mq.cli")
     specs = []
-    for index in range(count):
-        executor_id = f"demo-{index}"
+    for executor_id, url in accounts.workers.items():
         command = (*cli, "worker", *DEMO_EXECUTORS, "--id", executor_id, "--concurrency", "16")
         log_path = log_dir / f"{executor_id}.log"
+        env = base | {"WAYANG_AMQP_URL": url, "WAYANG_SIGNING_KEY": str(signing[executor_id])}
         specs.append(DaemonSpec(executor_id, "worker", command, env, log_path))
     # The reaper: the broker's dead letters (expired, poison) become FAILED results.
-    reaper = (*cli, "reaper", "--id", "dev-reaper")
-    specs.append(DaemonSpec("dev-reaper", "reaper", reaper, env, log_dir / "reaper.log"))
+    reaper = (*cli, "reaper", "--id", DEV_REAPER)
+    env = base | {
+        "WAYANG_AMQP_URL": accounts.reaper,
+        "WAYANG_SIGNING_KEY": str(signing[DEV_REAPER]),
+    }
+    specs.append(DaemonSpec(DEV_REAPER, "reaper", reaper, env, log_dir / "reaper.log"))
     return specs
 
 
@@ -235,6 +345,7 @@ def _print_endpoint(
     say("")
     say(f"    RabbitMQ console  {endpoint.console_url}")
     say(f"    login             {endpoint.username} / {endpoint.password}")
+    say("    (the administrator: daemons, the demo and commands run as role accounts)")
     say(f"    AMQP URL          {endpoint.amqp_url}")
     say(f"    signing keys      {keys}")
     if certs is not None:
@@ -250,15 +361,15 @@ def _print_endpoint(
     say("")
 
 
-async def _demo(endpoint: BrokerEndpoint, keys: Path, count: int) -> None:
+async def _demo(dispatcher_url: str, keys: Path, signing_key: Path, count: int) -> None:
     """Send a burst of demo tasks and show each result as it arrives."""
     if count <= 0:
         return
-    signing_key = sorted(keys.glob("*.key"))[0]
     config = DispatcherConfig(
-        amqp_url=endpoint.amqp_url,
+        amqp_url=dispatcher_url,
         signer=Signer.from_file(signing_key),
         results_keyring=KeyRing.load_dir(keys),
+        dispatcher_id=DEV_DISPATCHER,
     )
     say(f"==> sending {count} demo tasks (echo, a sleep with progress, a failure, a retry)")
     started = time.monotonic()

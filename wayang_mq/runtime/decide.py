@@ -241,7 +241,7 @@ class Decider:
             timestamp=now_ms() // 1000,  # when it died, as the broker's own x-death says
         )
         return Send(
-            names.DEAD_LETTER_EXCHANGE,
+            names.DEAD_COPY_EXCHANGE,
             capability,
             copy,
             if_unconfirmed=Settle.REJECT,

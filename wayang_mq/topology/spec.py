@@ -253,7 +253,7 @@ class Topology(_Frozen):
         )
 
     def exchanges(self) -> tuple[ExchangeSpec, ...]:
-        """Every exchange: the six fabric exchanges, then one hash exchange per sharded cap."""
+        """Every exchange: the seven fabric exchanges, then one hash exchange per sharded cap."""
         core = (
             names.TASKS_EXCHANGE,
             names.RESULTS_EXCHANGE,
@@ -261,6 +261,7 @@ class Topology(_Frozen):
             names.CONTROL_EXCHANGE,
             names.RETRY_EXCHANGE,
             names.DEAD_LETTER_EXCHANGE,
+            names.DEAD_COPY_EXCHANGE,
         )
         shards = tuple(
             ExchangeSpec(
@@ -288,16 +289,15 @@ class Topology(_Frozen):
         return tuple(out)
 
     def bindings(self) -> tuple[BindingSpec, ...]:
-        """Every binding: tasks and retries to capabilities, dead letters, retry tiers, and
-        every dead letter to the reaper."""
+        """Every binding: tasks and retries to capabilities, dead letters (the broker's and the
+        workers' own copies), retry tiers, and every broker dead letter to the reaper."""
         out: list[BindingSpec] = []
         for capability in self.capabilities:
             out.extend(_task_bindings(capability))
-            out.append(
-                BindingSpec(
-                    names.DEAD_LETTER_EXCHANGE, names.dead_queue(capability.name), capability.name
-                )
-            )
+            dead = names.dead_queue(capability.name)
+            out.append(BindingSpec(names.DEAD_LETTER_EXCHANGE, dead, capability.name))
+            # wayang.dead is not bound to the reaper: a worker answered its copy itself.
+            out.append(BindingSpec(names.DEAD_COPY_EXCHANGE, dead, capability.name))
         # retry.<tier>.# : the tier word picks the queue, whatever the capability after it.
         out.extend(
             BindingSpec(names.RETRY_EXCHANGE, tier.queue, names.retry_routing_key(tier.name, "#"))
