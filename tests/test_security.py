@@ -604,6 +604,32 @@ async def test_each_refused_task_has_its_own_code_is_dead_lettered_and_never_run
             assert f"answered={'yes' if task_id in answered else 'no'}" in line, line
 
 
+async def test_a_signed_task_with_a_reply_to_no_executor_may_publish_to_is_answered_at_noreply(
+    fabric: Fabric, keys: Keys, amqp: AbstractChannel
+) -> None:
+    await fabric.purge("demo.echo")
+    recorder = Recorder()
+    async with _worker(fabric, keys, recorder, concurrency=1):
+        noreply = await _tap(amqp, RESULTS_EXCHANGE, "noreply.demo.echo")
+        elsewhere = await _tap(amqp, RESULTS_EXCHANGE, "#")
+        # Given a dispatcher's signed task whose reply_to is no reply address: an executor
+        # account publishing a result there would be refused by the broker (its channel closed)
+        task = _task(reply_to="wayang-audit.everything")
+        body, headers = _signed(keys.dispatcher, task)
+        await _publish_task(amqp, body, headers, message_id=task.task_id, reply_to=None)
+        # When it reaches the worker, followed by a valid task (one slot: a barrier)
+        barrier = _task()
+        await _publish_task(amqp, *_signed(keys.dispatcher, barrier), message_id=barrier.task_id)
+        # Then it is refused invalid_task, never run, and answered at noreply.demo.echo
+        [answer] = await _collect(noreply, 1, "the refusal at noreply.demo.echo")
+        result = decode(answer.body, Result)
+        assert (result.task_id, result.status) == (task.task_id, Status.FAILED)
+        assert result.error is not None and result.error.code is ErrorCode.INVALID_TASK
+        await _collect(elsewhere, 2, "the refusal and the barrier's success")
+        assert recorder.ran == [(barrier.task_id, 1)]
+    assert await _dead_codes(amqp, "demo.echo", 1) == {task.task_id: str(ErrorCode.INVALID_TASK)}
+
+
 # -- control: cancels and status reports are checked against roles --------------------------------
 
 

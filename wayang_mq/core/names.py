@@ -96,6 +96,14 @@ def reply_queue(dispatcher_id: str) -> str:
     return f"wayang.reply.{dispatcher_id}"
 
 
+def valid_reply_address(reply_to: str) -> bool:
+    """True for an address results may be published to: ``reply.<dispatcher id>`` (what
+    executor accounts may publish results under; anything else would be refused by the
+    broker, closing the executor's channel)."""
+    prefix, _, word = reply_to.partition(".")
+    return prefix == "reply" and valid_word(word)
+
+
 def reply_routing_key(dispatcher_id: str) -> str:
     """The reply address a dispatcher puts in ``reply_to``."""
     return f"reply.{dispatcher_id}"

@@ -179,7 +179,9 @@ class Decider:
         if task is not None:
             failure = ErrorInfo(code=code, message=error.message)
             answer = Result.failure(task, self._executor_id, failure)
-            reply_to = task.reply_to or names.noreply_routing_key(task.capability)
+            reply_to = task.reply_to
+            if not names.valid_reply_address(reply_to):
+                reply_to = names.noreply_routing_key(task.capability)
             sends.append(self._courtesy(task_id, reply_to, answer))
         fields: dict[str, str | None] = {
             "capability": capability,

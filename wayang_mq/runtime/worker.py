@@ -396,6 +396,15 @@ def _open(
             body=message.body,
             task=task,
         )
+    if task.reply_to and not names.valid_reply_address(task.reply_to):
+        # Signed, but no executor account may publish there: answered at noreply.<cap>.
+        raise InvalidMessage(
+            f"task {task.task_id}: reply_to {task.reply_to!r} is not a reply address "
+            "(reply.<dispatcher id>)",
+            body=message.body,
+            task=task,
+            hint="reply_to is reply.<dispatcher id> or empty (docs/wire-format.md §4.1)",
+        )
     if message.reply_to is not None and message.reply_to != task.reply_to:
         # Only the body is signed: an AMQP reply_to that differs was changed on the way.
         raise InvalidMessage(
