@@ -115,7 +115,8 @@ async def test_a_task_published_twice_is_decided_and_compensated_once(fabric: Fa
     connection = await aio_pika.connect(fabric.endpoint.amqp_url)
     async with (
         connection,
-        fabric.worker([Fail(), undo], concurrency=1),
+        # no recent results kept: the copy is refused, not answered again from memory
+        fabric.worker([Fail(), undo], concurrency=1, recent_results=0),
         fabric.dispatcher() as dispatcher,
     ):
         channel = await connection.channel(publisher_confirms=True)

@@ -28,7 +28,7 @@ from wayang_mq import ErrorCode, Status, Task
 from wayang_mq.amqp.connect import management_client
 from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
 from wayang_mq.core.envelope import TaskChecks, compensation_of, open_task
-from wayang_mq.core.errors import InvalidMessage, SignatureError
+from wayang_mq.core.errors import InvalidMessage, NotYetValid, SignatureError
 from wayang_mq.core.fields import derived_id
 from wayang_mq.core.model import Compensation, Result, new_id, now_ms
 from wayang_mq.core.names import RESULTS_EXCHANGE, TASKS_EXCHANGE, dead_queue
@@ -51,6 +51,7 @@ def _body(**changes: Any) -> dict[str, Any]:
         "input": {"x": 1},
         "issued_at_ms": now,
         "deadline_ms": now + 60_000,
+        "audience": "wayang",
         "reply_to": REPLY,
     }
     body.update(changes)
@@ -109,7 +110,7 @@ def test_clocks_out_of_bounds_are_refused_with_the_task_so_its_token_can_be_answ
         update={"issued_at_ms": now + 3_600_000, "deadline_ms": now + 3_660_000}
     )
     body = encode(future)
-    with pytest.raises(InvalidMessage, match="in the future") as raised:
+    with pytest.raises(NotYetValid, match="not valid for another") as raised:
         open_task(body, signer.headers(body), ring, TaskChecks(max_clock_skew_ms=300_000))
     assert raised.value.task == future
     far = Task.create("demo.echo", {}, queue_timeout_ms=40 * 24 * 3_600_000)
@@ -152,13 +153,13 @@ def test_a_key_ring_reloads_on_an_unknown_key_id_at_most_once_per_interval(tmp_p
     newcomer = Signer.generate()
     body = b"signed by a key added later"
     write_keypair(tmp_path, newcomer)
-    assert ring.verify(body, newcomer.headers(body)) == newcomer.key_id
+    assert ring.verify(body, newcomer.headers(body)).key_id == newcomer.key_id
     # an unknown key id re-reads the directory when it changed since the last read; with
     # the directory unchanged, at most once per interval (a flood of made-up ids)
     slow = KeyRing.load_dir(tmp_path, reload_interval_s=3600.0)
     late = Signer.generate()
     write_keypair(tmp_path, late)
-    assert slow.verify(body, late.headers(body)) == late.key_id
+    assert slow.verify(body, late.headers(body)).key_id == late.key_id
     unknown = Signer.generate()
     with pytest.raises(SignatureError, match="unknown signing key id"):
         slow.verify(body, unknown.headers(body))
@@ -168,8 +169,8 @@ def test_a_key_ring_reloads_on_an_unknown_key_id_at_most_once_per_interval(tmp_p
     with pytest.raises(SignatureError, match="unknown signing key id"):
         slow.verify(body, unknown.headers(body))
     assert slow.reload() is True
-    assert slow.verify(body, unknown.headers(body)) == unknown.key_id
-    assert slow.verify(body, unknown.headers(body)) == unknown.key_id
+    assert slow.verify(body, unknown.headers(body)).key_id == unknown.key_id
+    assert slow.verify(body, unknown.headers(body)).key_id == unknown.key_id
     # a removed key stops being trusted at the next reload
     late_file.unlink()
     assert slow.reload() is True
@@ -192,7 +193,7 @@ def test_a_fixed_key_ring_and_a_broken_directory_keep_the_keys_they_have(tmp_pat
     (tmp_path / "broken.pub").write_text("not a key")
     assert ring.reload() is False  # logged, and the loaded keys stay
     body = b"x"
-    assert ring.verify(body, signer.headers(body)) == signer.key_id
+    assert ring.verify(body, signer.headers(body)).key_id == signer.key_id
     assert KeyRing.of([signer.public_key]).reload() is False
 
 
@@ -212,6 +213,8 @@ async def test_a_key_added_while_a_worker_runs_signs_tasks_and_cancels_it_trusts
         # When a new publisher's public key is put in the directory of a running worker
         newcomer = Signer.generate()
         write_keypair(tmp_path / "elsewhere", newcomer)
+        # (its scope first, then the key: a receiver never sees the key without its scope)
+        os.replace(tmp_path / "elsewhere" / f"{newcomer.key_id}.toml", key_dir / "new.toml")
         os.replace(tmp_path / "elsewhere" / f"{newcomer.key_id}.pub", key_dir / "new.pub")
         async with fabric.dispatcher(signer=newcomer) as dispatcher:
             # Then its tasks run
@@ -246,9 +249,19 @@ async def test_sighup_makes_a_running_worker_forget_a_removed_key(
             (key_dir / f"{leaving.key_id}.pub").unlink()
             worker.signal(signal.SIGHUP)
             await worker.until_logged(f"removed={leaving.key_id}")
-            # Then tasks signed with it are refused
-            refused = await dispatcher.run("demo.echo", {"after": True}, wait_s=20)
-        assert refused.error is not None and refused.error.code is ErrorCode.BAD_SIGNATURE
+            # Then tasks signed with it are refused: dead-lettered unknown_key, answered to
+            # nobody (docs/security.md §6)
+            refused = await dispatcher.submit("demo.echo", {"after": True})
+
+            async def dead() -> bool:
+                letters = await list_dead_letters(fabric.endpoint.amqp_url, "demo.echo")
+                return (refused.task_id, ErrorCode.UNKNOWN_KEY) in {
+                    (d.task_id, d.code) for d in letters
+                }
+
+            await eventually(dead, what="the refused task in the dead queue")
+            assert not refused.done()
+        await fabric.purge("demo.echo")
     finally:
         worker.stop()
 
@@ -348,8 +361,8 @@ REFUSED_WITH_THE_TASK: dict[str, tuple[Any, ErrorCode, str]] = {
     ),
     "issued an hour ahead": (
         lambda now: _dated(issued_at_ms=now + 3_600_000, deadline_ms=now + 3_660_000),
-        ErrorCode.INVALID_TASK,
-        "in the future",
+        ErrorCode.NOT_YET_VALID,
+        "not valid for another",
     ),
     "deadline in the year 3000": (
         lambda now: _dated(deadline_ms=32_503_680_000_000),
@@ -403,23 +416,24 @@ async def test_an_amqp_reply_to_that_differs_from_the_signed_body_is_refused(
     assert await redirected.get(fail=False) is None  # nothing went to the AMQP reply_to
 
 
-async def test_a_task_id_too_long_for_amqp_is_refused_and_answered_by_its_message_id(
+async def test_a_task_id_too_long_for_amqp_is_refused_and_kept_under_its_message_id(
     fabric: Fabric, channel: AbstractChannel
 ) -> None:
     await fabric.purge("demo.echo")
     replies = await _replies(channel)
     body = msgpack.packb(_body(task_id="\U0001f600" * 128))  # 512 bytes in UTF-8
     message_id = new_id()
-    async with fabric.worker([Echo()]):
+    async with fabric.worker([Echo()], concurrency=1), fabric.dispatcher() as dispatcher:
         await _publish(
             channel, body, fabric.signer.headers(body), message_id=message_id, reply_to=REPLY
         )
-        result = decode((await _next(replies)).body, Result)
-    assert result.task_id == message_id and result.token == ""
-    assert result.error is not None and result.error.code is ErrorCode.INVALID_TASK
-    assert "bytes in UTF-8" in result.error.message
+        # the next task is delivered after the refused one was settled: a barrier
+        assert (await dispatcher.run("demo.echo", {}, wait_s=10)).status is Status.SUCCESS
+    # a body that fails the schema is no task anyone may answer: nothing at its reply address
+    assert await replies.get(fail=False) is None
     dead = await list_dead_letters(fabric.endpoint.amqp_url, "demo.echo")
-    assert [d.task_id for d in dead] == [message_id]
+    assert [(d.task_id, d.code) for d in dead] == [(message_id, ErrorCode.INVALID_TASK)]
+    assert "bytes in UTF-8" in dead[0].message
 
 
 async def test_a_message_id_no_answer_can_carry_is_dead_lettered_unanswered(
@@ -450,7 +464,7 @@ async def test_control_characters_from_the_wire_are_escaped_in_daemon_logs(
         hostile = "k\r\nevent=forged\x1b[2J"
         headers = {"wayang-key-id": hostile, "wayang-signature": "AAAA"}
         await _publish(channel, b"\xc1", headers, message_id=new_id(), reply_to=REPLY)
-        await worker.until_logged("code=bad_signature")
+        await worker.until_logged("code=unknown_key")
         log = worker.log()
         # Then the log line holds it escaped, and no forged line begins
         assert "event=forged" in log

@@ -529,7 +529,7 @@ async def test_results_verify_against_every_key_of_the_ring_and_others_are_refus
         assert (from_b.status, from_b.executor_id) == (Status.SUCCESS, "ring-b")
         # and the one signed by the outsider is refused when it arrives, never handed out
         await eventually(
-            lambda: f"event=result.invalid id={refused.task_id}" in caplog.text,
+            lambda: f"event=security.refused id={refused.task_id}" in caplog.text,
             what="the dispatcher refusing the outsider's result",
         )
         assert not refused.done()

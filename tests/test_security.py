@@ -553,11 +553,12 @@ async def test_each_refused_task_has_its_own_code_is_dead_lettered_and_never_run
 ) -> None:
     await fabric.purge("demo.echo")
     recorder = Recorder()
-    # one delivery at a time, in queue order: the last task's result is a barrier for all
-    async with _worker(fabric, keys, recorder, concurrency=1):
+    # one delivery at a time, in queue order: the last task's result is a barrier for all;
+    # and no recent results kept (a copy of a task still held would get its answer again)
+    async with _worker(fabric, keys, recorder, concurrency=1, recent_results=0):
         wire = await _tap(amqp, RESULTS_EXCHANGE, REPLY)
         # Given a valid task published once, then a second copy of the same bytes (no
-        # broker redelivery: somebody published it again)
+        # broker redelivery: somebody published it again) once the worker no longer holds it
         replayed = _task()
         replay_body, replay_headers = _signed(keys.dispatcher, replayed)
         await _publish_task(amqp, replay_body, replay_headers, message_id=replayed.task_id)
@@ -919,7 +920,7 @@ async def test_a_forged_attempt_record_is_refused_bad_attempt_and_never_runs(
             _with_record(keys, lambda k: k.payer, executor_id="sec-payer"),
             _with_record(keys, lambda k: k.executor, task_id=new_id()),
             _with_record(keys, lambda k: k.other_dispatcher, executor_id="sec-b"),
-            _with_record(keys, lambda k: k.executor, deadline_ms=now_ms() + 3_600_000),
+            _with_record(keys, lambda k: k.executor, deadline_ms=now_ms() + 2 * 86_400_000),
         ]
         # and, last, one with a record the demo executor may sign
         genuine = _with_record(keys, lambda k: k.executor)

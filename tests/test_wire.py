@@ -187,7 +187,7 @@ def test_key_ring_loads_keys_written_by_keys_new(tmp_path, signer: Signer) -> No
     assert public_path.name == f"{loaded.key_id}.pub"
     ring = KeyRing.load_dir(tmp_path)
     message = task_message(Task.create("demo.echo"), loaded)
-    assert ring.verify(message.body, message.headers) == loaded.key_id
+    assert ring.verify(message.body, message.headers).key_id == loaded.key_id
 
 
 def test_next_attempt_builds_a_new_task_and_leaves_the_original() -> None:

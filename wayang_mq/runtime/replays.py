@@ -2,12 +2,15 @@
 replay) is refused while the attempt is still valid, instead of running twice.
 
 A broker *redelivery* (the ``redelivered`` flag, which only the broker sets) is no replay:
-at-least-once delivery returns what a lost channel or a crash left unacked, and the worker
-joins or answers it as before. Anything else that repeats a (task id, attempt, token) it
-already took is a copy somebody published again. The memory is this worker's own, bounded,
-and kept until the attempt's deadline plus an hour; it holds across workers where tasks of
-one id always reach one worker (sharded capabilities with a single active consumer per shard)
-and not otherwise: docs/security.md §7 says what covers the rest.
+at-least-once delivery returns what a lost channel or a crash left unacked. A copy of an
+attempt that runs here joins that run, and one that finished here recently is answered with
+the same result (the dispatcher keeps the first): neither runs twice, so a publisher's
+re-send after a lost confirm costs nothing. Anything else that repeats a (task id, attempt,
+token) this worker took, and no longer holds, is a copy somebody published again: refused.
+The memory is this worker's own, bounded, and kept until the attempt's deadline plus an
+hour; it holds across workers where tasks of one id always reach one worker (sharded
+capabilities with a single active consumer per shard) and not otherwise: docs/security.md
+§7 says what covers the rest.
 """
 
 from __future__ import annotations

@@ -294,21 +294,17 @@ class Worker(Daemon):
                     )
                 )
             task = _open(capability, message, self.config.keyring, self._checks)
-            if not self._replays.take(task, redelivered=bool(message.redelivered)):
-                raise Replayed(
-                    f"task {task.task_id} attempt {task.attempt} was received here before, "
-                    "and this copy is no broker redelivery: a replay",
-                    body=message.body,
-                    hint="a task is published once; see docs/security.md §7",
-                )
             answer = await self._chain.opened(Opened(self.executor_id, capability, task))
         except WireError as exc:
             return self._decider.bad_input(capability, message, exc)
         if answer is None and self._control is not None:
             answer = self._control.answer_if_cancelled(task, self.executor_id)
         answer = answer or await self._runner.join(task)
-        if answer is not None:
+        first = self._replays.take(task, redelivered=bool(message.redelivered))
+        if answer is not None:  # a copy of what runs or ran here: its one run's answer
             return await self._conclude(capability, message, task, answer)
+        if not first:  # taken before, no longer known here: it must not run again
+            return self._decider.bad_input(capability, message, _replayed(task, message.body))
         running = await self._runner.start(task)
         if self._runner.long_running(task):
             self._runner.accepting(running)
@@ -381,6 +377,15 @@ class Worker(Daemon):
             # A supervisor watches only tasks it has seen in flight: show this one at once,
             # so a hang within the first heartbeat interval is caught too.
             await self.beat()
+
+
+def _replayed(task: Task, body: bytes) -> Replayed:
+    return Replayed(
+        f"task {task.task_id} attempt {task.attempt} was taken here before, and this copy is "
+        "no broker redelivery: a replay",
+        body=body,
+        hint="a task is published once; see docs/security.md §7",
+    )
 
 
 def _open(
