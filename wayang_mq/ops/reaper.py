@@ -167,7 +167,7 @@ class Reaper(Daemon):
                 why["key_id"] = printable(str(key_id)[:64]) if key_id is not None else None
                 event = "security.refused"
             return discard(dead.task_id, LogLine(event, logging.WARNING, why))
-        result, reply_to = _failure(dead, task, unread, self.reaper_id)
+        result, reply_to = _failure(dead, task, self.reaper_id)
         result = await self._compensate(message, task, result)
         signed = signed_message(
             result, self.config.signer, message_id=result.task_id, reply_to=reply_to
@@ -188,7 +188,6 @@ class Reaper(Daemon):
             "reason": dead.broker_reason,
             "queue": dead.source_queue,
             "reply_to": reply_to,
-            "unverified": unread.message if unread is not None else None,  # why not
             "compensation_task_id": result.compensation_task_id,
         }
         line = LogLine("dead_letter.answered", logging.WARNING, fields)
@@ -223,29 +222,21 @@ class Reaper(Daemon):
         )
 
 
-def _failure(
-    dead: DeadLetter, task: Task, unread: WireError | None, reaper_id: str
-) -> tuple[Result, str]:
+def _failure(dead: DeadLetter, task: Task, reaper_id: str) -> tuple[Result, str]:
     """The FAILED result and its routing key: the task's own ids and signed reply address."""
-    error = _error_info(dead, unread)
-    return Result.failure(task, reaper_id, error), task.reply_to or names.noreply_routing_key(
-        task.capability
-    )
+    result = Result.failure(task, reaper_id, _error_info(dead))
+    return result, task.reply_to or names.noreply_routing_key(task.capability)
 
 
-def _error_info(dead: DeadLetter, unread: WireError | None) -> ErrorInfo:
-    """The broker's reason as an error; for a plain rejection, the body's fault if it has one."""
+def _error_info(dead: DeadLetter) -> ErrorInfo:
+    """The broker's reason as an error."""
     code, message = dead.code, dead.message
-    if unread is not None and dead.broker_reason == "rejected":
-        code, message = unread.code or ErrorCode.INVALID_TASK, f"{message}: {unread.message}"
     details: dict[str, JsonLike] = {
         "dead_letter_reason": dead.broker_reason,
         "queue": dead.source_queue,
         "dead_letter_queue": names.dead_queue(dead.capability),
         "dead_at_ms": dead.dead_at_ms,
     }
-    if unread is not None:
-        details["unverified"] = unread.message
     return ErrorInfo(
         code=code,
         message=message,
