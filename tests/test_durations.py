@@ -8,7 +8,7 @@ import pytest
 
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
 from wayang_mq.core.durations import to_ms
-from wayang_mq.core.signing import Signer
+from wayang_mq.core.signing import KeyRing, Signer
 
 
 def test_seconds_and_timedeltas_become_whole_milliseconds() -> None:
@@ -25,7 +25,11 @@ def test_a_negative_or_endless_duration_is_refused(bad: float | timedelta) -> No
 
 def test_a_dispatchers_task_carries_every_option_converted_once() -> None:
     # Given a dispatcher (not started: building a task needs no broker)
-    dispatcher = Dispatcher(DispatcherConfig(amqp_url="amqp://x/", signer=Signer.generate()))
+    signer = Signer.generate()
+    config = DispatcherConfig(
+        amqp_url="amqp://x/", signer=signer, results_keyring=KeyRing.of([signer.public_key])
+    )
+    dispatcher = Dispatcher(config)
     # When a task is built with durations in seconds and as a timedelta
     task = dispatcher.task(
         "demo.echo",
