@@ -71,7 +71,7 @@ from wayang_mq.amqp import frames
 from wayang_mq.client.replies import ResultSeen, Verdict
 from wayang_mq.core.envelope import open_task
 from wayang_mq.core.errors import WireError
-from wayang_mq.core.model import Result, now_ms
+from wayang_mq.core.model import Result, Task, now_ms
 from wayang_mq.core.names import (
     DEAD_LETTER_EXCHANGE,
     RESULTS_EXCHANGE,
@@ -1086,6 +1086,7 @@ class Builder:
             "input": {"fuzz": True},
             "issued_at_ms": now,
             "deadline_ms": now + 5 * 60_000,
+            "audience": "wayang",
             "reply_to": self.reply_to,
             "issuer": "fuzzer",
         }
@@ -1126,7 +1127,8 @@ class Builder:
         if sign is Sign.NONE:
             return ()
         signer = self.stranger if sign is Sign.UNKNOWN_KEY else self.signer
-        headers = signer.headers(body if sign is not Sign.FORGED else body + b"!")
+        wire_type = Result.wire_type if self.results else Task.wire_type
+        headers = signer.headers(body if sign is not Sign.FORGED else body + b"!", wire_type)
         return _signature_headers(
             ("S", headers[KEY_ID_HEADER].encode()), ("S", headers[SIGNATURE_HEADER].encode())
         )
