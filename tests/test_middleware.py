@@ -18,6 +18,7 @@ from wayang_mq.core.errors import InvalidMessage, SignatureError
 from wayang_mq.core.model import JsonLike, Result
 from wayang_mq.core.names import TASKS_EXCHANGE
 from wayang_mq.core.wire import task_message
+from wayang_mq.ops.deadletters import list_dead_letters
 from wayang_mq.runtime.middleware import Executed, Opened, Received, Settled
 from wayang_mq.testing.harness import Fabric, eventually
 
@@ -131,7 +132,7 @@ async def test_a_middleware_refuses_bad_envelopes_as_bad_input(fabric: Fabric) -
     await fabric.purge("demo.echo")
     check = TenantCheck()
     async with (
-        fabric.worker([Echo()], middleware=(check,)),
+        fabric.worker([Echo()], middleware=(check,), concurrency=1),
         fabric.dispatcher() as dispatcher,
         await aio_pika.connect(fabric.endpoint.amqp_url) as connection,
     ):
@@ -146,18 +147,26 @@ async def test_a_middleware_refuses_bad_envelopes_as_bad_input(fabric: Fabric) -
             await exchange.publish(message, "demo.echo")
             return await dispatcher.result_of(task.task_id, timeout_s=30)
 
-        # When tasks arrive without the header, for another tenant, and for the right one
-        no_header = await publish({"tenant": "acme"}, {})
+        # When tasks arrive without the header (refused before the task is verified), for
+        # another tenant (refused once it is), and for the right one
+        no_header = dispatcher.task("demo.echo", {"tenant": "acme"})
+        message = to_amqp(task_message(no_header, fabric.signer))
+        await exchange.publish(message, "demo.echo")
         other = await publish({"tenant": "globex"}, {"x-tenant": "globex"})
         ok = await publish({"tenant": "acme"}, {"x-tenant": "acme"})
 
-    # Then the first two are refused as bad input with the layer's reason; the third runs
-    assert no_header.error is not None and no_header.error.code is ErrorCode.INVALID_TASK
-    assert "no x-tenant header" in no_header.error.message
+    # Then the first two are refused as bad input with the layer's reason: the one refused
+    # before it verified is answered to nobody (dead-lettered), the verified one at its
+    # signed address; the third runs
+    dead = await list_dead_letters(fabric.endpoint.amqp_url, "demo.echo")
+    refused = {d.task_id: (d.code, d.message) for d in dead}
+    assert refused[no_header.task_id][0] is ErrorCode.INVALID_TASK
+    assert "no x-tenant header" in refused[no_header.task_id][1]
     assert other.error is not None and other.error.code is ErrorCode.BAD_SIGNATURE
     assert "not for tenant acme" in other.error.message
     assert ok.status is Status.SUCCESS
     assert check.received == [no_header.task_id, other.task_id, ok.task_id]
+    await fabric.purge("demo.echo")
 
 
 RECORDING_LAYER = """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import logging
 from collections.abc import Callable
@@ -13,7 +14,8 @@ from wayang_workers.demo import Echo, Fail
 
 from wayang_mq import ErrorCode, Status
 from wayang_mq.amqp.connect import management_client
-from wayang_mq.core.model import Result, RetryHints, Task
+from wayang_mq.core.envelope import ATTEMPT_HEADER
+from wayang_mq.core.model import AttemptRecord, Result, RetryHints, Task
 from wayang_mq.core.names import (
     EVENTS_EXCHANGE,
     RESULTS_EXCHANGE,
@@ -64,14 +66,19 @@ async def test_a_task_failing_twice_then_succeeding_ends_success_on_attempt_3(
             what="two attempt events",
         )
         answered = await _drain(results)
-        through = [(m.routing_key, decode(m.body, Task).attempt) for m in await _drain(retried)]
+        # (each retry is the issuer's task, unchanged: attempt 1 in its signed bytes, and the
+        # worker's attempt record saying which attempt it now is)
+        through = [
+            (m.routing_key, _record(m).attempt, decode(m.body, Task).attempt)
+            for m in await _drain(retried)
+        ]
     # and it was the only result: attempts 1 and 2 were events
     assert len(answered) == 1
     assert [f.attempt for f in failed] == [1, 2]
     assert all(f.status is Status.FAILED for f in failed)
     # and attempts 2 and 3 went through the 1 s tier (the longest tier not longer than
     # their 1000 and 1500 ms backoffs), not the 5 s one
-    assert through == [("retry.1s.demo.fail", 2), ("retry.1s.demo.fail", 3)]
+    assert through == [("retry.1s.demo.fail", 2, 1), ("retry.1s.demo.fail", 3, 1)]
     # so each began at least that tier's delay after the attempt before it failed
     delay_ms = next(t.ttl_ms for t in fabric.topology.retry_tiers if t.name == "1s")
     finished = [f.finished_at_ms for f in failed] + [final.finished_at_ms]
@@ -192,3 +199,10 @@ async def test_a_retry_no_tier_queue_takes_ends_with_the_tasks_final_answer(
     assert "event=retry.unroutable" in caplog.text
     assert result.status is Status.FAILED and result.attempt == 1
     assert result.error is not None and result.error.code is ErrorCode.EXECUTOR_ERROR
+
+
+def _record(message: aio_pika.abc.AbstractIncomingMessage) -> AttemptRecord:
+    """The attempt record a retry carries in its headers."""
+    encoded = (message.headers or {})[ATTEMPT_HEADER]
+    assert isinstance(encoded, str)
+    return decode(base64.b64decode(encoded), AttemptRecord)

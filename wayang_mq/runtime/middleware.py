@@ -17,7 +17,8 @@ Temporal's interceptors are the models):
 Each hook takes one frozen input object, so a hook can gain fields without breaking the ones
 written against it. Hooks run in the order given, and only the layers that override a hook
 are called for it. A :class:`~wayang_mq.core.errors.WireError` raised by ``on_received`` or
-``on_opened`` refuses the task as bad input (dead-lettered with that reason, answered FAILED).
+``on_opened`` refuses the task as bad input (dead-lettered with that reason; answered FAILED
+from ``on_opened``, where the task verified, and to nobody from ``on_received``).
 Any other exception is logged and skipped: a metrics bug must not fail a task. Task records,
 envelope checks, metrics and tracing plug in here. Secrets are not a layer: the runtime
 resolves and redacts them itself (see :mod:`wayang_mq.runtime.running` for why).

@@ -282,6 +282,7 @@ class Worker(Daemon):
             # give it back instead of starting it within the grace. basic.cancel leaves what
             # a consumer holds with it; a nack with requeue returns it, for another worker.
             return requeue(message.message_id, "stopping", event="task.returned")
+        opened: Task | None = None
         try:
             if self._chain.wants_received:
                 await self._chain.received(
@@ -293,9 +294,11 @@ class Worker(Daemon):
                         message.headers or {},
                     )
                 )
-            task = _open(capability, message, self.config.keyring, self._checks)
+            task = opened = _open(capability, message, self.config.keyring, self._checks)
             answer = await self._chain.opened(Opened(self.executor_id, capability, task))
         except WireError as exc:
+            # a layer refusing a task that verified: answerable, at its signed address
+            exc.task = exc.task or opened
             return self._decider.bad_input(capability, message, exc)
         if answer is None and self._control is not None:
             answer = self._control.answer_if_cancelled(task, self.executor_id)
