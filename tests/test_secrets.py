@@ -604,3 +604,13 @@ def test_the_worker_settings_chain_providers_and_keep_passwords_out_of_logs(
         "postgresql://u:[secret:database-password]@db [secret:database-password] "
         "[secret:secrets-key]"
     )
+
+
+def test_references_are_found_in_an_input_nested_past_the_recursion_limit() -> None:
+    # Given an input nested deeper than Python's recursion limit (msgpack allows it; the
+    # fuzzing found a valid task like this failing with RecursionError before it ran)
+    deep: Any = [{"$secret": "stripe"}]
+    for _ in range(sys.getrecursionlimit() * 3):
+        deep = [deep]
+    # When its references are collected, Then the walk neither recurses nor misses one
+    assert references({"a": deep}) == frozenset({"stripe"})

@@ -134,25 +134,37 @@ def references(value: Any) -> frozenset[str]:
     """The secret names referenced anywhere in ``value`` (maps and arrays, at any depth).
 
     Raises :class:`BadReference` for a map that holds the ``$secret`` key but is not a
-    reference, so a misspelt reference never travels on as a plain value.
+    reference, so a misspelt reference never travels on as a plain value. Iterative: an
+    input may nest as deep as msgpack allows, far past Python's recursion limit.
     """
     found: set[str] = set()
-    _collect(value, "input", found)
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            if REFERENCE_KEY in item:
+                if not is_reference(item):
+                    _bad_reference(_path_to(value, item))
+                found.add(item[REFERENCE_KEY])
+            else:
+                stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
     return frozenset(found)
 
 
-def _collect(value: Any, path: str, found: set[str]) -> None:
-    if isinstance(value, Mapping):
-        if REFERENCE_KEY in value:
-            if not is_reference(value):
-                _bad_reference(path)
-            found.add(value[REFERENCE_KEY])
-            return
-        for key, item in value.items():
-            _collect(item, f"{path}.{key}", found)
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            _collect(item, f"{path}[{index}]", found)
+def _path_to(root: Any, target: Any) -> str:
+    """Where ``target`` sits in ``root`` (``input.a.b[2]``), for the error message only."""
+    stack: list[tuple[Any, str]] = [(root, "input")]
+    while stack:
+        item, path = stack.pop()
+        if item is target:
+            return path
+        if isinstance(item, Mapping):
+            stack.extend((child, f"{path}.{key}") for key, child in item.items())
+        elif isinstance(item, list | tuple):
+            stack.extend((child, f"{path}[{n}]") for n, child in enumerate(item))
+    return "input"
 
 
 def _bad_reference(path: str) -> NoReturn:
