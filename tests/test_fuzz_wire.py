@@ -1118,6 +1118,8 @@ class Builder:
                 "task_id": task["task_id"],
                 "token": task["token"],
                 "node_id": task["task_id"],
+                # a result for another capability than the task's is fenced (not its answer)
+                "capability": task["capability"],
             }
             if body.stale_token:
                 fields["token"] = "a-stale-token"
@@ -1555,7 +1557,10 @@ async def test_3000_hostile_results_leave_the_dispatcher_serving_each_consumed_w
                 await dispatcher.submit("demo.sleep", {"i": i}, queue_timeout_s=600)
                 for i in range(PENDING_TASKS)
             ]
-            pending = [{"task_id": h.task_id, "token": h.task.token} for h in handles]
+            pending = [
+                {"task_id": h.task_id, "token": h.task.token, "capability": h.task.capability}
+                for h in handles
+            ]
             builder = Builder(
                 "d",
                 dispatcher.reply_to,
