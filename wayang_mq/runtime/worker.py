@@ -160,21 +160,7 @@ class Worker(Daemon):
 
     def status(self, task_id: str) -> TaskStatus:
         """Running here (with its last progress), finished here recently, or unknown."""
-        running = self._runner.get(task_id)
-        if running is not None:
-            return TaskStatus(
-                task_id,
-                TaskState.RUNNING,
-                self.executor_id,
-                running.task.attempt,
-                running.context.last_progress,
-            )
-        recent = self._recent.get(task_id)
-        if recent is not None:
-            return TaskStatus(
-                task_id, TaskState.FINISHED, self.executor_id, recent.attempt, outcome=recent.status
-            )
-        return TaskStatus(task_id, TaskState.UNKNOWN, self.executor_id)
+        return _status_of(task_id, self.executor_id, self._runner, self._recent)
 
     def cancel(self, task_id: str, reason: str = "") -> bool:
         """Cancel a running task; it ends FAILED ``cancelled``."""
@@ -285,15 +271,11 @@ class Worker(Daemon):
         opened: Task | None = None
         try:
             if self._chain.wants_received:
-                await self._chain.received(
-                    Received(
-                        self.executor_id,
-                        capability,
-                        message.message_id,
-                        message.body,
-                        message.headers or {},
-                    )
+                headers = message.headers or {}
+                received = Received(
+                    self.executor_id, capability, message.message_id, message.body, headers
                 )
+                await self._chain.received(received)
             task = opened = _open(capability, message, self.config.keyring, self._checks)
             answer = await self._chain.opened(Opened(self.executor_id, capability, task))
         except WireError as exc:
@@ -380,6 +362,18 @@ class Worker(Daemon):
             # A supervisor watches only tasks it has seen in flight: show this one at once,
             # so a hang within the first heartbeat interval is caught too.
             await self.beat()
+
+
+def _status_of(task_id: str, executor_id: str, runner: Runner, recent: RecentResults) -> TaskStatus:
+    running = runner.get(task_id)
+    if running is not None:
+        attempt, progress = running.task.attempt, running.context.last_progress
+        return TaskStatus(task_id, TaskState.RUNNING, executor_id, attempt, progress)
+    finished = recent.get(task_id)
+    if finished is not None:
+        attempt, outcome = finished.attempt, finished.status
+        return TaskStatus(task_id, TaskState.FINISHED, executor_id, attempt, outcome=outcome)
+    return TaskStatus(task_id, TaskState.UNKNOWN, executor_id)
 
 
 def _replayed(task: Task, body: bytes) -> Replayed:
