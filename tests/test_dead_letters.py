@@ -44,7 +44,7 @@ from wayang_mq.core.names import (
 )
 from wayang_mq.core.scopes import FULL_TRUST, KeyScope, Role
 from wayang_mq.core.signing import KeyRing, Signer
-from wayang_mq.core.wire import decode, encode
+from wayang_mq.core.wire import DEAD_LETTERED_BY_HEADER, decode, encode
 from wayang_mq.ops.deadletters import list_dead_letters, purge, read_dead_letter, replay
 from wayang_mq.ops.reaper import Handled, Reaper
 from wayang_mq.testing.harness import Fabric, WorkerProcess, eventually
@@ -129,9 +129,10 @@ async def _publish_raw(
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         target = await channel.get_exchange(exchange, ensure=False)
+        extra = properties.pop("headers", {})
         message = aio_pika.Message(
             body,
-            headers=fabric.signer.headers(body),
+            headers={**fabric.signer.headers(body), **extra},
             content_type="application/msgpack",
             type="wayang.task.v1",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -741,3 +742,33 @@ def test_a_workers_copy_names_its_code_and_is_already_answered() -> None:
         "bad_signature",
         True,
     )
+
+
+async def test_a_verified_dead_letter_a_worker_marked_answered_is_skipped_not_answered_again(
+    fabric: Fabric,
+) -> None:
+    # Given a reaper, and a signed task's dead letter marked wayang-dead-lettered-by (a worker
+    # answered it already), then an unmarked one as a barrier (one dead letter at a time)
+    await fabric.purge("demo.echo")
+    await fabric.purge_reaper()
+    reply_to = f"reply.dead-marked-{new_id()[:8]}"
+    marked = Task.create("demo.echo", {}, reply_to=reply_to)
+    async with (
+        fabric.reaper(prefetch=1) as reaper,
+        await aio_pika.connect(fabric.endpoint.amqp_url) as connection,
+    ):
+        tap = await _tap(connection, reply_to)
+        await _publish_raw(
+            fabric,
+            DEAD_LETTER_EXCHANGE,
+            "demo.echo",
+            encode(marked),
+            message_id=marked.task_id,
+            reply_to=reply_to,
+            headers={DEAD_LETTERED_BY_HEADER: "w-1"},
+        )
+        barrier = await _reaper_caught_up(fabric, reaper, tap, "demo.echo")
+        # Then the reaper skipped the marked one: the barrier is the only answer
+        assert reaper.handled(marked.task_id) is Handled.SKIPPED
+        assert tap.terminal(besides=barrier) == []
+    await fabric.purge("demo.echo")

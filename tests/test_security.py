@@ -376,6 +376,48 @@ async def test_a_result_from_a_key_not_allowed_to_answer_is_rejected_and_a_wrong
     )
 
 
+async def test_an_expired_copys_answer_cannot_end_a_task_that_started(
+    fabric: Fabric, keys: Keys, amqp: AbstractChannel, logs: pytest.LogCaptureFixture
+) -> None:
+    await fabric.purge("demo.echo")
+    async with _dispatcher(fabric, keys, "sec-started") as dispatcher:
+        seen: list[ResultSeen] = []
+        dispatcher.observe(seen.append)
+        # Given a task its executor accepted (PENDING: it started, its answer comes later)
+        handle = await dispatcher.submit("demo.echo", {"long": True})
+        task = handle.task
+
+        async def answer(status: Status, **fields: Any) -> None:
+            result = Result.answering(task, WORKER_ID, status, **fields)
+            body, headers = _signed(keys.executor, result)
+            await _publish(
+                amqp,
+                RESULTS_EXCHANGE,
+                dispatcher.reply_to,
+                body,
+                headers,
+                message_id=task.task_id,
+                wire_type=Result.wire_type,
+            )
+
+        await answer(Status.PENDING, output={"running_on": WORKER_ID})
+        await handle.accepted(WAIT_S)
+        # When a copy of it, replayed past its deadline somewhere, is answered token_expired
+        # with the task's own token, by a key allowed to answer it
+        expired = ErrorInfo(code=ErrorCode.TOKEN_EXPIRED, message="passed its deadline")
+        await answer(Status.FAILED, error=expired)
+        await eventually(lambda: len(seen) == 2, what="both answers received")
+        # Then that answer is fenced: a task that started cannot have missed its deadline
+        assert _verdicts(seen) == {Verdict.NOT_TERMINAL: 1, Verdict.FENCED: 1}
+        assert "expired copy" in logs.text
+        assert not handle.done()
+        # and the executor's real answer still ends it
+        await answer(Status.SUCCESS, output={"long": True})
+        result = await handle.result(WAIT_S)
+    assert (result.status, result.output) == (Status.SUCCESS, {"long": True})
+    await fabric.purge("demo.echo")
+
+
 async def test_a_dispatcher_key_cannot_end_another_dispatchers_task(
     fabric: Fabric, keys: Keys, amqp: AbstractChannel
 ) -> None:
