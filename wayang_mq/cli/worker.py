@@ -60,7 +60,8 @@ def add(sub: Any) -> None:
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from wayang_mq.config import broker_endpoint, keyring, secret_provider, signer
-    from wayang_mq.runtime.executor import load_class, load_executor
+    from wayang_mq.core.loading import load_class
+    from wayang_mq.runtime.executor import load_executor
     from wayang_mq.runtime.middleware import Middleware
     from wayang_mq.runtime.worker import Worker, WorkerConfig
     from wayang_mq.topology.spec import load_topology

@@ -8,11 +8,11 @@ attached to, because only the runtime knows what is in flight.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from wayang_mq.core.errors import ConfigError
+from wayang_mq.core.loading import load_class
 from wayang_mq.core.model import Heartbeat, JsonLike, Task, TaskState, TaskStatus
 from wayang_mq.core.names import valid_capability
 
@@ -27,11 +27,9 @@ __all__ = [
     "TaskState",
     "TaskStatus",
     "check_capabilities",
-    "load_class",
+    "load_class",  # from wayang_mq.core.loading, kept importable here
     "load_executor",
 ]
-
-T = TypeVar("T")
 
 
 class Runtime(Protocol):
@@ -112,26 +110,6 @@ class Executor:
     def heartbeat(self) -> Heartbeat:
         """Liveness and load as the next heartbeat will report them."""
         return self._attached().heartbeat()
-
-
-def load_class(spec: str, base: type[T], example: str) -> T:
-    """Import ``module:Class``, check it subclasses ``base``, and instantiate it, with
-    one-line errors for the CLI (executors, middleware)."""
-    module_name, _, class_name = spec.partition(":")
-    if not module_name or not class_name:
-        raise ConfigError(f"{spec!r} is not MODULE:CLASS", hint=f"e.g. {example}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(
-            f"cannot import module {module_name!r}: {exc}",
-            hint="is it installed, or on PYTHONPATH?",
-        ) from exc
-    cls: Any = getattr(module, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ConfigError(f"{spec} is not a {base.__module__}.{base.__name__} subclass")
-    instance: T = cls()
-    return instance
 
 
 def load_executor(spec: str) -> Executor:

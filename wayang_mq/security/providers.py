@@ -239,7 +239,7 @@ def from_spec(spec: str, fernet_key: Callable[[], str | bytes]) -> SecretProvide
 
 
 def _load_provider(spec: str) -> SecretProvider:
-    from wayang_mq.runtime.executor import load_class
+    from wayang_mq.core.loading import load_class
 
     provider: object = load_class(spec, object, "mypackage.vault:VaultProvider")
     if not isinstance(provider, SecretProvider):
