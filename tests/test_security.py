@@ -221,6 +221,25 @@ async def _publish(
     await exchange.publish(message, routing_key=routing_key)
 
 
+async def _publish_result(
+    channel: AbstractChannel,
+    dispatcher: Dispatcher,
+    body: bytes,
+    headers: dict[str, Any],
+    task_id: str,
+) -> None:
+    """A result body to ``dispatcher``'s reply address, as any account could publish it."""
+    await _publish(
+        channel,
+        RESULTS_EXCHANGE,
+        dispatcher.reply_to,
+        body,
+        headers,
+        message_id=task_id,
+        wire_type=Result.wire_type,
+    )
+
+
 async def _tap(channel: AbstractChannel, exchange: str, routing_key: str) -> AbstractQueue:
     """A private queue receiving what ``exchange`` routes with ``routing_key``."""
     queue = await channel.declare_queue(exclusive=True)
@@ -297,15 +316,7 @@ async def test_a_forged_result_is_rejected_and_the_caller_gets_the_executors_suc
             (empty_token, {}),
             (empty_token, keys.executor.headers(empty_token, Result.wire_type)),
         ]:
-            await _publish(
-                amqp,
-                RESULTS_EXCHANGE,
-                dispatcher.reply_to,
-                body,
-                headers,
-                message_id=handle.task_id,
-                wire_type=Result.wire_type,
-            )
+            await _publish_result(amqp, dispatcher, body, headers, handle.task_id)
         await eventually(lambda: len(seen) == 3, what="the three forged results received")
         # Then each is rejected as invalid, with its reason logged, and the task still waits
         assert _verdicts(seen) == {Verdict.INVALID: 3}
@@ -350,15 +361,7 @@ async def test_a_result_from_a_key_not_allowed_to_answer_is_rejected_and_a_wrong
             _signed(keys.executor, forged(WORKER_ID, token="not-the-token")),
         ]
         for body, headers in probes:
-            await _publish(
-                amqp,
-                RESULTS_EXCHANGE,
-                dispatcher.reply_to,
-                body,
-                headers,
-                message_id=task.task_id,
-                wire_type=Result.wire_type,
-            )
+            await _publish_result(amqp, dispatcher, body, headers, task.task_id)
         await eventually(lambda: len(seen) == 4, what="the four forged results received")
         # Then the first three are rejected (the key may not say it), the last is fenced
         assert _verdicts(seen) == {Verdict.INVALID: 3, Verdict.FENCED: 1}
@@ -390,15 +393,7 @@ async def test_an_expired_copys_answer_cannot_end_a_task_that_started(
         async def answer(status: Status, **fields: Any) -> None:
             result = Result.answering(task, WORKER_ID, status, **fields)
             body, headers = _signed(keys.executor, result)
-            await _publish(
-                amqp,
-                RESULTS_EXCHANGE,
-                dispatcher.reply_to,
-                body,
-                headers,
-                message_id=task.task_id,
-                wire_type=Result.wire_type,
-            )
+            await _publish_result(amqp, dispatcher, body, headers, task.task_id)
 
         await answer(Status.PENDING, output={"running_on": WORKER_ID})
         await handle.accepted(WAIT_S)
@@ -435,15 +430,7 @@ async def test_a_dispatcher_key_cannot_end_another_dispatchers_task(
             error=ErrorInfo(code=ErrorCode.TIMEOUT, message="sec-b says it timed out"),
         )
         body, headers = _signed(keys.other_dispatcher, timeout)
-        await _publish(
-            amqp,
-            RESULTS_EXCHANGE,
-            dispatcher.reply_to,
-            body,
-            headers,
-            message_id=handle.task_id,
-            wire_type=Result.wire_type,
-        )
+        await _publish_result(amqp, dispatcher, body, headers, handle.task_id)
         await eventually(lambda: len(seen) == 1, what="the forged timeout received")
         # Then it is rejected: only a task's own issuer decides its deadline
         assert _verdicts(seen) == {Verdict.INVALID: 1}
