@@ -198,7 +198,7 @@ async def test_apply_declares_every_object_of_the_default_file(vhost: Vhost) -> 
     queues = {q["name"]: q for q in vhost.management.list_queues()}
     for queue in topology.queues():
         assert queues[queue.name]["type"] == "quorum"
-        assert queues[queue.name]["arguments"] == {"x-queue-type": "quorum"}
+        assert queues[queue.name]["arguments"] == as_dict(queue.arguments)
     bindings = {
         (b["source"], b["destination"], b["destination_type"], b["routing_key"])
         for b in vhost.management.list_bindings()

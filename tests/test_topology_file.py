@@ -72,7 +72,9 @@ def test_every_capability_gets_its_queues_dead_queue_and_policy(default: Topolog
         assert definition["dead-letter-routing-key"] == capability.name
         assert definition["dead-letter-strategy"] == "at-least-once"
         assert definition["overflow"] == "reject-publish"
-    assert all(dict(q.arguments) == {"x-queue-type": "quorum"} for q in default.queues())
+    assert all(dict(q.arguments)["x-queue-type"] == "quorum" for q in default.queues())
+    # only the control plane's record has one active consumer at a time
+    assert [q.name for q in default.queues() if len(q.arguments) > 1] == [names.RECORD_QUEUE]
 
 
 def test_the_reaper_gets_a_copy_of_every_dead_letter(default: Topology) -> None:
@@ -93,6 +95,7 @@ def test_each_policy_pattern_matches_exactly_its_own_queues(default: Topology) -
         {tier.queue: tier.queue for tier in default.retry_tiers}
         | {q: names.policy_name(c.name) for c in default.capabilities for q in c.task_queues}
         | {names.dead_queue(c.name): names.dead_queue(c.name) for c in default.capabilities}
+        | {names.RECORD_REFUSED_QUEUE: names.RECORD_REFUSED_QUEUE}
     )
     for policy in default.policies():
         matched = {q for q in queues if re.search(policy.pattern, q)}
@@ -162,6 +165,8 @@ def test_a_minimal_file_gets_the_built_in_defaults(tmp_path: Path) -> None:
         "wayang.task.demo.echo",
         "wayang.dead.demo.echo",
         "wayang.reaper",
+        "wayang.record",
+        "wayang.record.refused",
     ]
 
 

@@ -115,11 +115,25 @@ def _saved_endpoint(path: Path, role: str | None) -> tuple[str, str | None]:
         ) from None
 
 
+def saved_database_url(settings: Settings) -> str | None:
+    """The database ``wayang-mq dev`` runs, from its endpoint file (None: no dev stack)."""
+    try:
+        saved = json.loads((settings.state_dir / ENDPOINT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    url = saved.get("database_url") if isinstance(saved, dict) else None
+    if not isinstance(url, str):
+        return None
+    _redact_url_password("database-password", url)
+    return url
+
+
 def save_endpoint(
     state_dir: Path,
     endpoint: BrokerEndpoint,
     accounts: Mapping[str, str] | None = None,
     signing_keys: Mapping[str, str] | None = None,
+    database_url: str | None = None,
 ) -> None:
     """Remember the dev stack's endpoint (the administrator's URL), the AMQP URL of each
     role's account and the signing key of each role, for other commands (private, 0600: it
@@ -133,6 +147,8 @@ def save_endpoint(
         saved["accounts"] = dict(accounts)
     if signing_keys:
         saved["signing_keys"] = dict(signing_keys)
+    if database_url:
+        saved["database_url"] = database_url
     write_private(state_dir / ENDPOINT_FILE, json.dumps(saved))
 
 

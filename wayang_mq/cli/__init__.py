@@ -15,6 +15,7 @@ from wayang_mq import __version__
 from wayang_mq.cli import (
     access,
     control,
+    controlplane,
     dead,
     dev,
     keys,
@@ -40,7 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wayang-mq {__version__}")
     parser.add_argument("--log-level", default="INFO", help="daemon log level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for verb in (dev, topology, access, keys, secrets, worker, submit, control, dead, schema):
+    for verb in (
+        dev,
+        topology,
+        access,
+        keys,
+        secrets,
+        worker,
+        submit,
+        control,
+        dead,
+        controlplane,
+        schema,
+    ):
         verb.add(sub)
     return parser
 

@@ -7,6 +7,7 @@ from enum import IntEnum
 from wayang_mq.core.errors import (
     Backpressure,
     BrokerUnreachable,
+    DatabaseUnavailable,
     NoExecutor,
     ResultTimeout,
     WayangError,
@@ -23,6 +24,7 @@ class Exit(IntEnum):
     NO_EXECUTOR = 4  # no queue serves the capability
     BACKPRESSURE = 5  # the capability's queue stayed full
     TIMEOUT = 6  # no result within --timeout
+    AUDIT_FAILED = 7  # `wayang-mq audit` found a task lost, run twice, or a stray result
     INTERRUPTED = 130
 
 
@@ -31,6 +33,7 @@ _EXIT_FOR: list[tuple[type[WayangError], Exit]] = [
     (Backpressure, Exit.BACKPRESSURE),
     (ResultTimeout, Exit.TIMEOUT),
     (BrokerUnreachable, Exit.UNREACHABLE),
+    (DatabaseUnavailable, Exit.UNREACHABLE),
 ]
 
 

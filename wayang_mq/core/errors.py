@@ -69,6 +69,12 @@ class BrokerUnreachable(WayangError):
     retryable = True
 
 
+class DatabaseUnavailable(WayangError):
+    """PostgreSQL did not answer, refused us, or is not migrated; the message says which."""
+
+    retryable = True
+
+
 class TopologyError(WayangError):
     """The declarative topology file is malformed or could not be applied."""
 

@@ -83,6 +83,9 @@ def dead_queue(capability: str) -> str:
 # the broker makes (wayang.dead.<capability> keeps the other copy, for inspection and replay).
 # Workers' own dead copies go to wayang.dead instead, which does not reach it.
 REAPER_QUEUE = "wayang.reaper"
+#: the control plane's record of every flow (single active consumer), and what it refused
+RECORD_QUEUE = "wayang.record"
+RECORD_REFUSED_QUEUE = "wayang.record.refused"
 ALL_DEAD_LETTERS = "#"
 
 

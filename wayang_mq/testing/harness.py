@@ -25,6 +25,7 @@ import aio_pika
 from wayang_mq.amqp.connect import management_client
 from wayang_mq.amqp.endpoint import BrokerEndpoint
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
+from wayang_mq.controlplane.daemon import ControlPlane, ControlPlaneConfig
 from wayang_mq.core import names
 from wayang_mq.core.signing import KeyRing, Signer, write_keypair
 from wayang_mq.ops.reaper import Reaper, ReaperConfig
@@ -230,6 +231,36 @@ class Fabric:
             channel = await connection.channel()
             queue = await channel.get_queue(names.REAPER_QUEUE, ensure=False)
             await queue.purge()
+
+    def control_plane_config(self, database_url: str, **overrides: Any) -> ControlPlaneConfig:
+        """A control plane trusting this fabric's key, writing to ``database_url``."""
+        values: dict[str, Any] = {
+            "amqp_url": self.endpoint.amqp_url,
+            "database_url": database_url,
+            "keyring": self.keyring,
+            "signer": self.signer,
+            "grace_s": 5.0,
+        }
+        return ControlPlaneConfig(**(values | overrides))
+
+    @contextlib.asynccontextmanager
+    async def control_plane(self, database_url: str, **config: Any) -> AsyncIterator[ControlPlane]:
+        """An in-process control plane recording into ``database_url`` until the block ends.
+
+        ``wayang.record`` is shared by every test on the broker: purge it first with
+        :meth:`purge_record` to record only what the test itself does.
+        """
+        async with _serving(ControlPlane(self.control_plane_config(database_url, **config))) as cp:
+            yield cp
+
+    async def purge_record(self) -> None:
+        """Empty ``wayang.record`` and ``wayang.record.refused`` (what earlier tests left)."""
+        connection = await aio_pika.connect(self.endpoint.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            for name in (names.RECORD_QUEUE, names.RECORD_REFUSED_QUEUE):
+                queue = await channel.get_queue(name, ensure=False)
+                await queue.purge()
 
     @contextlib.asynccontextmanager
     async def dispatcher(self, **config: Any) -> AsyncIterator[Dispatcher]:

@@ -23,10 +23,11 @@ import os
 import shutil
 import socket
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from yarl import URL
@@ -446,3 +447,30 @@ def postgres() -> Iterator[str]:
     with contextlib.ExitStack() as stack:
         state_dir = stack.enter_context(service_dir("wayang-pg-"))
         yield _enter_or_give_up(stack, "PostgreSQL", lambda: open_postgres(state_dir))
+
+
+@pytest.fixture
+def record_db(postgres: str) -> Iterator[str]:
+    """A fresh database on the session's PostgreSQL, migrated to the control plane's schema,
+    dropped after the test."""
+    from wayang_mq.controlplane.migrate import migrate
+
+    with fresh_database(postgres) as url:
+        migrate(url)
+        yield url
+
+
+@contextlib.contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A new empty database on the server of ``server_url``; dropped when the block ends."""
+    import psycopg
+
+    name = f"wayang_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    parts = urlsplit(server_url)
+    try:
+        yield urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -72,7 +72,7 @@ SHARD_WEIGHT: Final = "1"
 # RabbitMQ's limit on exchange and queue names.
 _MAX_NAME_BYTES: Final = 255
 
-ArgValue = str | int
+ArgValue = str | int | bool
 Pairs = tuple[tuple[str, ArgValue], ...]
 
 
@@ -286,6 +286,11 @@ class Topology(_Frozen):
         # reaper, so dead letters produced before a reaper first runs are kept for it. No
         # policy: unbounded, since a full queue would stall at-least-once dead-lettering.
         out.append(QueueSpec(names.REAPER_QUEUE))
+        # The control plane's record: bound to every flow, consumed by one control plane at a
+        # time (single active consumer: the others stand by). Declared here, so what flows
+        # before a control plane first runs is recorded when it does.
+        out.append(QueueSpec(names.RECORD_QUEUE, (*QUORUM, ("x-single-active-consumer", True))))
+        out.append(QueueSpec(names.RECORD_REFUSED_QUEUE))
         return tuple(out)
 
     def bindings(self) -> tuple[BindingSpec, ...]:
@@ -306,16 +311,45 @@ class Topology(_Frozen):
         out.append(
             BindingSpec(names.DEAD_LETTER_EXCHANGE, names.REAPER_QUEUE, names.ALL_DEAD_LETTERS)
         )
+        out.extend(self._record_bindings())
         return tuple(out)
+
+    def _record_bindings(self) -> list[BindingSpec]:
+        """The control plane's record sees every flow, but tasks, retries and dead copies only
+        with the keys the fabric's own queues take: a task for a capability nobody serves
+        must stay unroutable (the dispatcher's mandatory publish reports it as no_executor)."""
+        out = [BindingSpec(exchange, names.RECORD_QUEUE, key) for exchange, key in RECORDED_FLOWS]
+        for capability in self.capabilities:
+            for key in capability.task_routing_keys:
+                out.append(BindingSpec(names.TASKS_EXCHANGE, names.RECORD_QUEUE, key))
+            out.append(BindingSpec(names.DEAD_COPY_EXCHANGE, names.RECORD_QUEUE, capability.name))
+        out.extend(
+            BindingSpec(
+                names.RETRY_EXCHANGE, names.RECORD_QUEUE, names.retry_routing_key(t.name, "#")
+            )
+            for t in self.retry_tiers
+        )
+        return out
 
     def policies(self) -> tuple[PolicySpec, ...]:
         """One policy per capability (its queue and shards), one per dead queue, one per retry
-        tier."""
+        tier, and one bounding the record's refusals."""
         return (
             tuple(self._capability_policy(c) for c in self.capabilities)
             + tuple(self._dead_policy(c) for c in self.capabilities)
             + tuple(self._tier_policy(t) for t in self.retry_tiers)
+            + (self._refused_policy(),)
         )
+
+    def _refused_policy(self) -> PolicySpec:
+        # What the control plane refused is kept for people to look at, within a bound: the
+        # oldest goes first (garbage anyone can publish must not fill the broker).
+        queue = names.RECORD_REFUSED_QUEUE
+        definition: Pairs = (
+            ("max-length-bytes", self.defaults.dead_max_bytes),
+            ("overflow", "drop-head"),
+        )
+        return PolicySpec(queue, exact_pattern(queue), definition)
 
     def _dead_policy(self, capability: Capability) -> PolicySpec:
         # Bounded in bytes; reject-publish refuses (and nacks) what does not fit, which the
@@ -358,6 +392,16 @@ class Topology(_Frozen):
         if tier.max_length is not None:
             definition += (("max-length", tier.max_length),)
         return PolicySpec(tier.queue, exact_pattern(tier.queue), definition)
+
+
+#: what the control plane records whatever its key (tasks, retries and dead copies are bound
+#: per capability and tier, see Topology._record_bindings)
+RECORDED_FLOWS: Final[tuple[tuple[str, str], ...]] = (
+    (names.RESULTS_EXCHANGE, "#"),
+    (names.EVENTS_EXCHANGE, "#"),
+    (names.CONTROL_EXCHANGE, "cancel.#"),
+    (names.DEAD_LETTER_EXCHANGE, "#"),
+)
 
 
 def _task_bindings(capability: Capability) -> list[BindingSpec]:

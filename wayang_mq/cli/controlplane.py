@@ -1,0 +1,81 @@
+"""``wayang-mq control-plane`` and ``wayang-mq db migrate``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from wayang_mq.cli.common import run_until_signal
+from wayang_mq.cli.exits import Exit
+from wayang_mq.config import Settings
+from wayang_mq.core.errors import ConfigError
+
+
+def add(sub: Any) -> None:
+    """Register this verb's parsers and handlers."""
+    cp = sub.add_parser(
+        "control-plane", help="record every task, result and event in PostgreSQL (the registry)"
+    )
+    cp.add_argument("--id", dest="control_plane_id", help="default: control-plane-host-pid")
+    cp.add_argument(
+        "--prefetch", type=int, default=256, help="deliveries held while writing (default 256)"
+    )
+    cp.add_argument(
+        "--health-port", type=int, help="answer HTTP health probes on this port (200 / 503)"
+    )
+    cp.set_defaults(func=_cmd_control_plane)
+    db = sub.add_parser("db", help="the control plane's database")
+    dsub = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    mig = dsub.add_parser("migrate", help="apply the schema migrations not applied yet")
+    mig.set_defaults(func=_cmd_migrate)
+
+
+def database_url(settings: Settings) -> str:
+    """The control plane's database (WAYANG_DATABASE_URL, or the one `wayang-mq dev` runs)."""
+    from wayang_mq.config import saved_database_url
+
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    saved = saved_database_url(settings)
+    if saved is None:
+        raise ConfigError(
+            "no database: WAYANG_DATABASE_URL is not set and no `wayang-mq dev` stack runs here",
+            hint="set WAYANG_DATABASE_URL=postgresql://user:password@host/db, or run "
+            "`wayang-mq dev`",
+        )
+    return saved
+
+
+def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.controlplane.migrate import latest_version, migrate
+
+    applied = migrate(database_url(settings))
+    if applied:
+        for name in applied:
+            print(f"applied {name}")
+    print(f"schema at version {latest_version()}")
+    return Exit.OK
+
+
+def _cmd_control_plane(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.config import broker_endpoint, keyring, signer
+    from wayang_mq.controlplane.daemon import ControlPlane, ControlPlaneConfig
+    from wayang_mq.topology.spec import load_topology
+
+    topology = load_topology(settings.topology)
+    extra = {"control_plane_id": args.control_plane_id} if args.control_plane_id else {}
+    config = ControlPlaneConfig(
+        amqp_url=broker_endpoint(settings, "control-plane").amqp_url,
+        database_url=database_url(settings),
+        keyring=keyring(settings),
+        signer=signer(settings, "control-plane"),
+        prefetch=args.prefetch,
+        audience=settings.audience,
+        max_body_bytes=topology.defaults.max_body_bytes,
+        health_port=args.health_port,
+        **extra,
+    )
+    daemon = ControlPlane(config)
+    asyncio.run(run_until_signal(daemon.run, daemon.stop, config.keyring.reload))
+    return Exit.OK

@@ -1,0 +1,304 @@
+"""``wayang-mq control-plane``: the daemon that writes the record.
+
+It consumes ``wayang.record`` (see :mod:`wayang_mq.controlplane.facts` for what is bound
+there), verifies each message as its receivers would, and writes it down in PostgreSQL
+(:mod:`wayang_mq.controlplane.store`). A delivery is acked only once the transaction that
+holds its fact has committed; while PostgreSQL is down the daemon holds what it has (at most
+``prefetch`` deliveries), reconnects with backoff, and writes them when it is back. The
+fabric does not wait for it: workers and dispatchers never talk to the database.
+
+Several instances may run at once. ``wayang.record`` is a single-active-consumer queue: the
+broker delivers to one instance at a time, in queue order, and hands the queue to the next
+when that one's channel closes. What the one that died had not acked comes again to the
+next; its facts' digests make a second write change nothing. So there is no gap (nothing
+is acked before it is committed) and no double write (every write is keyed by what the
+message is).
+
+A message that does not verify is never written: it is counted in ``refusals`` and a copy
+goes to ``wayang.record.refused`` with the reason, for an operator to look at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import psycopg
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+
+from wayang_mq.amqp.daemon import Daemon
+from wayang_mq.amqp.outcome import LogLine, Send, discard, done, requeue, settle
+from wayang_mq.controlplane import store
+from wayang_mq.controlplane.db import DatabaseUnavailable, connect_async, unavailable
+from wayang_mq.controlplane.facts import Delivery, Fact, Refused, read
+from wayang_mq.controlplane.migrate import latest_version
+from wayang_mq.core import logs, names
+from wayang_mq.core.envelope import TaskChecks
+from wayang_mq.core.errors import ConfigError
+from wayang_mq.core.model import DEFAULT_AUDIENCE
+from wayang_mq.core.signing import KeyRing, Signer
+from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES
+
+log = logging.getLogger("wayang_mq.controlplane")
+
+REFUSED_REASON_HEADER = "wayang-refused-reason"
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    """How one control plane runs; built once by the CLI or a test."""
+
+    amqp_url: str = field(repr=False)
+    database_url: str = field(repr=False)
+    keyring: KeyRing  # what verifies here is what the fabric's receivers would act on
+    signer: Signer | None = None  # the control plane's own key (re-dispatches, answers)
+    control_plane_id: str = field(default_factory=lambda: names.default_id("control-plane"))
+    prefetch: int = 256  # deliveries held: what one transaction may write at most
+    batch: int = 128  # facts written per transaction
+    grace_s: float = 10.0
+    audience: str = DEFAULT_AUDIENCE
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    health_port: int | None = None
+    retry_max_s: float = 5.0  # longest wait between database reconnects
+
+    def __post_init__(self) -> None:
+        if self.prefetch < 1 or self.batch < 1:
+            raise ConfigError("prefetch and batch must be at least 1")
+        if not names.valid_word(self.control_plane_id):
+            raise ConfigError(
+                f"control plane id {self.control_plane_id!r} must be lowercase letters, "
+                "digits, '-' or '_'"
+            )
+
+
+@dataclass
+class Counts:
+    """What this instance has done since it started (health answer, tests)."""
+
+    written: int = 0  # facts written
+    repeated: int = 0  # facts already recorded (a redelivery, another instance)
+    refused: int = 0
+    database_retries: int = 0
+
+
+class ControlPlane(Daemon):
+    """Writes every fact on ``wayang.record`` into PostgreSQL until ``stop()``."""
+
+    kind = "control_plane"
+
+    def __init__(self, config: ControlPlaneConfig) -> None:
+        super().__init__(
+            config.amqp_url,
+            config.control_plane_id,
+            prefetch=config.prefetch,
+            grace_s=config.grace_s,
+            health_port=config.health_port,
+        )
+        self.config = config
+        self.counts = Counts()
+        self._checks = TaskChecks(audience=config.audience, max_body_bytes=config.max_body_bytes)
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._db: psycopg.AsyncConnection[Any] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._database_up = False
+
+    # -- the daemon's parts ---------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """The database first: a control plane that cannot write consumes nothing."""
+        self._db = await self._connect_db()
+        await self._check_schema(self._db)
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        """Consume ``wayang.record`` (single active consumer) and start the writer."""
+        self._writer = asyncio.create_task(self._write_loop())
+        await self.consume(
+            names.RECORD_QUEUE, self._received, hint="run `wayang-mq topology apply`"
+        )
+
+    async def teardown(self) -> None:
+        """Stop the writer; close the database."""
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        if self._db is not None:
+            await self._db.close()
+
+    def describe(self) -> dict[str, Any]:
+        """The queue it records from and what it has written."""
+        return {
+            "queue": names.RECORD_QUEUE,
+            "database": "up" if self._database_up else "down",
+            "written": self.counts.written,
+            "refused": self.counts.refused,
+        }
+
+    # -- receiving and writing ------------------------------------------------------------------
+
+    async def _received(self, message: AbstractIncomingMessage) -> None:
+        await self._inbox.put(message)
+
+    async def _write_loop(self) -> None:
+        """Take what has arrived (up to ``batch``), write it in one transaction, then ack."""
+        while True:
+            batch = [await self._inbox.get()]
+            while len(batch) < self.config.batch and not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            try:
+                await self._write_batch(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug of ours: the deliveries go back to the queue unharmed, after a pause
+                # so that a bug that repeats does not spin.
+                log.exception("event=record.bug size=%d next=requeued", len(batch))
+                await asyncio.sleep(1)
+                for message in batch:
+                    await settle(message, requeue(message.message_id, "a bug (logged above)"))
+
+    async def _write_batch(self, batch: list[AbstractIncomingMessage]) -> None:
+        read_out = [self._read(message) for message in batch]
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(DatabaseUnavailable),
+            wait=wait_exponential(multiplier=0.2, max=self.config.retry_max_s),
+            reraise=True,
+        ):
+            with attempt:
+                outcomes = await self._commit(read_out)
+        for message, (outcome_kind, detail) in zip(batch, outcomes, strict=True):
+            await self._settle(message, outcome_kind, detail)
+
+    def _read(self, message: AbstractIncomingMessage) -> Fact | Refused:
+        delivery = Delivery(
+            exchange=message.exchange or "",
+            routing_key=message.routing_key or "",
+            body=message.body,
+            headers=message.headers or {},
+            message_id=message.message_id,
+            user_id=message.user_id,
+            reply_to=message.reply_to,
+            timestamp_ms=int(message.timestamp.timestamp() * 1000) if message.timestamp else None,
+        )
+        try:
+            return read(delivery, self.config.keyring, self._checks)
+        except Refused as refused:
+            return refused
+        except Exception as exc:  # a message our reading chokes on is refused, not retried
+            log.exception("event=record.unreadable id=%s", message.message_id)
+            return Refused("unreadable", f"{type(exc).__name__}: {exc}")
+
+    async def _commit(self, read_out: list[Fact | Refused]) -> list[tuple[str, str]]:
+        """One transaction for the batch (a savepoint per fact); what became of each."""
+        conn = await self._database()
+        outcomes: list[tuple[str, str]] = []
+        try:
+            async with conn.transaction():
+                for item in read_out:
+                    outcomes.append(await self._apply(conn, item))
+        except psycopg.OperationalError as exc:
+            await self._lost_database(exc)
+            raise unavailable(exc) from exc
+        self._database_up = True
+        return outcomes
+
+    async def _apply(
+        self, conn: psycopg.AsyncConnection[Any], item: Fact | Refused
+    ) -> tuple[str, str]:
+        if isinstance(item, Refused):
+            await store.count_refusal(conn, item.reason, item.detail)
+            return "refused", f"{item.reason}: {item.detail}"
+        try:
+            written = await store.write(conn, item)
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            # The fact's savepoint is rolled back; the batch goes on without it.
+            log.exception("event=record.write_failed kind=%s", type(item.payload).__name__)
+            await store.count_refusal(conn, "write_failed", str(exc))
+            return "refused", f"write_failed: {exc}"
+        return ("written" if written else "repeated"), ""
+
+    async def _settle(self, message: AbstractIncomingMessage, kind: str, detail: str) -> None:
+        if kind == "refused":
+            self.counts.refused += 1
+            copy = aio_pika.Message(
+                message.body,
+                headers={
+                    **(message.headers or {}),
+                    REFUSED_REASON_HEADER: detail[:1000],
+                    "wayang-refused-from": f"{message.exchange} {message.routing_key}",
+                },
+                message_id=message.message_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            send = Send("", names.RECORD_REFUSED_QUEUE, copy, if_unconfirmed=None)
+            line = LogLine(
+                "record.refused",
+                logging.WARNING,
+                {"id": message.message_id, "key": message.routing_key, "reason": detail[:200]},
+            )
+            await settle(message, done(message.message_id or "", send, log=line), self.publisher)
+            return
+        if kind == "written":
+            self.counts.written += 1
+        else:
+            self.counts.repeated += 1
+        await settle(message, discard(message.message_id), self.publisher)
+
+    # -- the database ---------------------------------------------------------------------------
+
+    async def _database(self) -> psycopg.AsyncConnection[Any]:
+        if self._db is None or self._db.closed:
+            self._db = await self._connect_db()
+        return self._db
+
+    async def _connect_db(self) -> psycopg.AsyncConnection[Any]:
+        """Connect, waiting with backoff while PostgreSQL is away (logged each time)."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(DatabaseUnavailable),
+            wait=wait_exponential(multiplier=0.2, max=self.config.retry_max_s),
+            reraise=True,
+        ):
+            with attempt:
+                try:
+                    conn = await connect_async(self.config.database_url, autocommit=True)
+                except DatabaseUnavailable as exc:
+                    self._database_up = False
+                    self.counts.database_retries += 1
+                    logs.event(
+                        log, "database.unavailable", logging.WARNING, error=exc, next="retrying"
+                    )
+                    raise
+        self._database_up = True
+        logs.event(log, "database.connected", id=self.daemon_id)
+        return conn
+
+    async def _lost_database(self, exc: BaseException) -> None:
+        self._database_up = False
+        self.counts.database_retries += 1
+        logs.event(log, "database.lost", logging.WARNING, error=str(exc), next="retrying")
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                await self._db.close()
+        self._db = None
+
+    async def _check_schema(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        cur = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        row = await cur.fetchone()
+        version = 0
+        if row and row[0]:
+            cur = await conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
+            got = await cur.fetchone()
+            version = int(got[0]) if got else 0
+        if version < latest_version():
+            raise DatabaseUnavailable(
+                f"the database is at schema version {version}, this control plane needs "
+                f"{latest_version()}",
+                hint="run `wayang-mq db migrate`",
+            )

@@ -1,0 +1,250 @@
+"""What one message on ``wayang.record`` says, verified, as a value the store writes down.
+
+The queue ``wayang.record`` is bound to every flow of the fabric, so the record does not
+depend on who published: a task from a plain AMQP client is recorded like one from our
+dispatcher. A delivery's exchange and routing key say which flow it came from:
+
+==================  =====================  =============================================
+exchange            routing key            fact
+==================  =====================  =============================================
+wayang.tasks        <capability>           a task published (or a retry come due:
+                    retry.<tier>.<cap>     its attempt record says which attempt)
+wayang.retry        retry.<tier>.<cap>     a retry scheduled (waiting in a tier)
+wayang.results      reply.<id>, noreply.*  a result
+wayang.events       registered.<executor>  a registration
+                    heartbeat.<executor>   a heartbeat
+                    progress.<task>        progress
+                    attempt.<task>         the FAILED result of an attempt that is retried
+wayang.control      cancel.<task>          a cancel request
+wayang.dlx          <capability>           a dead letter (the broker's)
+wayang.dead         <capability>           a worker's copy of input it refused
+==================  =====================  =============================================
+
+Everything is verified as its receivers verify it (signature, key scope), so the record
+holds only what the fabric itself would act on; anything else is a :class:`Refused` with the
+reason, counted and set aside, never written. Each fact carries a ``digest``: the same
+message read twice (a redelivery, a second control plane, a rebuild from the stream) has the
+same digest, and the store writes it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from wayang_mq.core import names
+from wayang_mq.core.authority import check_cancel, check_executor_event, check_result
+from wayang_mq.core.envelope import (
+    ATTEMPT_HEADER,
+    Opened,
+    TaskChecks,
+    open_task,
+)
+from wayang_mq.core.errors import WireError
+from wayang_mq.core.model import (
+    CancelRequest,
+    Heartbeat,
+    Progress,
+    Registration,
+    Result,
+    Task,
+)
+from wayang_mq.core.signing import KEY_ID_HEADER, SIGNATURE_HEADER, KeyRing, Verified
+from wayang_mq.core.wire import DEAD_LETTERED_BY_HEADER, decode, open_signed
+from wayang_mq.ops.deadletters import DeadLetter, read_dead_letter
+
+
+class Refused(Exception):
+    """A message the record will not hold; ``reason`` is a short word for counting."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The parts of a delivery the record reads (an AMQP message, or a stream entry)."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    headers: Mapping[str, Any]
+    message_id: str | None = None
+    user_id: str | None = None
+    reply_to: str | None = None
+    timestamp_ms: int | None = None
+
+    def digest(self) -> bytes:
+        """Identity of the message: where it went, its body, and what its headers add that
+        changes its meaning (an attempt record, the broker's death count)."""
+        h = hashlib.sha256()
+        for part in (self.exchange, self.routing_key):
+            h.update(part.encode("utf-8", "replace") + b"\0")
+        h.update(self.body)
+        record = self.headers.get(ATTEMPT_HEADER)
+        if isinstance(record, str | bytes):
+            h.update(b"\0attempt\0" + (record if isinstance(record, bytes) else record.encode()))
+        deaths = self.headers.get("x-death")
+        if isinstance(deaths, list | tuple) and deaths and isinstance(deaths[0], Mapping):
+            first = deaths[0]
+            h.update(f"\0death\0{first.get('queue')}\0{first.get('count')}".encode())
+        by = self.headers.get(DEAD_LETTERED_BY_HEADER)
+        if by is not None:
+            h.update(b"\0by\0" + str(by).encode("utf-8", "replace"))
+        return h.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSeen:
+    """A task on ``wayang.tasks`` (``retry_due``: a retry back from its tier) or scheduled on
+    ``wayang.retry`` (``scheduled``)."""
+
+    task: Task  # the attempt (a retry: derived from its record)
+    issued: Task  # the issuer's task as signed
+    issuer: Verified
+    decider: Verified | None
+    body: bytes
+    key_header: str
+    signature_header: str
+    publisher: str
+    scheduled: bool = False  # waiting in a retry tier
+    retry_due: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ResultSeen:
+    """A result (``retried``: the FAILED result of an attempt that is tried again)."""
+
+    result: Result
+    signer: Verified
+    body: bytes
+    retried: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    registration: Registration
+    signer: Verified
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    heartbeat: Heartbeat
+    signer: Verified
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressSeen:
+    progress: Progress
+    signer: Verified
+
+
+@dataclass(frozen=True, slots=True)
+class CancelSeen:
+    request: CancelRequest
+    signer: Verified
+
+
+@dataclass(frozen=True, slots=True)
+class DeadSeen:
+    """A dead letter whose body verified as a task."""
+
+    dead: DeadLetter
+    task: Task
+    body: bytes
+
+
+Payload = TaskSeen | ResultSeen | Registered | Beat | ProgressSeen | CancelSeen | DeadSeen
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    """One verified message and its identity."""
+
+    digest: bytes
+    payload: Payload
+    received_at_ms: int | None = field(default=None)
+
+
+def read(delivery: Delivery, keyring: KeyRing, checks: TaskChecks) -> Fact:
+    """The fact a delivery states; raises :class:`Refused` for anything not to be written."""
+    try:
+        payload = _payload(delivery, keyring, checks)
+    except WireError as exc:
+        raise Refused(str(exc.code or "invalid"), exc.message) from exc
+    return Fact(delivery.digest(), payload, delivery.timestamp_ms)
+
+
+def _payload(d: Delivery, keyring: KeyRing, checks: TaskChecks) -> Payload:
+    exchange, key = d.exchange, d.routing_key
+    if exchange in (names.TASKS_EXCHANGE, names.RETRY_EXCHANGE):
+        return _task(d, keyring, checks)
+    if exchange == names.RESULTS_EXCHANGE:
+        result, signer = open_signed(d.body, d.headers, keyring, Result)
+        check_result(signer, result)
+        return ResultSeen(result, signer, d.body)
+    if exchange == names.EVENTS_EXCHANGE:
+        return _event(d, keyring)
+    if exchange == names.CONTROL_EXCHANGE and key.startswith("cancel."):
+        request, signer = open_signed(d.body, d.headers, keyring, CancelRequest)
+        check_cancel(signer, request, None)
+        return CancelSeen(request, signer)
+    if exchange in (names.DEAD_LETTER_EXCHANGE, names.DEAD_COPY_EXCHANGE):
+        return _dead(d, keyring, checks)
+    raise Refused("unexpected", f"nothing is recorded from {exchange or '(default)'} {key}")
+
+
+def _task(d: Delivery, keyring: KeyRing, checks: TaskChecks) -> TaskSeen:
+    opened: Opened = open_task(d.body, d.headers, keyring, checks, times=False)
+    issued = opened.task
+    if opened.decider is not None:  # the issuer's task is the body itself
+        issued = decode(d.body, Task)
+    return TaskSeen(
+        task=opened.task,
+        issued=issued,
+        issuer=opened.issuer,
+        decider=opened.decider,
+        body=d.body,
+        key_header=str(d.headers.get(KEY_ID_HEADER, "")),
+        signature_header=str(d.headers.get(SIGNATURE_HEADER, "")),
+        publisher=d.user_id or "",
+        scheduled=d.exchange == names.RETRY_EXCHANGE,
+        retry_due=d.exchange == names.TASKS_EXCHANGE and d.routing_key.startswith("retry."),
+    )
+
+
+def _event(d: Delivery, keyring: KeyRing) -> Payload:
+    kind = d.routing_key.split(".", 1)[0]
+    if kind == "registered":
+        registration, signer = open_signed(d.body, d.headers, keyring, Registration)
+        check_executor_event(signer, registration.executor_id, registration.capabilities)
+        return Registered(registration, signer)
+    if kind == "heartbeat":
+        beat, signer = open_signed(d.body, d.headers, keyring, Heartbeat)
+        check_executor_event(signer, beat.executor_id, beat.capabilities)
+        return Beat(beat, signer)
+    if kind == "progress":
+        progress, signer = open_signed(d.body, d.headers, keyring, Progress)
+        check_executor_event(signer, progress.executor_id, ())
+        return ProgressSeen(progress, signer)
+    if kind == "attempt":
+        result, signer = open_signed(d.body, d.headers, keyring, Result)
+        check_result(signer, result)
+        return ResultSeen(result, signer, d.body, retried=True)
+    raise Refused("unexpected", f"no event kind {kind!r} is recorded")
+
+
+def _dead(d: Delivery, keyring: KeyRing, checks: TaskChecks) -> DeadSeen:
+    dead = read_dead_letter(
+        d.headers,
+        capability=d.routing_key,
+        message_id=d.message_id,
+        reply_to=d.reply_to,
+    )
+    # Garbage dies too; it is refused here like any unverifiable message (counted, set aside).
+    task = open_task(d.body, d.headers, keyring, checks, times=False).task
+    return DeadSeen(dead, task, d.body)
