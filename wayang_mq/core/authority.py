@@ -14,14 +14,26 @@ from wayang_mq.core.signing import Verified
 
 #: executor id of a result a dispatcher decided itself (its own deadline), then its id
 DECIDED_BY_DISPATCHER = "dispatcher:"
+#: executor id of a result the control plane answered from its record, then its id
+DECIDED_BY_CONTROL_PLANE = "control-plane:"
 
 
 def check_result(signer: Verified, result: Result, task: Task | None = None) -> None:
     """An executor answers as itself for its capabilities; the reaper answers FAILED for
     any; a dispatcher only its own deadline's FAILED, as ``dispatcher:<id>``, for a task it
-    issued (``task``: the attempt the receiver waits for, when it knows it)."""
+    issued (``task``: the attempt the receiver waits for, when it knows it); the control
+    plane answers from its record (a duplicate publish, no executor for a policy), as
+    ``control-plane:<id>``."""
     scope = signer.scope
     if scope.role is Role.ADMIN:
+        return
+    if scope.role is Role.CONTROL_PLANE:
+        if result.executor_id != f"{DECIDED_BY_CONTROL_PLANE}{scope.identity}":
+            raise KeyNotAllowed(
+                f"result for task {result.task_id} names executor {result.executor_id!r} but "
+                f"is signed by {scope.describe()}: the control plane answers as "
+                f"{DECIDED_BY_CONTROL_PLANE}{scope.identity}"
+            )
         return
     if scope.role is Role.EXECUTOR:
         if not scope.speaks_for(result.executor_id):
