@@ -99,6 +99,7 @@ class WorkerProcess:
     executor_id: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    started_event: str = "worker.started"  # the line that says the daemon consumes
 
     def log(self) -> str:
         """Everything the daemon logged so far."""
@@ -108,7 +109,7 @@ class WorkerProcess:
         """Until the daemon logs that it consumes; raises with its log if it died first."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if "event=worker.started" in self.log():
+            if f"event={self.started_event}" in self.log():
                 return
             if self.process.poll() is not None:
                 break
