@@ -187,8 +187,41 @@ async def test_audit_exits_7_naming_a_lost_task_and_a_result_without_a_task(
     assert missing.returncode == Exit.USAGE and "holds nothing about task" in missing.stderr
 
 
+async def test_audit_names_a_task_two_executors_answered(
+    fabric: Fabric, record_db: str, env: dict[str, str]
+) -> None:
+    async with fabric.control_plane(record_db), fabric.dispatcher(supervision=None) as dispatcher:
+        # Given a recorded task whose attempt 1 two executors both answered SUCCESS
+        handle = await dispatcher.submit("demo.sleep", {"seconds": 1})
+        task = handle.task
+        for executor in ("twin-a", "twin-b"):
+            result = Result(
+                task_id=task.task_id,
+                token=task.token,
+                node_id=task.node_id,
+                capability=task.capability,
+                status=Status.SUCCESS,
+                executor_id=executor,
+            )
+            await _publish(fabric, dispatcher.reply_to, result)
+        await eventually(
+            lambda: (
+                _scalar(record_db, "SELECT count(*) FROM results WHERE task_id = %s", task.task_id)
+                == 2
+            ),
+            what="both results recorded",
+        )
+        # When the audit runs
+        audit = await _cli("audit", "--json", env=env)
+    # Then it exits 7 naming the task and both executors
+    assert audit.returncode == Exit.AUDIT_FAILED, audit.stdout + audit.stderr
+    (finding,) = json.loads(audit.stdout)["findings"]
+    assert (finding["kind"], finding["task_id"]) == ("ran_twice", task.task_id)
+    assert "attempt 1 ended 2 times, on twin-a, twin-b" in finding["reason"]
+
+
 async def _publish_result(fabric: Fabric, reply_to: str, task_id: str) -> None:
-    """A FAILED result, signed with a trusted key, for ``task_id``, to ``wayang.results``."""
+    """A FAILED result for ``task_id`` (with a token of its own)."""
     result = Result(
         task_id=task_id,
         token=new_id(),
@@ -198,6 +231,12 @@ async def _publish_result(fabric: Fabric, reply_to: str, task_id: str) -> None:
         executor_id="nobody",
         error=ErrorInfo(code=ErrorCode.EXECUTOR_ERROR, message="for no task"),
     )
+    await _publish(fabric, reply_to, result)
+
+
+async def _publish(fabric: Fabric, reply_to: str, result: Result) -> None:
+    """``result``, signed with a trusted key, to ``wayang.results`` as any client could."""
+    task_id = result.task_id
     body = encode(result)
     connection = await aio_pika.connect(fabric.endpoint.amqp_url)
     async with connection:
