@@ -21,6 +21,7 @@ from psycopg import IsolationLevel
 from psycopg.rows import dict_row
 
 from wayang_mq.controlplane.db import connect_sync, unavailable
+from wayang_mq.core.authority import DECIDED_BY_CONTROL_PLANE, DECIDED_BY_DISPATCHER
 from wayang_mq.core.errors import ConfigError, DatabaseUnavailable
 
 Conn = psycopg.Connection[Any]
@@ -530,9 +531,18 @@ def _why_lost(row: Row, now: datetime, cutoff: datetime) -> str | None:
     return f"{word} for {row['capability']}, {deadline}, and no result came"
 
 
+#: results that ran nothing: a dispatcher's answer to its own deadline, the control plane's
+#: answer from its record (to a duplicate, or a policy no executor meets)
+_NOT_RUN = (
+    f"r.executor_id NOT LIKE '{DECIDED_BY_DISPATCHER}%%'"
+    f" AND r.executor_id NOT LIKE '{DECIDED_BY_CONTROL_PLANE}%%'"
+)
+
+
 def _ran_twice(conn: Conn) -> list[Finding]:
     """One attempt answered by two executors, or a duplicate copy that got its own result
-    (a duplicate is never to be run: the first copy of a task id is the task)."""
+    (a duplicate is never to be run: the first copy of a task id is the task). Answers that
+    ran nothing (``_NOT_RUN``) do not count."""
     found = [
         Finding(
             "ran_twice",
@@ -542,7 +552,7 @@ def _ran_twice(conn: Conn) -> list[Finding]:
         for r in _rows(
             conn,
             "SELECT task_id, attempt, count(*) AS n, array_agg(DISTINCT executor_id) AS executors"
-            " FROM results WHERE status IN ('SUCCESS', 'FAILED')"
+            f" FROM results r WHERE {_NOT_RUN} AND status IN ('SUCCESS', 'FAILED')"
             " AND verdict IN ('won', 'duplicate') GROUP BY task_id, attempt"
             " HAVING count(DISTINCT executor_id) > 1 ORDER BY task_id",
         )
@@ -558,7 +568,8 @@ def _ran_twice(conn: Conn) -> list[Finding]:
             conn,
             "SELECT DISTINCT r.task_id, c.publisher, r.executor_id, r.status FROM results r"
             " JOIN task_copies c ON c.task_id = r.task_id AND c.token = r.token"
-            " WHERE c.duplicate AND r.status IN ('SUCCESS', 'FAILED') ORDER BY r.task_id",
+            f" WHERE {_NOT_RUN} AND c.duplicate AND r.status IN ('SUCCESS', 'FAILED')"
+            " ORDER BY r.task_id",
         )
     ]
     return found
