@@ -19,6 +19,7 @@ from wayang_mq.cli import (
     dead,
     dev,
     keys,
+    records,
     schema,
     secrets,
     submit,
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         control,
         dead,
         controlplane,
+        records,
         schema,
     ):
         verb.add(sub)
