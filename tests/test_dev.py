@@ -320,3 +320,26 @@ def test_dev_records_the_demo_in_its_database_which_another_terminal_finds(
     run = wayang("db", "migrate", env={"WAYANG_STATE_DIR": str(dev_stack.state_dir)})
     assert run.returncode == 0, run.stdout + run.stderr
     assert "applied" not in run.stdout and "schema at version" in run.stdout
+
+
+async def test_dev_reports_and_restarts_a_killed_control_plane_which_then_records(
+    dev_stack: DevStack,
+) -> None:
+    # Given dev running its control plane
+    first = int(dev_stack.until_printed(r"started the control plane \(pid (\d+),").group(1))
+    # When it is killed with SIGKILL
+    os.kill(first, signal.SIGKILL)
+    # Then dev says so and starts it again
+    exited = dev_stack.until_printed(r"event=daemon\.exited daemon=dev-control-plane .*\n")
+    assert f"kind=control-plane pid={first} signal=SIGKILL" in exited.group(0)
+    dev_stack.until_printed(r"event=daemon\.restarted daemon=dev-control-plane ")
+    # And a task run after that is recorded, finished
+    env = {"WAYANG_STATE_DIR": str(dev_stack.state_dir)}
+    run = wayang("submit", "demo.echo", "--input", '{"after": "cp restart"}', "--wait", env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    task_id = json.loads(run.stdout)["task_id"]
+    url = json.loads((dev_stack.state_dir / "endpoint.json").read_text())["database_url"]
+    sql = "SELECT state FROM tasks WHERE task_id = %s"
+    await eventually(
+        lambda: _rows(url, sql, task_id) == [("finished",)], what="the task recorded finished"
+    )
