@@ -223,6 +223,77 @@ async def _drop_queues(fabric: Fabric, *queues: str) -> None:
             await channel.queue_delete(queue)
 
 
+# -- the control plane ----------------------------------------------------------------------------
+
+
+async def test_a_control_plane_consumes_the_record_and_publishes_only_what_it_must(
+    accounts: Accounts,
+) -> None:
+    # Given a control-plane account
+    cp, url = accounts.url(Role.CONTROL_PLANE, "cp")
+
+    # Then it cannot consume a task queue, another queue of the fabric, or the reaper's
+    await _refused(url, _consume(names.task_queue("demo.echo")))
+    await _refused(url, _consume(names.REAPER_QUEUE))
+    # nor publish to wayang.dlx (only the broker dead-letters), retries, dead copies or events
+    await _refused(url, _publish(names.DEAD_LETTER_EXCHANGE, "demo.echo"))
+    await _refused(url, _publish(names.RETRY_EXCHANGE, "retry.1s.demo.echo"))
+    await _refused(url, _publish(names.DEAD_COPY_EXCHANGE, "demo.echo"))
+    await _refused(url, _publish(names.EVENTS_EXCHANGE, f"heartbeat.{cp}"))
+    # nor declare a queue that is not its own, nor bind its own to another's status replies
+    await _refused(url, _bind(f"wayang.cp.{cp}x", names.CONTROL_EXCHANGE, f"status-reply.{cp}x"))
+    own = {"exclusive": True, "auto_delete": True}
+    mine = f"wayang.cp.{cp}"
+    await _refused(url, _bind(mine, names.CONTROL_EXCHANGE, "status-reply.d1", **own))
+    # nor read results or events with its own queues
+    await _refused(url, _bind(mine, names.RESULTS_EXCHANGE, "#", **own))
+
+    # While it may consume wayang.record
+    await _allowed(url, _consume(names.RECORD_QUEUE))
+    # re-dispatch a task of any capability, answer from the record (to a reply address or
+    # none), cancel and ask for status
+    await _allowed(url, _publish(names.TASKS_EXCHANGE, "payment.charge"))
+    await _allowed(url, _publish(names.RESULTS_EXCHANGE, "reply.nobody-listens"))
+    await _allowed(url, _publish(names.RESULTS_EXCHANGE, "noreply.demo.echo"))
+    await _allowed(url, _publish(names.CONTROL_EXCHANGE, "cancel.some-task"))
+    await _allowed(url, _publish(names.CONTROL_EXCHANGE, "status.some-task"))
+    # declare its own queues, one bound to its own status replies (an instance's too)
+    await _allowed(url, _bind(mine, names.CONTROL_EXCHANGE, f"status-reply.{cp}", **own))
+    await _allowed(
+        url,
+        _bind(
+            f"wayang.cp.{cp}--one.status", names.CONTROL_EXCHANGE, f"status-reply.{cp}--one", **own
+        ),
+    )
+
+
+async def test_a_control_plane_under_its_account_records_and_files_what_it_refuses(
+    accounts: Accounts, fabric: Fabric, record_db: str, admin_channel: AbstractChannel
+) -> None:
+    # Given a control plane running under its own account
+    await fabric.purge_record()
+    cp, url = accounts.url(Role.CONTROL_PLANE, "cp")
+    async with fabric.control_plane(record_db, amqp_url=url, control_plane_id=cp) as plane:
+        # When garbage reaches the record (a result nobody could have signed)
+        garbage_id = new_id()
+        results = await admin_channel.get_exchange(names.RESULTS_EXCHANGE, ensure=False)
+        await results.publish(aio_pika.Message(GARBAGE, message_id=garbage_id), "noreply.x")
+
+        # Then its copy lands in wayang.record.refused, through the default exchange
+        refused = await admin_channel.get_queue(names.RECORD_REFUSED_QUEUE, ensure=False)
+        copies: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+        async def filed() -> bool:
+            message = await refused.get(no_ack=True, fail=False)
+            if message is not None and message.message_id == garbage_id:
+                copies.append(message)
+            return bool(copies)
+
+        await eventually(filed, what="the refused copy in wayang.record.refused")
+        assert copies[0].user_id == cp
+        assert plane.counts.refused >= 1
+
+
 # -- the whole fabric under role accounts ------------------------------------------------------
 
 
@@ -404,7 +475,8 @@ def test_the_access_commands_grant_show_and_revoke(
     shown = wayang("access", "show", identity, env=fabric_env)
     assert shown.returncode == 0, shown.stderr
     assert f"{identity}  role=control-plane" in shown.stdout
-    assert "topic wayang.events: write ^$  read .*" in shown.stdout
+    assert "topic wayang.events: write ^$  read ^$" in shown.stdout
+    assert "wayang\\.record" in shown.stdout
     # and revoke removes it
     gone = wayang("access", "revoke", identity, env=fabric_env)
     assert gone.returncode == 0 and "revoked" in gone.stdout

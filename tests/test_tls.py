@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.test_cli import assert_one_line_error, wayang
-from tests.test_dev import _read_until
+from tests.test_dev import _drop_private_postgres, _read_until
 from wayang_mq.amqp.connect import connect
 from wayang_mq.amqp.tls import TlsFiles, with_tls
 from wayang_mq.client.dispatcher import Dispatcher
@@ -274,12 +274,15 @@ def test_dev_tls_runs_the_stack_over_amqps_and_other_commands_find_it(
     finally:
         process.send_signal(signal.SIGTERM)
         rest = process.communicate(timeout=90)[0].decode(errors="replace")
+        _drop_private_postgres(state)
     # And it said where the CA and certificates are; the broker was TLS only
     assert process.returncode == 0, rest
     assert re.search(r"RabbitMQ console  https://127\.0\.0\.1:\d+/", output)
     assert re.search(r"AMQP URL          amqps://\S+auth=external", output)
     assert f"TLS CA            {state / 'tls' / 'ca.pem'}" in output
     assert "==> 3 results" in output
+    # and the control plane, logged in with its certificate, recorded them
+    assert "==> recorded in PostgreSQL: 3 of 3 demo tasks finished" in output
     saved = json.loads((state / "endpoint.json").read_text())
     files = TlsFiles.of_url(saved["amqp_url"])
     assert files.ca == state / "tls" / "ca.pem" and files.cert is not None

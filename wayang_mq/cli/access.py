@@ -17,7 +17,7 @@ _ROLES = {
     "executor": "consumes its capabilities' queues; publishes results, events, retries",
     "dispatcher": "publishes tasks, cancels and status requests; reads its own replies",
     "reaper": "answers the broker's dead letters (wayang.reaper)",
-    "control-plane": "reads every event and result through its wayang.cp.* queues",
+    "control-plane": "consumes wayang.record; re-dispatches, answers and cancels from it",
 }
 
 

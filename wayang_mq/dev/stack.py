@@ -1,14 +1,17 @@
 """``wayang-mq dev``: the whole fabric on one machine, in the foreground.
 
 A private RabbitMQ node (unless ``WAYANG_AMQP_URL`` names a broker), the topology, a signing
-key, demo worker daemons and the reaper as real processes (restarted when they die), and a
-burst of demo tasks whose results are shown; then it stays up until Ctrl-C, printing where
-the console is. The state directory and every file in it that holds a secret are private.
+key, a private PostgreSQL (unless ``WAYANG_DATABASE_URL`` names one) migrated for the control
+plane, demo worker daemons, the reaper and the control plane as real processes (restarted
+when they die), and a burst of demo tasks whose results are shown, and then how many of them
+the record holds; then it stays up until Ctrl-C, printing where the console and the database
+are. The state directory and every file in it that holds a secret are private.
 
 The administrator's account only applies the topology and grants the role accounts
 (``wayang-mq access``): each worker runs as its own executor account, the reaper as a reaper,
-the demo as a dispatcher. ``endpoint.json`` keeps a dispatcher's, an executor's and the
-reaper's URL besides the administrator's, so commands in another terminal run under a role.
+the control plane as a control plane, the demo as a dispatcher. ``endpoint.json`` keeps a
+dispatcher's, an executor's, the reaper's and the control plane's URL besides the
+administrator's, and the database's, so commands in another terminal run under a role.
 """
 
 from __future__ import annotations
@@ -28,16 +31,19 @@ from wayang_mq.amqp.endpoint import BrokerEndpoint, with_credentials
 from wayang_mq.amqp.tls import with_tls
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
 from wayang_mq.config import ENDPOINT_FILE, Settings, broker_endpoint, save_endpoint
+from wayang_mq.controlplane.migrate import migrate
 from wayang_mq.core.errors import ConfigError
 from wayang_mq.core.model import Result, RetryHints
 from wayang_mq.core.private_files import private_dir, write_private
 from wayang_mq.core.scopes import FULL_TRUST, KeyScope, Role
 from wayang_mq.core.signing import KeyRing, Signer, write_keypair
 from wayang_mq.dev.certs import DevCertificates
-from wayang_mq.dev.nodes import NodeTls, RabbitNode
+from wayang_mq.dev.database import postgres_node, recorded, shown_url
+from wayang_mq.dev.nodes import NodeTls, PostgresNode, RabbitNode
 from wayang_mq.dev.supervise import DaemonSpec, Supervisor
 from wayang_mq.security.accounts import (
     Account,
+    control_plane_account,
     dispatcher_account,
     executor_account,
     grant,
@@ -56,9 +62,10 @@ DEMO_CAPABILITIES = ("demo.echo", "demo.sleep", "demo.fail")  # what DEMO_EXECUT
 DEV_DISPATCHER = "dev-dispatcher"  # the demo; `submit` elsewhere runs as dev-dispatcher--<n>
 DEV_EXECUTOR = "dev-executor"  # every capability, for workers started in another terminal
 DEV_REAPER = "dev-reaper"
+DEV_CONTROL_PLANE = "dev-control-plane"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # What an earlier run of `dev` leaves in its state directory: such a directory is the stack's.
-_STATE_MARKERS = (ENDPOINT_FILE, "rabbitmq", "logs", "keys")
+_STATE_MARKERS = (ENDPOINT_FILE, "rabbitmq", "logs", "keys", "postgres")
 
 
 @dataclass(frozen=True)
@@ -68,11 +75,17 @@ class DevAccounts:
     dispatcher: str
     executor: str
     reaper: str
+    control_plane: str
     workers: dict[str, str]  # demo worker id -> its own executor account's URL
 
     def by_role(self) -> dict[str, str]:
         """What ``endpoint.json`` keeps for other commands, by role."""
-        return {"dispatcher": self.dispatcher, "executor": self.executor, "reaper": self.reaper}
+        return {
+            "dispatcher": self.dispatcher,
+            "executor": self.executor,
+            "reaper": self.reaper,
+            "control-plane": self.control_plane,
+        }
 
 
 def grant_dev_accounts(
@@ -99,6 +112,7 @@ def grant_dev_accounts(
         dispatcher=url(dispatcher_account(DEV_DISPATCHER, every)),
         executor=url(executor_account(DEV_EXECUTOR, every)),
         reaper=url(reaper_account(DEV_REAPER)),
+        control_plane=url(control_plane_account(DEV_CONTROL_PLANE)),
         workers={
             f"demo-{n}": url(executor_account(f"demo-{n}", DEMO_CAPABILITIES))
             for n in range(workers)
@@ -128,6 +142,7 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
     """Start everything, show tasks flowing, then stay up until interrupted."""
     state_dir = _private_state_dir(options.state_dir.resolve())
     node: RabbitNode | None = None
+    postgres: PostgresNode | None = None
     topology = load_topology(settings.topology)
     certs = _dev_certificates(options, settings, state_dir)
     try:
@@ -155,23 +170,58 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
         accounts = grant_dev_accounts(endpoint, topology, options.workers, certs)
         say(
             f"==> granted role accounts: {DEV_DISPATCHER}, {', '.join(accounts.workers)}, "
-            f"{DEV_EXECUTOR}, {DEV_REAPER} (see `wayang-mq access show`)"
+            f"{DEV_EXECUTOR}, {DEV_REAPER}, {DEV_CONTROL_PLANE} (see `wayang-mq access show`)"
         )
         signing = _dev_keys(keys, accounts.workers)
         say(f"==> a signing key per role, each with its scope, in {keys}")
+        if settings.database_url is None:
+            postgres = postgres_node(state_dir)
+        database_url = _start_database(settings, postgres)
         if node is not None:
             save_endpoint(
                 state_dir,
                 endpoint,
                 accounts.by_role(),
                 {role: str(signing[name]) for role, name in _KEY_OF_ROLE.items()},
+                database_url,
             )
-        asyncio.run(_run_daemons(options, endpoint, accounts, keys, signing, state_dir, certs))
+        stack = _Stack(endpoint, accounts, keys, signing, state_dir, database_url, certs)
+        asyncio.run(_run_daemons(options, stack))
     finally:
+        if postgres is not None:
+            say("==> stopping PostgreSQL")
+            postgres.stop()
         if node is not None:
             say("==> stopping RabbitMQ")
             node.stop()
     return 0
+
+
+def _start_database(settings: Settings, postgres: PostgresNode | None) -> str:
+    """The control plane's database, started (a private node) and migrated; its URL."""
+    if postgres is None:
+        assert settings.database_url is not None  # no private node: the user named one
+        database_url = settings.database_url.get_secret_value()
+        say("==> using the database in WAYANG_DATABASE_URL")
+    else:
+        say(f"==> starting a private PostgreSQL (state in {postgres.state_dir})")
+        database_url = postgres.start()
+    applied = migrate(database_url)
+    say(f"    schema migrated ({len(applied)} applied)" if applied else "    schema up to date")
+    return database_url
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """Where everything the daemons and the demo need is."""
+
+    endpoint: BrokerEndpoint
+    accounts: DevAccounts
+    keys: Path
+    signing: dict[str, Path]
+    state_dir: Path
+    database_url: str
+    certs: DevCertificates | None = None
 
 
 def _dev_certificates(
@@ -212,16 +262,17 @@ def _with_client_cert(endpoint: BrokerEndpoint, certs: DevCertificates | None) -
 
 def _dev_keys(keys: Path, workers: Iterable[str]) -> dict[str, Path]:
     """A signing key per identity, each scoped to its role (docs/security.md §4): the
-    dispatcher, each demo worker, the spare executor, the reaper, and an admin key for
-    operators (dead-letter replays). Public halves and scopes in ``keys`` (every daemon
-    trusts them); private keys in ``keys/private``, each handed to its daemon only. The
-    dispatcher's is also ``keys/dev-dispatcher.key``: commands run in another terminal sign
-    with the first ``*.key`` there. Kept across runs."""
+    dispatcher, each demo worker, the spare executor, the reaper, the control plane, and an
+    admin key for operators (dead-letter replays). Public halves and scopes in ``keys``
+    (every daemon trusts them); private keys in ``keys/private``, each handed to its daemon
+    only. The dispatcher's is also ``keys/dev-dispatcher.key``: commands run in another
+    terminal sign with the first ``*.key`` there. Kept across runs."""
     private = private_dir(keys / "private")
     wanted = {
         DEV_DISPATCHER: KeyScope(Role.DISPATCHER, DEV_DISPATCHER, ("*",)),
         DEV_EXECUTOR: KeyScope(Role.EXECUTOR, DEV_EXECUTOR, ("*",)),
         DEV_REAPER: KeyScope(Role.REAPER, DEV_REAPER, ("*",)),
+        DEV_CONTROL_PLANE: KeyScope(Role.CONTROL_PLANE, DEV_CONTROL_PLANE, ("*",)),
         "admin": FULL_TRUST,
         **{w: KeyScope(Role.EXECUTOR, w, DEMO_CAPABILITIES) for w in workers},
     }
@@ -243,6 +294,7 @@ _KEY_OF_ROLE = {
     "dispatcher": DEV_DISPATCHER,
     "executor": DEV_EXECUTOR,
     "reaper": DEV_REAPER,
+    "control-plane": DEV_CONTROL_PLANE,
     "admin": "admin",
 }
 
@@ -262,15 +314,7 @@ def _private_state_dir(state_dir: Path) -> Path:
     return state_dir
 
 
-async def _run_daemons(
-    options: DevOptions,
-    endpoint: BrokerEndpoint,
-    accounts: DevAccounts,
-    keys: Path,
-    signing: dict[str, Path],
-    state_dir: Path,
-    certs: DevCertificates | None = None,
-) -> None:
+async def _run_daemons(options: DevOptions, stack: _Stack) -> None:
     """The daemons, supervised; the demo; then, unless --no-wait, until SIGINT or SIGTERM."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -278,14 +322,13 @@ async def _run_daemons(
         loop.add_signal_handler(signum, stop.set)
     supervisor = Supervisor(say)
     try:
-        log_dir = private_dir(state_dir / "logs")
-        for spec in _daemons(accounts, endpoint, keys, signing, log_dir):
+        log_dir = private_dir(stack.state_dir / "logs")
+        for spec in _daemons(stack, log_dir):
             pid = await supervisor.start(spec)
-            title = "the reaper" if spec.kind == "reaper" else f"{spec.kind} {spec.name}"
+            title = _TITLES.get(spec.kind) or f"{spec.kind} {spec.name}"
             say(f"==> started {title} (pid {pid}, log {spec.log_path})")
-        _print_endpoint(endpoint, keys, state_dir, certs)
-        demo = _demo(accounts.dispatcher, keys, signing[DEV_DISPATCHER], options.demo_tasks)
-        finished = await _unless_stopped(demo, stop)
+        _print_endpoint(stack)
+        finished = await _unless_stopped(_demo(stack, options.demo_tasks), stop)
         if finished and options.wait:
             say("==> running; Ctrl-C stops the workers and the broker")
             await stop.wait()
@@ -295,19 +338,18 @@ async def _run_daemons(
             loop.remove_signal_handler(signum)
 
 
-def _daemons(
-    accounts: DevAccounts,
-    endpoint: BrokerEndpoint,
-    keys: Path,
-    signing: dict[str, Path],
-    log_dir: Path,
-) -> list[DaemonSpec]:
-    """Demo worker daemons and the reaper, started exactly as a user would start them, each
-    under its own account and signing with its own scoped key (with --tls, each logs in
-    with a client certificate naming its account)."""
-    base = {**os.environ, "WAYANG_KEY_DIR": str(keys)}
-    base.setdefault("WAYANG_MANAGEMENT_URL", endpoint.management_url)
+#: how the lines name the daemons there is one of
+_TITLES = {"reaper": "the reaper", "control-plane": "the control plane"}
+
+
+def _daemons(stack: _Stack, log_dir: Path) -> list[DaemonSpec]:
+    """Demo worker daemons, the reaper and the control plane, started exactly as a user would
+    start them, each under its own account and signing with its own scoped key (with --tls,
+    each logs in with a client certificate naming its account)."""
+    base = {**os.environ, "WAYANG_KEY_DIR": str(stack.keys)}
+    base.setdefault("WAYANG_MANAGEMENT_URL", stack.endpoint.management_url)
     cli = (sys.executable, "-m", "wayang_mq.cli")
+    signing, accounts = stack.signing, stack.accounts
     specs = []
     for executor_id, url in accounts.workers.items():
         command = (*cli, "worker", *DEMO_EXECUTORS, "--id", executor_id, "--concurrency", "16")
@@ -321,6 +363,16 @@ def _daemons(
         "WAYANG_SIGNING_KEY": str(signing[DEV_REAPER]),
     }
     specs.append(DaemonSpec(DEV_REAPER, "reaper", reaper, env, log_dir / "reaper.log"))
+    # The control plane: wayang.record, written into the database. It may start after the
+    # others: the record is a queue, it holds what flowed before.
+    control_plane = (*cli, "control-plane", "--id", DEV_CONTROL_PLANE)
+    env = base | {
+        "WAYANG_AMQP_URL": accounts.control_plane,
+        "WAYANG_SIGNING_KEY": str(signing[DEV_CONTROL_PLANE]),
+        "WAYANG_DATABASE_URL": stack.database_url,
+    }
+    log_path = log_dir / "control-plane.log"
+    specs.append(DaemonSpec(DEV_CONTROL_PLANE, "control-plane", control_plane, env, log_path))
     return specs
 
 
@@ -339,14 +391,14 @@ async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) 
     return True
 
 
-def _print_endpoint(
-    endpoint: BrokerEndpoint, keys: Path, state_dir: Path, certs: DevCertificates | None = None
-) -> None:
+def _print_endpoint(stack: _Stack) -> None:
+    endpoint, keys, state_dir, certs = stack.endpoint, stack.keys, stack.state_dir, stack.certs
     say("")
     say(f"    RabbitMQ console  {endpoint.console_url}")
     say(f"    login             {endpoint.username} / {endpoint.password}")
     say("    (the administrator: daemons, the demo and commands run as role accounts)")
     say(f"    AMQP URL          {endpoint.amqp_url}")
+    say(f"    PostgreSQL        {shown_url(stack.database_url)}  (the control plane's record)")
     say(f"    signing keys      {keys}")
     if certs is not None:
         admin = certs.client(endpoint.username)
@@ -361,14 +413,14 @@ def _print_endpoint(
     say("")
 
 
-async def _demo(dispatcher_url: str, keys: Path, signing_key: Path, count: int) -> None:
-    """Send a burst of demo tasks and show each result as it arrives."""
+async def _demo(stack: _Stack, count: int) -> None:
+    """Send a burst of demo tasks, show each result as it arrives, then what the record holds."""
     if count <= 0:
         return
     config = DispatcherConfig(
-        amqp_url=dispatcher_url,
-        signer=Signer.from_file(signing_key),
-        results_keyring=KeyRing.load_dir(keys),
+        amqp_url=stack.accounts.dispatcher,
+        signer=Signer.from_file(stack.signing[DEV_DISPATCHER]),
+        results_keyring=KeyRing.load_dir(stack.keys),
         dispatcher_id=DEV_DISPATCHER,
     )
     say(f"==> sending {count} demo tasks (echo, a sleep with progress, a failure, a retry)")
@@ -384,6 +436,9 @@ async def _demo(dispatcher_url: str, keys: Path, signing_key: Path, count: int) 
         for next_done in asyncio.as_completed([h.result(60) for h in handles]):
             say("    " + _describe(await next_done))
     say(f"==> {len(handles)} results in {time.monotonic() - started:.2f}s")
+    written = await recorded(stack.database_url, [h.task_id for h in handles])
+    behind = "" if written == len(handles) else " (behind: see logs/control-plane.log)"
+    say(f"==> recorded in PostgreSQL: {written} of {len(handles)} demo tasks finished{behind}")
 
 
 def _describe(result: Result) -> str:

@@ -283,21 +283,52 @@ def reaper_account(reaper_id: str) -> Account:
 
 
 def control_plane_account(control_plane_id: str) -> Account:
-    """Declares and reads its own ``wayang.cp.*`` queues, bound to every event and result
-    (its record of everything); publishes nothing."""
-    _check_id(control_plane_id)
-    taps = _lit("wayang.cp.") + ".+"
+    """Consumes ``wayang.record`` (its record of every flow, bound by the topology) and puts
+    the copies it refuses in ``wayang.record.refused``; publishes re-dispatched tasks of any
+    capability, results answered from the record (``reply.*``, ``noreply.*``), cancels and
+    status requests; declares, binds and reads only its own ``wayang.cp.<id>[.<name>]``
+    queues (its status replies among them). It consumes no task queue and never publishes to
+    ``wayang.dlx``, retries or dead copies.
+
+    The refused copies go through the default exchange, which RabbitMQ checks as write on
+    ``amq.default`` alone: not a topic exchange, so no routing key narrows it, and the account
+    could put a message in any queue by name. Receivers verify what they get, and the account
+    may publish tasks and results anyway; a dedicated exchange would close it."""
+    me = _lit(_check_id(control_plane_id)) + _INSTANCE
+    own_queues = _lit("wayang.cp.") + me + r"(?:\." + _WORD + ")*"
     permissions = Permissions(
-        configure=_names(taps),
-        write=_names(taps),
-        read=_names(taps, _lit(names.EVENTS_EXCHANGE), _lit(names.RESULTS_EXCHANGE)),
+        configure=_names(own_queues),
+        # queue.bind needs write on the queue: its own queues
+        write=_names(
+            *map(
+                _lit,
+                (
+                    names.TASKS_EXCHANGE,
+                    names.RESULTS_EXCHANGE,
+                    names.CONTROL_EXCHANGE,
+                    "amq.default",  # the refused copies, to wayang.record.refused
+                ),
+            ),
+            own_queues,
+        ),
+        # bind needs read on the source exchange: wayang.control, for its status replies
+        read=_names(_lit(names.RECORD_QUEUE), own_queues, _lit(names.CONTROL_EXCHANGE)),
     )
     topics = (
-        TopicPermission(names.EVENTS_EXCHANGE, write=NOTHING, read=".*"),
-        TopicPermission(names.RESULTS_EXCHANGE, write=NOTHING, read=".*"),
-        *_closed(
-            names.TASKS_EXCHANGE,
+        # re-dispatches: the next attempt of a task of any capability
+        TopicPermission(names.TASKS_EXCHANGE, write=_names(_ANY_KEY), read=NOTHING),
+        TopicPermission(
+            names.RESULTS_EXCHANGE,
+            write=_names(r"reply\." + _WORD, r"noreply\." + _ANY_KEY),
+            read=NOTHING,
+        ),
+        TopicPermission(
             names.CONTROL_EXCHANGE,
+            write=_names(r"(?:cancel|status)\." + _ANY_KEY),
+            read=_names(r"status-reply\." + me),
+        ),
+        *_closed(
+            names.EVENTS_EXCHANGE,
             names.RETRY_EXCHANGE,
             names.DEAD_COPY_EXCHANGE,
             names.DEAD_LETTER_EXCHANGE,
