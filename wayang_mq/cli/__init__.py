@@ -18,6 +18,7 @@ from wayang_mq.cli import (
     controlplane,
     dead,
     dev,
+    events,
     keys,
     schema,
     secrets,
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         control,
         dead,
         controlplane,
+        events,
         schema,
     ):
         verb.add(sub)
