@@ -197,7 +197,7 @@ async def test_apply_declares_every_object_of_the_default_file(vhost: Vhost) -> 
         assert shown["arguments"] == as_dict(exchange.arguments)
     queues = {q["name"]: q for q in vhost.management.list_queues()}
     for queue in topology.queues():
-        assert queues[queue.name]["type"] == "quorum"
+        assert queues[queue.name]["type"] == dict(queue.arguments)["x-queue-type"]
         assert queues[queue.name]["arguments"] == as_dict(queue.arguments)
     bindings = {
         (b["source"], b["destination"], b["destination_type"], b["routing_key"])

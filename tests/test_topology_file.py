@@ -72,9 +72,26 @@ def test_every_capability_gets_its_queues_dead_queue_and_policy(default: Topolog
         assert definition["dead-letter-routing-key"] == capability.name
         assert definition["dead-letter-strategy"] == "at-least-once"
         assert definition["overflow"] == "reject-publish"
-    assert all(dict(q.arguments)["x-queue-type"] == "quorum" for q in default.queues())
+    types = {q.name: dict(q.arguments)["x-queue-type"] for q in default.queues()}
+    # every queue is quorum but the history, a stream
+    assert {name for name, kind in types.items() if kind != "quorum"} == {names.HISTORY_QUEUE}
+    assert types[names.HISTORY_QUEUE] == "stream"
     # only the control plane's record has one active consumer at a time
     assert [q.name for q in default.queues() if len(q.arguments) > 1] == [names.RECORD_QUEUE]
+
+
+def test_the_history_is_bound_exactly_like_the_record(default: Topology) -> None:
+    def bound(queue: str) -> set[tuple[str, str]]:
+        return {(b.source, b.routing_key) for b in default.bindings() if b.destination == queue}
+
+    assert bound(names.HISTORY_QUEUE) == bound(names.RECORD_QUEUE) != set()
+    policy = next(p for p in default.policies() if p.name == names.HISTORY_QUEUE)
+    # bounded by age and size, with keys a 3.10 stream honours
+    assert set(as_dict(policy.definition)) == {
+        "max-age",
+        "max-length-bytes",
+        "stream-max-segment-size-bytes",
+    }
 
 
 def test_the_reaper_gets_a_copy_of_every_dead_letter(default: Topology) -> None:
@@ -96,6 +113,7 @@ def test_each_policy_pattern_matches_exactly_its_own_queues(default: Topology) -
         | {q: names.policy_name(c.name) for c in default.capabilities for q in c.task_queues}
         | {names.dead_queue(c.name): names.dead_queue(c.name) for c in default.capabilities}
         | {names.RECORD_REFUSED_QUEUE: names.RECORD_REFUSED_QUEUE}
+        | {names.HISTORY_QUEUE: names.HISTORY_QUEUE}
     )
     for policy in default.policies():
         matched = {q for q in queues if re.search(policy.pattern, q)}
@@ -167,6 +185,7 @@ def test_a_minimal_file_gets_the_built_in_defaults(tmp_path: Path) -> None:
         "wayang.reaper",
         "wayang.record",
         "wayang.record.refused",
+        "wayang.history",
     ]
 
 

@@ -18,6 +18,7 @@ from wayang_mq.cli import (
     controlplane,
     dead,
     dev,
+    events,
     keys,
     records,
     schema,
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         dead,
         controlplane,
         records,
+        events,
         schema,
     ):
         verb.add(sub)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from typing import Any
 
 from wayang_mq.cli.common import run_until_signal
@@ -29,6 +30,16 @@ def add(sub: Any) -> None:
     dsub = db.add_subparsers(dest="action", required=True, metavar="ACTION")
     mig = dsub.add_parser("migrate", help="apply the schema migrations not applied yet")
     mig.set_defaults(func=_cmd_migrate)
+    rb = dsub.add_parser(
+        "rebuild", help="replay the history stream into a fresh, migrated, empty database"
+    )
+    rb.add_argument(
+        "--from",
+        dest="start",
+        default="first",
+        help="offset or time to replay from (default: first, the oldest the stream keeps)",
+    )
+    rb.set_defaults(func=_cmd_rebuild)
 
 
 def database_url(settings: Settings) -> str:
@@ -56,6 +67,52 @@ def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
             print(f"applied {name}")
     print(f"schema at version {latest_version()}")
     return Exit.OK
+
+
+def _cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.config import broker_endpoint, keyring
+    from wayang_mq.controlplane.history import parse_start
+    from wayang_mq.controlplane.rebuild import rebuild
+    from wayang_mq.core.envelope import TaskChecks
+    from wayang_mq.topology.spec import load_topology
+
+    start = parse_start(args.start)
+    topology = load_topology(settings.topology)
+    checks = TaskChecks(audience=settings.audience, max_body_bytes=topology.defaults.max_body_bytes)
+    report = asyncio.run(
+        rebuild(
+            broker_endpoint(settings, "control-plane").amqp_url,
+            database_url(settings),
+            keyring(settings),  # verified as the control plane verifies
+            checks=checks,
+            from_offset=start,
+            progress=_Progress(),
+        )
+    )
+    if report.first is None:
+        print("the history holds nothing to replay")
+        return Exit.OK
+    print(
+        f"replayed offsets {report.first}..{report.last}: {report.read} read,"
+        f" {report.written} written, {report.repeated} repeated, {report.refused} refused"
+    )
+    return Exit.OK
+
+
+class _Progress:
+    """Messages read / total on stderr: one line redrawn on a terminal, else a line per tenth."""
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._tenth = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        tenth = done * 10 // max(total, 1)
+        if not self._tty and tenth == self._tenth:
+            return
+        self._tenth = tenth
+        end = "\n" if done >= total or not self._tty else "\r"
+        print(f"rebuild: {done} / {total} messages", end=end, file=sys.stderr, flush=True)
 
 
 def _cmd_control_plane(args: argparse.Namespace, settings: Settings) -> int:

@@ -86,6 +86,9 @@ REAPER_QUEUE = "wayang.reaper"
 #: the control plane's record of every flow (single active consumer), and what it refused
 RECORD_QUEUE = "wayang.record"
 RECORD_REFUSED_QUEUE = "wayang.record.refused"
+#: a stream (append-only, read from any offset) bound exactly like the record: the history
+#: that `wayang-mq events` reads and `wayang-mq db rebuild` replays
+HISTORY_QUEUE = "wayang.history"
 ALL_DEAD_LETTERS = "#"
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "POLICY_PRIORITY",
     "QUORUM",
     "SHARD_WEIGHT",
+    "STREAM",
     "ArgValue",
     "BindingSpec",
     "Capability",
@@ -86,6 +87,13 @@ class ExchangeType(StrEnum):
 # Queue type is the one thing a policy cannot set or change, so it is the only argument we
 # declare; every tunable lives in a policy that operators can edit in the console.
 QUORUM: Final[Pairs] = (("x-queue-type", "quorum"),)
+# A stream keeps what it receives (consumers read from any offset, nothing is removed by
+# reading); only its retention policy (age, bytes) lets old segments go.
+STREAM: Final[Pairs] = (("x-queue-type", "stream"),)
+
+# A stream drops its oldest data a whole segment at a time, so the segment size is the
+# granularity of max-length-bytes (3.10's default is 500 MB).
+HISTORY_SEGMENT_BYTES: Final = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +168,10 @@ class QueueLimits(_Frozen):
     # refused dead letter is not lost: at-least-once dead-lettering keeps it in its task queue
     # until the dead queue has room (inspect, replay or purge it).
     dead_max_bytes: Count = 1024 * 1024 * 1024
+    # How long and how much the history stream (wayang.history) keeps, whichever is hit first.
+    # An age is RabbitMQ's: a number and one of Y M D h m s ("7D", "12h").
+    history_max_age: Annotated[str, Field(pattern=r"^[1-9][0-9]*[YMDhms]$")] = "7D"
+    history_max_bytes: Count = 10 * 1024 * 1024 * 1024
 
     @model_validator(mode="after")
     def _at_least_once_needs_reject_publish(self) -> Self:
@@ -275,8 +287,8 @@ class Topology(_Frozen):
         return tuple(ExchangeSpec(name, ExchangeType.TOPIC) for name in core) + shards
 
     def queues(self) -> tuple[QueueSpec, ...]:
-        """Every queue, all quorum: task queues (or shards), dead-letter queues, retry tiers,
-        the reaper's queue."""
+        """Every queue: task queues (or shards), dead-letter queues, retry tiers, the reaper's
+        queue, the record (all quorum) and the history (a stream)."""
         out: list[QueueSpec] = []
         for capability in self.capabilities:
             out.extend(QueueSpec(name) for name in capability.task_queues)
@@ -291,6 +303,8 @@ class Topology(_Frozen):
         # before a control plane first runs is recorded when it does.
         out.append(QueueSpec(names.RECORD_QUEUE, (*QUORUM, ("x-single-active-consumer", True))))
         out.append(QueueSpec(names.RECORD_REFUSED_QUEUE))
+        # The history: the record's flows again, kept as a stream for replay and rebuilds.
+        out.append(QueueSpec(names.HISTORY_QUEUE, STREAM))
         return tuple(out)
 
     def bindings(self) -> tuple[BindingSpec, ...]:
@@ -312,34 +326,46 @@ class Topology(_Frozen):
             BindingSpec(names.DEAD_LETTER_EXCHANGE, names.REAPER_QUEUE, names.ALL_DEAD_LETTERS)
         )
         out.extend(self._record_bindings())
+        # The history is bound by the same function: it never sees other flows than the record.
+        out.extend(self._record_bindings(names.HISTORY_QUEUE))
         return tuple(out)
 
-    def _record_bindings(self) -> list[BindingSpec]:
+    def _record_bindings(self, queue: str = names.RECORD_QUEUE) -> list[BindingSpec]:
         """The control plane's record sees every flow, but tasks, retries and dead copies only
         with the keys the fabric's own queues take: a task for a capability nobody serves
         must stay unroutable (the dispatcher's mandatory publish reports it as no_executor)."""
-        out = [BindingSpec(exchange, names.RECORD_QUEUE, key) for exchange, key in RECORDED_FLOWS]
+        out = [BindingSpec(exchange, queue, key) for exchange, key in RECORDED_FLOWS]
         for capability in self.capabilities:
             for key in capability.task_routing_keys:
-                out.append(BindingSpec(names.TASKS_EXCHANGE, names.RECORD_QUEUE, key))
-            out.append(BindingSpec(names.DEAD_COPY_EXCHANGE, names.RECORD_QUEUE, capability.name))
+                out.append(BindingSpec(names.TASKS_EXCHANGE, queue, key))
+            out.append(BindingSpec(names.DEAD_COPY_EXCHANGE, queue, capability.name))
         out.extend(
-            BindingSpec(
-                names.RETRY_EXCHANGE, names.RECORD_QUEUE, names.retry_routing_key(t.name, "#")
-            )
+            BindingSpec(names.RETRY_EXCHANGE, queue, names.retry_routing_key(t.name, "#"))
             for t in self.retry_tiers
         )
         return out
 
     def policies(self) -> tuple[PolicySpec, ...]:
         """One policy per capability (its queue and shards), one per dead queue, one per retry
-        tier, and one bounding the record's refusals."""
+        tier, one bounding the record's refusals and one bounding the history."""
         return (
             tuple(self._capability_policy(c) for c in self.capabilities)
             + tuple(self._dead_policy(c) for c in self.capabilities)
             + tuple(self._tier_policy(t) for t in self.retry_tiers)
-            + (self._refused_policy(),)
+            + (self._refused_policy(), self._history_policy())
         )
+
+    def _history_policy(self) -> PolicySpec:
+        # Only keys streams honour in 3.10 (rabbit_stream_queue:capabilities/0 lists
+        # max-length, overflow, dead-lettering... as unsupported). Whichever bound is hit
+        # first drops the oldest segments: a rebuild can only replay what is still kept.
+        queue = names.HISTORY_QUEUE
+        definition: Pairs = (
+            ("max-age", self.defaults.history_max_age),
+            ("max-length-bytes", self.defaults.history_max_bytes),
+            ("stream-max-segment-size-bytes", HISTORY_SEGMENT_BYTES),
+        )
+        return PolicySpec(queue, exact_pattern(queue), definition)
 
     def _refused_policy(self) -> PolicySpec:
         # What the control plane refused is kept for people to look at, within a bound: the
