@@ -9,6 +9,11 @@ capability or node is not the current attempt's is fenced (an empty token includ
 is a ``token_expired`` for a task known to have started (a replayed copy cannot end a task
 that is running). A PENDING result is not an answer: it marks the task accepted (someone will
 answer it later), which stops the dispatcher from expiring it at its queue deadline.
+
+A control plane that re-dispatches a task whose executor was lost first sends its attempt
+record (type ``wayang.attempt.v1``, signed by its key) to the task's reply address: verified,
+it becomes the task's current attempt (the new attempt and token), so the lost attempt's late
+result is fenced and the new one handed out.
 """
 
 from __future__ import annotations
@@ -26,8 +31,15 @@ from wayang_mq.amqp.outcome import discard, reject, settle
 from wayang_mq.core import logs
 from wayang_mq.core.authority import check_result
 from wayang_mq.core.bounded import LastSeen
-from wayang_mq.core.errors import ErrorCode, ResultTimeout, SignatureError, WayangError
-from wayang_mq.core.model import Result, Task
+from wayang_mq.core.errors import (
+    ErrorCode,
+    KeyNotAllowed,
+    ResultTimeout,
+    SignatureError,
+    WayangError,
+)
+from wayang_mq.core.model import AttemptRecord, Result, Task
+from wayang_mq.core.scopes import Role
 from wayang_mq.core.signing import KEY_ID_HEADER, KeyRing
 from wayang_mq.core.wire import open_signed
 
@@ -211,6 +223,10 @@ class Replies:
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         """The reply queue's consumer: read, decide, then settle (the bad ones rejected)."""
         try:
+            if message.type == AttemptRecord.wire_type:
+                self._redispatched(message)
+                await settle(message, discard(message.message_id))
+                return
             result, signer = open_signed(message.body, message.headers or {}, self._keyring, Result)
             check_result(signer, result, self.current(result.task_id))
         except WayangError as exc:
@@ -233,6 +249,35 @@ class Replies:
         # Through settle: an ack on a channel that died meanwhile is skipped, not an error
         # that would escape the consumer callback (the broker redelivers; it is a duplicate).
         await settle(message, discard(result.task_id))
+
+    def _redispatched(self, message: AbstractIncomingMessage) -> None:
+        """A control plane's notice: the task's next attempt, with its new token, is current."""
+        record, signer = open_signed(
+            message.body, message.headers or {}, self._keyring, AttemptRecord
+        )
+        scope = signer.scope
+        if not scope.is_(Role.CONTROL_PLANE) or not scope.speaks_for(record.executor_id):
+            raise KeyNotAllowed(
+                f"a re-dispatch of task {record.task_id} may not be signed by {scope.describe()}"
+            )
+        current = self.current(record.task_id)
+        if record.token is None or current is None or record.attempt <= current.attempt:
+            return  # not ours, finished, or a re-send of a notice already taken
+        update = {
+            "attempt": record.attempt,
+            "token": record.token,
+            "deadline_ms": record.deadline_ms,
+        }
+        self.replace(current.model_copy(update=update))
+        self._on_forget(record.task_id)  # its executor is unknown until it heartbeats it
+        logs.event(
+            log,
+            "task.redispatched",
+            logging.WARNING,
+            task_id=record.task_id,
+            attempt=record.attempt,
+            by=record.executor_id,
+        )
 
     def deliver(self, result: Result) -> None:
         """Act on a result, then tell the observers what became of it."""

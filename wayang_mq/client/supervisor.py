@@ -14,6 +14,11 @@ Two gaps RabbitMQ leaves open are closed here:
   long-running task (acked at start, so the broker no longer holds it) whose worker dies.
 
 A task answered PENDING has started: its queue deadline no longer applies.
+
+With a control plane running, the second watch is its job (``wayang-mq control-plane``
+marks silent executors lost and re-dispatches their tasks, also when the dispatcher is gone):
+set ``SupervisionConfig(reassign_silent=False)`` so that a task is not re-dispatched twice.
+The deadline watch stays: it is the dispatcher's own promise to its caller.
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ class SupervisionConfig:
     deadline_grace_ms: int = 5_000  # past the deadline, how long before asking the executors
     check_interval_s: float = 1.0
     status_wait_s: float = 0.5
+    # re-dispatch tasks whose executor went silent; turn off where a control plane supervises
+    # (it re-dispatches them even after this dispatcher is gone, and tells it the new attempt)
+    reassign_silent: bool = True
 
 
 class Supervisor:
@@ -136,9 +144,10 @@ class Supervisor:
     async def _check(self, task: Task) -> None:
         now = now_ms()
         executor = self._running_on.get(task.task_id)
-        if executor is not None and task.heartbeat_timeout_ms is not None:
+        timeout_ms = task.heartbeat_timeout_ms if self._config.reassign_silent else None
+        if executor is not None and timeout_ms is not None:
             silent_ms = now - self._last_beat.get(executor, now)
-            if silent_ms > task.heartbeat_timeout_ms:
+            if silent_ms > timeout_ms:
                 self._running_on.pop(task.task_id, None)
                 await self._dispatcher.reassign(task, executor)
             return

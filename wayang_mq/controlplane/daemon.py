@@ -37,6 +37,7 @@ from wayang_mq.controlplane import store
 from wayang_mq.controlplane.db import DatabaseUnavailable, connect_async, unavailable
 from wayang_mq.controlplane.facts import Delivery, Fact, Refused, read
 from wayang_mq.controlplane.migrate import latest_version
+from wayang_mq.controlplane.supervision import Supervision, SupervisionConfig, supervise
 from wayang_mq.core import logs, names
 from wayang_mq.core.envelope import TaskChecks
 from wayang_mq.core.errors import ConfigError
@@ -65,6 +66,8 @@ class ControlPlaneConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     health_port: int | None = None
     retry_max_s: float = 5.0  # longest wait between database reconnects
+    # lost executors and their tasks' re-dispatch (None: this instance only records)
+    supervision: SupervisionConfig | None = field(default_factory=SupervisionConfig)
 
     def __post_init__(self) -> None:
         if self.prefetch < 1 or self.batch < 1:
@@ -106,6 +109,7 @@ class ControlPlane(Daemon):
         self._db: psycopg.AsyncConnection[Any] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._database_up = False
+        self.supervision: Supervision | None = None
 
     # -- the daemon's parts ---------------------------------------------------------------------
 
@@ -120,9 +124,15 @@ class ControlPlane(Daemon):
         await self.consume(
             names.RECORD_QUEUE, self._received, hint="run `wayang-mq topology apply`"
         )
+        c = self.config
+        self.supervision = supervise(
+            c.supervision, c.signer, c.database_url, c.control_plane_id, self.publisher
+        )
 
     async def teardown(self) -> None:
-        """Stop the writer; close the database."""
+        """Stop the writer and the supervision; close the database."""
+        if self.supervision is not None:
+            await self.supervision.stop()
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -183,6 +193,7 @@ class ControlPlane(Daemon):
             message_id=message.message_id,
             user_id=message.user_id,
             reply_to=message.reply_to,
+            type=message.type,
             timestamp_ms=int(message.timestamp.timestamp() * 1000) if message.timestamp else None,
         )
         try:

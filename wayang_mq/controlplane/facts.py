@@ -10,7 +10,8 @@ exchange            routing key            fact
 wayang.tasks        <capability>           a task published (or a retry come due:
                     retry.<tier>.<cap>     its attempt record says which attempt)
 wayang.retry        retry.<tier>.<cap>     a retry scheduled (waiting in a tier)
-wayang.results      reply.<id>, noreply.*  a result
+wayang.results      reply.<id>, noreply.*  a result (type ``wayang.attempt.v1``: the control
+                                           plane's notice of a re-dispatch)
 wayang.events       registered.<executor>  a registration
                     heartbeat.<executor>   a heartbeat
                     progress.<task>        progress
@@ -44,6 +45,7 @@ from wayang_mq.core.envelope import (
 )
 from wayang_mq.core.errors import WireError
 from wayang_mq.core.model import (
+    AttemptRecord,
     CancelRequest,
     Heartbeat,
     Progress,
@@ -51,6 +53,7 @@ from wayang_mq.core.model import (
     Result,
     Task,
 )
+from wayang_mq.core.scopes import Role
 from wayang_mq.core.signing import KEY_ID_HEADER, SIGNATURE_HEADER, KeyRing, Verified
 from wayang_mq.core.wire import DEAD_LETTERED_BY_HEADER, decode, open_signed
 from wayang_mq.ops.deadletters import DeadLetter, read_dead_letter
@@ -77,6 +80,7 @@ class Delivery:
     user_id: str | None = None
     reply_to: str | None = None
     timestamp_ms: int | None = None
+    type: str | None = None  # the AMQP type property (a notice on wayang.results has its own)
 
     def digest(self) -> bytes:
         """Identity of the message: where it went, its body, and what its headers add that
@@ -158,7 +162,24 @@ class DeadSeen:
     body: bytes
 
 
-Payload = TaskSeen | ResultSeen | Registered | Beat | ProgressSeen | CancelSeen | DeadSeen
+@dataclass(frozen=True, slots=True)
+class RedispatchSeen:
+    """A control plane's notice that it re-dispatched a task (its attempt record)."""
+
+    record: AttemptRecord
+    signer: Verified
+
+
+Payload = (
+    TaskSeen
+    | ResultSeen
+    | Registered
+    | Beat
+    | ProgressSeen
+    | CancelSeen
+    | DeadSeen
+    | RedispatchSeen
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +204,8 @@ def _payload(d: Delivery, keyring: KeyRing, checks: TaskChecks) -> Payload:
     exchange, key = d.exchange, d.routing_key
     if exchange in (names.TASKS_EXCHANGE, names.RETRY_EXCHANGE):
         return _task(d, keyring, checks)
+    if exchange == names.RESULTS_EXCHANGE and d.type == AttemptRecord.wire_type:
+        return _notice(d, keyring)
     if exchange == names.RESULTS_EXCHANGE:
         result, signer = open_signed(d.body, d.headers, keyring, Result)
         check_result(signer, result)
@@ -215,6 +238,16 @@ def _task(d: Delivery, keyring: KeyRing, checks: TaskChecks) -> TaskSeen:
         scheduled=d.exchange == names.RETRY_EXCHANGE,
         retry_due=d.exchange == names.TASKS_EXCHANGE and d.routing_key.startswith("retry."),
     )
+
+
+def _notice(d: Delivery, keyring: KeyRing) -> RedispatchSeen:
+    record, signer = open_signed(d.body, d.headers, keyring, AttemptRecord)
+    if not signer.scope.is_(Role.CONTROL_PLANE) or not signer.scope.speaks_for(record.executor_id):
+        raise Refused(
+            "key_not_allowed",
+            f"a re-dispatch notice for task {record.task_id} signed by {signer.scope.describe()}",
+        )
+    return RedispatchSeen(record, signer)
 
 
 def _event(d: Delivery, keyring: KeyRing) -> Payload:

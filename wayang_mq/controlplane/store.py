@@ -31,6 +31,7 @@ from wayang_mq.controlplane.facts import (
     DeadSeen,
     Fact,
     ProgressSeen,
+    RedispatchSeen,
     Registered,
     ResultSeen,
     TaskSeen,
@@ -121,6 +122,11 @@ def _describe(fact: Fact) -> tuple[str, str | None, str | None, int | None, int,
         c = p.request
         detail = {"requester": c.requester, "reason": c.reason}
         return "cancel", c.task_id, None, None, c.requested_at_ms, detail
+    if isinstance(p, RedispatchSeen):
+        # the sweep that decided it wrote the attempt; this is the notice, for the timeline
+        rec = p.record
+        detail = {"token": rec.token, "deadline_ms": rec.deadline_ms}
+        return "redispatch", rec.task_id, rec.executor_id, rec.attempt, rec.issued_at_ms, detail
     if isinstance(p, DeadSeen):
         d = p.dead
         detail = {

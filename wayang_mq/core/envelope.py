@@ -4,7 +4,8 @@ In order, over the raw bytes first: properties, size, the issuer's signature (fo
 type), then msgpack and schema, then what the signer's key may say (a dispatcher's key, as
 the task's issuer, for its capability), the audience, not-before and the deadline. A retry or
 a compensation is the issuer's task, unchanged, plus an :class:`AttemptRecord` signed by the
-executor or reaper that decided it (``wayang-attempt`` headers): the record is verified and
+executor or reaper that decided it (``wayang-attempt`` headers; a re-dispatch of a lost
+executor's task: signed by the control plane, with a new token): the record is verified and
 checked against both keys' scopes, and the task it makes is derived from the two, so no one
 but an issuer ever signs a task. docs/security.md §5–§7 is this module in prose.
 """
@@ -35,7 +36,7 @@ from wayang_mq.core.model import (
     Task,
     now_ms,
 )
-from wayang_mq.core.scopes import Role
+from wayang_mq.core.scopes import KeyScope, Role
 from wayang_mq.core.signing import KEY_ID_HEADER, SIGNATURE_HEADER, KeyRing, Signer, Verified
 from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, decode, encode, open_signed
 
@@ -166,7 +167,8 @@ def _check_times(task: Task, body: bytes, checks: TaskChecks, now: int) -> None:
 
 
 def attempt_headers(record: AttemptRecord, signer: Signer) -> dict[str, str]:
-    """The headers that carry ``record``, signed by the executor (or reaper) that decided."""
+    """The headers that carry ``record``, signed by the executor, reaper or control plane
+    that decided."""
     packed = encode(record)
     return {
         ATTEMPT_HEADER: base64.b64encode(packed).decode("ascii"),
@@ -200,13 +202,9 @@ def _apply_record(
             body=body,
         )
 
-    scope = decider.scope
-    if not scope.is_(Role.EXECUTOR, Role.REAPER):
-        raise refuse("only executor, reaper and admin keys decide retries and compensations")
-    if not scope.speaks_for(record.executor_id):
-        raise refuse(f"it names executor {record.executor_id!r}")
-    if scope.role is Role.EXECUTOR and not scope.covers(original.capability):
-        raise refuse(f"the key does not serve {original.capability!r}")
+    why = _not_the_deciders(record, decider.scope, original)
+    if why is not None:
+        raise refuse(why)
     if record.task_id != original.task_id:
         raise refuse(f"it is for task {record.task_id!r}")
     if record.issued_at_ms - now > checks.max_clock_skew_ms:
@@ -228,8 +226,30 @@ def _apply_record(
     latest = record.issued_at_ms + delay + original.queue_window_ms
     if record.deadline_ms > latest:
         raise refuse("its deadline is later than a retry delay and the issuer's queue window allow")
-    derived = task.model_copy(update={"attempt": record.attempt, "deadline_ms": record.deadline_ms})
+    update: dict[str, Any] = {"attempt": record.attempt, "deadline_ms": record.deadline_ms}
+    if record.token is not None:
+        update["token"] = record.token  # a re-dispatch's new token (or a retry's of it)
+    derived = task.model_copy(update=update)
     return derived, decider
+
+
+def _not_the_deciders(record: AttemptRecord, scope: KeyScope, original: Task) -> str | None:
+    """Why the record's signer may not decide this attempt, or None when it may: executors
+    (for their capabilities) and the reaper decide retries and compensations; the control
+    plane re-dispatches (a new attempt and token), and decides no compensation."""
+    if not scope.is_(Role.EXECUTOR, Role.REAPER, Role.CONTROL_PLANE):
+        return (
+            "only executor, reaper, control-plane and admin keys decide retries and compensations"
+        )
+    if scope.role is Role.CONTROL_PLANE and record.compensates is not None:
+        return "a control plane re-dispatches tasks; it does not decide compensations"
+    if record.compensates is not None and record.token is not None:
+        return "a compensation's token is derived from its task's, never given"
+    if not scope.speaks_for(record.executor_id):
+        return f"it names executor {record.executor_id!r}"
+    if scope.role is Role.EXECUTOR and not scope.covers(original.capability):
+        return f"the key does not serve {original.capability!r}"
+    return None
 
 
 def _read_record(

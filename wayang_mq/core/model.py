@@ -294,10 +294,12 @@ class Result(WireModel):
 
 
 class AttemptRecord(WireModel):
-    """What makes a retry or a compensation out of a task, without anyone but its issuer
-    signing a task: the issuer's signed task travels unchanged, and this record, signed by
-    the executor (or reaper) that decided, says which attempt it now is and until when it may
-    start (see docs/security.md §7). Carried in the ``wayang-attempt`` header."""
+    """What makes a retry, a re-dispatch or a compensation out of a task, without anyone but
+    its issuer signing a task: the issuer's signed task travels unchanged, and this record,
+    signed by the executor, reaper or control plane that decided, says which attempt it now
+    is, until when it may start, and (a re-dispatch) its new token (see docs/security.md §7).
+    Carried in the ``wayang-attempt`` header; the control plane also sends it alone, as a
+    ``wayang.attempt.v1`` message, to the task's reply address (the dispatcher's notice)."""
 
     wire_type: ClassVar[str] = "wayang.attempt.v1"
 
@@ -308,6 +310,9 @@ class AttemptRecord(WireModel):
     # a compensation of the signed task (its ``compensation`` spec), for this failure
     compensates: ErrorInfo | None = None
     issued_at_ms: Millis = Field(default_factory=now_ms)
+    # the attempt's execution token when it is not the issuer's: a re-dispatch by the control
+    # plane gives a new one (fencing the lost attempt); a retry of such an attempt keeps it
+    token: Token | None = None
 
 
 class Registration(WireModel):

@@ -77,16 +77,29 @@ def issuer_window_ms(body: bytes, task: Task) -> int:
         return task.queue_window_ms
 
 
-def carried_compensation(headers: Mapping[str, Any]) -> ErrorInfo | None:
-    """The failure a delivery compensates, read from its attempt record: a retry of a
-    compensation stays one. Only for a delivery that already opened (the record verified)."""
+def _carried(headers: Mapping[str, Any]) -> AttemptRecord | None:
+    """A delivery's attempt record; only for a delivery that already opened (it verified)."""
     encoded = headers.get(ATTEMPT_HEADER)
     if not isinstance(encoded, str):
         return None
     try:
-        return decode(base64.b64decode(encoded), AttemptRecord).compensates
+        return decode(base64.b64decode(encoded), AttemptRecord)
     except (WireError, ValueError):
         return None
+
+
+def carried_compensation(headers: Mapping[str, Any]) -> ErrorInfo | None:
+    """The failure a delivery compensates, read from its attempt record: a retry of a
+    compensation stays one. Only for a delivery that already opened (the record verified)."""
+    record = _carried(headers)
+    return record.compensates if record is not None else None
+
+
+def carried_token(headers: Mapping[str, Any]) -> str | None:
+    """The token a delivery's attempt record gave it (a control plane's re-dispatch): a retry
+    of that attempt keeps it, so its result still answers the attempt the record holds."""
+    record = _carried(headers)
+    return record.token if record is not None else None
 
 
 async def dispatch_compensation(

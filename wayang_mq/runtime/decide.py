@@ -39,6 +39,7 @@ from wayang_mq.core.wire import (
 )
 from wayang_mq.runtime.attempts import (
     carried_compensation,
+    carried_token,
     derived_message,
     dispatch_compensation,
     issuer_window_ms,
@@ -128,6 +129,7 @@ class Decider:
             deadline_ms=now_ms() + decision.tier.ttl_ms + issuer_window_ms(message.body, task),
             executor_id=self._executor_id,
             compensates=carried_compensation(message.headers or {}),
+            token=carried_token(message.headers or {}),
         )
         key = names.retry_routing_key(decision.tier.name, task.capability)
         headers = message.headers or {}
