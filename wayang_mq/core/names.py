@@ -86,6 +86,8 @@ REAPER_QUEUE = "wayang.reaper"
 #: the control plane's record of every flow (single active consumer), and what it refused
 RECORD_QUEUE = "wayang.record"
 RECORD_REFUSED_QUEUE = "wayang.record.refused"
+#: the control plane's claims: executors ask there whether a task may run (see claim_key)
+CLAIMS_QUEUE = "wayang.claims"
 ALL_DEAD_LETTERS = "#"
 
 
@@ -140,3 +142,13 @@ def status_key(task_id: str) -> str:
 def status_reply_key(requester_id: str) -> str:
     """Where executors answer one requester's status requests, on ``wayang.control``."""
     return f"status-reply.{requester_id}"
+
+
+def claim_key(capability: str) -> str:
+    """Routing key of an executor's claim on ``wayang.control`` (to ``wayang.claims``)."""
+    return f"claim.{capability}"
+
+
+def claim_reply_key(executor_id: str) -> str:
+    """Where the control plane answers one executor's claims, on ``wayang.control``."""
+    return f"claim-reply.{executor_id}"

@@ -291,6 +291,8 @@ class Topology(_Frozen):
         # before a control plane first runs is recorded when it does.
         out.append(QueueSpec(names.RECORD_QUEUE, (*QUORUM, ("x-single-active-consumer", True))))
         out.append(QueueSpec(names.RECORD_REFUSED_QUEUE))
+        # Executors' claims (wayang-mq worker --claims), for whichever control plane is up.
+        out.append(QueueSpec(names.CLAIMS_QUEUE))
         return tuple(out)
 
     def bindings(self) -> tuple[BindingSpec, ...]:
@@ -312,6 +314,7 @@ class Topology(_Frozen):
             BindingSpec(names.DEAD_LETTER_EXCHANGE, names.REAPER_QUEUE, names.ALL_DEAD_LETTERS)
         )
         out.extend(self._record_bindings())
+        out.append(BindingSpec(names.CONTROL_EXCHANGE, names.CLAIMS_QUEUE, "claim.#"))
         return tuple(out)
 
     def _record_bindings(self) -> list[BindingSpec]:
