@@ -186,7 +186,11 @@ def test_a_minimal_file_gets_the_built_in_defaults(tmp_path: Path) -> None:
         "wayang.record",
         "wayang.record.refused",
         "wayang.history",
+        "wayang.claims",
     ]
+    # executors' claims reach the control plane's queue, and nothing else does
+    claims = [b for b in topology.bindings() if b.destination == "wayang.claims"]
+    assert [(b.source, b.routing_key) for b in claims] == [("wayang.control", "claim.#")]
 
 
 # -- malformed files: one line naming the file, the key and the problem -------------------

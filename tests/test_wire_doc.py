@@ -149,8 +149,10 @@ def _validators() -> dict[str, Draft202012Validator]:
     }
 
 
-async def test_every_message_type_the_code_emits_matches_the_doc(fabric: Fabric) -> None:
-    """A mixed run (success, failure, retry, long-running, progress, status, cancel), tapped
+async def test_every_message_type_the_code_emits_matches_the_doc(
+    fabric: Fabric, record_db: str
+) -> None:
+    """A mixed run (success, failure, retry, long-running, progress, status, cancel, claims), tapped
     on every exchange a stranger reads: each body validates against docs/schema, and each
     message's AMQP properties are those of wire-format §2."""
     seen: list[AbstractIncomingMessage] = []
@@ -192,6 +194,16 @@ async def test_every_message_type_the_code_emits_matches_the_doc(fabric: Fabric)
                 await dispatcher.run("demo.sleep", {"seconds": 0.1}, wait_s=20)
             await eventually(
                 lambda: _has(seen, "wayang.heartbeat.v1", "doc-tap-long2"), what="a heartbeat"
+            )
+        async with (
+            fabric.control_plane(record_db),
+            fabric.worker([Echo()], executor_id="doc-tap-claims", claims=True),
+            fabric.dispatcher() as dispatcher,
+        ):
+            claimed = await dispatcher.submit("demo.echo", {"x": 2})
+            await claimed.result(20)
+            await eventually(
+                lambda: _has(seen, "wayang.claim-reply.v1", claimed.task_id), what="a claim reply"
             )
 
     validators = _validators()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -47,6 +48,7 @@ from wayang_mq.core.wire import (
 
 log = logging.getLogger("wayang_mq.amqp.control")
 M = TypeVar("M", bound=WireModel)
+Listener = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 
 class ControlTarget(Protocol):
@@ -84,6 +86,13 @@ class ControlServer:
         self._publisher = publisher
         # task id → reason, until when, and who may have sent it (issuer; None: an admin)
         self._cancelled: LastSeen[tuple[str, int, str | None]] = LastSeen(remember)
+        # more messages this queue takes: binding key, and the handler per AMQP type
+        self._listeners: dict[str, tuple[str, Listener]] = {}
+
+    def listen(self, binding_key: str, wire_type: str, handler: Listener) -> None:
+        """Also take ``wire_type`` messages sent with ``binding_key`` (before :meth:`start`):
+        a worker's control queue is the one queue its account may read on wayang.control."""
+        self._listeners[wire_type] = (binding_key, handler)
 
     async def start(self, channel: AbstractChannel) -> None:
         """Declare this worker's control queue, bind it to every request, consume it."""
@@ -92,6 +101,8 @@ class ControlServer:
         )
         await queue.bind(names.CONTROL_EXCHANGE, "cancel.#")
         await queue.bind(names.CONTROL_EXCHANGE, "status.#")
+        for binding_key, _ in self._listeners.values():
+            await queue.bind(names.CONTROL_EXCHANGE, binding_key)
         await queue.consume(self._on_message, no_ack=True)
 
     def cancelled(self, task: Task) -> str | None:
@@ -132,6 +143,8 @@ class ControlServer:
                 request, signer = self._open(message, StatusRequest)
                 check_status_request(signer)
                 await self._on_status(request)
+            elif message.type in self._listeners:
+                await self._listeners[message.type][1](message)
         except WayangError as exc:
             event = "security.refused" if isinstance(exc, SignatureError) else "control.refused"
             logs.event(log, event, logging.WARNING, type=message.type, code=exc.code, error=exc)

@@ -55,6 +55,19 @@ def add(sub: Any) -> None:
         "(repeatable; default WAYANG_SECRETS, comma-separated): env[:PREFIX], dir:PATH, "
         "fernet:PATH (key: WAYANG_SECRETS_KEY_FILE), class:MODULE:CLASS",
     )
+    p.add_argument(
+        "--claims",
+        action="store_true",
+        help="ask the control plane before running each task: a task id runs once across "
+        "the fleet, and a recorded cancel is kept (no answer in time: the task runs anyway)",
+    )
+    p.add_argument(
+        "--claim-timeout",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how long to wait for the control plane's verdict (default 2)",
+    )
     p.set_defaults(func=_cmd_worker)
 
 
@@ -91,6 +104,8 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         middleware=middleware,
         health_port=args.health_port,
         secrets=secret_provider(settings, args.secrets),
+        claims=args.claims,
+        claim_timeout_s=args.claim_timeout,
     )
     worker = Worker(executors, config)
     asyncio.run(run_until_signal(worker.run, worker.stop, config.keyring.reload))

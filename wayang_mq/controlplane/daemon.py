@@ -33,7 +33,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from wayang_mq.amqp.daemon import Daemon
 from wayang_mq.amqp.outcome import LogLine, Send, discard, done, requeue, settle
-from wayang_mq.controlplane import store
+from wayang_mq.controlplane import claims, store
 from wayang_mq.controlplane.db import DatabaseUnavailable, connect_async, unavailable
 from wayang_mq.controlplane.facts import Delivery, Fact, Refused, read
 from wayang_mq.controlplane.migrate import latest_version
@@ -110,6 +110,7 @@ class ControlPlane(Daemon):
         self._writer: asyncio.Task[None] | None = None
         self._database_up = False
         self.supervision: Supervision | None = None
+        self._claims: claims.ClaimDesk | None = None
 
     # -- the daemon's parts ---------------------------------------------------------------------
 
@@ -120,6 +121,7 @@ class ControlPlane(Daemon):
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         """Consume ``wayang.record`` (single active consumer) and start the writer."""
+        self._claims = await claims.start(self)  # first: the writer answers with its key
         self._writer = asyncio.create_task(self._write_loop())
         await self.consume(
             names.RECORD_QUEUE, self._received, hint="run `wayang-mq topology apply`"
@@ -130,9 +132,10 @@ class ControlPlane(Daemon):
         )
 
     async def teardown(self) -> None:
-        """Stop the writer and the supervision; close the database."""
+        """Stop the writer, the supervision and the claims; close the database."""
         if self.supervision is not None:
             await self.supervision.stop()
+        await claims.stop(self._claims)
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

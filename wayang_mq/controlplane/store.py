@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from wayang_mq.controlplane import claims
 from wayang_mq.controlplane.facts import (
     Beat,
     CancelSeen,
@@ -194,6 +195,7 @@ async def _task(conn: Conn, seen: TaskSeen) -> None:
         await _set_attempt(conn, seen, "queued", task.token, decided_by)
         return
     await _copy(conn, seen, sha, duplicate=True)
+    await claims.duplicate_recorded(conn, task, sha)  # answered from the record once finished
 
 
 async def _new_task(conn: Conn, seen: TaskSeen) -> None:
@@ -356,6 +358,7 @@ async def _finish(conn: Conn, seen: ResultSeen) -> None:
             r.task_id,
         ),
     )
+    await claims.answer_duplicates(conn, r.task_id)  # copies published while it ran
 
 
 async def _attempt_state(

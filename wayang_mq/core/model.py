@@ -412,6 +412,45 @@ class StatusReport(WireModel):
     sent_at_ms: Millis = Field(default_factory=now_ms)
 
 
+class ClaimVerdict(StrEnum):
+    """What the control plane tells an executor that claims a task (docs/wire-format.md §4.8)."""
+
+    RUN = "run"  # the first claim of this attempt (or a redelivery taking it over): run it
+    DUPLICATE = "duplicate"  # another copy runs or ran: ack without running or answering
+    CANCELLED = "cancelled"  # a cancel is recorded: answer FAILED ``cancelled``
+
+
+class Claim(WireModel):
+    """An executor asking the control plane, before it runs a verified task, whether it may:
+    published on ``wayang.control`` as ``claim.<capability>``, signed by the executor."""
+
+    wire_type: ClassVar[str] = "wayang.claim.v1"
+
+    executor_id: ExecutorId
+    task_id: TaskId
+    attempt: int = Field(ge=1, le=MAX_INT)
+    token: Token
+    capability: Capability
+    issuer: OptionalKey = ""  # the verified task's issuer: whose cancels apply to it
+    issued_at_ms: Millis  # the verified task's: a later one for the same token is a reissue
+    redelivered: bool = False  # the broker's flag: the previous holder's channel closed
+    sent_at_ms: Millis = Field(default_factory=now_ms)
+
+
+class ClaimReply(WireModel):
+    """The control plane's answer to a :class:`Claim`, on ``wayang.control`` as
+    ``claim-reply.<executor>``, signed by the control plane."""
+
+    wire_type: ClassVar[str] = "wayang.claim-reply.v1"
+
+    task_id: TaskId
+    attempt: int = Field(ge=1, le=MAX_INT)
+    token: Token
+    verdict: WireEnum[ClaimVerdict]
+    reason: str = ""
+    sent_at_ms: Millis = Field(default_factory=now_ms)
+
+
 WIRE_TYPES: dict[str, type[WireModel]] = {
     model.wire_type: model
     for model in (
@@ -424,6 +463,8 @@ WIRE_TYPES: dict[str, type[WireModel]] = {
         CancelRequest,
         StatusRequest,
         StatusReport,
+        Claim,
+        ClaimReply,
     )
 }
 

@@ -89,6 +89,8 @@ RECORD_REFUSED_QUEUE = "wayang.record.refused"
 #: a stream (append-only, read from any offset) bound exactly like the record: the history
 #: that `wayang-mq events` reads and `wayang-mq db rebuild` replays
 HISTORY_QUEUE = "wayang.history"
+#: the control plane's claims: executors ask there whether a task may run (see claim_key)
+CLAIMS_QUEUE = "wayang.claims"
 ALL_DEAD_LETTERS = "#"
 
 
@@ -143,3 +145,13 @@ def status_key(task_id: str) -> str:
 def status_reply_key(requester_id: str) -> str:
     """Where executors answer one requester's status requests, on ``wayang.control``."""
     return f"status-reply.{requester_id}"
+
+
+def claim_key(capability: str) -> str:
+    """Routing key of an executor's claim on ``wayang.control`` (to ``wayang.claims``)."""
+    return f"claim.{capability}"
+
+
+def claim_reply_key(executor_id: str) -> str:
+    """Where the control plane answers one executor's claims, on ``wayang.control``."""
+    return f"claim-reply.{executor_id}"

@@ -28,7 +28,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from wayang_mq.amqp.control import ControlServer
 from wayang_mq.amqp.daemon import Daemon
 from wayang_mq.amqp.outcome import Kind, Outcome, deliver, requeue, settle
-from wayang_mq.amqp.publisher import to_amqp
+from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
 from wayang_mq.core import logs, names
 from wayang_mq.core.envelope import (
     DEFAULT_MAX_CLOCK_SKEW_MS,
@@ -56,6 +56,7 @@ from wayang_mq.core.model import (
 )
 from wayang_mq.core.signing import KeyRing, Signer
 from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, signed_message
+from wayang_mq.runtime.claims import DEFAULT_CLAIM_TIMEOUT_S, Claims
 from wayang_mq.runtime.decide import Decider
 from wayang_mq.runtime.executor import Executor, TaskState, TaskStatus, check_capabilities
 from wayang_mq.runtime.middleware import Chain, Executed, Middleware, Opened, Received, Settled
@@ -90,12 +91,16 @@ class WorkerConfig:
     middleware: tuple[Middleware, ...] = ()  # layers around every delivery, in this order
     health_port: int | None = None  # answer health probes over HTTP on this port (0: any)
     secrets: SecretProvider | None = None  # resolves tasks' {"$secret": name} references
+    claims: bool = False  # ask the control plane before running a task (runtime/claims.py)
+    claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S  # no verdict by then: run anyway
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ConfigError("concurrency must be at least 1")
         if self.prefetch is not None and self.prefetch < 1:
             raise ConfigError("prefetch must be at least 1")
+        if self.claim_timeout_s <= 0:
+            raise ConfigError("the claim timeout must be more than 0 seconds")
         if not names.valid_word(self.executor_id):
             raise ConfigError(
                 f"executor id {self.executor_id!r} must be lowercase letters, digits, '-' or '_'"
@@ -148,6 +153,7 @@ class Worker(Daemon):
         )
         self._heartbeat_seq = 0
         self._control: ControlServer | None = None
+        self._claims = _claims(config, lambda: self.publisher)
         for executor in executors:
             executor.attach(self)
 
@@ -168,13 +174,8 @@ class Worker(Daemon):
 
     def heartbeat(self) -> Heartbeat:
         """This worker's liveness and load right now."""
-        return Heartbeat(
-            executor_id=self.executor_id,
-            capabilities=tuple(self._by_capability),
-            in_flight=self._runner.in_flight(),
-            details=self._runner.details(),
-            concurrency=self.config.concurrency,
-            sequence=self._heartbeat_seq,
+        return _heartbeat(
+            self.config, tuple(self._by_capability), self._runner, self._heartbeat_seq
         )
 
     # -- the daemon's hooks -----------------------------------------------------------------
@@ -186,16 +187,11 @@ class Worker(Daemon):
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         """Register, listen for control requests, consume every capability's queues."""
-        await self._emit(
-            Registration(
-                executor_id=self.executor_id,
-                capabilities=tuple(self._by_capability),
-                concurrency=self.config.concurrency,
-                metadata={k: v for e in self._executors for k, v in e.metadata.items()},
-            ),
-            names.event_key("registered", self.executor_id),
-        )
+        registration = _registration(self.config, tuple(self._by_capability), self._executors)
+        await self._emit(registration, names.event_key("registered", self.executor_id))
         self._control = ControlServer(self, self.config.keyring, self.config.signer, self.publisher)
+        if self._claims is not None:
+            self._claims.listen(self._control)
         await self._control.start(await connection.channel())
         hint_for = "add {!r} to topology/wayang.toml and run `wayang-mq topology apply`"
         for capability in self._by_capability:
@@ -284,6 +280,11 @@ class Worker(Daemon):
             return self._decider.bad_input(capability, message, exc)
         if answer is None and self._control is not None:
             answer = self._control.answer_if_cancelled(task, self.executor_id)
+        if answer is None and self._claims is not None:  # the control plane's verdict
+            claimed = await self._claims.claim(task, redelivered=bool(message.redelivered))
+            if isinstance(claimed, Outcome):
+                return claimed  # a duplicate: acked unanswered (the record answers it)
+            answer = claimed
         answer = answer or await self._runner.join(task)
         first = self._replays.take(task, redelivered=bool(message.redelivered))
         if answer is not None:  # a copy of what runs or ran here: its one run's answer
@@ -374,6 +375,39 @@ def _status_of(task_id: str, executor_id: str, runner: Runner, recent: RecentRes
         attempt, outcome = finished.attempt, finished.status
         return TaskStatus(task_id, TaskState.FINISHED, executor_id, attempt, outcome=outcome)
     return TaskStatus(task_id, TaskState.UNKNOWN, executor_id)
+
+
+def _heartbeat(
+    config: WorkerConfig, capabilities: tuple[str, ...], runner: Runner, sequence: int
+) -> Heartbeat:
+    return Heartbeat(
+        executor_id=config.executor_id,
+        capabilities=capabilities,
+        in_flight=runner.in_flight(),
+        details=runner.details(),
+        concurrency=config.concurrency,
+        sequence=sequence,
+    )
+
+
+def _registration(
+    config: WorkerConfig, capabilities: tuple[str, ...], executors: Sequence[Executor]
+) -> Registration:
+    return Registration(
+        executor_id=config.executor_id,
+        capabilities=capabilities,
+        concurrency=config.concurrency,
+        metadata={k: v for e in executors for k, v in e.metadata.items()},
+    )
+
+
+def _claims(config: WorkerConfig, publisher: Callable[[], ConfirmedPublisher]) -> Claims | None:
+    """The claims client when the worker asks the control plane before running tasks."""
+    if not config.claims:
+        return None
+    return Claims(
+        config.executor_id, config.signer, config.keyring, publisher, config.claim_timeout_s
+    )
 
 
 def _replayed(task: Task, body: bytes) -> Replayed:

@@ -305,6 +305,8 @@ class Topology(_Frozen):
         out.append(QueueSpec(names.RECORD_REFUSED_QUEUE))
         # The history: the record's flows again, kept as a stream for replay and rebuilds.
         out.append(QueueSpec(names.HISTORY_QUEUE, STREAM))
+        # Executors' claims (wayang-mq worker --claims), for whichever control plane is up.
+        out.append(QueueSpec(names.CLAIMS_QUEUE))
         return tuple(out)
 
     def bindings(self) -> tuple[BindingSpec, ...]:
@@ -328,6 +330,7 @@ class Topology(_Frozen):
         out.extend(self._record_bindings())
         # The history is bound by the same function: it never sees other flows than the record.
         out.extend(self._record_bindings(names.HISTORY_QUEUE))
+        out.append(BindingSpec(names.CONTROL_EXCHANGE, names.CLAIMS_QUEUE, "claim.#"))
         return tuple(out)
 
     def _record_bindings(self, queue: str = names.RECORD_QUEUE) -> list[BindingSpec]:
