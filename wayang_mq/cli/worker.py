@@ -55,7 +55,25 @@ def add(sub: Any) -> None:
         "(repeatable; default WAYANG_SECRETS, comma-separated): env[:PREFIX], dir:PATH, "
         "fernet:PATH (key: WAYANG_SECRETS_KEY_FILE), class:MODULE:CLASS",
     )
+    p.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        default=[],
+        type=_label,
+        metavar="KEY=VALUE",
+        help="a placement label, sent as registration metadata (repeatable): tasks whose "
+        "policy asks for labels run only on executors that have them, e.g. region=eu, "
+        "trust_domain=internal",
+    )
     p.set_defaults(func=_cmd_worker)
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"label {text!r} is not KEY=VALUE (e.g. region=eu)")
+    return key.strip(), value.strip()
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -91,6 +109,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         middleware=middleware,
         health_port=args.health_port,
         secrets=secret_provider(settings, args.secrets),
+        labels=dict(args.labels),
     )
     worker = Worker(executors, config)
     asyncio.run(run_until_signal(worker.run, worker.stop, config.keyring.reload))

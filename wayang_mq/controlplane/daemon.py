@@ -37,6 +37,7 @@ from wayang_mq.controlplane import store
 from wayang_mq.controlplane.db import DatabaseUnavailable, connect_async, unavailable
 from wayang_mq.controlplane.facts import Delivery, Fact, Refused, read
 from wayang_mq.controlplane.migrate import latest_version
+from wayang_mq.controlplane.placement import Placer
 from wayang_mq.core import logs, names
 from wayang_mq.core.envelope import TaskChecks
 from wayang_mq.core.errors import ConfigError
@@ -106,6 +107,7 @@ class ControlPlane(Daemon):
         self._db: psycopg.AsyncConnection[Any] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._database_up = False
+        self._placer: Placer | None = None
 
     # -- the daemon's parts ---------------------------------------------------------------------
 
@@ -120,6 +122,7 @@ class ControlPlane(Daemon):
         await self.consume(
             names.RECORD_QUEUE, self._received, hint="run `wayang-mq topology apply`"
         )
+        self._placer = await Placer.start(self)  # tasks with a placement policy
 
     async def teardown(self) -> None:
         """Stop the writer; close the database."""
@@ -129,6 +132,8 @@ class ControlPlane(Daemon):
                 await self._writer
         if self._db is not None:
             await self._db.close()
+        if self._placer is not None:
+            await self._placer.close()
 
     def describe(self) -> dict[str, Any]:
         """The queue it records from and what it has written."""

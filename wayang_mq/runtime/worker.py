@@ -59,6 +59,7 @@ from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, signed_message
 from wayang_mq.runtime.decide import Decider
 from wayang_mq.runtime.executor import Executor, TaskState, TaskStatus, check_capabilities
 from wayang_mq.runtime.middleware import Chain, Executed, Middleware, Opened, Received, Settled
+from wayang_mq.runtime.placement import PolicyGuard, consume_own_queue
 from wayang_mq.runtime.recent import RecentResults
 from wayang_mq.runtime.replays import Replays
 from wayang_mq.runtime.running import Runner, Running
@@ -90,6 +91,7 @@ class WorkerConfig:
     middleware: tuple[Middleware, ...] = ()  # layers around every delivery, in this order
     health_port: int | None = None  # answer health probes over HTTP on this port (0: any)
     secrets: SecretProvider | None = None  # resolves tasks' {"$secret": name} references
+    labels: dict[str, str] = field(default_factory=dict)  # placement: region, trust_domain, ...
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -134,8 +136,10 @@ class Worker(Daemon):
         self._recent = RecentResults(config.recent_results, config.recent_results_bytes)
         self._replays = Replays()
         self._checks = config.checks
-        # the built-in layer innermost: every configured layer sees every task first
-        self._chain = Chain((*config.middleware, self._recent))
+        # the policy first (never bypassed); the built-in layer innermost: every configured
+        # layer sees every task first
+        guard = PolicyGuard(config.executor_id, config.labels)
+        self._chain = Chain((guard, *config.middleware, self._recent))
         self._runner = Runner(
             self._by_capability, self.executor_id, self._progress, self._started, config.secrets
         )
@@ -186,17 +190,11 @@ class Worker(Daemon):
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         """Register, listen for control requests, consume every capability's queues."""
-        await self._emit(
-            Registration(
-                executor_id=self.executor_id,
-                capabilities=tuple(self._by_capability),
-                concurrency=self.config.concurrency,
-                metadata={k: v for e in self._executors for k, v in e.metadata.items()},
-            ),
-            names.event_key("registered", self.executor_id),
-        )
+        registration = _registration(self.config, tuple(self._by_capability), self._executors)
+        await self._emit(registration, names.event_key("registered", self.executor_id))
         self._control = ControlServer(self, self.config.keyring, self.config.signer, self.publisher)
         await self._control.start(await connection.channel())
+        await consume_own_queue(self, connection, tuple(self._by_capability), self._handle)
         hint_for = "add {!r} to topology/wayang.toml and run `wayang-mq topology apply`"
         for capability in self._by_capability:
             for queue_name in await _queues_of(capability, self.queue_exists):
@@ -374,6 +372,20 @@ def _status_of(task_id: str, executor_id: str, runner: Runner, recent: RecentRes
         attempt, outcome = finished.attempt, finished.status
         return TaskStatus(task_id, TaskState.FINISHED, executor_id, attempt, outcome=outcome)
     return TaskStatus(task_id, TaskState.UNKNOWN, executor_id)
+
+
+def _registration(
+    config: WorkerConfig, capabilities: Sequence[str], executors: Sequence[Executor]
+) -> Registration:
+    """What the worker announces: its executors' metadata, and its placement labels over it
+    (the control plane places tasks by them: wayang_mq.core.placement)."""
+    metadata = {k: v for e in executors for k, v in e.metadata.items()} | config.labels
+    return Registration(
+        executor_id=config.executor_id,
+        capabilities=tuple(capabilities),
+        concurrency=config.concurrency,
+        metadata=metadata,
+    )
 
 
 def _replayed(task: Task, body: bytes) -> Replayed:

@@ -185,6 +185,11 @@ class Capability(_Frozen):
                 f"invalid capability name {name!r}: use dotted lowercase words like http.call"
                 " (the first word may not be retry)"
             )
+        if name.split(".", 1)[0] in names.PLACEMENT_WORDS:
+            raise ValueError(
+                f"invalid capability name {name!r}: the first word may not be "
+                f"{' or '.join(names.PLACEMENT_WORDS)} (placement routing keys begin with them)"
+            )
         return name
 
     @property
@@ -291,6 +296,8 @@ class Topology(_Frozen):
         # before a control plane first runs is recorded when it does.
         out.append(QueueSpec(names.RECORD_QUEUE, (*QUORUM, ("x-single-active-consumer", True))))
         out.append(QueueSpec(names.RECORD_REFUSED_QUEUE))
+        # Tasks whose policy needs particular executors, for the control plane to place.
+        out.append(QueueSpec(names.PLACE_QUEUE))
         return tuple(out)
 
     def bindings(self) -> tuple[BindingSpec, ...]:
@@ -312,6 +319,7 @@ class Topology(_Frozen):
             BindingSpec(names.DEAD_LETTER_EXCHANGE, names.REAPER_QUEUE, names.ALL_DEAD_LETTERS)
         )
         out.extend(self._record_bindings())
+        out.extend(BindingSpec(names.TASKS_EXCHANGE, names.PLACE_QUEUE, k) for k in PLACED)
         return tuple(out)
 
     def _record_bindings(self) -> list[BindingSpec]:
@@ -319,6 +327,7 @@ class Topology(_Frozen):
         with the keys the fabric's own queues take: a task for a capability nobody serves
         must stay unroutable (the dispatcher's mandatory publish reports it as no_executor)."""
         out = [BindingSpec(exchange, names.RECORD_QUEUE, key) for exchange, key in RECORDED_FLOWS]
+        out.extend(BindingSpec(names.TASKS_EXCHANGE, names.RECORD_QUEUE, k) for k in PLACED)
         for capability in self.capabilities:
             for key in capability.task_routing_keys:
                 out.append(BindingSpec(names.TASKS_EXCHANGE, names.RECORD_QUEUE, key))
@@ -402,6 +411,11 @@ RECORDED_FLOWS: Final[tuple[tuple[str, str], ...]] = (
     (names.CONTROL_EXCHANGE, "cancel.#"),
     (names.DEAD_LETTER_EXCHANGE, "#"),
 )
+
+
+#: keys on wayang.tasks of tasks for the control plane to place (placed tasks and their retries
+#: come due); a placed copy (executor.<id>) is not recorded again
+PLACED: Final = names.PLACE_BINDINGS
 
 
 def _task_bindings(capability: Capability) -> list[BindingSpec]:
