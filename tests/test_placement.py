@@ -9,7 +9,7 @@ from typing import Any
 
 import aio_pika
 import psycopg
-from wayang_workers.demo import Echo
+from wayang_workers.demo import Echo, Fail
 
 from wayang_mq import Status
 from wayang_mq.amqp.publisher import to_amqp
@@ -20,7 +20,14 @@ from wayang_mq.core import names
 from wayang_mq.core.authority import DECIDED_BY_CONTROL_PLANE
 from wayang_mq.core.envelope import TaskChecks
 from wayang_mq.core.errors import ErrorCode
-from wayang_mq.core.model import Heartbeat, PolicyConstraints, Registration, Result, Task
+from wayang_mq.core.model import (
+    Heartbeat,
+    PolicyConstraints,
+    Registration,
+    Result,
+    RetryHints,
+    Task,
+)
 from wayang_mq.core.signing import KeyRing, Signer
 from wayang_mq.core.wire import WireModel, decode, signed_message, task_message
 from wayang_mq.runtime.executor import Executor
@@ -79,6 +86,31 @@ async def test_labelled_tasks_run_only_on_the_executor_with_those_labels(
         result = await (await dispatcher.submit("demo.echo", {}, policy=pinned)).result(30)
         assert (result.status, result.executor_id) == (Status.SUCCESS, "place-us")
         assert len(us.ran) == 1
+
+
+async def test_a_placed_task_is_placed_again_when_its_retry_comes_due(
+    fabric: Fabric, record_db: str
+) -> None:
+    await fabric.purge_record()
+    async with (
+        fabric.control_plane(record_db),
+        fabric.worker([Fail()], executor_id="retry-eu", labels={"region": "eu"}),
+        fabric.worker([Fail()], executor_id="retry-us", labels={"region": "us"}),
+        fabric.dispatcher() as dispatcher,
+    ):
+        await eventually(lambda: _live(record_db, "retry-eu", "retry-us"), what="registered")
+        # When tasks for region=eu fail their first attempt and are retried
+        retry = RetryHints(max_attempts=2, initial_backoff_ms=1000)
+        once = {"mode": "retryable", "succeed_on_attempt": 2}
+        handles = [
+            await dispatcher.submit("demo.fail", once, policy=EU, retry=retry) for _ in range(4)
+        ]
+        results = [await h.result(30) for h in handles]
+        # Then every second attempt ran on the eu executor too (placed again, not queued for
+        # any executor of the capability)
+        assert {(r.status, r.attempt, r.executor_id) for r in results} == {
+            (Status.SUCCESS, 2, "retry-eu")
+        }
 
 
 async def test_a_policy_no_live_executor_meets_fails_fast_with_the_reason(

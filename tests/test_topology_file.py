@@ -167,6 +167,7 @@ def test_a_minimal_file_gets_the_built_in_defaults(tmp_path: Path) -> None:
         "wayang.reaper",
         "wayang.record",
         "wayang.record.refused",
+        "wayang.place",
     ]
 
 
@@ -186,6 +187,8 @@ MALFORMED = [
         '[capabilities."Demo Echo"]\n', '"Demo Echo"', "invalid capability name", id="bad-name"
     ),
     pytest.param('[capabilities."retry.x"]\n', '"retry.x"', "invalid capability", id="reserved"),
+    pytest.param('[capabilities."place.x"]\n', '"place.x"', "may not be place", id="placed"),
+    pytest.param("[capabilities.executor]\n", "executor", "may not be place", id="executor"),
     pytest.param(
         "[capabilities.demo.echo]\n", 'capabilities."demo".echo', "unknown key", id="unquoted"
     ),
