@@ -187,6 +187,7 @@ def test_a_minimal_file_gets_the_built_in_defaults(tmp_path: Path) -> None:
         "wayang.record.refused",
         "wayang.history",
         "wayang.claims",
+        "wayang.place",
     ]
     # executors' claims reach the control plane's queue, and nothing else does
     claims = [b for b in topology.bindings() if b.destination == "wayang.claims"]
@@ -209,6 +210,8 @@ MALFORMED = [
         '[capabilities."Demo Echo"]\n', '"Demo Echo"', "invalid capability name", id="bad-name"
     ),
     pytest.param('[capabilities."retry.x"]\n', '"retry.x"', "invalid capability", id="reserved"),
+    pytest.param('[capabilities."place.x"]\n', '"place.x"', "may not be place", id="placed"),
+    pytest.param("[capabilities.executor]\n", "executor", "may not be place", id="executor"),
     pytest.param(
         "[capabilities.demo.echo]\n", 'capabilities."demo".echo', "unknown key", id="unquoted"
     ),

@@ -68,7 +68,25 @@ def add(sub: Any) -> None:
         metavar="SECONDS",
         help="how long to wait for the control plane's verdict (default 2)",
     )
+    p.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        default=[],
+        type=_label,
+        metavar="KEY=VALUE",
+        help="a placement label, sent as registration metadata (repeatable): tasks whose "
+        "policy asks for labels run only on executors that have them, e.g. region=eu, "
+        "trust_domain=internal",
+    )
     p.set_defaults(func=_cmd_worker)
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"label {text!r} is not KEY=VALUE (e.g. region=eu)")
+    return key.strip(), value.strip()
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -106,6 +124,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         secrets=secret_provider(settings, args.secrets),
         claims=args.claims,
         claim_timeout_s=args.claim_timeout,
+        labels=dict(args.labels),
     )
     worker = Worker(executors, config)
     asyncio.run(run_until_signal(worker.run, worker.stop, config.keyring.reload))

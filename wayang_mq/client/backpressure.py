@@ -1,6 +1,8 @@
 """Publishing a task with backpressure: mandatory and confirmed; a full queue (the broker's
 nack under ``x-overflow: reject-publish``) is retried with exponential backoff for a bounded
-time, then a typed :class:`Backpressure`; no queue at all is :class:`NoExecutor`."""
+time, then a typed :class:`Backpressure`; no queue at all is :class:`NoExecutor`. A task whose
+policy names an executor or labels is published with routing key ``place.<capability>``, for
+the control plane to place (:mod:`wayang_mq.core.placement`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import aio_pika
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from wayang_mq.amqp.publisher import ConfirmedPublisher, Rejected, Unroutable
-from wayang_mq.core import logs, names
+from wayang_mq.core import logs, names, placement
 from wayang_mq.core.errors import Backpressure, NoExecutor
 from wayang_mq.core.model import Task
 
@@ -52,4 +54,6 @@ async def publish_task(
 
 
 async def _publish(publisher: ConfirmedPublisher, task: Task, message: aio_pika.Message) -> None:
-    await publisher.publish(names.TASKS_EXCHANGE, task.capability, message, mandatory=True)
+    # A task whose policy needs particular executors goes to the control plane (place.<cap>).
+    key = placement.routing_key(task)
+    await publisher.publish(names.TASKS_EXCHANGE, key, message, mandatory=True)

@@ -37,6 +37,7 @@ from wayang_mq.controlplane import claims, store
 from wayang_mq.controlplane.db import DatabaseUnavailable, connect_async, unavailable
 from wayang_mq.controlplane.facts import Delivery, Fact, Refused, read
 from wayang_mq.controlplane.migrate import latest_version
+from wayang_mq.controlplane.placement import Placer
 from wayang_mq.controlplane.supervision import Supervision, SupervisionConfig, supervise
 from wayang_mq.core import logs, names
 from wayang_mq.core.envelope import TaskChecks
@@ -111,6 +112,7 @@ class ControlPlane(Daemon):
         self._database_up = False
         self.supervision: Supervision | None = None
         self._claims: claims.ClaimDesk | None = None
+        self._placer: Placer | None = None
 
     # -- the daemon's parts ---------------------------------------------------------------------
 
@@ -130,6 +132,7 @@ class ControlPlane(Daemon):
         self.supervision = supervise(
             c.supervision, c.signer, c.database_url, c.control_plane_id, self.publisher
         )
+        self._placer = await Placer.start(self)  # tasks with a placement policy
 
     async def teardown(self) -> None:
         """Stop the writer, the supervision and the claims; close the database."""
@@ -142,6 +145,8 @@ class ControlPlane(Daemon):
                 await self._writer
         if self._db is not None:
             await self._db.close()
+        if self._placer is not None:
+            await self._placer.close()
 
     def describe(self) -> dict[str, Any]:
         """The queue it records from and what it has written."""

@@ -94,6 +94,30 @@ CLAIMS_QUEUE = "wayang.claims"
 ALL_DEAD_LETTERS = "#"
 
 
+#: the control plane's placement queue: tasks whose policy needs particular executors
+PLACE_QUEUE = "wayang.place"
+#: what it is bound to on wayang.tasks: new placed tasks, and their retries come due
+PLACE_BINDINGS = ("place.#", "retry.*.place.#")
+#: first words a served capability may not start with: its keys would reach wayang.place or
+#: an executor's own queue (the wire allows them; the topology refuses to serve them)
+PLACEMENT_WORDS = ("place", "executor")
+
+
+def place_routing_key(capability: str) -> str:
+    """Routing key on ``wayang.tasks`` of a task whose policy needs particular executors."""
+    return f"place.{capability}"
+
+
+def executor_queue(executor_id: str) -> str:
+    """One executor's own queue: the tasks the control plane placed on it."""
+    return f"wayang.executor.{executor_id}"
+
+
+def executor_routing_key(executor_id: str) -> str:
+    """Routing key on ``wayang.tasks`` of a task placed on one executor."""
+    return f"executor.{executor_id}"
+
+
 def noreply_routing_key(capability: str) -> str:
     """Where a result goes on ``wayang.results`` when its task named no reply address."""
     return f"noreply.{capability}"

@@ -40,7 +40,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from wayang_mq.amqp.connect import connect
 from wayang_mq.amqp.outcome import discard, requeue, settle
 from wayang_mq.amqp.publisher import ConfirmedPublisher, Rejected, Unroutable, to_amqp
-from wayang_mq.core import names
+from wayang_mq.core import names, placement
 from wayang_mq.core.errors import ConfigError, ErrorCode, PublishFailed, WireError
 from wayang_mq.core.model import Task, new_id, now_ms
 from wayang_mq.core.signing import KeyRing, Signer
@@ -398,7 +398,7 @@ async def _replay_one(
     try:
         await publisher.publish(
             names.TASKS_EXCHANGE,
-            fresh.capability,
+            placement.routing_key(fresh),  # a policy's task is placed again
             to_amqp(task_message(fresh, signer)),
             mandatory=True,
         )

@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from wayang_mq.amqp.frames import writable_headers
 from wayang_mq.amqp.outcome import Kind, LogLine, Outcome, Send, Settle, done
 from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
-from wayang_mq.core import names, retry
+from wayang_mq.core import names, placement, retry
 from wayang_mq.core.envelope import ATTEMPT_HEADERS
 from wayang_mq.core.errors import ErrorCode, SignatureError, WireError
 from wayang_mq.core.fields import TASK_ID_BYTES, printable, valid_id
@@ -131,7 +131,8 @@ class Decider:
             compensates=carried_compensation(message.headers or {}),
             token=carried_token(message.headers or {}),
         )
-        key = names.retry_routing_key(decision.tier.name, task.capability)
+        # a placed task's retry comes due at place.<cap> (retry.<tier>.place.<cap>): placed again
+        key = names.retry_routing_key(decision.tier.name, placement.routing_key(task))
         headers = message.headers or {}
         message_out = derived_message(message.body, headers, task, record, self._signer)
         send = Send(

@@ -60,6 +60,7 @@ from wayang_mq.runtime.claims import DEFAULT_CLAIM_TIMEOUT_S, Claims
 from wayang_mq.runtime.decide import Decider
 from wayang_mq.runtime.executor import Executor, TaskState, TaskStatus, check_capabilities
 from wayang_mq.runtime.middleware import Chain, Executed, Middleware, Opened, Received, Settled
+from wayang_mq.runtime.placement import PolicyGuard, consume_own_queue
 from wayang_mq.runtime.recent import RecentResults
 from wayang_mq.runtime.replays import Replays
 from wayang_mq.runtime.running import Runner, Running
@@ -93,6 +94,7 @@ class WorkerConfig:
     secrets: SecretProvider | None = None  # resolves tasks' {"$secret": name} references
     claims: bool = False  # ask the control plane before running a task (runtime/claims.py)
     claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S  # no verdict by then: run anyway
+    labels: dict[str, str] = field(default_factory=dict)  # placement: region, trust_domain, ...
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -139,8 +141,10 @@ class Worker(Daemon):
         self._recent = RecentResults(config.recent_results, config.recent_results_bytes)
         self._replays = Replays()
         self._checks = config.checks
-        # the built-in layer innermost: every configured layer sees every task first
-        self._chain = Chain((*config.middleware, self._recent))
+        # the policy first (never bypassed); the built-in layer innermost: every configured
+        # layer sees every task first
+        guard = PolicyGuard(config.executor_id, config.labels)
+        self._chain = Chain((guard, *config.middleware, self._recent))
         self._runner = Runner(
             self._by_capability, self.executor_id, self._progress, self._started, config.secrets
         )
@@ -193,6 +197,7 @@ class Worker(Daemon):
         if self._claims is not None:
             self._claims.listen(self._control)
         await self._control.start(await connection.channel())
+        await consume_own_queue(self, connection, tuple(self._by_capability), self._handle)
         hint_for = "add {!r} to topology/wayang.toml and run `wayang-mq topology apply`"
         for capability in self._by_capability:
             for queue_name in await _queues_of(capability, self.queue_exists):
@@ -391,13 +396,16 @@ def _heartbeat(
 
 
 def _registration(
-    config: WorkerConfig, capabilities: tuple[str, ...], executors: Sequence[Executor]
+    config: WorkerConfig, capabilities: Sequence[str], executors: Sequence[Executor]
 ) -> Registration:
+    """What the worker announces: its executors' metadata, and its placement labels over it
+    (the control plane places tasks by them: wayang_mq.core.placement)."""
+    metadata = {k: v for e in executors for k, v in e.metadata.items()} | config.labels
     return Registration(
         executor_id=config.executor_id,
-        capabilities=capabilities,
+        capabilities=tuple(capabilities),
         concurrency=config.concurrency,
-        metadata={k: v for e in executors for k, v in e.metadata.items()},
+        metadata=metadata,
     )
 
 

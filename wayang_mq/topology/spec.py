@@ -197,6 +197,11 @@ class Capability(_Frozen):
                 f"invalid capability name {name!r}: use dotted lowercase words like http.call"
                 " (the first word may not be retry)"
             )
+        if name.split(".", 1)[0] in names.PLACEMENT_WORDS:
+            raise ValueError(
+                f"invalid capability name {name!r}: the first word may not be "
+                f"{' or '.join(names.PLACEMENT_WORDS)} (placement routing keys begin with them)"
+            )
         return name
 
     @property
@@ -307,6 +312,8 @@ class Topology(_Frozen):
         out.append(QueueSpec(names.HISTORY_QUEUE, STREAM))
         # Executors' claims (wayang-mq worker --claims), for whichever control plane is up.
         out.append(QueueSpec(names.CLAIMS_QUEUE))
+        # Tasks whose policy needs particular executors, for the control plane to place.
+        out.append(QueueSpec(names.PLACE_QUEUE))
         return tuple(out)
 
     def bindings(self) -> tuple[BindingSpec, ...]:
@@ -331,6 +338,7 @@ class Topology(_Frozen):
         # The history is bound by the same function: it never sees other flows than the record.
         out.extend(self._record_bindings(names.HISTORY_QUEUE))
         out.append(BindingSpec(names.CONTROL_EXCHANGE, names.CLAIMS_QUEUE, "claim.#"))
+        out.extend(BindingSpec(names.TASKS_EXCHANGE, names.PLACE_QUEUE, k) for k in PLACED)
         return tuple(out)
 
     def _record_bindings(self, queue: str = names.RECORD_QUEUE) -> list[BindingSpec]:
@@ -338,6 +346,7 @@ class Topology(_Frozen):
         with the keys the fabric's own queues take: a task for a capability nobody serves
         must stay unroutable (the dispatcher's mandatory publish reports it as no_executor)."""
         out = [BindingSpec(exchange, queue, key) for exchange, key in RECORDED_FLOWS]
+        out.extend(BindingSpec(names.TASKS_EXCHANGE, queue, k) for k in PLACED)
         for capability in self.capabilities:
             for key in capability.task_routing_keys:
                 out.append(BindingSpec(names.TASKS_EXCHANGE, queue, key))
@@ -431,6 +440,11 @@ RECORDED_FLOWS: Final[tuple[tuple[str, str], ...]] = (
     (names.CONTROL_EXCHANGE, "cancel.#"),
     (names.DEAD_LETTER_EXCHANGE, "#"),
 )
+
+
+#: keys on wayang.tasks of tasks for the control plane to place (placed tasks and their retries
+#: come due); a placed copy (executor.<id>) is not recorded again
+PLACED: Final = names.PLACE_BINDINGS
 
 
 def _task_bindings(capability: Capability) -> list[BindingSpec]:
