@@ -341,18 +341,20 @@ async def answer_duplicates(conn: Conn, task_id: str) -> int:
     if answering is None:
         return 0
     cur = await conn.execute(
+        "SELECT body_sha256, token, reply_to, node_id FROM task_copies"
+        " WHERE task_id = %s AND duplicate AND NOT answered FOR UPDATE",
+        (task_id,),
+    )
+    copies = await cur.fetchall()
+    if not copies:  # the common case: nothing to answer, no result to read
+        return 0
+    cur = await conn.execute(
         "SELECT body FROM results WHERE task_id = %s AND verdict = 'won'", (task_id,)
     )
     won_row = await cur.fetchone()
     if won_row is None:
         return 0
     won = decode(bytes(won_row[0]), Result)
-    cur = await conn.execute(
-        "SELECT body_sha256, token, reply_to, node_id FROM task_copies"
-        " WHERE task_id = %s AND duplicate AND NOT answered FOR UPDATE",
-        (task_id,),
-    )
-    copies = await cur.fetchall()
     for sha, token, reply_to, node_id in copies:
         await _outbox_answer(conn, answering, won, token, reply_to, node_id or won.node_id)
         await conn.execute(

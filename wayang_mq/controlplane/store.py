@@ -16,6 +16,7 @@ The projections follow the rules the record promises (docs/control-plane.md):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Mapping
@@ -49,9 +50,11 @@ def ts(ms: int | None) -> datetime | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
 
 
-async def write(conn: Conn, fact: Fact) -> bool:
-    """Record ``fact`` in one transaction; False when it was recorded before."""
-    async with conn.transaction():
+async def write(conn: Conn, fact: Fact, *, atomic: bool = True) -> bool:
+    """Record ``fact`` in one transaction (a savepoint inside the caller's); False when it
+    was recorded before. ``atomic=False`` writes in the caller's transaction as it is: the
+    caller's batch then stands or falls whole (see the daemon's fast path)."""
+    async with conn.transaction() if atomic else contextlib.nullcontext():
         payload = fact.payload
         if isinstance(payload, Beat):
             return await _beat(conn, payload)
