@@ -208,7 +208,7 @@ def story_lines(story: TaskStory) -> list[str]:
 
 
 def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
-    from wayang_mq.controlplane.queries import AUDIT_CHUNK, audit, reading
+    from wayang_mq.controlplane.queries import AUDIT_CHUNK, audit, reading, reruns
 
     if args.grace < 0:
         raise ConfigError(f"--grace {args.grace} is negative", hint="seconds, e.g. --grace 30")
@@ -221,12 +221,14 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
     with reading(_database(settings)) as conn:
         findings = audit(conn, datetime.now(UTC), args.grace, progress)
+        again = reruns(conn)
     if args.json:
         _print_json(
             {
                 "clean": not findings,
                 "tasks_scanned": scanned[0],
                 "findings": [f.as_json() for f in findings],
+                "reruns_after_redelivery": again,
             }
         )
     elif findings:
@@ -235,4 +237,9 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{len(findings)} finding(s) in {scanned[0]} tasks")
     else:
         print(f"clean: {scanned[0]} tasks, none lost, none run twice, no result without a task")
+    if again and not args.json:
+        print(
+            f"note: {again} attempt(s) ran again after the broker redelivered them (their "
+            "worker died before acking): at-least-once, their first answer is the one kept"
+        )
     return Exit.AUDIT_FAILED if findings else Exit.OK

@@ -281,8 +281,8 @@ async def _result(conn: Conn, seen: ResultSeen) -> None:
     verdict = await _verdict(conn, seen, task)
     await conn.execute(
         "INSERT INTO results (task_id, attempt, token, executor_id, capability, status,"
-        " error_code, verdict, finished_at, key_id, body)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        " error_code, verdict, finished_at, key_id, body, redelivered)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (
             r.task_id,
             r.attempt,
@@ -295,6 +295,7 @@ async def _result(conn: Conn, seen: ResultSeen) -> None:
             ts(r.finished_at_ms),
             seen.signer.key_id,
             seen.body,
+            r.metrics.get("redelivered", 0.0) > 0,
         ),
     )
     if verdict == "retried":

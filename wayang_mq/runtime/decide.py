@@ -68,6 +68,8 @@ class Decider:
         self, capability: str, message: AbstractIncomingMessage, task: Task, result: Result
     ) -> Outcome:
         """The next attempt through a retry tier, a PENDING acceptance, or the final answer."""
+        if message.redelivered:  # ran again after the broker gave it back: the record says so
+            result = result.model_copy(update={"metrics": {**result.metrics, "redelivered": 1.0}})
         if not result.terminal:
             return self.accepted(task, result)
         error = result.error
