@@ -13,6 +13,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
+import psycopg
 import pytest
 from aio_pika.abc import AbstractChannel
 from wayang_workers.demo import Echo, Fail
@@ -21,9 +22,10 @@ from tests.test_cli import wayang
 from wayang_mq.amqp.connect import connect, management_client
 from wayang_mq.amqp.endpoint import with_credentials
 from wayang_mq.amqp.management import ManagementClient
+from wayang_mq.controlplane.history import History
 from wayang_mq.core import names
 from wayang_mq.core.errors import BrokerUnreachable, ConfigError, ErrorCode
-from wayang_mq.core.model import Result, RetryHints, Status, new_id
+from wayang_mq.core.model import PolicyConstraints, Result, RetryHints, Status, Task, new_id
 from wayang_mq.core.wire import DEAD_LETTERED_BY_HEADER, decode
 from wayang_mq.security.accounts import (
     Role,
@@ -35,6 +37,8 @@ from wayang_mq.security.accounts import (
 from wayang_mq.testing.harness import Fabric, eventually
 
 pytestmark = pytest.mark.timeout(120)
+
+QUORUM = {"x-queue-type": "quorum"}
 
 GARBAGE = b"\xc1 not msgpack"
 
@@ -187,6 +191,78 @@ async def test_a_passive_declare_needs_no_permission(accounts: Accounts) -> None
     )
 
 
+async def test_an_executor_claims_and_takes_placed_tasks_on_its_own_queue_only(
+    accounts: Accounts, fabric: Fabric, admin_channel: AbstractChannel
+) -> None:
+    # Given an executor account granted demo.echo, a control plane's account, and another
+    # executor's own queue on the broker
+    executor, url = accounts.url(Role.EXECUTOR, "ex", ("demo.echo",))
+    _, cp_url = accounts.url(Role.CONTROL_PLANE, "cp")
+    other = names.executor_queue("someone-else")
+    await admin_channel.declare_queue(other, durable=True, arguments=QUORUM)
+    mine, instance = names.executor_queue(executor), names.executor_queue(f"{executor}--one")
+    try:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            # When it binds its control queue to its claim replies, and declares and binds its
+            # own executor queue to executor.<me> on wayang.tasks (the broker allows both)
+            control = await channel.declare_queue(
+                f"wayang.control.{executor}", exclusive=True, auto_delete=True
+            )
+            await control.bind(names.CONTROL_EXCHANGE, names.claim_reply_key(executor))
+            own = await channel.declare_queue(mine, durable=True, arguments=QUORUM)
+            await own.bind(names.TASKS_EXCHANGE, names.executor_routing_key(executor))
+            # and claims a task of its capability (it is granted claim.demo.echo)
+            control_exchange = await channel.get_exchange(names.CONTROL_EXCHANGE, ensure=False)
+            await control_exchange.publish(
+                aio_pika.Message(GARBAGE), names.claim_key("demo.echo"), mandatory=True
+            )
+            # Then the control plane's claim reply and the task it places reach it there
+            await _allowed(cp_url, _publish(names.CONTROL_EXCHANGE, f"claim-reply.{executor}"))
+            await _allowed(cp_url, _publish(names.TASKS_EXCHANGE, f"executor.{executor}"))
+            await _arrives(control, "the claim reply on its control queue")
+            await _arrives(own, "the placed task on its own queue")
+        # and an instance of the account may have a queue of its own, and consume it
+        await _allowed(url, _bind(instance, names.TASKS_EXCHANGE, f"executor.{executor}--one"))
+        await _allowed(url, _consume(mine))
+
+        # While it cannot claim for a capability it does not serve, nor take another
+        # executor's claim replies
+        await _refused(url, _publish(names.CONTROL_EXCHANGE, "claim.payment.charge"))
+        control_queue = f"wayang.control.{executor}"
+        exclusive = {"exclusive": True, "auto_delete": True}
+        await _refused(
+            url,
+            _bind(control_queue, names.CONTROL_EXCHANGE, "claim-reply.someone-else", **exclusive),
+        )
+        # nor bind its own queue to another executor's placed tasks, or to all of them, or to
+        # any task (read on wayang.tasks is for executor.<me> alone)
+        for key in ("executor.someone-else", "executor.#", "demo.echo", "#"):
+            await _refused(url, _bind(mine, names.TASKS_EXCHANGE, key, passive=True))
+        # nor declare or consume another executor's queue
+        await _refused(url, _bind(names.executor_queue("x"), names.TASKS_EXCHANGE, "executor.x"))
+        await _refused(url, _consume(other))
+        # nor publish any task, placed or not: write on wayang.tasks stays closed
+        for key in (f"executor.{executor}", "place.demo.echo", "demo.echo"):
+            await _refused(url, _publish(names.TASKS_EXCHANGE, key))
+    finally:
+        await _drop_queues(fabric, mine, instance, other)
+        await (await admin_channel.get_queue(names.CLAIMS_QUEUE, ensure=False)).purge()
+
+
+async def _arrives(queue: aio_pika.abc.AbstractQueue, what: str) -> None:
+    got: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+    async def arrived() -> bool:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is not None:
+            got.append(message)
+        return bool(got)
+
+    await eventually(arrived, what=what)
+
+
 # -- dispatchers --------------------------------------------------------------------------------
 
 
@@ -215,6 +291,30 @@ async def test_a_dispatcher_reads_only_its_own_replies(accounts: Accounts, fabri
     await _drop_queues(accounts.fabric, mine, names.reply_queue(second))
 
 
+async def test_a_dispatcher_publishes_placed_tasks_for_its_capabilities_only(
+    accounts: Accounts, fabric: Fabric, admin_channel: AbstractChannel
+) -> None:
+    # Given dispatchers granted demo.echo, the pattern demo.*, and every key (#)
+    _, echo_url = accounts.url(Role.DISPATCHER, "disp", ("demo.echo",))
+    _, pattern_url = accounts.url(Role.DISPATCHER, "disp", ("demo.*",))
+    _, every_url = accounts.url(Role.DISPATCHER, "disp", ("#",))
+    try:
+        for url in (echo_url, pattern_url, every_url):
+            # Then each may publish demo.echo tasks, and those whose policy needs particular
+            # executors (place.demo.echo, for the control plane to place)
+            await _allowed(url, _publish(names.TASKS_EXCHANGE, "demo.echo"))
+            await _allowed(url, _publish(names.TASKS_EXCHANGE, "place.demo.echo"))
+            # but never put a task on one executor: only the control plane places, "#" or not
+            await _refused(url, _publish(names.TASKS_EXCHANGE, "executor.some-worker"))
+        # And placed tasks are held to the capabilities too
+        for url in (echo_url, pattern_url):
+            await _refused(url, _publish(names.TASKS_EXCHANGE, "place.payment.charge"))
+        await _allowed(every_url, _publish(names.TASKS_EXCHANGE, "place.payment.charge"))
+    finally:
+        await fabric.purge("demo.echo", "payment.charge")
+        await (await admin_channel.get_queue(names.PLACE_QUEUE, ensure=False)).purge()
+
+
 async def _drop_queues(fabric: Fabric, *queues: str) -> None:
     connection = await aio_pika.connect(fabric.endpoint.amqp_url)
     async with connection:
@@ -227,10 +327,11 @@ async def _drop_queues(fabric: Fabric, *queues: str) -> None:
 
 
 async def test_a_control_plane_consumes_the_record_and_publishes_only_what_it_must(
-    accounts: Accounts,
+    accounts: Accounts, admin_channel: AbstractChannel
 ) -> None:
-    # Given a control-plane account
+    # Given a control-plane account (and an executor's own queue on the broker)
     cp, url = accounts.url(Role.CONTROL_PLANE, "cp")
+    await admin_channel.declare_queue(names.executor_queue("ex-someone"))
 
     # Then it cannot consume a task queue, another queue of the fabric, or the reaper's
     await _refused(url, _consume(names.task_queue("demo.echo")))
@@ -248,8 +349,20 @@ async def test_a_control_plane_consumes_the_record_and_publishes_only_what_it_mu
     # nor read results or events with its own queues
     await _refused(url, _bind(mine, names.RESULTS_EXCHANGE, "#", **own))
 
-    # While it may consume wayang.record
-    await _allowed(url, _consume(names.RECORD_QUEUE))
+    # nor consume an executor's own queue, nor claim like an executor
+    await _refused(url, _consume(names.executor_queue("ex-someone")))
+    await _refused(url, _publish(names.CONTROL_EXCHANGE, "claim.demo.echo"))
+
+    # While it may consume wayang.record, the claims and the tasks to place
+    for queue in (names.RECORD_QUEUE, names.CLAIMS_QUEUE, names.PLACE_QUEUE):
+        await _allowed(url, _consume(queue))
+    # and read the history (as `wayang-mq events` and `wayang-mq db rebuild` do)
+    async with History(url, first_wait_s=0.2) as history:
+        await history.last_offset()
+    # answer an executor's claims, and place a task on an executor
+    await _allowed(url, _publish(names.CONTROL_EXCHANGE, "claim-reply.ex-someone--1"))
+    await _allowed(url, _publish(names.TASKS_EXCHANGE, "executor.ex-someone"))
+    await admin_channel.queue_delete(names.executor_queue("ex-someone"))
     # re-dispatch a task of any capability, answer from the record (to a reply address or
     # none), cancel and ask for status
     await _allowed(url, _publish(names.TASKS_EXCHANGE, "payment.charge"))
@@ -292,6 +405,82 @@ async def test_a_control_plane_under_its_account_records_and_files_what_it_refus
         await eventually(filed, what="the refused copy in wayang.record.refused")
         assert copies[0].user_id == cp
         assert plane.counts.refused >= 1
+
+
+def _rows(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return list(conn.execute(sql, params).fetchall())
+
+
+class CountingEcho(Echo):
+    """``demo.echo`` that remembers which tasks it ran."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    async def execute(self, task: Task) -> Any:
+        self.ran.append(task.task_id)
+        return await super().execute(task)
+
+
+async def test_role_accounts_claim_and_place_with_the_control_plane(
+    accounts: Accounts, fabric: Fabric, record_db: str
+) -> None:
+    # Given a control plane, a dispatcher and (later) a worker with claims and a label, each
+    # under its own role account
+    await fabric.purge_record()
+    await fabric.purge("demo.echo")
+    cp, cp_url = accounts.url(Role.CONTROL_PLANE, "cp")
+    executor, executor_url = accounts.url(Role.EXECUTOR, "ex", ("demo.echo",))
+    dispatcher_id, dispatcher_url = accounts.url(Role.DISPATCHER, "disp", ("demo.echo",))
+    echo = CountingEcho()
+    async with (
+        fabric.control_plane(record_db, amqp_url=cp_url, control_plane_id=cp),
+        fabric.dispatcher(
+            amqp_url=dispatcher_url, dispatcher_id=dispatcher_id, supervision=None
+        ) as dispatcher,
+    ):
+        # and a task queued while no worker runs, its cancel recorded
+        cancelled = await dispatcher.submit("demo.echo", {"n": 0})
+        assert await dispatcher.cancel(cancelled.task_id, reason="changed my mind")
+        await eventually(
+            lambda: (
+                _rows(record_db, "SELECT 1 FROM cancels WHERE task_id = %s", cancelled.task_id)
+                != []
+            ),
+            what="the cancel recorded",
+        )
+        async with fabric.worker(
+            [echo],
+            amqp_url=executor_url,
+            executor_id=executor,
+            claims=True,
+            labels={"region": "eu"},
+        ):
+            # When the worker takes it, Then its claim is answered cancelled (the claim went
+            # out and the verdict came back under the accounts): it never runs
+            result = await cancelled.result(30)
+            assert result.status is Status.FAILED and result.error is not None
+            assert result.error.code is ErrorCode.CANCELLED
+            # When a task asks for region=eu (place.demo.echo, published by the dispatcher)
+            await eventually(
+                lambda: (
+                    _rows(
+                        record_db,
+                        "SELECT 1 FROM executors WHERE executor_id = %s AND state = 'live'"
+                        " AND registered_at IS NOT NULL",
+                        executor,
+                    )
+                    != []
+                ),
+                what="the worker registered in the record",
+            )
+            eu = PolicyConstraints(labels={"region": "eu"})
+            placed = await (await dispatcher.submit("demo.echo", {"n": 1}, policy=eu)).result(30)
+        # Then the control plane placed it on the worker's own queue, where it ran
+        assert (placed.status, placed.executor_id) == (Status.SUCCESS, executor)
+        assert echo.ran == [placed.task_id]
+    await _drop_queues(fabric, names.reply_queue(dispatcher_id), names.executor_queue(executor))
 
 
 # -- the whole fabric under role accounts ------------------------------------------------------

@@ -314,6 +314,12 @@ def test_dev_records_the_demo_in_its_database_which_another_terminal_finds(
     assert {"demo.sleep", "demo.fail"} <= {row[0] for row in finished}
     executors = _rows(url, "SELECT executor_id FROM executors")
     assert ("demo-0",) in executors
+    # and the demo workers claimed them first (--claims, under their executor accounts)
+    claimed = _rows(
+        url, "SELECT t.capability, c.executor_id FROM claims c JOIN tasks t USING (task_id)"
+    )
+    assert {"demo.sleep", "demo.fail"} <= {capability for capability, _ in claimed}
+    assert {executor for _, executor in claimed} <= {"demo-0", "demo-1"}
     # and nothing the fabric sent was refused
     assert _rows(url, "SELECT coalesce(sum(count), 0) FROM refusals") == [(0,)]
     # And `wayang-mq db migrate` there finds the same database, already up to date

@@ -14,10 +14,12 @@ from wayang_mq.cli.exits import Exit
 from wayang_mq.config import Settings
 
 _ROLES = {
-    "executor": "consumes its capabilities' queues; publishes results, events, retries",
+    "executor": "consumes its capabilities' queues and its own; publishes results, events, "
+    "retries, claims",
     "dispatcher": "publishes tasks, cancels and status requests; reads its own replies",
     "reaper": "answers the broker's dead letters (wayang.reaper)",
-    "control-plane": "consumes wayang.record; re-dispatches, answers and cancels from it",
+    "control-plane": "consumes wayang.record, claims and place; re-dispatches, places, "
+    "answers and cancels",
 }
 
 

@@ -351,8 +351,20 @@ def _daemons(stack: _Stack, log_dir: Path) -> list[DaemonSpec]:
     cli = (sys.executable, "-m", "wayang_mq.cli")
     signing, accounts = stack.signing, stack.accounts
     specs = []
+    # --claims: the control plane runs here, so a task id runs once across the demo workers
+    # and a recorded cancel stops a worker that never heard it (with the control plane down,
+    # a claim goes unanswered for --claim-timeout and the task runs anyway)
     for executor_id, url in accounts.workers.items():
-        command = (*cli, "worker", *DEMO_EXECUTORS, "--id", executor_id, "--concurrency", "16")
+        command = (
+            *cli,
+            "worker",
+            *DEMO_EXECUTORS,
+            "--id",
+            executor_id,
+            "--concurrency",
+            "16",
+            "--claims",
+        )
         log_path = log_dir / f"{executor_id}.log"
         env = base | {"WAYANG_AMQP_URL": url, "WAYANG_SIGNING_KEY": str(signing[executor_id])}
         specs.append(DaemonSpec(executor_id, "worker", command, env, log_path))

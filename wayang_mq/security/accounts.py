@@ -60,6 +60,8 @@ INSTANCE_SEPARATOR: Final = "--"
 _INSTANCE: Final = r"(?:--[a-z0-9_-]+)?"
 _WORD: Final = r"[^.]+"  # one routing-key word (dispatcher ids, tier names)
 _ANY_KEY: Final = r".+"  # task ids are free-form: per-task keys cannot be narrowed further
+#: a key that is not ``executor.<id>`` (a lookahead: RabbitMQ's regexes are PCRE)
+_NOT_PLACED: Final = r"(?!executor\.)"
 _PASSWORD_BYTES: Final = 24  # 32 URL-safe characters, 192 bits
 
 
@@ -160,16 +162,23 @@ def capability_pattern(pattern: str) -> str:
 
 
 def executor_account(executor_id: str, capabilities: Sequence[str]) -> Account:
-    """Consumes its capabilities' task queues (and shards) and its own control queue;
-    publishes results, its own events, retries and dead copies for its capabilities, and
-    status reports; never tasks, never to the default exchange or ``wayang.dlx``."""
+    """Consumes its capabilities' task queues (and shards), its own control queue and its own
+    executor queue (``wayang.executor.<me>``, which it declares and binds to
+    ``executor.<me>`` on ``wayang.tasks``: the tasks the control plane placed on it); asks
+    the control plane for claims (``claim.<its capabilities>``) and reads their replies
+    (``claim-reply.<me>``, on its control queue); publishes results, its own events,
+    retries (``retry.<tier>.<cap>`` and ``retry.<tier>.place.<cap>``) and dead copies for
+    its capabilities, and status reports. Never tasks (write on ``wayang.tasks`` stays
+    closed: reading it is only for binding its own key), never another executor's placed
+    tasks, never to the default exchange or ``wayang.dlx``."""
     me = _lit(_check_id(executor_id)) + _INSTANCE
     caps = _any_of([_lit(c) for c in _check_capabilities(capabilities)])
     control_queue = _lit("wayang.control.") + me
+    own_queue = _lit(names.executor_queue("")) + me
     task_queues = _lit("wayang.task.") + caps + r"(?:\.[0-9]+)?"
     permissions = Permissions(
-        configure=_names(control_queue),
-        # queue.bind needs write on the queue: its own control queue
+        configure=_names(control_queue, own_queue),
+        # queue.bind needs write on the queue: its own control and executor queues
         write=_names(
             *map(
                 _lit,
@@ -182,9 +191,17 @@ def executor_account(executor_id: str, capabilities: Sequence[str]) -> Account:
                 ),
             ),
             control_queue,
+            own_queue,
         ),
-        # bind needs read on the source exchange: wayang.control, for cancel and status
-        read=_names(task_queues, control_queue, _lit(names.CONTROL_EXCHANGE)),
+        # bind needs read on the source exchange: wayang.control (cancel, status, claim
+        # replies) and wayang.tasks (executor.<me> only, by the topic permission below)
+        read=_names(
+            task_queues,
+            control_queue,
+            own_queue,
+            _lit(names.CONTROL_EXCHANGE),
+            _lit(names.TASKS_EXCHANGE),
+        ),
     )
     topics = (
         TopicPermission(
@@ -197,25 +214,31 @@ def executor_account(executor_id: str, capabilities: Sequence[str]) -> Account:
             write=_names(r"(?:heartbeat|registered)\." + me, r"(?:progress|attempt)\." + _ANY_KEY),
             read=NOTHING,
         ),
-        # retries of its capabilities, and compensations, which name their own capability:
-        # the attempt record it signs is what receivers check (docs/security.md §7)
+        # retries of its capabilities (placed ones as retry.<tier>.place.<cap>), and
+        # compensations, which name their own capability: the attempt record it signs is
+        # what receivers check (docs/security.md §7)
         TopicPermission(
             names.RETRY_EXCHANGE, write=_names(r"retry\." + _WORD + r"\." + _ANY_KEY), read=NOTHING
         ),
         TopicPermission(names.DEAD_COPY_EXCHANGE, write=_names(caps), read=NOTHING),
         TopicPermission(
             names.CONTROL_EXCHANGE,
-            write=_names(r"status-reply\." + _WORD),
-            read=_names(r"cancel\.#", r"status\.#"),
+            write=_names(r"status-reply\." + _WORD, r"claim\." + caps),
+            read=_names(r"cancel\.#", r"status\.#", r"claim-reply\." + me),
         ),
-        *_closed(names.TASKS_EXCHANGE, names.DEAD_LETTER_EXCHANGE),
+        # the binding of its own queue: publishing stays closed (vhost write, and here)
+        TopicPermission(names.TASKS_EXCHANGE, write=NOTHING, read=_names(r"executor\." + me)),
+        *_closed(names.DEAD_LETTER_EXCHANGE),
     )
     return Account(executor_id, Role.EXECUTOR, permissions, topics)
 
 
 def dispatcher_account(dispatcher_id: str, capabilities: Sequence[str]) -> Account:
-    """Publishes tasks for its capabilities (or patterns), cancels and status requests;
-    declares, binds and reads only its own reply, status-reply and heartbeat-watch queues."""
+    """Publishes tasks for its capabilities (or patterns), with their capability as key or,
+    when their policy needs particular executors, ``place.<capability>``; cancels and status
+    requests; declares, binds and reads only its own reply, status-reply and heartbeat-watch
+    queues. Never ``executor.<id>``, whatever its patterns: only the control plane places a
+    task on one executor."""
     me = _lit(_check_id(dispatcher_id)) + _INSTANCE
     if not capabilities:
         raise ConfigError("a dispatcher account needs at least one capability or pattern")
@@ -238,7 +261,12 @@ def dispatcher_account(dispatcher_id: str, capabilities: Sequence[str]) -> Accou
     )
     reply_key = r"reply\." + me
     topics = (
-        TopicPermission(names.TASKS_EXCHANGE, write=_names(caps), read=NOTHING),
+        # a pattern such as "#" would match executor.<id> too: only the control plane places
+        TopicPermission(
+            names.TASKS_EXCHANGE,
+            write=_names(_NOT_PLACED + caps, r"place\." + caps),
+            read=NOTHING,
+        ),
         TopicPermission(names.RESULTS_EXCHANGE, write=_names(reply_key), read=_names(reply_key)),
         TopicPermission(
             names.CONTROL_EXCHANGE,
@@ -283,12 +311,16 @@ def reaper_account(reaper_id: str) -> Account:
 
 
 def control_plane_account(control_plane_id: str) -> Account:
-    """Consumes ``wayang.record`` (its record of every flow, bound by the topology) and puts
-    the copies it refuses in ``wayang.record.refused``; publishes re-dispatched tasks of any
-    capability, results answered from the record (``reply.*``, ``noreply.*``), cancels and
-    status requests; declares, binds and reads only its own ``wayang.cp.<id>[.<name>]``
-    queues (its status replies among them). It consumes no task queue and never publishes to
-    ``wayang.dlx``, retries or dead copies.
+    """Consumes ``wayang.record`` (its record of every flow, bound by the topology),
+    ``wayang.claims`` (executors' claims) and ``wayang.place`` (tasks to place), reads the
+    ``wayang.history`` stream (``wayang-mq events`` and ``db rebuild`` run as this role),
+    and puts the copies it refuses in ``wayang.record.refused``. It publishes claim replies
+    (``claim-reply.<executor>``), placed tasks (``executor.<id>``), re-dispatched tasks of any
+    capability, results answered from the record (``reply.*``, ``noreply.*``: duplicates,
+    no executor for a policy, re-dispatch notices), cancels and status requests; declares,
+    binds and reads only its own ``wayang.cp.<id>[.<name>]`` queues (its status replies among
+    them). It consumes no task queue and never publishes to ``wayang.dlx``, retries or dead
+    copies.
 
     The refused copies go through the default exchange, which RabbitMQ checks as write on
     ``amq.default`` alone: not a topic exchange, so no routing key narrows it, and the account
@@ -312,10 +344,23 @@ def control_plane_account(control_plane_id: str) -> Account:
             own_queues,
         ),
         # bind needs read on the source exchange: wayang.control, for its status replies
-        read=_names(_lit(names.RECORD_QUEUE), own_queues, _lit(names.CONTROL_EXCHANGE)),
+        read=_names(
+            *map(
+                _lit,
+                (
+                    names.RECORD_QUEUE,
+                    names.CLAIMS_QUEUE,
+                    names.PLACE_QUEUE,
+                    names.HISTORY_QUEUE,
+                    names.CONTROL_EXCHANGE,
+                ),
+            ),
+            own_queues,
+        ),
     )
     topics = (
-        # re-dispatches: the next attempt of a task of any capability
+        # any key: re-dispatches of a task of any capability (its capability, or place.<cap>)
+        # and placed tasks (executor.<id>)
         TopicPermission(names.TASKS_EXCHANGE, write=_names(_ANY_KEY), read=NOTHING),
         TopicPermission(
             names.RESULTS_EXCHANGE,
@@ -324,7 +369,7 @@ def control_plane_account(control_plane_id: str) -> Account:
         ),
         TopicPermission(
             names.CONTROL_EXCHANGE,
-            write=_names(r"(?:cancel|status)\." + _ANY_KEY),
+            write=_names(r"(?:cancel|status)\." + _ANY_KEY, r"claim-reply\." + _WORD),
             read=_names(r"status-reply\." + me),
         ),
         *_closed(
