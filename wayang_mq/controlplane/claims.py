@@ -381,7 +381,10 @@ async def _outbox_answer(
         error=won.error,
     )
     message = signed_message(answer, answering.signer, message_id=won.task_id)
-    routing_key = reply_to or names.noreply_routing_key(won.capability)
+    # Only a reply address takes an answer (the control plane's account may publish nowhere
+    # else on wayang.results); any other reply_to is answered at noreply.<cap>.
+    valid = reply_to and names.valid_reply_address(reply_to)
+    routing_key = reply_to if valid else names.noreply_routing_key(won.capability)
     await conn.execute(
         "INSERT INTO outbox (exchange, routing_key, body, headers, message_id, type)"
         " VALUES (%s, %s, %s, %s, %s, %s)",

@@ -45,7 +45,7 @@ import psycopg
 from wayang_mq.amqp.publisher import ConfirmedPublisher
 from wayang_mq.controlplane import outbox
 from wayang_mq.controlplane.db import DatabaseUnavailable, connect_async
-from wayang_mq.core import logs, names
+from wayang_mq.core import logs, names, placement
 from wayang_mq.core.envelope import attempt_headers
 from wayang_mq.core.errors import ConfigError, WireError
 from wayang_mq.core.model import AttemptRecord, Task, new_id, now_ms
@@ -192,11 +192,12 @@ async def _redispatch(
         " state = 'queued', executor_id = NULL WHERE task_id = %s",
         (attempt, token, record.deadline_ms, issued.task_id),
     )
-    if issued.reply_to:
+    if issued.reply_to and names.valid_reply_address(issued.reply_to):
         notice = signed_message(record, signer, message_id=issued.task_id)
         await outbox.put(conn, names.RESULTS_EXCHANGE, issued.reply_to, notice)
     task = _task(issued, record, signed, signer)
-    await outbox.put(conn, names.TASKS_EXCHANGE, issued.capability, task)
+    # a placed task goes back through placement (its policy still holds)
+    await outbox.put(conn, names.TASKS_EXCHANGE, placement.routing_key(issued), task)
 
 
 def _task(
