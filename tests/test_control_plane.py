@@ -5,12 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import aio_pika
 import psycopg
 from wayang_workers.demo import Echo, Fail
 
 from wayang_mq import Status
+from wayang_mq.controlplane import store
+from wayang_mq.controlplane.facts import Delivery, read
 from wayang_mq.controlplane.migrate import migrate
-from wayang_mq.core.model import RetryHints
+from wayang_mq.core.envelope import TaskChecks
+from wayang_mq.core.model import RetryHints, Task
+from wayang_mq.core.names import RECORD_REFUSED_QUEUE, RESULTS_EXCHANGE, TASKS_EXCHANGE
+from wayang_mq.core.wire import task_message
 from wayang_mq.testing.harness import Fabric, eventually
 
 
@@ -93,3 +99,50 @@ async def test_a_retried_task_has_one_row_per_attempt(fabric: Fabric, record_db:
             task.task_id,
         )
         assert verdicts == [(1, "retried"), (2, "won")]
+
+
+async def test_the_same_message_read_twice_is_written_once(record_db: str, fabric: Fabric) -> None:
+    # Given one signed task as the record would receive it, read twice (a redelivery after a
+    # control plane died, or a second instance, or a rebuild from the stream)
+    task = Task.create("demo.echo", {"n": 1}, issuer="")
+    message = task_message(task, fabric.signer)
+    delivery = Delivery(
+        exchange=TASKS_EXCHANGE,
+        routing_key="demo.echo",
+        body=message.body,
+        headers=message.headers,
+        message_id=task.task_id,
+    )
+    checks = TaskChecks()
+    first, second = (read(delivery, fabric.keyring, checks) for _ in range(2))
+    async with await psycopg.AsyncConnection.connect(record_db, autocommit=True) as conn:
+        # Then the first write records it and the second changes nothing
+        assert await store.write(conn, first) is True
+        assert await store.write(conn, second) is False
+    assert _rows(record_db, "SELECT count(*) FROM facts WHERE task_id = %s", task.task_id) == [(1,)]
+    assert _rows(
+        record_db, "SELECT count(*) FROM task_copies WHERE task_id = %s", task.task_id
+    ) == [(1,)]
+
+
+async def test_an_unverifiable_message_is_counted_and_set_aside_never_written(
+    fabric: Fabric, record_db: str
+) -> None:
+    await fabric.purge_record()
+    async with fabric.control_plane(record_db) as cp:
+        connection = await aio_pika.connect(fabric.endpoint.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(RESULTS_EXCHANGE)
+            # a result nobody signed, naming a task id
+            await exchange.publish(
+                aio_pika.Message(b"\x81\xa7task_id\xa6forged", message_id="forged"),
+                routing_key="reply.someone",
+            )
+            await eventually(lambda: cp.counts.refused == 1, what="the forged result refused")
+            refused = await channel.get_queue(RECORD_REFUSED_QUEUE, ensure=False)
+            kept = await refused.get(no_ack=True, fail=False)
+    assert kept is not None and kept.message_id == "forged"
+    assert "bad_signature" in str((kept.headers or {})["wayang-refused-reason"])
+    assert _rows(record_db, "SELECT reason, count FROM refusals") == [("bad_signature", 1)]
+    assert _rows(record_db, "SELECT count(*) FROM facts") == [(0,)]

@@ -28,6 +28,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import ChannelNotFoundEntity
 
 from wayang_mq.amqp.connect import connect
+from wayang_mq.amqp.outcome import discard, settle
 from wayang_mq.controlplane.facts import Delivery
 from wayang_mq.core import names
 from wayang_mq.core.errors import ConfigError, TopologyError
@@ -190,7 +191,8 @@ class History:
                     return
                 wait = idle_s
                 offset = offset_of(message)
-                await message.ack()  # credit for the next one; a stream removes nothing
+                # the ack is credit for the next one: a stream removes nothing
+                await settle(message, discard(None))
                 if offset <= seen:
                     continue
                 seen = offset

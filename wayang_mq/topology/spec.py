@@ -384,8 +384,8 @@ class Topology(_Frozen):
         # oldest goes first (garbage anyone can publish must not fill the broker).
         queue = names.RECORD_REFUSED_QUEUE
         definition: Pairs = (
-            ("max-length-bytes", self.defaults.dead_max_bytes),
             ("overflow", "drop-head"),
+            ("max-length-bytes", self.defaults.dead_max_bytes),
         )
         return PolicySpec(queue, exact_pattern(queue), definition)
 
