@@ -9,7 +9,7 @@ import aio_pika
 import psycopg
 from wayang_workers.demo import Echo, Fail
 
-from wayang_mq import Status
+from wayang_mq import ErrorCode, Status
 from wayang_mq.controlplane import store
 from wayang_mq.controlplane.facts import Delivery, read
 from wayang_mq.controlplane.migrate import migrate
@@ -17,6 +17,7 @@ from wayang_mq.core.envelope import TaskChecks
 from wayang_mq.core.model import RetryHints, Task
 from wayang_mq.core.names import RECORD_REFUSED_QUEUE, RESULTS_EXCHANGE, TASKS_EXCHANGE
 from wayang_mq.core.wire import task_message
+from wayang_mq.ops.deadletters import replay
 from wayang_mq.testing.harness import Fabric, eventually
 
 
@@ -146,3 +147,47 @@ async def test_an_unverifiable_message_is_counted_and_set_aside_never_written(
     assert "bad_signature" in str((kept.headers or {})["wayang-refused-reason"])
     assert _rows(record_db, "SELECT reason, count FROM refusals") == [("bad_signature", 1)]
     assert _rows(record_db, "SELECT count(*) FROM facts") == [(0,)]
+
+
+async def test_a_replayed_dead_letters_new_result_is_recorded_beside_the_first(
+    fabric: Fabric, record_db: str
+) -> None:
+    await fabric.purge_record()
+    await fabric.purge("demo.echo")
+    await fabric.purge_reaper()
+    async with (
+        fabric.control_plane(record_db),
+        fabric.reaper(),
+        fabric.dispatcher(supervision=None) as dispatcher,
+    ):
+        # Given a task that expired with no worker, answered FAILED timeout by the reaper
+        handle = await dispatcher.submit("demo.echo", {"replay": 1}, queue_timeout_s=0.5)
+        first = await handle.result(30)
+        assert first.error is not None and first.error.code is ErrorCode.TIMEOUT
+        # When an operator replays its dead letter with a worker running
+        async with fabric.worker([Echo()]):
+            (outcome,) = await replay(
+                fabric.endpoint.amqp_url,
+                "demo.echo",
+                keyring=fabric.keyring,
+                signer=fabric.signer,
+                task_id=handle.task_id,
+            )
+            assert outcome.replayed
+
+            # Then the record keeps the replay's SUCCESS as 'replayed' beside the first answer
+            def verdicts() -> list[tuple[Any, ...]]:
+                return _rows(
+                    record_db,
+                    "SELECT status, verdict FROM results WHERE task_id = %s ORDER BY seq",
+                    handle.task_id,
+                )
+
+            await eventually(lambda: len(verdicts()) == 2, what="the replay's result recorded")
+    assert verdicts() == [("FAILED", "won"), ("SUCCESS", "replayed")]
+    task = _rows(
+        record_db,
+        "SELECT status, error_code, replayed_at IS NOT NULL FROM tasks WHERE task_id = %s",
+        handle.task_id,
+    )
+    assert task == [("FAILED", "timeout", True)]

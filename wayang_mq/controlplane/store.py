@@ -180,8 +180,10 @@ async def _task(conn: Conn, seen: TaskSeen) -> None:
         return
     if task.token == token:
         # The same dispatch again (a re-send, a replay of its dead letter, a re-dispatch by
-        # the control plane that keeps the token): a copy, never a duplicate.
-        await _copy(conn, seen, sha, duplicate=False)
+        # the control plane that keeps the token): a copy, never a duplicate. New bytes of a
+        # finished task are a replay (`wayang-mq dead replay` reissues it with a fresh
+        # deadline): its run's result is recorded as 'replayed'.
+        await _copy(conn, seen, sha, duplicate=False, replay=state == "finished")
         if task.attempt > attempt:
             await _set_attempt(conn, seen, "queued", token, decided_by)
         return
@@ -246,12 +248,27 @@ async def _new_task(conn: Conn, seen: TaskSeen) -> None:
     await _finish_from_results(conn, task.task_id)
 
 
-async def _copy(conn: Conn, seen: TaskSeen, sha: bytes, *, duplicate: bool) -> None:
-    await conn.execute(
+async def _copy(
+    conn: Conn, seen: TaskSeen, sha: bytes, *, duplicate: bool, replay: bool = False
+) -> None:
+    cur = await conn.execute(
         "INSERT INTO task_copies (task_id, token, body_sha256, reply_to, publisher, seen_at,"
-        " duplicate) VALUES (%s, %s, %s, %s, %s, now(), %s) ON CONFLICT DO NOTHING",
-        (seen.task.task_id, seen.task.token, sha, seen.task.reply_to, seen.publisher, duplicate),
+        " duplicate, replay) VALUES (%s, %s, %s, %s, %s, now(), %s, %s) ON CONFLICT DO NOTHING"
+        " RETURNING task_id",
+        (
+            seen.task.task_id,
+            seen.task.token,
+            sha,
+            seen.task.reply_to,
+            seen.publisher,
+            duplicate,
+            replay,
+        ),
     )
+    if replay and await cur.fetchone() is not None:
+        await conn.execute(
+            "UPDATE tasks SET replayed_at = now() WHERE task_id = %s", (seen.task.task_id,)
+        )
 
 
 async def _set_attempt(conn: Conn, seen: TaskSeen, state: str, token: str, decided_by: str) -> None:
@@ -330,7 +347,15 @@ async def _verdict(conn: Conn, seen: ResultSeen, task: Any) -> str:
     cur = await conn.execute(
         "SELECT 1 FROM results WHERE task_id = %s AND verdict = 'won'", (r.task_id,)
     )
-    return "duplicate" if await cur.fetchone() else "won"
+    if await cur.fetchone() is None:
+        return "won"
+    # A replay's run (one result per replayed copy) is kept as such, not as a duplicate.
+    cur = await conn.execute(
+        "UPDATE task_copies SET answered = true WHERE ctid = (SELECT ctid FROM task_copies"
+        " WHERE task_id = %s AND token = %s AND replay AND NOT answered LIMIT 1) RETURNING 1",
+        (r.task_id, r.token),
+    )
+    return "replayed" if await cur.fetchone() else "duplicate"
 
 
 async def _finish(conn: Conn, seen: ResultSeen) -> None:
