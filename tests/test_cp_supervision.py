@@ -159,3 +159,35 @@ async def test_a_dispatcher_still_there_takes_attempt_2s_result(
         survivor.executor_id,
     )
     assert dispatcher.pending_tasks() == []
+
+
+async def test_a_lost_executors_task_with_no_attempt_left_is_answered_failed(
+    fabric: Fabric, record_db: str
+) -> None:
+    await fabric.purge_record()
+    await fabric.purge("demo.sleep")
+    async with fabric.control_plane(record_db, supervision=FAST) as cp:
+        # Given a long-running task with one attempt only, accepted by an executor
+        doomed = await _started(fabric, "LongSleep", "cp-last")
+        async with fabric.dispatcher(supervision=NO_REASSIGN) as dispatcher:
+            task = dispatcher.task("demo.sleep", {"seconds": 30})
+            handle = await dispatcher.submit_task(task)
+            assert (await handle.accepted(15)).executor_id == "cp-last"
+            await eventually(
+                lambda: _task_state(record_db, task.task_id) == ("pending", "cp-last"),
+                what="the task recorded pending on cp-last",
+            )
+            # When its executor is killed: it may not run again (max_attempts 1)
+            await _killed_and_lost(doomed, record_db)
+            # Then the control plane answers it FAILED, and the dispatcher hands that out
+            result = await handle.result(30)
+    assert result.status is Status.FAILED and result.error is not None
+    assert result.error.code.value == "executor_error" and "cp-last" in result.error.message
+    assert result.executor_id == f"control-plane:{cp.config.control_plane_id}"
+    await eventually(
+        lambda: (
+            _rows(record_db, "SELECT state, status FROM tasks WHERE task_id = %s", task.task_id)
+            == [("finished", "FAILED")]
+        ),
+        what="the record has it finished FAILED",
+    )

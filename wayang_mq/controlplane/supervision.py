@@ -13,7 +13,8 @@ heartbeat and every task's state in its record, so it watches them all: every
   so the broker keeps its delivery). Other tasks of a dead executor come back from the broker
   when its connection closes; re-dispatching them too would run them twice. Tasks pinned to
   that executor (``policy.executor_id``), cancelled ones, and those at their issuer's
-  ``max_attempts`` are not re-dispatched: their attempt is recorded lost.
+  ``max_attempts`` are not re-dispatched: their attempt is recorded lost and the control
+  plane answers them FAILED (``executor_error``, or ``cancelled``), so none waits forever.
 
 A re-dispatch is the issuer's signed task, byte for byte, with an attempt record signed by
 the control plane: the next attempt, a fresh queue window, and a new token, so the lost
@@ -46,9 +47,10 @@ from wayang_mq.amqp.publisher import ConfirmedPublisher
 from wayang_mq.controlplane import outbox
 from wayang_mq.controlplane.db import DatabaseUnavailable, connect_async
 from wayang_mq.core import logs, names, placement
+from wayang_mq.core.authority import DECIDED_BY_CONTROL_PLANE
 from wayang_mq.core.envelope import attempt_headers
-from wayang_mq.core.errors import ConfigError, WireError
-from wayang_mq.core.model import AttemptRecord, Task, new_id, now_ms
+from wayang_mq.core.errors import ConfigError, ErrorCode, WireError
+from wayang_mq.core.model import AttemptRecord, ErrorInfo, Result, Task, new_id, now_ms
 from wayang_mq.core.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Signer
 from wayang_mq.core.wire import PARTITION_KEY_HEADER, WireMessage, decode, signed_message
 
@@ -85,7 +87,7 @@ class Swept:
 
 _ORPHANS = """
 SELECT t.task_id, t.attempt, t.max_attempts, t.executor_id, t.body, t.key_header,
-       t.signature_header, t.cancel_requested_at IS NOT NULL
+       t.signature_header, t.cancel_requested_at IS NOT NULL, t.token
 FROM tasks t JOIN executors e ON e.executor_id = t.executor_id
 WHERE e.state = 'lost' AND t.state IN ('running', 'pending')
   AND (t.heartbeat_timeout_ms IS NOT NULL OR t.state = 'pending')
@@ -128,11 +130,14 @@ async def _orphan(
     conn: Conn, row: tuple[Any, ...], signer: Signer, decider: str
 ) -> tuple[str, dict[str, Any]]:
     """Record a lost executor's task's attempt lost, and re-dispatch it if it may be."""
-    task_id, attempt, max_attempts, executor, body, key_id, signature, cancelled = row
+    task_id, attempt, max_attempts, executor, body, key_id, signature, cancelled, token = row
     body = bytes(body)
     await _lose(conn, task_id, attempt)
     why = _why_not(body, attempt, max_attempts, cancelled)
     if why is not None:
+        if why != _UNDECODABLE:  # nobody else will answer it: the control plane does
+            current = decode(body, Task).model_copy(update={"attempt": attempt, "token": token})
+            await _answer_lost(conn, current, executor, why, cancelled, (signer, decider))
         return "task.lost", {"task_id": task_id, "executor": executor, "why": why}
     issued = decode(body, Task)
     await _redispatch(conn, issued, attempt + 1, (body, key_id, signature), signer, decider)
@@ -153,8 +158,35 @@ def _why_not(body: bytes, attempt: int, max_attempts: int, cancelled: bool) -> s
         if decode(body, Task).policy.executor_id is not None:
             return "pinned to its executor (policy.executor_id)"
     except WireError:
-        return "its recorded body does not decode"
+        return _UNDECODABLE
     return None
+
+
+_UNDECODABLE = "its recorded body does not decode"
+
+
+async def _answer_lost(
+    conn: Conn, task: Task, executor: str, why: str, cancelled: bool, me: tuple[Signer, str]
+) -> None:
+    """A task whose executor was lost and that may not run again ends FAILED, answered by
+    the control plane (``control-plane:<id>``) at its reply address, so no task is left
+    waiting on an executor that is gone."""
+    if cancelled:
+        error = ErrorInfo(code=ErrorCode.CANCELLED, message=f"cancelled; executor {executor} lost")
+    else:
+        error = ErrorInfo(
+            code=ErrorCode.EXECUTOR_ERROR,
+            message=f"executor {executor} was lost (no heartbeat) running attempt "
+            f"{task.attempt}, and the task is not re-dispatched: {why}",
+            retryable=True,
+        )
+    signer, control_plane_id = me
+    result = Result.failure(task, f"{DECIDED_BY_CONTROL_PLANE}{control_plane_id}", error)
+    key = task.reply_to if names.valid_reply_address(task.reply_to) else None
+    message = signed_message(result, signer, message_id=task.task_id)
+    await outbox.put(
+        conn, names.RESULTS_EXCHANGE, key or names.noreply_routing_key(task.capability), message
+    )
 
 
 async def _lose(conn: Conn, task_id: str, attempt: int) -> None:
