@@ -117,7 +117,8 @@ class _Progress:
 
 def _cmd_control_plane(args: argparse.Namespace, settings: Settings) -> int:
     from wayang_mq.config import broker_endpoint, keyring, signer
-    from wayang_mq.controlplane.daemon import ControlPlane, ControlPlaneConfig
+    from wayang_mq.controlplane.config import ControlPlaneConfig
+    from wayang_mq.controlplane.daemon import ControlPlane
     from wayang_mq.topology.spec import load_topology
 
     topology = load_topology(settings.topology)

@@ -41,7 +41,7 @@ import logging
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 from aio_pika.abc import AbstractIncomingMessage
@@ -50,6 +50,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from wayang_mq.amqp.outcome import discard, settle
 from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
+from wayang_mq.controlplane.config import ControlPlaneConfig, Host
 from wayang_mq.controlplane.db import DatabaseUnavailable, connect_async, unavailable
 from wayang_mq.core import logs, names
 from wayang_mq.core.authority import DECIDED_BY_CONTROL_PLANE, check_executor_event
@@ -57,9 +58,6 @@ from wayang_mq.core.errors import WayangError
 from wayang_mq.core.model import Claim, ClaimReply, ClaimVerdict, Result, Task
 from wayang_mq.core.signing import Signer
 from wayang_mq.core.wire import decode, open_signed, signed_message
-
-if TYPE_CHECKING:  # the daemon imports the store, which imports this module
-    from wayang_mq.controlplane.daemon import ControlPlane, ControlPlaneConfig
 
 log = logging.getLogger("wayang_mq.controlplane.claims")
 
@@ -88,7 +86,7 @@ ANSWERING: ContextVar[Answering | None] = ContextVar("wayang_answering", default
 # -- the control plane's hook -----------------------------------------------------------------
 
 
-async def start(cp: ControlPlane) -> ClaimDesk | None:
+async def start(cp: Host) -> ClaimDesk | None:
     """Answer duplicates with the control plane's key and consume ``wayang.claims``; called
     from the daemon's ``start`` before its writer starts. Without a key nothing is signed."""
     config = cp.config

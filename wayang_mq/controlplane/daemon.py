@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -34,50 +34,18 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from wayang_mq.amqp.daemon import Daemon
 from wayang_mq.amqp.outcome import LogLine, Send, discard, done, requeue, settle
 from wayang_mq.controlplane import claims, store
+from wayang_mq.controlplane.config import ControlPlaneConfig
 from wayang_mq.controlplane.db import DatabaseUnavailable, connect_async, unavailable
 from wayang_mq.controlplane.facts import Delivery, Fact, Refused, read
 from wayang_mq.controlplane.migrate import latest_version
 from wayang_mq.controlplane.placement import Placer
-from wayang_mq.controlplane.supervision import Supervision, SupervisionConfig, supervise
+from wayang_mq.controlplane.supervision import Supervision, supervise
 from wayang_mq.core import logs, names
 from wayang_mq.core.envelope import TaskChecks
-from wayang_mq.core.errors import ConfigError
-from wayang_mq.core.model import DEFAULT_AUDIENCE
-from wayang_mq.core.signing import KeyRing, Signer
-from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES
 
 log = logging.getLogger("wayang_mq.controlplane")
 
 REFUSED_REASON_HEADER = "wayang-refused-reason"
-
-
-@dataclass(frozen=True)
-class ControlPlaneConfig:
-    """How one control plane runs; built once by the CLI or a test."""
-
-    amqp_url: str = field(repr=False)
-    database_url: str = field(repr=False)
-    keyring: KeyRing  # what verifies here is what the fabric's receivers would act on
-    signer: Signer | None = None  # the control plane's own key (re-dispatches, answers)
-    control_plane_id: str = field(default_factory=lambda: names.default_id("control-plane"))
-    prefetch: int = 256  # deliveries held: what one transaction may write at most
-    batch: int = 128  # facts written per transaction
-    grace_s: float = 10.0
-    audience: str = DEFAULT_AUDIENCE
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    health_port: int | None = None
-    retry_max_s: float = 5.0  # longest wait between database reconnects
-    # lost executors and their tasks' re-dispatch (None: this instance only records)
-    supervision: SupervisionConfig | None = field(default_factory=SupervisionConfig)
-
-    def __post_init__(self) -> None:
-        if self.prefetch < 1 or self.batch < 1:
-            raise ConfigError("prefetch and batch must be at least 1")
-        if not names.valid_word(self.control_plane_id):
-            raise ConfigError(
-                f"control plane id {self.control_plane_id!r} must be lowercase letters, "
-                "digits, '-' or '_'"
-            )
 
 
 @dataclass

@@ -22,7 +22,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aio_pika
 import psycopg
@@ -31,6 +31,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from wayang_mq.amqp.outcome import Kind, LogLine, Outcome, Send, Settle, discard, done, requeue
 from wayang_mq.amqp.outcome import settle as settle_delivery
 from wayang_mq.amqp.publisher import to_amqp
+from wayang_mq.controlplane.config import Host
 from wayang_mq.controlplane.db import connect_async
 from wayang_mq.core import logs, names
 from wayang_mq.core.authority import DECIDED_BY_CONTROL_PLANE
@@ -40,9 +41,6 @@ from wayang_mq.core.model import ErrorInfo, PolicyConstraints, Result, Task
 from wayang_mq.core.placement import CAPABILITY_HEADER, has, needs, unmet
 from wayang_mq.core.signing import Signer
 from wayang_mq.core.wire import signed_message
-
-if TYPE_CHECKING:
-    from wayang_mq.controlplane.daemon import ControlPlane
 
 log = logging.getLogger("wayang_mq.controlplane.placement")
 
@@ -102,7 +100,7 @@ def reason(capability: str, policy: PolicyConstraints, live: list[Choice]) -> st
 class Placer:
     """Consumes ``wayang.place`` for one control plane: forwards or answers each task."""
 
-    def __init__(self, daemon: ControlPlane, signer: Signer) -> None:
+    def __init__(self, daemon: Host, signer: Signer) -> None:
         self._daemon = daemon
         self._signer = signer
         config = daemon.config
@@ -112,7 +110,7 @@ class Placer:
         self._connecting = asyncio.Lock()
 
     @classmethod
-    async def start(cls, daemon: ControlPlane) -> Placer | None:
+    async def start(cls, daemon: Host) -> Placer | None:
         """Consume ``wayang.place``; without a signing key there is no answering, so none."""
         if daemon.config.signer is None:
             logs.event(log, "placement.disabled", logging.WARNING, reason="no signing key")

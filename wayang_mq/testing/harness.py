@@ -25,7 +25,8 @@ import aio_pika
 from wayang_mq.amqp.connect import management_client
 from wayang_mq.amqp.endpoint import BrokerEndpoint
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
-from wayang_mq.controlplane.daemon import ControlPlane, ControlPlaneConfig
+from wayang_mq.controlplane.config import ControlPlaneConfig
+from wayang_mq.controlplane.daemon import ControlPlane
 from wayang_mq.core import names
 from wayang_mq.core.signing import KeyRing, Signer, write_keypair
 from wayang_mq.ops.reaper import Reaper, ReaperConfig
