@@ -39,7 +39,7 @@ async def test_a_worker_answers_health_probes_ready_then_draining(fabric: Fabric
         assert health["daemon"] == "worker"
         assert health["state"] == "ready"
         assert health["connected"] is True
-        assert health["consumers"] == 1
+        assert health["consumers"] == 2  # demo.sleep's queue, and its own (placed tasks)
         assert health["details"]["capabilities"] == "demo.sleep"
 
         async with fabric.dispatcher() as dispatcher:

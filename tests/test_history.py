@@ -10,18 +10,23 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
+import aio_pika
 import psycopg
 import pytest
 from wayang_workers.demo import Echo, Fail
 
 from wayang_mq import Status
+from wayang_mq.amqp.publisher import to_amqp
 from wayang_mq.controlplane.history import History, parse_start
 from wayang_mq.controlplane.migrate import migrate
 from wayang_mq.controlplane.rebuild import rebuild
 from wayang_mq.core.errors import ConfigError
-from wayang_mq.core.model import RetryHints
+from wayang_mq.core.model import RetryHints, Task
+from wayang_mq.core.names import TASKS_EXCHANGE
+from wayang_mq.core.wire import task_message
 from wayang_mq.testing.harness import Fabric, eventually
 from wayang_mq.testing.plugin import fresh_database
 
@@ -171,13 +176,27 @@ def test_a_stream_position_is_an_offset_a_name_an_instant_or_a_duration_ago() ->
 
 
 async def test_db_rebuild_replays_into_an_empty_database_and_refuses_a_filled_one(
-    fabric: Fabric, record_db: str, fabric_env: dict[str, str]
+    fabric: Fabric, record_db: str, fabric_env: dict[str, str], postgres: str
 ) -> None:
-    # Given a task run after a known offset, and an empty migrated database
+    # Given a task run after a known offset, recorded (so appended to the history) by a
+    # control plane on another database, and an empty migrated database
+    await fabric.purge_record()
     start = await _next_offset(fabric)
-    async with fabric.worker([Echo()]), fabric.dispatcher() as dispatcher:
-        handle = await dispatcher.submit("demo.echo", {"via": "rebuild"})
-        assert (await handle.result(30)).status is Status.SUCCESS
+    with fresh_database(postgres) as live:
+        migrate(live)
+        async with (
+            fabric.control_plane(live),
+            fabric.worker([Echo()]),
+            fabric.dispatcher() as dispatcher,
+        ):
+            handle = await dispatcher.submit("demo.echo", {"via": "rebuild"})
+            assert (await handle.result(30)).status is Status.SUCCESS
+
+            def recorded() -> bool:
+                sql = "SELECT state FROM tasks WHERE task_id = %s"
+                return _rows(live, sql, handle.task_id) == [("finished",)]
+
+            await eventually(recorded, what="the task recorded finished")
     env = fabric_env | {"WAYANG_DATABASE_URL": record_db}
 
     # When `wayang-mq db rebuild` replays the history from there, twice
@@ -192,3 +211,35 @@ async def test_db_rebuild_replays_into_an_empty_database_and_refuses_a_filled_on
     assert states == [("finished",)]
     assert second.returncode == 2
     assert second.stderr.startswith("wayang-mq: error: the database already holds a record")
+
+
+async def test_headers_that_crash_a_stream_conversion_reach_the_history_packed(
+    fabric: Fabric, record_db: str
+) -> None:
+    # Given a signed task published with header values RabbitMQ 3.10 cannot convert for a
+    # stream (a decimal, an array of tables: rabbitmq-server#3564), while a control plane runs
+    await fabric.purge_record()
+    await fabric.purge("demo.echo")
+    start = await _next_offset(fabric)
+    task = Task.create("demo.echo", {"odd": "headers"})
+    wire = task_message(task, fabric.signer)
+    odd = {"price": Decimal("12.50"), "hops": [{"via": "eu", "n": 1}]}
+    async with fabric.control_plane(record_db) as cp:
+        connection = await aio_pika.connect(fabric.endpoint.amqp_url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(TASKS_EXCHANGE)
+            message = to_amqp(wire)
+            message.headers = {**(message.headers or {}), **odd}
+            await exchange.publish(message, routing_key="demo.echo")
+            # Then the publisher's channel survives, the task is recorded
+            assert not channel.is_closed
+        await eventually(lambda: cp.counts.written >= 1, what="the task recorded")
+    # and its history entry holds the headers as they were published
+    async with History(fabric.endpoint.amqp_url) as history:
+        end = await history.last_offset()
+        assert end is not None and end >= start
+        entries = [e async for e in history.entries(start, end=end)]
+    (entry,) = [e for e in entries if e.delivery.message_id == task.task_id]
+    assert {k: entry.delivery.headers[k] for k in odd} == odd
+    await fabric.purge("demo.echo")

@@ -32,7 +32,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from wayang_mq.amqp.daemon import Daemon
-from wayang_mq.amqp.outcome import LogLine, Send, discard, done, requeue, settle
+from wayang_mq.amqp.outcome import LogLine, Send, done, requeue, settle
 from wayang_mq.controlplane import claims, store
 from wayang_mq.controlplane.config import ControlPlaneConfig
 from wayang_mq.controlplane.db import DatabaseUnavailable, connect_async, unavailable
@@ -42,10 +42,27 @@ from wayang_mq.controlplane.placement import Placer
 from wayang_mq.controlplane.supervision import Supervision, supervise
 from wayang_mq.core import logs, names
 from wayang_mq.core.envelope import TaskChecks
+from wayang_mq.core.errors import ConfigError
 
 log = logging.getLogger("wayang_mq.controlplane")
 
 REFUSED_REASON_HEADER = "wayang-refused-reason"
+HISTORY_ENTRY_TYPE = "wayang.history-entry.v1"  # a packed Delivery (facts.Delivery.to_bytes)
+
+
+def _delivery(message: AbstractIncomingMessage) -> Delivery:
+    """What the record reads of a delivery (and what the history keeps of it)."""
+    return Delivery(
+        exchange=message.exchange or "",
+        routing_key=message.routing_key or "",
+        body=message.body,
+        headers=message.headers or {},
+        message_id=message.message_id,
+        user_id=message.user_id,
+        reply_to=message.reply_to,
+        type=message.type,
+        timestamp_ms=int(message.timestamp.timestamp() * 1000) if message.timestamp else None,
+    )
 
 
 @dataclass
@@ -92,6 +109,10 @@ class ControlPlane(Daemon):
     async def start(self, connection: AbstractRobustConnection) -> None:
         """Consume ``wayang.record`` (single active consumer) and start the writer."""
         self._claims = await claims.start(self)  # first: the writer answers with its key
+        if not await self.queue_exists(names.HISTORY_QUEUE):
+            raise ConfigError(
+                f"queue {names.HISTORY_QUEUE} does not exist", hint="run `wayang-mq topology apply`"
+            )
         self._writer = asyncio.create_task(self._write_loop())
         await self.consume(
             names.RECORD_QUEUE, self._received, hint="run `wayang-mq topology apply`"
@@ -149,7 +170,8 @@ class ControlPlane(Daemon):
                     await settle(message, requeue(message.message_id, "a bug (logged above)"))
 
     async def _write_batch(self, batch: list[AbstractIncomingMessage]) -> None:
-        read_out = [self._read(message) for message in batch]
+        deliveries = [_delivery(message) for message in batch]
+        read_out = [self._read(message, d) for message, d in zip(batch, deliveries, strict=True)]
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(DatabaseUnavailable),
             wait=wait_exponential(multiplier=0.2, max=self.config.retry_max_s),
@@ -157,21 +179,18 @@ class ControlPlane(Daemon):
         ):
             with attempt:
                 outcomes = await self._commit(read_out)
-        for message, (outcome_kind, detail) in zip(batch, outcomes, strict=True):
-            await self._settle(message, outcome_kind, detail)
-
-    def _read(self, message: AbstractIncomingMessage) -> Fact | Refused:
-        delivery = Delivery(
-            exchange=message.exchange or "",
-            routing_key=message.routing_key or "",
-            body=message.body,
-            headers=message.headers or {},
-            message_id=message.message_id,
-            user_id=message.user_id,
-            reply_to=message.reply_to,
-            type=message.type,
-            timestamp_ms=int(message.timestamp.timestamp() * 1000) if message.timestamp else None,
+        # Settled together: each publishes (the history, or the refused copy) and waits for
+        # its confirm, so the confirms of a batch overlap instead of queueing one by one.
+        await asyncio.gather(
+            *(
+                self._settle(message, delivery, kind, detail)
+                for message, delivery, (kind, detail) in zip(
+                    batch, deliveries, outcomes, strict=True
+                )
+            )
         )
+
+    def _read(self, message: AbstractIncomingMessage, delivery: Delivery) -> Fact | Refused:
         try:
             return read(delivery, self.config.keyring, self._checks)
         except Refused as refused:
@@ -222,7 +241,9 @@ class ControlPlane(Daemon):
             return "refused", f"write_failed: {exc}"
         return ("written" if written else "repeated"), ""
 
-    async def _settle(self, message: AbstractIncomingMessage, kind: str, detail: str) -> None:
+    async def _settle(
+        self, message: AbstractIncomingMessage, delivery: Delivery, kind: str, detail: str
+    ) -> None:
         if kind == "refused":
             self.counts.refused += 1
             copy = aio_pika.Message(
@@ -247,7 +268,16 @@ class ControlPlane(Daemon):
             self.counts.written += 1
         else:
             self.counts.repeated += 1
-        await settle(message, discard(message.message_id), self.publisher)
+        # Recorded (now or before a crash): appended to the history, then acked. Appended
+        # again after a redelivery: a rebuild writes it once, by its digest.
+        entry = aio_pika.Message(
+            delivery.to_bytes(),
+            type=HISTORY_ENTRY_TYPE,
+            message_id=message.message_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        send = Send("", names.HISTORY_QUEUE, entry, unconfirmed_event="history.unconfirmed")
+        await settle(message, done(message.message_id or "", send), self.publisher)
 
     # -- the database ---------------------------------------------------------------------------
 

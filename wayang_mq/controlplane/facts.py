@@ -33,7 +33,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
+
+import msgpack
 
 from wayang_mq.core import names
 from wayang_mq.core.authority import check_cancel, check_executor_event, check_result
@@ -82,6 +86,21 @@ class Delivery:
     timestamp_ms: int | None = None
     type: str | None = None  # the AMQP type property (a notice on wayang.results has its own)
 
+    def to_bytes(self) -> bytes:
+        """The delivery as one msgpack map: what ``wayang.history`` stores. The stream gets
+        our bytes, not the message's AMQP headers: RabbitMQ 3.10 converts a stream message's
+        headers to AMQP 1.0, and some types anyone may publish (a decimal, an array of tables)
+        crash the publishing channel there (rabbitmq-server#3564)."""
+        fields = {f: getattr(self, f) for f in self.__slots__}
+        fields["headers"] = dict(self.headers)
+        return bytes(msgpack.packb(fields, use_bin_type=True, default=_to_history))
+
+    @classmethod
+    def from_bytes(cls, packed: bytes) -> Delivery:
+        """A delivery read back from ``wayang.history`` (see :meth:`to_bytes`)."""
+        fields = msgpack.unpackb(packed, raw=False, object_hook=_from_history)
+        return cls(**fields)
+
     def digest(self) -> bytes:
         """Identity of the message: where it went, its body, and what its headers add that
         changes its meaning (an attempt record, the broker's death count)."""
@@ -100,6 +119,27 @@ class Delivery:
         if by is not None:
             h.update(b"\0by\0" + str(by).encode("utf-8", "replace"))
         return h.digest()
+
+
+_INSTANT = "$wayang-instant-ms"  # a datetime header value (x-death's time), in the history
+_DECIMAL = "$wayang-decimal"
+
+
+def _to_history(value: Any) -> Any:
+    if isinstance(value, datetime):
+        aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return {_INSTANT: int(aware.timestamp() * 1000)}
+    if isinstance(value, Decimal):
+        return {_DECIMAL: str(value)}
+    raise TypeError(f"no history form for {type(value).__name__}")
+
+
+def _from_history(value: dict[str, Any]) -> Any:
+    if len(value) == 1 and _INSTANT in value:
+        return datetime.fromtimestamp(value[_INSTANT] / 1000, UTC)
+    if len(value) == 1 and _DECIMAL in value:
+        return Decimal(value[_DECIMAL])
+    return value
 
 
 @dataclass(frozen=True, slots=True)

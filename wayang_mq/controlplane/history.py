@@ -1,7 +1,9 @@
 """Reading ``wayang.history``: the record's flows kept as a RabbitMQ stream, for replay.
 
-``wayang.history`` is bound exactly like ``wayang.record`` (see ``Topology._record_bindings``),
-but it is a stream: reading removes nothing, and any reader can start anywhere. Over AMQP
+``wayang.history`` holds what the control plane read from ``wayang.record`` and did not refuse,
+appended by the control plane itself after it wrote it (one packed delivery per message, see
+:meth:`~wayang_mq.controlplane.facts.Delivery.to_bytes`), in the order it wrote them. It is a
+stream: reading removes nothing, and any reader can start anywhere. Over AMQP
 0-9-1 a stream consumer must set a prefetch and ack manually (the acks are credit, not
 removal), and says where to start in the consume argument ``x-stream-offset``: ``first``,
 ``last`` (the start of the last chunk), ``next``, an offset, or a timestamp (the first chunk
@@ -74,20 +76,10 @@ def parse_start(text: str, *, now: datetime | None = None) -> Start:
 
 
 def delivery_of(message: AbstractIncomingMessage) -> Delivery:
-    """A stream delivery as the record reads it (the broker's offset header left out, so a
-    fact read from the history has the same digest as when read from ``wayang.record``)."""
-    headers = {k: v for k, v in (message.headers or {}).items() if k != OFFSET_HEADER}
-    stamp = message.timestamp
-    return Delivery(
-        exchange=message.exchange or "",
-        routing_key=message.routing_key or "",
-        body=message.body,
-        headers=headers,
-        message_id=message.message_id,
-        user_id=message.user_id,
-        reply_to=message.reply_to,
-        timestamp_ms=int(stamp.timestamp() * 1000) if stamp else None,
-    )
+    """A history entry as the record read it (the control plane appended it packed: see
+    :meth:`~wayang_mq.controlplane.facts.Delivery.to_bytes`), so a fact read from the history
+    has the same digest as when it was read from ``wayang.record``."""
+    return Delivery.from_bytes(message.body)
 
 
 def offset_of(message: AbstractIncomingMessage) -> int:

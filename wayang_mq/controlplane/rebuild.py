@@ -1,6 +1,7 @@
 """``wayang-mq db rebuild``: a fresh database made again from ``wayang.history``.
 
-The history holds every message ``wayang.record`` received (same bindings), so replaying it
+The history holds every message the control plane recorded from ``wayang.record`` (it appends
+each after writing it), so replaying it
 through the control plane's own reading (:func:`facts.read`, verified with the same key ring)
 and writing (:func:`store.write`) gives the same record. Facts are keyed by digest, and a
 stream delivery yields the same digest as the record's, so the result does not depend on

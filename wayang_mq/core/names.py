@@ -86,8 +86,8 @@ REAPER_QUEUE = "wayang.reaper"
 #: the control plane's record of every flow (single active consumer), and what it refused
 RECORD_QUEUE = "wayang.record"
 RECORD_REFUSED_QUEUE = "wayang.record.refused"
-#: a stream (append-only, read from any offset) bound exactly like the record: the history
-#: that `wayang-mq events` reads and `wayang-mq db rebuild` replays
+#: a stream (append-only, read from any offset) the control plane appends what it recorded to:
+#: the history that `wayang-mq events` reads and `wayang-mq db rebuild` replays
 HISTORY_QUEUE = "wayang.history"
 #: the control plane's claims: executors ask there whether a task may run (see claim_key)
 CLAIMS_QUEUE = "wayang.claims"
