@@ -282,3 +282,15 @@ def test_a_closed_port_is_broker_unreachable_with_a_hint() -> None:
         client.overview()
     assert "127.0.0.1:9" in caught.value.message
     assert caught.value.hint is not None and "wayang-mq dev" in caught.value.hint
+
+
+def test_a_topology_without_the_record_declares_no_queue_that_would_grow_unread(
+    tmp_path: Path,
+) -> None:
+    topology = _load(tmp_path, '[defaults]\nrecord = false\n[capabilities."demo.echo"]\n')
+    queues = {q.name for q in topology.queues()}
+    assert not queues & {names.RECORD_QUEUE, names.RECORD_REFUSED_QUEUE, names.HISTORY_QUEUE}
+    assert not [b for b in topology.bindings() if b.destination == names.RECORD_QUEUE]
+    assert not [p for p in topology.policies() if p.name == names.HISTORY_QUEUE]
+    # and the default file records
+    assert names.RECORD_QUEUE in {q.name for q in load_topology(DEFAULT_TOPOLOGY_PATH).queues()}

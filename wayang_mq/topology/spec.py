@@ -172,6 +172,9 @@ class QueueLimits(_Frozen):
     # An age is RabbitMQ's: a number and one of Y M D h m s ("7D", "12h").
     history_max_age: Annotated[str, Field(pattern=r"^[1-9][0-9]*[YMDhms]$")] = "7D"
     history_max_bytes: Count = 10 * 1024 * 1024 * 1024
+    # The control plane's record (wayang.record bound to every flow, wayang.history): on by
+    # default. Off, nothing is recorded, and no queue grows where no control plane runs.
+    record: bool = True
 
     @model_validator(mode="after")
     def _at_least_once_needs_reject_publish(self) -> Self:
@@ -306,10 +309,11 @@ class Topology(_Frozen):
         # The control plane's record: bound to every flow, consumed by one control plane at a
         # time (single active consumer: the others stand by). Declared here, so what flows
         # before a control plane first runs is recorded when it does.
-        out.append(QueueSpec(names.RECORD_QUEUE, (*QUORUM, ("x-single-active-consumer", True))))
-        out.append(QueueSpec(names.RECORD_REFUSED_QUEUE))
-        # The history: the record's flows again, kept as a stream for replay and rebuilds.
-        out.append(QueueSpec(names.HISTORY_QUEUE, STREAM))
+        if self.defaults.record:
+            out.append(QueueSpec(names.RECORD_QUEUE, (*QUORUM, ("x-single-active-consumer", True))))
+            out.append(QueueSpec(names.RECORD_REFUSED_QUEUE))
+            # The history: what the control plane recorded, kept as a stream for replay.
+            out.append(QueueSpec(names.HISTORY_QUEUE, STREAM))
         # Executors' claims (wayang-mq worker --claims), for whichever control plane is up.
         out.append(QueueSpec(names.CLAIMS_QUEUE))
         # Tasks whose policy needs particular executors, for the control plane to place.
@@ -334,7 +338,8 @@ class Topology(_Frozen):
         out.append(
             BindingSpec(names.DEAD_LETTER_EXCHANGE, names.REAPER_QUEUE, names.ALL_DEAD_LETTERS)
         )
-        out.extend(self._record_bindings())
+        if self.defaults.record:
+            out.extend(self._record_bindings())
         # wayang.history has no binding: the control plane appends what it recorded (a stream
         # bound to the flows would take hostile headers that crash RabbitMQ 3.10's conversion).
         out.append(BindingSpec(names.CONTROL_EXCHANGE, names.CLAIMS_QUEUE, "claim.#"))
@@ -364,7 +369,7 @@ class Topology(_Frozen):
             tuple(self._capability_policy(c) for c in self.capabilities)
             + tuple(self._dead_policy(c) for c in self.capabilities)
             + tuple(self._tier_policy(t) for t in self.retry_tiers)
-            + (self._refused_policy(), self._history_policy())
+            + ((self._refused_policy(), self._history_policy()) if self.defaults.record else ())
         )
 
     def _history_policy(self) -> PolicySpec:
