@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = Path(tmp) / "keys"
         write_keypair(keys)
         print(f"==> applying topology and bench queues on RabbitMQ {broker.version}", flush=True)
-        _run_async(_prepare(broker.endpoint))
+        _run_async(_prepare(broker.endpoint, args.topology))
         outcomes = _run_async(_bench_all(args, systems, broker, keys, Path(tmp)))
     found = ratios(outcomes)
     report = {
@@ -275,6 +275,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--py-spy", type=Path, metavar="DIR", help="sample each worker's first round into DIR"
     )
+    parser.add_argument(
+        "--topology",
+        type=Path,
+        default=ROOT / "topology" / "wayang.toml",
+        help="the topology applied (e.g. one with record = false, to price the record)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     return parser
 
@@ -314,8 +320,8 @@ def _broker(tmp: Path) -> Iterator[Broker]:
         node.kill()
 
 
-async def _prepare(endpoint: BrokerEndpoint) -> None:
-    topology = load_topology(ROOT / "topology" / "wayang.toml")
+async def _prepare(endpoint: BrokerEndpoint, topology_path: Path) -> None:
+    topology = load_topology(topology_path)
     await apply_topology(topology, endpoint.amqp_url, management_client(endpoint))
     await declare_raw_topology(endpoint.amqp_url)
 
