@@ -19,6 +19,7 @@ from wayang_mq.config import Settings
 from wayang_mq.core.errors import ConfigError
 
 if TYPE_CHECKING:
+    from wayang_mq.controlplane.facts import Payload
     from wayang_mq.controlplane.history import Entry, Start
     from wayang_mq.core.envelope import TaskChecks
     from wayang_mq.core.signing import KeyRing
@@ -83,8 +84,9 @@ def describe(entry: Entry, keyring: KeyRing, checks: TaskChecks) -> EventLine:
 Fields = tuple[str, str | None, str | None, int | None, str | None, int | None]
 
 
-def _fields(p: Any) -> Fields:
-    """kind, task id, executor, attempt, status, time (ms) of a verified payload."""
+def _fields(p: Payload) -> Fields:
+    """kind, task id, executor, attempt, status, time (ms) of a verified payload (typed as
+    the union, so a new kind of fact is a type error here until it is shown)."""
     from wayang_mq.controlplane import facts
 
     if isinstance(p, facts.TaskSeen):
@@ -108,6 +110,9 @@ def _fields(p: Any) -> Fields:
     if isinstance(p, facts.CancelSeen):
         c = p.request
         return "cancel", c.task_id, None, None, None, c.requested_at_ms
+    if isinstance(p, facts.RedispatchSeen):
+        n = p.record
+        return "redispatch", n.task_id, n.executor_id, n.attempt, None, n.issued_at_ms
     dead = p.dead
     return "dead letter", p.task.task_id, None, p.task.attempt, str(dead.code), dead.dead_at_ms
 
