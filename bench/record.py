@@ -62,7 +62,8 @@ async def _measure(fabric: Fabric, database_url: str, tasks: int) -> None:
     record_s = time.perf_counter() - began - 2.0  # the idle polls
     facts = cp.counts.written
     print(
-        f"record: {facts} facts ({cp.counts.refused} refused) in {record_s:.1f} s ="
+        f"record: {facts} facts ({cp.counts.refused} refused, {cp.counts.repeated} read again)"
+        f" in {record_s:.1f} s ="
         f" {facts / record_s:.0f} facts/s, {tasks / record_s:.0f} tasks/s;"
         f" record/fabric = {fabric_s / record_s:.2f}x"
     )

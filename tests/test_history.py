@@ -20,12 +20,13 @@ from wayang_workers.demo import Echo, Fail
 
 from wayang_mq import Status
 from wayang_mq.amqp.publisher import to_amqp
+from wayang_mq.controlplane.facts import Delivery
 from wayang_mq.controlplane.history import History, parse_start
 from wayang_mq.controlplane.migrate import migrate
 from wayang_mq.controlplane.rebuild import rebuild
 from wayang_mq.core.errors import ConfigError
 from wayang_mq.core.model import RetryHints, Task
-from wayang_mq.core.names import TASKS_EXCHANGE
+from wayang_mq.core.names import HISTORY_QUEUE, TASKS_EXCHANGE
 from wayang_mq.core.wire import task_message
 from wayang_mq.testing.harness import Fabric, eventually
 from wayang_mq.testing.plugin import fresh_database
@@ -109,7 +110,8 @@ async def test_a_fresh_database_rebuilt_from_the_history_matches_the_record(
         for sql in (TASKS, ATTEMPTS, RESULTS):
             assert _rows(rebuilt, sql, ids) == _rows(record_db, sql, ids) != []
         assert report.first == start and report.written > 0
-        assert seen[-1][0] == seen[-1][1] == report.read
+        assert seen[-1][0] == seen[-1][1] == report.last - start + 1  # every entry
+        assert report.read >= len(ids)
         # and a second rebuild into the same database is refused: it is not fresh any more
         with pytest.raises(ConfigError, match="already holds a record"):
             await rebuild(fabric.endpoint.amqp_url, rebuilt, fabric.keyring, from_offset=start)
@@ -206,7 +208,7 @@ async def test_db_rebuild_replays_into_an_empty_database_and_refuses_a_filled_on
     # Then the first run recorded the task, showing its progress; the second is refused
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith(f"replayed offsets {start}..")
-    assert "rebuild: " in first.stderr and " messages" in first.stderr
+    assert "rebuild: " in first.stderr and " history entries" in first.stderr
     states = _rows(record_db, "SELECT state FROM tasks WHERE task_id = %s", handle.task_id)
     assert states == [("finished",)]
     assert second.returncode == 2
@@ -243,3 +245,25 @@ async def test_headers_that_crash_a_stream_conversion_reach_the_history_packed(
     (entry,) = [e for e in entries if e.delivery.message_id == task.task_id]
     assert {k: entry.delivery.headers[k] for k in odd} == odd
     await fabric.purge("demo.echo")
+
+
+async def test_a_bounded_read_yields_every_delivery_of_its_last_entry(fabric: Fabric) -> None:
+    # Given one history entry holding a batch of three deliveries (as the control plane appends)
+    batch = [
+        Delivery(exchange=TASKS_EXCHANGE, routing_key="demo.echo", body=bytes([n]), headers={})
+        for n in range(3)
+    ]
+    connection = await aio_pika.connect(fabric.endpoint.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(Delivery.pack_many(batch)), routing_key=HISTORY_QUEUE
+        )
+    # When it is read up to its own offset
+    async with History(fabric.endpoint.amqp_url) as history:
+        end = await history.last_offset()
+        assert end is not None
+        entries = [e async for e in history.entries(end, end=end)]
+    # Then all three come, sharing that offset
+    assert [e.delivery.body for e in entries] == [b"\x00", b"\x01", b"\x02"]
+    assert {e.offset for e in entries} == {end}

@@ -112,7 +112,7 @@ class _Progress:
             return
         self._tenth = tenth
         end = "\n" if done >= total or not self._tty else "\r"
-        print(f"rebuild: {done} / {total} messages", end=end, file=sys.stderr, flush=True)
+        print(f"rebuild: {done} / {total} history entries", end=end, file=sys.stderr, flush=True)
 
 
 def _cmd_control_plane(args: argparse.Namespace, settings: Settings) -> int:

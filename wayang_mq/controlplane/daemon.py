@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from wayang_mq.amqp.daemon import Daemon
-from wayang_mq.amqp.outcome import LogLine, Send, done, requeue, settle
+from wayang_mq.amqp.outcome import LogLine, Send, discard, done, requeue, settle
 from wayang_mq.controlplane import claims, store
 from wayang_mq.controlplane.config import ControlPlaneConfig
 from wayang_mq.controlplane.db import DatabaseUnavailable, connect_async, unavailable
@@ -42,12 +43,12 @@ from wayang_mq.controlplane.placement import Placer
 from wayang_mq.controlplane.supervision import Supervision, supervise
 from wayang_mq.core import logs, names
 from wayang_mq.core.envelope import TaskChecks
-from wayang_mq.core.errors import ConfigError
+from wayang_mq.core.errors import ConfigError, WayangError
 
 log = logging.getLogger("wayang_mq.controlplane")
 
 REFUSED_REASON_HEADER = "wayang-refused-reason"
-HISTORY_ENTRY_TYPE = "wayang.history-entry.v1"  # a packed Delivery (facts.Delivery.to_bytes)
+HISTORY_ENTRY_TYPE = "wayang.history-entry.v1"  # deliveries packed (Delivery.pack_many)
 
 
 def _delivery(message: AbstractIncomingMessage) -> Delivery:
@@ -95,6 +96,7 @@ class ControlPlane(Daemon):
         self._db: psycopg.AsyncConnection[Any] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._database_up = False
+        self._appended: asyncio.Future[None] | None = None  # the last batch's history append
         self.supervision: Supervision | None = None
         self._claims: claims.ClaimDesk | None = None
         self._placer: Placer | None = None
@@ -152,24 +154,38 @@ class ControlPlane(Daemon):
         await self._inbox.put(message)
 
     async def _write_loop(self) -> None:
-        """Take what has arrived (up to ``batch``), write it in one transaction, then ack."""
+        """Take what has arrived (up to ``batch``) and write it in one transaction; the next
+        batch is written once this one committed, while this one's acks go on."""
         while True:
             batch = [await self._inbox.get()]
             while len(batch) < self.config.batch and not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
-            try:
-                await self._write_batch(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # A bug of ours: the deliveries go back to the queue unharmed, after a pause
-                # so that a bug that repeats does not spin.
-                log.exception("event=record.bug size=%d next=requeued", len(batch))
-                await asyncio.sleep(1)
-                for message in batch:
-                    await settle(message, requeue(message.message_id, "a bug (logged above)"))
+            committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            # A handler of the daemon from the start: its drain waits for the whole batch,
+            # written and settled, before the connection closes.
+            self.spawn(self._process(batch, committed))
+            await committed
 
-    async def _write_batch(self, batch: list[AbstractIncomingMessage]) -> None:
+    async def _process(
+        self, batch: list[AbstractIncomingMessage], committed: asyncio.Future[None]
+    ) -> None:
+        try:
+            settle_all = await self._write_batch(batch)
+        except Exception:
+            # A bug of ours: the deliveries go back to the queue unharmed, after a pause
+            # so that a bug that repeats does not spin.
+            log.exception("event=record.bug size=%d next=requeued", len(batch))
+            await asyncio.sleep(1)
+            for message in batch:
+                await settle(message, requeue(message.message_id, "a bug (logged above)"))
+            return
+        finally:
+            if not committed.done():
+                committed.set_result(None)
+        await settle_all
+
+    async def _write_batch(self, batch: list[AbstractIncomingMessage]) -> Coroutine[Any, Any, None]:
+        """Commit the batch; return what settles its deliveries (each only once committed)."""
         deliveries = [_delivery(message) for message in batch]
         read_out = [self._read(message, d) for message, d in zip(batch, deliveries, strict=True)]
         async for attempt in AsyncRetrying(
@@ -179,16 +195,48 @@ class ControlPlane(Daemon):
         ):
             with attempt:
                 outcomes = await self._commit(read_out)
-        # Settled together: each publishes (the history, or the refused copy) and waits for
-        # its confirm, so the confirms of a batch overlap instead of queueing one by one.
-        await asyncio.gather(
-            *(
-                self._settle(message, delivery, kind, detail)
-                for message, delivery, (kind, detail) in zip(
-                    batch, deliveries, outcomes, strict=True
+        recorded = [
+            d for d, (kind, _) in zip(deliveries, outcomes, strict=True) if kind != "refused"
+        ]
+
+        # The history keeps the order batches were committed in: each batch appends after the
+        # one before it has (a rebuild then writes in the same order).
+        before, mine = self._appended, asyncio.get_running_loop().create_future()
+        self._appended = mine
+
+        async def settle_all() -> None:
+            # What was recorded (now, or before a crash: a rebuild writes it once, by its
+            # digest) is appended to the history as one entry, then each delivery is settled.
+            try:
+                if before is not None:
+                    await asyncio.shield(before)
+                appended = await self._append_history(recorded)
+            finally:
+                mine.set_result(None)
+            await asyncio.gather(
+                *(
+                    self._settle(message, kind, detail, appended)
+                    for message, (kind, detail) in zip(batch, outcomes, strict=True)
                 )
             )
+
+        return settle_all()
+
+    async def _append_history(self, recorded: list[Delivery]) -> bool:
+        """One stream entry for the batch, confirmed; False when the broker did not take it."""
+        if not recorded:
+            return True
+        entry = aio_pika.Message(
+            Delivery.pack_many(recorded),
+            type=HISTORY_ENTRY_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
+        try:
+            await self.publisher.publish("", names.HISTORY_QUEUE, entry)
+        except WayangError as exc:
+            logs.event(log, "history.unconfirmed", logging.WARNING, error=exc, next="requeued")
+            return False
+        return True
 
     def _read(self, message: AbstractIncomingMessage, delivery: Delivery) -> Fact | Refused:
         try:
@@ -210,10 +258,13 @@ class ControlPlane(Daemon):
         try:
             try:
                 async with conn.transaction(), conn.pipeline():
-                    outcomes = [await self._apply(conn, item, atomic=False) for item in read_out]
+                    facts = [item for item in read_out if isinstance(item, Fact)]
+                    new = await store.new_facts(conn, facts)  # one round trip for the batch
+                    outcomes = [await self._apply(conn, item, new=new) for item in read_out]
             except psycopg.OperationalError:
                 raise
-            except psycopg.Error:
+            except psycopg.Error as exc:
+                logs.event(log, "record.batch_retried", logging.WARNING, error=str(exc)[:300])
                 async with conn.transaction():
                     outcomes = [await self._apply(conn, item) for item in read_out]
         except psycopg.OperationalError as exc:
@@ -223,13 +274,18 @@ class ControlPlane(Daemon):
         return outcomes
 
     async def _apply(
-        self, conn: psycopg.AsyncConnection[Any], item: Fact | Refused, *, atomic: bool = True
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        item: Fact | Refused,
+        *,
+        new: dict[bytes, int] | None = None,
     ) -> tuple[str, str]:
         if isinstance(item, Refused):
             await store.count_refusal(conn, item.reason, item.detail)
             return "refused", f"{item.reason}: {item.detail}"
-        if not atomic:  # the fast path: any error rolls the whole batch back (see _commit)
-            return ("written" if await store.write(conn, item, atomic=False) else "repeated"), ""
+        if new is not None:  # the fast path: any error rolls the whole batch back (see _commit)
+            written = await store.write(conn, item, atomic=False, new=new)
+            return ("written" if written else "repeated"), ""
         try:
             written = await store.write(conn, item)
         except psycopg.OperationalError:
@@ -242,7 +298,7 @@ class ControlPlane(Daemon):
         return ("written" if written else "repeated"), ""
 
     async def _settle(
-        self, message: AbstractIncomingMessage, delivery: Delivery, kind: str, detail: str
+        self, message: AbstractIncomingMessage, kind: str, detail: str, appended: bool
     ) -> None:
         if kind == "refused":
             self.counts.refused += 1
@@ -268,16 +324,10 @@ class ControlPlane(Daemon):
             self.counts.written += 1
         else:
             self.counts.repeated += 1
-        # Recorded (now or before a crash): appended to the history, then acked. Appended
-        # again after a redelivery: a rebuild writes it once, by its digest.
-        entry = aio_pika.Message(
-            delivery.to_bytes(),
-            type=HISTORY_ENTRY_TYPE,
-            message_id=message.message_id,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-        send = Send("", names.HISTORY_QUEUE, entry, unconfirmed_event="history.unconfirmed")
-        await settle(message, done(message.message_id or "", send), self.publisher)
+        if not appended:  # not in the history yet: it comes again, and is appended then
+            await settle(message, requeue(message.message_id, "history not appended"))
+            return
+        await settle(message, discard(message.message_id), self.publisher)
 
     # -- the database ---------------------------------------------------------------------------
 

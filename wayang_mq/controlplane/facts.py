@@ -31,7 +31,7 @@ same digest, and the store writes it once.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -86,20 +86,24 @@ class Delivery:
     timestamp_ms: int | None = None
     type: str | None = None  # the AMQP type property (a notice on wayang.results has its own)
 
-    def to_bytes(self) -> bytes:
-        """The delivery as one msgpack map: what ``wayang.history`` stores. The stream gets
-        our bytes, not the message's AMQP headers: RabbitMQ 3.10 converts a stream message's
-        headers to AMQP 1.0, and some types anyone may publish (a decimal, an array of tables)
-        crash the publishing channel there (rabbitmq-server#3564)."""
-        fields = {f: getattr(self, f) for f in self.__slots__}
-        fields["headers"] = dict(self.headers)
-        return bytes(msgpack.packb(fields, use_bin_type=True, default=_to_history))
+    @staticmethod
+    def pack_many(deliveries: Sequence[Delivery]) -> bytes:
+        """Deliveries as one msgpack array of maps: one entry of ``wayang.history`` (a batch
+        the control plane wrote). The stream gets our bytes, not the messages' AMQP headers:
+        RabbitMQ 3.10 converts a stream message's headers to AMQP 1.0, and some types anyone
+        may publish (a decimal, an array of tables) crash the publishing channel there
+        (rabbitmq-server#3564)."""
+        maps = [
+            {f: getattr(d, f) for f in d.__slots__} | {"headers": dict(d.headers)}
+            for d in deliveries
+        ]
+        return bytes(msgpack.packb(maps, use_bin_type=True, default=_to_history))
 
     @classmethod
-    def from_bytes(cls, packed: bytes) -> Delivery:
-        """A delivery read back from ``wayang.history`` (see :meth:`to_bytes`)."""
-        fields = msgpack.unpackb(packed, raw=False, object_hook=_from_history)
-        return cls(**fields)
+    def unpack_many(cls, packed: bytes) -> list[Delivery]:
+        """The deliveries of one history entry (see :meth:`pack_many`)."""
+        maps = msgpack.unpackb(packed, raw=False, object_hook=_from_history)
+        return [cls(**fields) for fields in maps]
 
     def digest(self) -> bytes:
         """Identity of the message: where it went, its body, and what its headers add that

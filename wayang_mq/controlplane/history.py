@@ -1,14 +1,15 @@
 """Reading ``wayang.history``: the record's flows kept as a RabbitMQ stream, for replay.
 
-``wayang.history`` holds what the control plane read from ``wayang.record`` and did not refuse,
-appended by the control plane itself after it wrote it (one packed delivery per message, see
-:meth:`~wayang_mq.controlplane.facts.Delivery.to_bytes`), in the order it wrote them. It is a
-stream: reading removes nothing, and any reader can start anywhere. Over AMQP
-0-9-1 a stream consumer must set a prefetch and ack manually (the acks are credit, not
-removal), and says where to start in the consume argument ``x-stream-offset``: ``first``,
-``last`` (the start of the last chunk), ``next``, an offset, or a timestamp (the first chunk
-written at or after that second). Each delivery carries its offset in the ``x-stream-offset``
-header; offsets grow by one per message.
+``wayang.history`` holds what the control plane read from ``wayang.record`` and did not
+refuse, appended by the control plane itself after it wrote them: one stream entry per batch
+it wrote (the batch's deliveries packed, see
+:meth:`~wayang_mq.controlplane.facts.Delivery.pack_many`), so every delivery of an entry
+shares its offset. It is a stream: reading removes nothing, and any reader can start
+anywhere. Over AMQP 0-9-1 a stream consumer must set a prefetch and ack manually (the acks
+are credit, not removal), and says where to start in the consume argument
+``x-stream-offset``: ``first``, ``last`` (the start of the last chunk), ``next``, an offset,
+or a timestamp (the first chunk written at or after that second). Each delivery carries its
+offset in the ``x-stream-offset`` header; offsets grow by one per entry.
 
 A stream has no end a consumer is told about, so a bounded read first asks for the current
 last offset (:meth:`History.last_offset`) and stops there. Each entry is turned into the same
@@ -53,6 +54,7 @@ class Entry:
 
     offset: int
     delivery: Delivery
+    last: bool = True  # the entry's last delivery (every delivery of a batch shares its offset)
 
 
 def parse_start(text: str, *, now: datetime | None = None) -> Start:
@@ -75,11 +77,11 @@ def parse_start(text: str, *, now: datetime | None = None) -> Start:
     return instant if instant.tzinfo else instant.replace(tzinfo=UTC)
 
 
-def delivery_of(message: AbstractIncomingMessage) -> Delivery:
-    """A history entry as the record read it (the control plane appended it packed: see
-    :meth:`~wayang_mq.controlplane.facts.Delivery.to_bytes`), so a fact read from the history
-    has the same digest as when it was read from ``wayang.record``."""
-    return Delivery.from_bytes(message.body)
+def deliveries_of(message: AbstractIncomingMessage) -> list[Delivery]:
+    """A history entry's deliveries as the record read them (the control plane appends each
+    batch it wrote as one entry: see :meth:`~wayang_mq.controlplane.facts.Delivery.pack_many`),
+    so a fact read from the history has the same digest as when read from ``wayang.record``."""
+    return Delivery.unpack_many(message.body)
 
 
 def offset_of(message: AbstractIncomingMessage) -> int:
@@ -160,7 +162,7 @@ class History:
             if end is not None and entry.offset > end:
                 return
             yield entry
-            if end is not None and entry.offset >= end:
+            if end is not None and entry.offset >= end and entry.last:
                 return
 
     async def _consume(
@@ -188,7 +190,9 @@ class History:
                 if offset <= seen:
                     continue
                 seen = offset
-                yield Entry(offset, delivery_of(message))
+                deliveries = deliveries_of(message)
+                for n, delivery in enumerate(deliveries, 1):
+                    yield Entry(offset, delivery, last=n == len(deliveries))
         finally:
             with contextlib.suppress(Exception):
                 await self._queue.cancel(tag)

@@ -41,7 +41,7 @@ class RebuildReport:
 
     first: int | None = None  # offsets read, first to last (None: nothing to read)
     last: int | None = None
-    read: int = 0
+    read: int = 0  # messages (an entry of the history holds a batch of them)
     written: int = 0
     repeated: int = 0
     refused: int = 0
@@ -107,8 +107,9 @@ def require_empty(database_url: str) -> None:
 
 
 def _tell(progress: Progress | None, report: RebuildReport, end: int) -> None:
-    if progress is not None and report.first is not None:
-        progress(report.read, end - report.first + 1)
+    """Progress in history entries (offsets) read of those to read; an entry holds a batch."""
+    if progress is not None and report.first is not None and report.last is not None:
+        progress(report.last - report.first + 1, end - report.first + 1)
 
 
 async def _write(

@@ -50,15 +50,18 @@ def ts(ms: int | None) -> datetime | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
 
 
-async def write(conn: Conn, fact: Fact, *, atomic: bool = True) -> bool:
+async def write(
+    conn: Conn, fact: Fact, *, atomic: bool = True, new: dict[bytes, int] | None = None
+) -> bool:
     """Record ``fact`` in one transaction (a savepoint inside the caller's); False when it
     was recorded before. ``atomic=False`` writes in the caller's transaction as it is: the
-    caller's batch then stands or falls whole (see the daemon's fast path)."""
+    caller's batch then stands or falls whole (see the daemon's fast path). ``new``: the
+    facts rows :func:`new_facts` inserted for the batch (a digest is taken out once used)."""
     async with conn.transaction() if atomic else contextlib.nullcontext():
         payload = fact.payload
         if isinstance(payload, Beat):
             return await _beat(conn, payload)
-        seq = await _fact_row(conn, fact)
+        seq = await _fact_row(conn, fact) if new is None else new.pop(fact.digest, None)
         if seq is None:
             return False
         if isinstance(payload, TaskSeen):
@@ -144,6 +147,32 @@ def _describe(fact: Fact) -> tuple[str, str | None, str | None, int | None, int,
     raise TypeError(f"no fact row for {type(p).__name__}")
 
 
+async def new_facts(conn: Conn, facts: list[Fact]) -> dict[bytes, int]:
+    """Insert the batch's facts rows in one statement (one round trip, in batch order); the
+    digests that were new, with their rows' seq. Heartbeats have no row."""
+    rows = [(f.digest, *_describe(f)) for f in facts if not isinstance(f.payload, Beat)]
+    if not rows:
+        return {}
+    digests, kinds, tasks, executors, attempts, ats, details = zip(*rows, strict=True)
+    cur = await conn.execute(
+        "INSERT INTO facts (digest, kind, task_id, executor_id, attempt, at, detail)"
+        " SELECT d, k, t, e, a, at, det::jsonb FROM unnest(%s::bytea[], %s::text[],"
+        " %s::text[], %s::text[], %s::int[], %s::timestamptz[], %s::text[])"
+        " WITH ORDINALITY AS u(d, k, t, e, a, at, det, n) ORDER BY n"
+        " ON CONFLICT (digest) DO NOTHING RETURNING digest, seq",
+        (
+            list(digests),
+            list(kinds),
+            list(tasks),
+            list(executors),
+            list(attempts),
+            [ts(at) for at in ats],
+            [json.dumps(d) for d in details],
+        ),
+    )
+    return {bytes(digest): int(seq) for digest, seq in await cur.fetchall()}
+
+
 async def _fact_row(conn: Conn, fact: Fact) -> int | None:
     kind, task_id, executor_id, attempt, at, detail = _describe(fact)
     cur = await conn.execute(
@@ -164,10 +193,11 @@ async def _task(conn: Conn, seen: TaskSeen) -> None:
         "SELECT token, attempt, issuer, state FROM tasks WHERE task_id = %s FOR UPDATE",
         (task.task_id,),
     )
+    won = await _won(conn, task.task_id)  # sent before the first row is read: one round trip
     row = await cur.fetchone()
     sha = hashlib.sha256(seen.body).digest()
     if row is None:
-        await _new_task(conn, seen)
+        await _new_task(conn, seen, result_first=await won.fetchone() is not None)
         await _copy(conn, seen, sha, duplicate=False)
         return
     token, attempt, issuer, state = row
@@ -203,7 +233,15 @@ async def _task(conn: Conn, seen: TaskSeen) -> None:
     await claims.duplicate_recorded(conn, task, sha)  # answered from the record once finished
 
 
-async def _new_task(conn: Conn, seen: TaskSeen) -> None:
+async def _won(conn: Conn, task_id: str) -> psycopg.AsyncCursor[Any]:
+    """The task's winning result, if any (a cursor: in a pipeline, read it after the query
+    it was sent with, so both cost one round trip)."""
+    return await conn.execute(
+        "SELECT 1 FROM results WHERE task_id = %s AND verdict = 'won'", (task_id,)
+    )
+
+
+async def _new_task(conn: Conn, seen: TaskSeen, *, result_first: bool) -> None:
     task = seen.task
     await conn.execute(
         "INSERT INTO tasks (task_id, capability, node_id, issuer, publisher, key_id, token,"
@@ -245,7 +283,8 @@ async def _new_task(conn: Conn, seen: TaskSeen) -> None:
         ),
     )
     # A result may have come first (the record queue is not ordered across publishers).
-    await _finish_from_results(conn, task.task_id)
+    if result_first:
+        await _finish_from_results(conn, task.task_id)
 
 
 async def _copy(
@@ -292,10 +331,14 @@ async def _set_attempt(conn: Conn, seen: TaskSeen, state: str, token: str, decid
 async def _result(conn: Conn, seen: ResultSeen) -> None:
     r = seen.result
     cur = await conn.execute(
-        "SELECT token, issuer, state FROM tasks WHERE task_id = %s FOR UPDATE", (r.task_id,)
+        "SELECT token, issuer, state, EXISTS (SELECT 1 FROM task_copies c WHERE"
+        " c.task_id = tasks.task_id AND c.duplicate AND NOT c.answered)"
+        " FROM tasks WHERE task_id = %s FOR UPDATE",
+        (r.task_id,),
     )
+    won = await _won(conn, r.task_id)  # sent with it: one round trip for both
     task = await cur.fetchone()
-    verdict = await _verdict(conn, seen, task)
+    verdict = await _verdict(conn, seen, task, await won.fetchone() is not None)
     await conn.execute(
         "INSERT INTO results (task_id, attempt, token, executor_id, capability, status,"
         " error_code, verdict, finished_at, key_id, body, redelivered)"
@@ -329,25 +372,22 @@ async def _result(conn: Conn, seen: ResultSeen) -> None:
         )
         await _attempt_state(conn, r.task_id, r.attempt, "pending", r.executor_id, None)
     elif verdict == "won" and task is not None:
-        await _finish(conn, seen)
+        await _finish(conn, seen, has_duplicates=bool(task[3]))
 
 
-async def _verdict(conn: Conn, seen: ResultSeen, task: Any) -> str:
+async def _verdict(conn: Conn, seen: ResultSeen, task: Any, won: bool) -> str:
     r = seen.result
     if seen.retried:
         return "retried"
     if task is not None:
-        token, issuer, _state = task
+        token, issuer, _state, _duplicates = task
         if r.token != token:
             return "fenced"
         if seen.signer.scope.role is Role.DISPATCHER and issuer != seen.signer.scope.identity:
             return "fenced"
     if r.status is Status.PENDING:
         return "pending"
-    cur = await conn.execute(
-        "SELECT 1 FROM results WHERE task_id = %s AND verdict = 'won'", (r.task_id,)
-    )
-    if await cur.fetchone() is None:
+    if not won:
         return "won"
     # A replay's run (one result per replayed copy) is kept as such, not as a duplicate.
     cur = await conn.execute(
@@ -358,7 +398,7 @@ async def _verdict(conn: Conn, seen: ResultSeen, task: Any) -> str:
     return "replayed" if await cur.fetchone() else "duplicate"
 
 
-async def _finish(conn: Conn, seen: ResultSeen) -> None:
+async def _finish(conn: Conn, seen: ResultSeen, *, has_duplicates: bool) -> None:
     r = seen.result
     await conn.execute(
         "UPDATE tasks SET state = 'finished', status = %s, error_code = %s, finished_at = %s,"
@@ -387,7 +427,8 @@ async def _finish(conn: Conn, seen: ResultSeen) -> None:
             r.task_id,
         ),
     )
-    await claims.answer_duplicates(conn, r.task_id)  # copies published while it ran
+    if has_duplicates:
+        await claims.answer_duplicates(conn, r.task_id)  # copies published while it ran
 
 
 async def _attempt_state(
