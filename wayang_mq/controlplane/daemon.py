@@ -36,9 +36,9 @@ from wayang_mq.amqp.daemon import Daemon
 from wayang_mq.amqp.outcome import LogLine, Send, discard, done, requeue, settle
 from wayang_mq.controlplane import claims, store
 from wayang_mq.controlplane.config import ControlPlaneConfig
-from wayang_mq.controlplane.db import DatabaseUnavailable, connect_async, unavailable
+from wayang_mq.controlplane.db import DatabaseUnavailable, Reconnecting, unavailable
 from wayang_mq.controlplane.facts import Delivery, Fact, Refused, read
-from wayang_mq.controlplane.migrate import latest_version
+from wayang_mq.controlplane.migrate import check_schema
 from wayang_mq.controlplane.placement import Placer
 from wayang_mq.controlplane.supervision import Supervision, supervise
 from wayang_mq.core import logs, names
@@ -73,7 +73,6 @@ class Counts:
     written: int = 0  # facts written
     repeated: int = 0  # facts already recorded (a redelivery, another instance)
     refused: int = 0
-    database_retries: int = 0
 
 
 class ControlPlane(Daemon):
@@ -93,9 +92,10 @@ class ControlPlane(Daemon):
         self.counts = Counts()
         self._checks = TaskChecks(audience=config.audience, max_body_bytes=config.max_body_bytes)
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        self._db: psycopg.AsyncConnection[Any] | None = None
+        self.database = Reconnecting(
+            config.database_url, retry_max_s=config.retry_max_s, daemon_id=config.control_plane_id
+        )
         self._writer: asyncio.Task[None] | None = None
-        self._database_up = False
         self._appended: asyncio.Future[None] | None = None  # the last batch's history append
         self.supervision: Supervision | None = None
         self._claims: claims.ClaimDesk | None = None
@@ -105,8 +105,7 @@ class ControlPlane(Daemon):
 
     async def setup(self) -> None:
         """The database first: a control plane that cannot write consumes nothing."""
-        self._db = await self._connect_db()
-        await self._check_schema(self._db)
+        await check_schema(await self.database.get())
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         """Consume ``wayang.record`` (single active consumer) and start the writer."""
@@ -134,8 +133,7 @@ class ControlPlane(Daemon):
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
-        if self._db is not None:
-            await self._db.close()
+        await self.database.close()
         if self._placer is not None:
             await self._placer.close()
 
@@ -143,7 +141,7 @@ class ControlPlane(Daemon):
         """The queue it records from and what it has written."""
         return {
             "queue": names.RECORD_QUEUE,
-            "database": "up" if self._database_up else "down",
+            "database": "up" if self.database.up else "down",
             "written": self.counts.written,
             "refused": self.counts.refused,
         }
@@ -254,7 +252,7 @@ class ControlPlane(Daemon):
         per fact costs two round trips). If a fact fails to write (a bug, a constraint), the
         batch is rolled back and written again with a savepoint per fact, so that one fact
         is refused and the others are written."""
-        conn = await self._database()
+        conn = await self.database.get()
         try:
             try:
                 async with conn.transaction(), conn.pipeline():
@@ -268,9 +266,8 @@ class ControlPlane(Daemon):
                 async with conn.transaction():
                     outcomes = [await self._apply(conn, item) for item in read_out]
         except psycopg.OperationalError as exc:
-            await self._lost_database(exc)
+            await self.database.lost(exc)
             raise unavailable(exc) from exc
-        self._database_up = True
         return outcomes
 
     async def _apply(
@@ -328,55 +325,3 @@ class ControlPlane(Daemon):
             await settle(message, requeue(message.message_id, "history not appended"))
             return
         await settle(message, discard(message.message_id), self.publisher)
-
-    # -- the database ---------------------------------------------------------------------------
-
-    async def _database(self) -> psycopg.AsyncConnection[Any]:
-        if self._db is None or self._db.closed:
-            self._db = await self._connect_db()
-        return self._db
-
-    async def _connect_db(self) -> psycopg.AsyncConnection[Any]:
-        """Connect, waiting with backoff while PostgreSQL is away (logged each time)."""
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(DatabaseUnavailable),
-            wait=wait_exponential(multiplier=0.2, max=self.config.retry_max_s),
-            reraise=True,
-        ):
-            with attempt:
-                try:
-                    conn = await connect_async(self.config.database_url, autocommit=True)
-                except DatabaseUnavailable as exc:
-                    self._database_up = False
-                    self.counts.database_retries += 1
-                    logs.event(
-                        log, "database.unavailable", logging.WARNING, error=exc, next="retrying"
-                    )
-                    raise
-        self._database_up = True
-        logs.event(log, "database.connected", id=self.daemon_id)
-        return conn
-
-    async def _lost_database(self, exc: BaseException) -> None:
-        self._database_up = False
-        self.counts.database_retries += 1
-        logs.event(log, "database.lost", logging.WARNING, error=str(exc), next="retrying")
-        if self._db is not None:
-            with contextlib.suppress(Exception):
-                await self._db.close()
-        self._db = None
-
-    async def _check_schema(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        cur = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
-        row = await cur.fetchone()
-        version = 0
-        if row and row[0]:
-            cur = await conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
-            got = await cur.fetchone()
-            version = int(got[0]) if got else 0
-        if version < latest_version():
-            raise DatabaseUnavailable(
-                f"the database is at schema version {version}, this control plane needs "
-                f"{latest_version()}",
-                hint="run `wayang-mq db migrate`",
-            )

@@ -7,13 +7,25 @@ and nothing is lost (see :mod:`wayang_mq.controlplane.daemon`).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any
 
 import psycopg
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
+from wayang_mq.core import logs
 from wayang_mq.core.errors import DatabaseUnavailable
 
-__all__ = ["DatabaseUnavailable", "connect_async", "connect_sync", "unavailable"]
+__all__ = [
+    "DatabaseUnavailable",
+    "Reconnecting",
+    "connect_async",
+    "connect_sync",
+    "unavailable",
+]
+
+log = logging.getLogger("wayang_mq.controlplane")
 
 CONNECT_TIMEOUT_S = 5
 
@@ -48,3 +60,56 @@ async def connect_async(database_url: str, **kwargs: Any) -> psycopg.AsyncConnec
 def unavailable(exc: BaseException) -> DatabaseUnavailable:
     """A database error as the one type callers catch."""
     return _refused(exc, "PostgreSQL failed")
+
+
+class Reconnecting:
+    """One connection a daemon keeps: opened again, with backoff (logged each time), whenever
+    PostgreSQL went away, so a caller that holds work just asks for it again."""
+
+    def __init__(self, database_url: str, *, retry_max_s: float, daemon_id: str) -> None:
+        self._url = database_url
+        self._retry_max_s = retry_max_s
+        self._daemon_id = daemon_id
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self.up = False
+        self.retries = 0  # connections lost or refused since start
+
+    async def get(self) -> psycopg.AsyncConnection[Any]:
+        """The open connection; waits (retrying) while PostgreSQL is away."""
+        if self._conn is None or self._conn.closed:
+            self._conn = await self._connect()
+        return self._conn
+
+    async def lost(self, exc: BaseException) -> None:
+        """The connection failed: drop it; the next :meth:`get` connects again."""
+        self.up = False
+        self.retries += 1
+        logs.event(log, "database.lost", logging.WARNING, error=str(exc), next="retrying")
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connection, if any."""
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+        self._conn = None
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(DatabaseUnavailable),
+            wait=wait_exponential(multiplier=0.2, max=self._retry_max_s),
+            reraise=True,
+        ):
+            with attempt:
+                try:
+                    conn = await connect_async(self._url, autocommit=True)
+                except DatabaseUnavailable as exc:
+                    self.up = False
+                    self.retries += 1
+                    logs.event(
+                        log, "database.unavailable", logging.WARNING, error=exc, next="retrying"
+                    )
+                    raise
+        self.up = True
+        logs.event(log, "database.connected", id=self._daemon_id)
+        return conn

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import psycopg
 
@@ -73,6 +74,22 @@ def current_version(conn: psycopg.Connection) -> int:
         return 0
     row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
     return int(row[0]) if row and row[0] is not None else 0
+
+
+async def check_schema(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Refuse a database behind this package's schema (a daemon's connection)."""
+    cur = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    row = await cur.fetchone()
+    version = 0
+    if row and row[0]:
+        cur = await conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
+        got = await cur.fetchone()
+        version = int(got[0]) if got else 0
+    if version < latest_version():
+        raise DatabaseUnavailable(
+            f"the database is at schema version {version}, this wayang-mq needs {latest_version()}",
+            hint="run `wayang-mq db migrate`",
+        )
 
 
 def require_current(database_url: str) -> None:
