@@ -8,19 +8,23 @@ SIGINT to it) cancels its consumers and gives in-flight deliveries ``grace_s`` t
 Subclasses say only what is theirs: which queues, what a delivery means, what a heartbeat
 says.
 
-With ``health_port`` set, the daemon answers HTTP on that port (any path) with its
-:class:`Health` as JSON: 200 while it is consuming on a live connection, 503 otherwise
-(starting, reconnecting, draining). A liveness or readiness probe points there.
+With ``health_port`` or ``metrics_port`` set, the daemon answers HTTP there
+(:mod:`wayang_mq.observability.http`): ``/metrics`` (with ``metrics_port``: its own
+Prometheus registry, :attr:`Daemon.registry`), ``/healthz`` (liveness), ``/readyz``
+(readiness: connected, consuming, and each subclass's :meth:`Daemon.ready_checks`), and on
+any other path its :class:`Health` as JSON: 200 while it is consuming on a live connection,
+503 otherwise (starting, reconnecting, draining).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass, field
+import math
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
@@ -31,11 +35,14 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from prometheus_client import CollectorRegistry
 
 from wayang_mq.amqp.connect import connect
 from wayang_mq.amqp.publisher import ConfirmedPublisher
 from wayang_mq.core import logs
 from wayang_mq.core.errors import ConfigError
+from wayang_mq.observability import http
+from wayang_mq.observability.metrics import DaemonMetrics
 
 Handler = Callable[[AbstractIncomingMessage], Coroutine[Any, Any, None]]
 
@@ -82,6 +89,8 @@ class Daemon:
         heartbeat_interval_s: float | None = None,
         health_port: int | None = None,
         health_host: str = "127.0.0.1",
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         self.daemon_id = daemon_id
         self._amqp_url = amqp_url
@@ -90,7 +99,15 @@ class Daemon:
         self._heartbeat_interval_s = heartbeat_interval_s
         self._health_port = health_port
         self._health_host = health_host
+        self._metrics_port = metrics_port
+        self._metrics_host = metrics_host
         self._health_server: asyncio.Server | None = None
+        self._metrics_server: asyncio.Server | None = None
+        #: this daemon's own Prometheus registry (None: metrics off, nothing is counted)
+        self.registry = CollectorRegistry() if metrics_port is not None else None
+        #: its families; a subclass sets its own kind before ``run()`` (see WorkerMetrics)
+        self.metrics: DaemonMetrics | None = None
+        self._last_beat: float | None = None
         self._state = State.STARTING
         self._stopping = asyncio.Event()
         self._ready = asyncio.Event()
@@ -119,6 +136,10 @@ class Daemon:
         """Fields for the started line and the health answer."""
         return {}
 
+    async def ready_checks(self) -> Mapping[str, bool]:
+        """The subclass's own readiness checks (e.g. its database answers), for ``/readyz``."""
+        return {}
+
     # -- lifecycle --------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -131,19 +152,25 @@ class Daemon:
             publish_channel = await connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
-            self._publisher = ConfirmedPublisher(publish_channel)
+            if self.registry is not None and self.metrics is None:
+                self.metrics = DaemonMetrics(self.registry, self.kind, self.daemon_id, self.ready)
+            if self.metrics is not None and self._heartbeat_interval_s is not None:
+                self.metrics.heartbeat_age(self._heartbeat_age)
+            publish_metrics = self.metrics.publish if self.metrics is not None else None
+            self._publisher = ConfirmedPublisher(publish_channel, metrics=publish_metrics)
             self._channel = await connection.channel()
             await self._channel.set_qos(prefetch_count=self._prefetch)
             await self.start(connection)
-            await self._serve_health()
+            await self._serve_http()
             self._state = State.READY
             logs.event(self._log, f"{self.kind}.started", id=self.daemon_id, **self.describe())
             self._ready.set()
             await self._until_stopped()
         finally:
             self._state = State.STOPPED
-            if self._health_server is not None:
-                self._health_server.close()
+            for server in (self._health_server, self._metrics_server):
+                if server is not None:
+                    server.close()
             await connection.close()
             await self.teardown()
             logs.event(self._log, f"{self.kind}.stopped", id=self.daemon_id)
@@ -181,13 +208,33 @@ class Daemon:
             details=self.describe(),
         )
 
+    def alive(self) -> bool:
+        """Liveness: not stopped (its event loop answering is the rest of it)."""
+        return self._state is not State.STOPPED
+
+    def ready(self) -> bool:
+        """Readiness as far as known without asking anyone: consuming on a live connection
+        (``/readyz`` also runs :meth:`ready_checks`)."""
+        return self.health().ok
+
+    async def readiness(self) -> dict[str, bool]:
+        """Each readiness check by name; ready when all hold."""
+        health = self.health()
+        checks = {
+            "connected": health.connected,
+            "consuming": health.state is State.READY and health.consumers > 0,
+        }
+        return checks | dict(await self.ready_checks())
+
     @property
     def health_address(self) -> tuple[str, int] | None:
         """Where the health endpoint listens (the port chosen when 0 was asked)."""
-        if self._health_server is None:
-            return None
-        host, port = self._health_server.sockets[0].getsockname()[:2]
-        return str(host), int(port)
+        return _address(self._health_server)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where the metrics endpoint listens (the port chosen when 0 was asked)."""
+        return _address(self._metrics_server)
 
     # -- consuming ----------------------------------------------------------------------------
 
@@ -239,7 +286,11 @@ class Daemon:
     async def _beat_loop(self, interval_s: float) -> None:
         while True:
             await self.beat()
+            self._last_beat = time.monotonic()
             await asyncio.sleep(interval_s)
+
+    def _heartbeat_age(self) -> float:
+        return math.nan if self._last_beat is None else time.monotonic() - self._last_beat
 
     async def _drain(self) -> None:
         """Cancel consumers, let in-flight deliveries finish within the grace, cancel the rest
@@ -261,38 +312,31 @@ class Daemon:
             handler.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    # -- health -------------------------------------------------------------------------------
+    # -- health and metrics over HTTP ------------------------------------------------------
 
-    async def _serve_health(self) -> None:
-        if self._health_port is None:
-            return
-        self._health_server = await asyncio.start_server(
-            self._answer_probe, self._health_host, self._health_port
-        )
-        host, port = self.health_address or ("?", 0)
-        logs.event(self._log, "health.listening", id=self.daemon_id, address=f"{host}:{port}")
-
-    async def _answer_probe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        """A minimal HTTP/1.0 answer to any request: the health as JSON, 200 or 503."""
-        try:
-            with contextlib.suppress(
-                TimeoutError,
-                ConnectionError,
-                asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError,
-            ):
-                async with asyncio.timeout(5):
-                    await reader.readuntil(b"\r\n\r\n")
-            health = self.health()
-            body = json.dumps(asdict(health) | {"ok": health.ok}).encode()
-            status = b"200 OK" if health.ok else b"503 Service Unavailable"
-            writer.write(
-                b"HTTP/1.0 " + status + b"\r\nContent-Type: application/json\r\n"
-                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    async def _serve_http(self) -> None:
+        """One endpoint (observability.http) on the health port and on the metrics port."""
+        if self._health_port is not None:
+            self._health_server = await http.serve(self, self._health_host, self._health_port)
+            host, port = self.health_address or ("?", 0)
+            logs.event(self._log, "health.listening", id=self.daemon_id, address=f"{host}:{port}")
+        if self._metrics_port is not None:
+            same = (self._metrics_host, self._metrics_port) == (
+                self._health_host,
+                self._health_port,
             )
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
-        finally:
-            writer.close()
+            if same and self._metrics_port != 0:
+                self._metrics_server = self._health_server
+            else:
+                self._metrics_server = await http.serve(
+                    self, self._metrics_host, self._metrics_port
+                )
+            host, port = self.metrics_address or ("?", 0)
+            logs.event(self._log, "metrics.listening", id=self.daemon_id, address=f"{host}:{port}")
+
+
+def _address(server: asyncio.Server | None) -> tuple[str, int] | None:
+    if server is None:
+        return None
+    host, port = server.sockets[0].getsockname()[:2]
+    return str(host), int(port)

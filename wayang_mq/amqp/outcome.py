@@ -100,6 +100,8 @@ class Outcome:
     log: LogLine | None = None
     #: a mandatory send no queue took: the outcome to carry out instead
     if_unroutable: Callable[[], Awaitable[Outcome]] | None = field(default=None, repr=False)
+    #: why a delivery was refused or dead-lettered (an ErrorCode): for metrics, never free text
+    code: str | None = None
 
 
 def done(

@@ -31,6 +31,7 @@ from tenacity import (
 from wayang_mq.core import logs
 from wayang_mq.core.errors import BrokerBlocked, PublishFailed, WayangError
 from wayang_mq.core.wire import WireMessage
+from wayang_mq.observability.metrics import PublishMetrics
 
 log = logging.getLogger("wayang_mq.amqp.publisher")
 
@@ -91,10 +92,13 @@ class ConfirmedPublisher:
         reconnect_wait_s: float = 60.0,
         blocked_wait_s: float | None = None,
         slow_confirm_s: float = 10.0,
+        metrics: PublishMetrics | None = None,
     ) -> None:
         """``blocked_wait_s``: how long to wait out a broker alarm before ``BrokerBlocked``
         (None: wait as long as it lasts, as workers do). ``slow_confirm_s``: a confirm slower
-        than this is logged (``publish.confirm_slow``) and counted."""
+        than this is logged (``publish.confirm_slow``) and counted. ``metrics``: where confirm
+        latency, full-queue nacks and broker blocks are counted (None: nowhere)."""
+        self._metrics = metrics
         self._channel = channel
         self._exchanges: dict[str, AbstractExchange] = {}
         self._reconnect_wait_s = reconnect_wait_s
@@ -128,6 +132,8 @@ class ConfirmedPublisher:
         except aiormq.exceptions.PublishError as exc:
             raise Unroutable(f"no queue bound on {exchange} for {routing_key!r}") from exc
         except aiormq.exceptions.DeliveryError as exc:
+            if self._metrics is not None:
+                self._metrics.rejected()
             raise Rejected(f"broker refused the message for {routing_key!r}") from exc
         except aiormq.exceptions.ChannelAccessRefused as exc:
             raise AccessRefused(
@@ -186,6 +192,9 @@ class ConfirmedPublisher:
                     next="BrokerBlocked: the message may still be queued once the alarm clears",
                 )
                 watch["gave_up"] = True
+                if self._metrics is not None:
+                    self._metrics.blocked()
+                    self._metrics.unblocked()  # given up on: no longer waited out here
                 task.cancel()
                 return
             handle = loop.call_later(self._slow_confirm_s, check)
@@ -193,6 +202,8 @@ class ConfirmedPublisher:
         handle = loop.call_later(self._slow_confirm_s, check)
         try:
             await target.publish(message, routing_key, mandatory=mandatory)
+            if self._metrics is not None:
+                self._metrics.confirmed(exchange, loop.time() - started)
         except asyncio.CancelledError:
             if watch["gave_up"] and task.uncancel() == 0:
                 raise BrokerBlocked(loop.time() - started) from None
@@ -233,11 +244,16 @@ class ConfirmedPublisher:
             else "until it clears",
         )
         started = time.monotonic()
+        if self._metrics is not None:
+            self._metrics.blocked()
         try:
             async with asyncio.timeout(self._blocked_wait_s):
                 await connection.ready()
         except TimeoutError:
             raise BrokerBlocked(time.monotonic() - started) from None
+        finally:
+            if self._metrics is not None:
+                self._metrics.unblocked()
         logs.event(log, "broker.unblocked", waited_s=round(time.monotonic() - started, 1))
         return connection
 

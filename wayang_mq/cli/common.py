@@ -67,3 +67,20 @@ def capability_arg(capability: str) -> str:
             f"{capability!r} is not a capability name", hint="e.g. demo.echo; see `dead list`"
         )
     return capability
+
+
+def add_metrics_options(parser: Any) -> None:
+    """``--metrics-port`` and ``--metrics-host`` of a daemon verb (docs/observability.md)."""
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="count, and serve Prometheus /metrics, /healthz and /readyz on this port "
+        "(default: off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="H",
+        help="the address --metrics-port listens on (default 127.0.0.1; 0.0.0.0: every one)",
+    )

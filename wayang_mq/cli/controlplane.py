@@ -7,7 +7,7 @@ import asyncio
 import sys
 from typing import Any
 
-from wayang_mq.cli.common import run_until_signal
+from wayang_mq.cli.common import add_metrics_options, run_until_signal
 from wayang_mq.cli.exits import Exit
 from wayang_mq.config import Settings
 from wayang_mq.core.errors import ConfigError
@@ -24,6 +24,15 @@ def add(sub: Any) -> None:
     )
     cp.add_argument(
         "--health-port", type=int, help="answer HTTP health probes on this port (200 / 503)"
+    )
+    add_metrics_options(cp)
+    cp.add_argument(
+        "--audit-interval",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="with --metrics-port: seconds between the audit and registry reads behind "
+        "wayang_audit_findings and wayang_executors (default 60; 0: never)",
     )
     cp.set_defaults(func=_cmd_control_plane)
     db = sub.add_parser("db", help="the control plane's database")
@@ -132,6 +141,9 @@ def _cmd_control_plane(args: argparse.Namespace, settings: Settings) -> int:
         audience=settings.audience,
         max_body_bytes=topology.defaults.max_body_bytes,
         health_port=args.health_port,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        audit_interval_s=args.audit_interval,
         **extra,
     )
     daemon = ControlPlane(config)

@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from wayang_mq.cli.common import capability_arg, run_until_signal
+from wayang_mq.cli.common import add_metrics_options, capability_arg, run_until_signal
 from wayang_mq.cli.exits import Exit
 from wayang_mq.config import Settings
 from wayang_mq.core.errors import ConfigError
@@ -25,6 +25,7 @@ def add(sub: Any) -> None:
     reaper.add_argument(
         "--health-port", type=int, help="answer HTTP health probes on this port (200 / 503)"
     )
+    add_metrics_options(reaper)
     reaper.set_defaults(func=_cmd_reaper)
     p = sub.add_parser("dead", help="list, replay or purge dead-lettered tasks")
     dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -63,6 +64,8 @@ def _cmd_reaper(args: argparse.Namespace, settings: Settings) -> int:
         audience=settings.audience,
         retry_tiers=topology.retry_tiers,
         health_port=args.health_port,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         **extra,
     )
     reaper = Reaper(config)

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 from typing import Any
 
-from wayang_mq.cli.common import process_id, run_until_signal
+from wayang_mq.cli.common import add_metrics_options, process_id, run_until_signal
 from wayang_mq.cli.exits import Exit
 from wayang_mq.config import Settings
 
@@ -32,6 +32,7 @@ def add(sub: Any) -> None:
     p.add_argument(
         "--health-port", type=int, help="answer HTTP health probes on this port (200 / 503)"
     )
+    add_metrics_options(p)
     p.add_argument(
         "--max-clock-skew",
         type=float,
@@ -121,6 +122,8 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         audience=settings.audience,
         middleware=middleware,
         health_port=args.health_port,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         secrets=secret_provider(settings, args.secrets),
         claims=args.claims,
         claim_timeout_s=args.claim_timeout,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -17,6 +18,7 @@ from typing import Self, TypedDict, Unpack
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from wayang_mq.amqp.connect import connect
 from wayang_mq.amqp.control import ControlClient, StatusSummary, summarize
@@ -49,6 +51,7 @@ from wayang_mq.core.model import (
 )
 from wayang_mq.core.signing import KeyRing, Signer
 from wayang_mq.core.wire import signed_message, task_message
+from wayang_mq.observability.metrics import DispatcherMetrics, dispatcher_metrics
 
 log = logging.getLogger("wayang_mq.client.dispatcher")
 
@@ -110,9 +113,15 @@ class DispatcherConfig:
 
 
 class Dispatcher:
-    """Publishes signed tasks and routes their results back to waiting handles."""
+    """Publishes signed tasks and routes their results back to waiting handles.
 
-    def __init__(self, config: DispatcherConfig) -> None:
+    Its metrics (docs/observability.md) go to ``registry``, the embedding process's
+    (``prometheus_client.REGISTRY`` unless given; None: not counted); the process exports it.
+    """
+
+    def __init__(
+        self, config: DispatcherConfig, *, registry: CollectorRegistry | None = REGISTRY
+    ) -> None:
         if not names.valid_word(config.dispatcher_id):
             raise ValueError(f"dispatcher id {config.dispatcher_id!r} is not one lowercase word")
         self.config = config
@@ -125,6 +134,10 @@ class Dispatcher:
         self._supervisor: Supervisor | None = None
         self._connection: AbstractRobustConnection | None = None
         self._publisher: ConfirmedPublisher | None = None
+        self._metrics: DispatcherMetrics | None = None
+        if registry is not None:
+            self._metrics = dispatcher_metrics(registry)
+            self._replies.observe(self._count_result)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -148,6 +161,7 @@ class Dispatcher:
             channel,
             blocked_wait_s=self.config.backpressure_wait_s,
             slow_confirm_s=max(5.0, self.config.backpressure_wait_s),
+            metrics=self._metrics.publish if self._metrics is not None else None,
         )
         replies = await self._connection.channel()
         await replies.set_qos(prefetch_count=self.config.prefetch)
@@ -230,6 +244,7 @@ class Dispatcher:
         if known is not None:
             return known
         handle = self._replies.expect(task)
+        started = time.monotonic()
         try:
             await self._publish_with_backpressure(
                 task, to_amqp(task_message(task, self.config.signer))
@@ -237,6 +252,10 @@ class Dispatcher:
         except BaseException:
             self._replies.forget(task.task_id)
             raise
+        if self._metrics is not None:
+            submitted, round_trip = self._metrics.per_capability(task.capability)
+            submitted.inc()
+            handle.when_answered(lambda _: round_trip.observe(time.monotonic() - started))
         return handle
 
     async def _publish_with_backpressure(self, task: Task, message: aio_pika.Message) -> None:
@@ -351,6 +370,14 @@ class Dispatcher:
         """The terminal result of any task answered to this dispatcher, by id (for example
         a compensation named in a result's ``compensation_task_id``)."""
         return await self._replies.result_of(task_id, timeout_s)
+
+    def _count_result(self, seen: ResultSeen) -> None:
+        """Metrics: a terminal result taken as its task's answer."""
+        result = seen.result
+        if result is not None and seen.verdict in (Verdict.HANDED_OUT, Verdict.UNCLAIMED):
+            assert self._metrics is not None
+            code = result.error.code if result.error is not None else None
+            self._metrics.result(result.capability, result.status, code)
 
     def _unwatch(self, task_id: str) -> None:
         if self._supervisor is not None:

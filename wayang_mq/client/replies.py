@@ -88,6 +88,15 @@ class TaskHandle:
         """True once a terminal result has arrived."""
         return self._future.done()
 
+    def when_answered(self, callback: Callable[[Result], None]) -> None:
+        """Call ``callback`` with the terminal result when it arrives (inline: keep it quick)."""
+
+        def answered(future: asyncio.Future[Result]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                callback(future.result())
+
+        self._future.add_done_callback(answered)
+
     async def result(self, timeout_s: float | None = None) -> Result:
         """The terminal result; ``ResultTimeout`` if none arrives within ``timeout_s``."""
         return await _wait(self._future, timeout_s, self.task)

@@ -32,6 +32,9 @@ class ControlPlaneConfig:
     audience: str = DEFAULT_AUDIENCE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     health_port: int | None = None
+    metrics_port: int | None = None  # count, and serve /metrics on this port (0: any)
+    metrics_host: str = "127.0.0.1"
+    audit_interval_s: float = 60.0  # with metrics: how often the audit gauges are read (0: never)
     retry_max_s: float = 5.0  # longest wait between database reconnects
     # lost executors and their tasks' re-dispatch (None: this instance only records)
     supervision: SupervisionConfig | None = field(default_factory=SupervisionConfig)
@@ -39,6 +42,8 @@ class ControlPlaneConfig:
     def __post_init__(self) -> None:
         if self.prefetch < 1 or self.batch < 1:
             raise ConfigError("prefetch and batch must be at least 1")
+        if self.audit_interval_s < 0:
+            raise ConfigError("the audit interval must be 0 (off) or more seconds")
         if not names.valid_word(self.control_plane_id):
             raise ConfigError(
                 f"control plane id {self.control_plane_id!r} must be lowercase letters, "

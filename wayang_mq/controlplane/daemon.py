@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+import time
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +35,9 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from wayang_mq.amqp.daemon import Daemon
 from wayang_mq.amqp.outcome import LogLine, Send, discard, done, requeue, settle
-from wayang_mq.controlplane import claims, store
+from wayang_mq.controlplane import claims, gauges, store
 from wayang_mq.controlplane.config import ControlPlaneConfig
-from wayang_mq.controlplane.db import DatabaseUnavailable, Reconnecting, unavailable
+from wayang_mq.controlplane.db import DatabaseUnavailable, Probe, Reconnecting, unavailable
 from wayang_mq.controlplane.facts import Delivery, Fact, Refused, read
 from wayang_mq.controlplane.migrate import check_schema
 from wayang_mq.controlplane.placement import Placer
@@ -44,6 +45,7 @@ from wayang_mq.controlplane.supervision import Supervision, supervise
 from wayang_mq.core import logs, names
 from wayang_mq.core.envelope import TaskChecks
 from wayang_mq.core.errors import ConfigError, WayangError
+from wayang_mq.observability.metrics import ControlPlaneMetrics
 
 log = logging.getLogger("wayang_mq.controlplane")
 
@@ -87,6 +89,8 @@ class ControlPlane(Daemon):
             prefetch=config.prefetch,
             grace_s=config.grace_s,
             health_port=config.health_port,
+            metrics_port=config.metrics_port,
+            metrics_host=config.metrics_host,
         )
         self.config = config
         self.counts = Counts()
@@ -100,6 +104,15 @@ class ControlPlane(Daemon):
         self.supervision: Supervision | None = None
         self._claims: claims.ClaimDesk | None = None
         self._placer: Placer | None = None
+        self._probe = Probe(config.database_url)  # /readyz
+        self._watch: asyncio.Task[None] | None = None
+        self._metrics: ControlPlaneMetrics | None = None
+        if self.registry is not None:
+            self.metrics = self._metrics = ControlPlaneMetrics(
+                self.registry, config.control_plane_id, self.ready
+            )
+            parts = gauges.Parts(lambda: self._claims, lambda: self._placer, self._supervision)
+            self.registry.register(gauges.Decisions(parts))
 
     # -- the daemon's parts ---------------------------------------------------------------------
 
@@ -123,9 +136,18 @@ class ControlPlane(Daemon):
             c.supervision, c.signer, c.database_url, c.control_plane_id, self.publisher
         )
         self._placer = await Placer.start(self)  # tasks with a placement policy
+        if self._metrics is not None and c.audit_interval_s > 0:
+            self._watch = asyncio.create_task(
+                gauges.watch(self._metrics, c.database_url, c.audit_interval_s)
+            )
 
     async def teardown(self) -> None:
         """Stop the writer, the supervision and the claims; close the database."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self._probe.close()
         if self.supervision is not None:
             await self.supervision.stop()
         await claims.stop(self._claims)
@@ -145,6 +167,17 @@ class ControlPlane(Daemon):
             "written": self.counts.written,
             "refused": self.counts.refused,
         }
+
+    def ready(self) -> bool:
+        """Consuming on a live connection, and the database not known to be down."""
+        return super().ready() and self.database.up
+
+    async def ready_checks(self) -> Mapping[str, bool]:
+        """The database answers (``SELECT 1``, on a connection of the probe's own)."""
+        return {"database": await self._probe.answers()}
+
+    def _supervision(self) -> Supervision | None:
+        return self.supervision
 
     # -- receiving and writing ------------------------------------------------------------------
 
@@ -186,6 +219,7 @@ class ControlPlane(Daemon):
         """Commit the batch; return what settles its deliveries (each only once committed)."""
         deliveries = [_delivery(message) for message in batch]
         read_out = [self._read(message, d) for message, d in zip(batch, deliveries, strict=True)]
+        started = time.monotonic()
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(DatabaseUnavailable),
             wait=wait_exponential(multiplier=0.2, max=self.config.retry_max_s),
@@ -193,6 +227,8 @@ class ControlPlane(Daemon):
         ):
             with attempt:
                 outcomes = await self._commit(read_out)
+        if self._metrics is not None:
+            gauges.count_batch(self._metrics, time.monotonic() - started, read_out, outcomes)
         recorded = [
             d for d, (kind, _) in zip(deliveries, outcomes, strict=True) if kind != "refused"
         ]

@@ -7,6 +7,7 @@ and nothing is lost (see :mod:`wayang_mq.controlplane.daemon`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -113,3 +114,35 @@ class Reconnecting:
         self.up = True
         logs.event(log, "database.connected", id=self._daemon_id)
         return conn
+
+
+class Probe:
+    """Does the database answer? ``SELECT 1`` on a connection of the probe's own (never the
+    writer's: a probe must not land inside the writer's transaction), within ``timeout_s``;
+    a failed probe drops the connection and the next one connects again."""
+
+    def __init__(self, database_url: str, timeout_s: float = 2.0) -> None:
+        self._url = database_url
+        self._timeout_s = timeout_s
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._lock = asyncio.Lock()
+
+    async def answers(self) -> bool:
+        """True if the database answered in time."""
+        async with self._lock:
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    if self._conn is None or self._conn.closed:
+                        self._conn = await connect_async(self._url, autocommit=True)
+                    await self._conn.execute("SELECT 1")
+                return True
+            except (TimeoutError, DatabaseUnavailable, psycopg.Error):
+                await self.close()
+                return False
+
+    async def close(self) -> None:
+        """Close its connection, if any."""
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+        self._conn = None

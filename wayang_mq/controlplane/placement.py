@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -108,6 +109,8 @@ class Placer:
         self._checks = TaskChecks(audience=config.audience, max_body_bytes=config.max_body_bytes)
         self._db: psycopg.AsyncConnection[Any] | None = None
         self._connecting = asyncio.Lock()
+        #: outcomes since start (metrics): placed, answered (not placed), refused, requeued
+        self.counts: Counter[str] = Counter()
 
     @classmethod
     async def start(cls, daemon: Host) -> Placer | None:
@@ -143,7 +146,8 @@ class Placer:
             log.exception("event=placement.bug id=%s next=requeued", message.message_id)
             await asyncio.sleep(1)
             outcome = requeue(message.message_id, "a bug in placement (logged above)")
-        await settle_delivery(message, outcome, self._daemon.publisher)
+        applied = await settle_delivery(message, outcome, self._daemon.publisher)
+        self.counts[_placement_outcome(applied)] += 1
 
     async def _decide(self, message: AbstractIncomingMessage) -> Outcome:
         try:
@@ -218,3 +222,10 @@ class Placer:
                 url = self._daemon.config.database_url
                 self._db = await connect_async(url, autocommit=True)
             return self._db
+
+
+def _placement_outcome(applied: Outcome) -> str:
+    """What became of a task sent for placement, in one word (metrics)."""
+    if applied.result is not None:
+        return "answered"  # FAILED at its reply address: no executor, or refused verified
+    return {Kind.DONE: "placed", Kind.DISCARD: "refused"}.get(applied.kind, "requeued")

@@ -275,6 +275,7 @@ class Supervision:
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self.redispatched = 0
+        self.lost = 0  # executors this instance marked lost
 
     def start(self) -> None:
         """Start sweeping and publishing."""
@@ -300,6 +301,8 @@ class Supervision:
             swept = await self._guarded(
                 "sweep", lambda conn: sweep(conn, self._config, self._signer, self._decider)
             )
+            if swept is not None:
+                self.lost += len(swept.lost)
             if swept is not None and swept.redispatched:
                 self.redispatched += len(swept.redispatched)
                 self._wake.set()

@@ -45,6 +45,7 @@ from wayang_mq.core.fields import printable
 from wayang_mq.core.model import DEFAULT_AUDIENCE, ErrorInfo, JsonLike, Result, Task
 from wayang_mq.core.signing import KEY_ID_HEADER, KeyRing, Signer
 from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, signed_message
+from wayang_mq.observability.metrics import ReaperMetrics
 from wayang_mq.ops.deadletters import DeadLetter, dead_letter_of
 from wayang_mq.runtime.attempts import dispatch_compensation
 from wayang_mq.topology.spec import RetryTier
@@ -70,6 +71,8 @@ class ReaperConfig:
     retry_tiers: tuple[RetryTier, ...] = ()  # compensations travel through the shortest
     recent: int = 10_000  # outcomes remembered, by task id (tests and status)
     health_port: int | None = None  # answer health probes over HTTP on this port (0: any)
+    metrics_port: int | None = None  # count, and serve /metrics on this port (0: any)
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.prefetch < 1:
@@ -99,10 +102,15 @@ class Reaper(Daemon):
             prefetch=config.prefetch,
             grace_s=config.grace_s,
             health_port=config.health_port,
+            metrics_port=config.metrics_port,
+            metrics_host=config.metrics_host,
         )
         self.config = config
         self.reaper_id = config.reaper_id
         self._recent: LastSeen[Handled] = LastSeen(config.recent)
+        self._metrics: ReaperMetrics | None = None
+        if self.registry is not None:
+            self.metrics = self._metrics = ReaperMetrics(self.registry, self.reaper_id, self.ready)
 
     def handled(self, task_id: str) -> Handled | None:
         """What became of a recent dead letter of ``task_id``, if this reaper saw one."""
@@ -121,6 +129,8 @@ class Reaper(Daemon):
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         """Every dead letter becomes one Outcome, carried out by ``settle``."""
         dead = dead_letter_of(message)
+        if self._metrics is not None:
+            self._metrics.received(dead.capability, dead.code)
         try:
             try:
                 outcome = await self._decide(dead, message)
@@ -140,6 +150,8 @@ class Reaper(Daemon):
             return
         if applied.settle is Settle.ACK:
             self._recent.put(dead.task_id, Handled.ANSWERED if applied.sends else Handled.SKIPPED)
+            if self._metrics is not None:
+                self._metrics.handled(dead.capability, _handled(dead, applied))
 
     async def _decide(self, dead: DeadLetter, message: AbstractIncomingMessage) -> Outcome:
         """Skip a copy a worker answered already; otherwise compensate and answer it."""
@@ -220,6 +232,13 @@ class Reaper(Daemon):
             tiers=self.config.retry_tiers,
             queue_exists=self.queue_exists,
         )
+
+
+def _handled(dead: DeadLetter, applied: Outcome) -> str:
+    """The metrics' word for an acked dead letter."""
+    if applied.sends:
+        return "answered"
+    return "skipped" if dead.answered else "unanswerable"
 
 
 def _failure(dead: DeadLetter, task: Task, reaper_id: str) -> tuple[Result, str]:

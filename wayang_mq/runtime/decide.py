@@ -205,6 +205,7 @@ class Decider:
             task_id,
             tuple(sends),
             log=LogLine(event, level, fields),
+            code=code,
         )
 
     def _courtesy(self, task_id: str, reply_to: str, answer: Result) -> Send:

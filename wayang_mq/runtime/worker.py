@@ -56,6 +56,8 @@ from wayang_mq.core.model import (
 )
 from wayang_mq.core.signing import KeyRing, Signer
 from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, signed_message
+from wayang_mq.observability.metrics import WorkerMetrics
+from wayang_mq.observability.worker import TaskMetrics
 from wayang_mq.runtime.claims import DEFAULT_CLAIM_TIMEOUT_S, Claims
 from wayang_mq.runtime.decide import Decider
 from wayang_mq.runtime.executor import Executor, TaskState, TaskStatus, check_capabilities
@@ -91,6 +93,8 @@ class WorkerConfig:
     retry_tiers: tuple[RetryTier, ...] = ()  # from the topology; none: failures are final
     middleware: tuple[Middleware, ...] = ()  # layers around every delivery, in this order
     health_port: int | None = None  # answer health probes over HTTP on this port (0: any)
+    metrics_port: int | None = None  # count, and serve /metrics on this port (0: any)
+    metrics_host: str = "127.0.0.1"
     secrets: SecretProvider | None = None  # resolves tasks' {"$secret": name} references
     claims: bool = False  # ask the control plane before running a task (runtime/claims.py)
     claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S  # no verdict by then: run anyway
@@ -132,6 +136,8 @@ class Worker(Daemon):
             grace_s=config.grace_s,
             heartbeat_interval_s=config.heartbeat_interval_s,
             health_port=config.health_port,
+            metrics_port=config.metrics_port,
+            metrics_host=config.metrics_host,
         )
         self.config = config
         self.executor_id = config.executor_id
@@ -144,7 +150,7 @@ class Worker(Daemon):
         # the policy first (never bypassed); the built-in layer innermost: every configured
         # layer sees every task first
         guard = PolicyGuard(config.executor_id, config.labels)
-        self._chain = Chain((guard, *config.middleware, self._recent))
+        self._chain = Chain((guard, *config.middleware, *self._metering(), self._recent))
         self._runner = Runner(
             self._by_capability, self.executor_id, self._progress, self._started, config.secrets
         )
@@ -160,6 +166,22 @@ class Worker(Daemon):
         self._claims = _claims(config, lambda: self.publisher)
         for executor in executors:
             executor.attach(self)
+
+    def _metering(self) -> tuple[Middleware, ...]:
+        """The metrics layer, when metrics are on (it sits just outside the recent results,
+        so it sees their answers as duplicates)."""
+        if self.registry is None:
+            return ()
+
+        def in_flight(capability: str) -> int:
+            running = (self._runner.get(task_id) for task_id in self._runner.in_flight())
+            return sum(1 for r in running if r is not None and r.task.capability == capability)
+
+        metrics = WorkerMetrics(
+            self.registry, self.executor_id, self.ready, tuple(self._by_capability), in_flight
+        )
+        self.metrics = metrics
+        return (TaskMetrics(metrics, self._recent),)
 
     # -- the executor contract, answered for attached executors -------------------------
 
