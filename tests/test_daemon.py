@@ -15,11 +15,12 @@ from wayang_mq.core.errors import ConfigError
 from wayang_mq.testing.harness import Fabric, eventually
 
 
-async def _probe(address: tuple[str, int] | None) -> tuple[int, dict[str, Any]]:
-    """GET the health endpoint: the HTTP status and the JSON body."""
+async def _probe(address: tuple[str, int] | None, path: str = "/") -> tuple[int, dict[str, Any]]:
+    """GET the health endpoint (any path but /metrics, /healthz and /readyz answers the
+    health JSON): the HTTP status and the JSON body."""
     assert address is not None, "the daemon has no health endpoint"
     reader, writer = await asyncio.open_connection(*address)
-    writer.write(b"GET /healthz HTTP/1.0\r\nHost: probe\r\n\r\n")
+    writer.write(f"GET {path} HTTP/1.0\r\nHost: probe\r\n\r\n".encode())
     await writer.drain()
     raw = await reader.read()
     writer.close()
@@ -41,6 +42,14 @@ async def test_a_worker_answers_health_probes_ready_then_draining(fabric: Fabric
         assert health["connected"] is True
         assert health["consumers"] == 2  # demo.sleep's queue, and its own (placed tasks)
         assert health["details"]["capabilities"] == "demo.sleep"
+        # and /readyz says it is ready, each check holding; /healthz that it is alive
+        status, ready = await _probe(worker.health_address, "/readyz")
+        assert (status, ready["ok"], ready["checks"]) == (
+            200,
+            True,
+            {"connected": True, "consuming": True},
+        )
+        assert (await _probe(worker.health_address, "/healthz"))[0] == 200
 
         async with fabric.dispatcher() as dispatcher:
             handle = await dispatcher.submit("demo.sleep", {"seconds": 2})
@@ -55,6 +64,10 @@ async def test_a_worker_answers_health_probes_ready_then_draining(fabric: Fabric
             assert status == 503
             assert health["state"] == "draining"
             assert health["ok"] is False
+            # and /readyz says 503 (not consuming), while /healthz says it is alive
+            status, ready = await _probe(worker.health_address, "/readyz")
+            assert (status, ready["checks"]["consuming"]) == (503, False)
+            assert (await _probe(worker.health_address, "/healthz"))[0] == 200
             assert (await handle.result(timeout_s=15)).status == "SUCCESS"
 
 
