@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import aio_pika
 import msgpack
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from prometheus_client import CollectorRegistry
 
 from bench import raw_worker
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig, TaskHandle
@@ -54,7 +55,14 @@ class AsyncClient(Protocol):
 class WayangClient:
     """wayang-mq's own Dispatcher submitting to ``demo.echo``."""
 
-    def __init__(self, amqp_url: str, signer: Signer) -> None:
+    def __init__(
+        self,
+        amqp_url: str,
+        signer: Signer,
+        capability: str = "demo.echo",
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        """``registry``: where the dispatcher counts its metrics (None: metrics off)."""
         dispatcher_id = f"bench-{uuid.uuid4().hex[:8]}"
         config = DispatcherConfig(
             amqp_url=amqp_url,
@@ -62,7 +70,8 @@ class WayangClient:
             results_keyring=KeyRing.of([signer.public_key]),
             dispatcher_id=dispatcher_id,
         )
-        self._dispatcher = Dispatcher(config)
+        self._capability = capability
+        self._dispatcher = Dispatcher(config, registry=registry)
 
     async def start(self) -> None:
         """Connect and declare the reply queue."""
@@ -70,7 +79,7 @@ class WayangClient:
 
     async def submit(self, payload: dict[str, Any]) -> asyncio.Future[None]:
         """Submit (confirmed); the future waits for the terminal result."""
-        handle = await self._dispatcher.submit("demo.echo", payload)
+        handle = await self._dispatcher.submit(self._capability, payload)
         return asyncio.ensure_future(self._succeeded(handle))
 
     @staticmethod
@@ -81,7 +90,7 @@ class WayangClient:
 
     async def roundtrip(self, payload: dict[str, Any]) -> None:
         """Submit (confirmed) and await the terminal result."""
-        handle = await self._dispatcher.submit("demo.echo", payload)
+        handle = await self._dispatcher.submit(self._capability, payload)
         await self._succeeded(handle)
 
     async def close(self) -> None:

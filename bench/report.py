@@ -15,9 +15,15 @@ from typing import Any
 
 from bench.measure import Drain, Latency, Throughput
 
-LABELS = {"raw": "raw aio-pika", "wayang": "wayang-mq", "celery": "celery"}
+LABELS = {
+    "raw": "raw aio-pika",
+    "wayang": "wayang-mq",
+    "celery": "celery",
+    "wayang-metrics": "wayang +metrics",
+}
 TARGET_THROUGHPUT_VS_RAW = 0.5  # the issue's target: at least half of raw aio-pika's
 TARGET_P50_VS_RAW = 2.0  # and a median round trip within twice raw aio-pika's
+TARGET_METRICS_ON_VS_OFF = 0.95  # issue 12: metrics on cost at most 5% of throughput
 
 
 @dataclass(frozen=True)
@@ -78,42 +84,53 @@ def _round(value: float | None) -> float | None:
 
 
 def ratios(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
-    """wayang-mq against each baseline: throughput (higher is better), latency and RSS."""
+    """wayang-mq against each baseline: throughput (higher is better), latency and RSS; and
+    wayang-mq with metrics on against off (``wayang-metrics/wayang``)."""
     by = {o.system: o for o in outcomes}
     found = {}
     wayang = by.get("wayang")
     for other in ("raw", "celery"):
-        if wayang is None or other not in by:
-            continue
-        base = by[other]
-        found[f"wayang/{other}"] = {
-            "drain": round(wayang.drain.per_s / base.drain.per_s, 3)
-            if wayang.drain and base.drain
-            else float("nan"),
-            "throughput": round(wayang.per_s / base.per_s, 3),
-            "p50": round(wayang.latency.p50_ms / base.latency.p50_ms, 3),
-            "p99": round(wayang.latency.p99_ms / base.latency.p99_ms, 3),
-            "peak_rss": round(wayang.worker_peak_rss_mib / base.worker_peak_rss_mib, 3),
-            "total_cpu": round(wayang.total_cpu_us / base.total_cpu_us, 3)
-            if base.total_cpu_us and wayang.total_cpu_us
-            else float("nan"),
-        }
+        if wayang is not None and other in by:
+            found[f"wayang/{other}"] = _ratio(wayang, by[other])
+    metered = by.get("wayang-metrics")
+    if metered is not None and wayang is not None:
+        found["wayang-metrics/wayang"] = _ratio(metered, wayang)
     return found
+
+
+def _ratio(one: Outcome, base: Outcome) -> dict[str, float]:
+    return {
+        "drain": round(one.drain.per_s / base.drain.per_s, 3)
+        if one.drain and base.drain
+        else float("nan"),
+        "throughput": round(one.per_s / base.per_s, 3),
+        "p50": round(one.latency.p50_ms / base.latency.p50_ms, 3),
+        "p99": round(one.latency.p99_ms / base.latency.p99_ms, 3),
+        "peak_rss": round(one.worker_peak_rss_mib / base.worker_peak_rss_mib, 3),
+        "total_cpu": round(one.total_cpu_us / base.total_cpu_us, 3)
+        if base.total_cpu_us and one.total_cpu_us
+        else float("nan"),
+    }
 
 
 def targets(found: dict[str, dict[str, float]]) -> dict[str, Any] | None:
     """The issue's targets against raw aio-pika, and whether they were met."""
+    met: dict[str, Any] = {}
     vs_raw = found.get("wayang/raw")
-    if vs_raw is None:
-        return None
-    throughput_ok = vs_raw["throughput"] >= TARGET_THROUGHPUT_VS_RAW
-    p50_ok = vs_raw["p50"] <= TARGET_P50_VS_RAW
-    return {
-        "throughput_vs_raw_at_least": TARGET_THROUGHPUT_VS_RAW,
-        "p50_vs_raw_at_most": TARGET_P50_VS_RAW,
-        "throughput_met": throughput_ok,
-        "p50_met": p50_ok,
-    }
+    if vs_raw is not None:
+        met |= {
+            "throughput_vs_raw_at_least": TARGET_THROUGHPUT_VS_RAW,
+            "p50_vs_raw_at_most": TARGET_P50_VS_RAW,
+            "throughput_met": vs_raw["throughput"] >= TARGET_THROUGHPUT_VS_RAW,
+            "p50_met": vs_raw["p50"] <= TARGET_P50_VS_RAW,
+        }
+    metrics = found.get("wayang-metrics/wayang")
+    if metrics is not None:
+        met |= {
+            "metrics_on_vs_off_throughput_at_least": TARGET_METRICS_ON_VS_OFF,
+            "metrics_cost_met": metrics["throughput"] >= TARGET_METRICS_ON_VS_OFF,
+        }
+    return met or None
 
 
 def machine(rabbitmq_version: str) -> dict[str, Any]:
@@ -160,7 +177,7 @@ def code_version(root: Path) -> dict[str, Any]:
 def table(outcomes: list[Outcome], found: dict[str, dict[str, float]]) -> str:
     """The summary people read: absolute numbers, then the ratios and the targets."""
     head = (
-        f"{'system':<15}{'tasks/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'drain/s':>9}"
+        f"{'system':<22}{'tasks/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'drain/s':>9}"
         f"{'peak RSS MiB':>14}{'CPU µs/task: worker':>21}{'dispatcher':>12}{'broker':>8}"
         f"{'total':>8}"
     )
@@ -168,7 +185,7 @@ def table(outcomes: list[Outcome], found: dict[str, dict[str, float]]) -> str:
     for o in outcomes:
         cpu = [o.per_task_us(s) for s in (o.worker_cpu_s, o.dispatcher_cpu_s, o.broker_cpu_s)]
         lines.append(
-            f"{LABELS[o.system]:<15}{o.per_s:>9,.0f}{o.latency.p50_ms:>8.2f}"
+            f"{LABELS[o.system]:<22}{o.per_s:>9,.0f}{o.latency.p50_ms:>8.2f}"
             f"{o.latency.p99_ms:>8.2f}{_cell(o.drain.per_s if o.drain else None, 9)}"
             f"{o.worker_peak_rss_mib:>14.1f}"
             f"{_cell(cpu[0], 21)}{_cell(cpu[1], 12)}{_cell(cpu[2], 8)}"
@@ -176,16 +193,23 @@ def table(outcomes: list[Outcome], found: dict[str, dict[str, float]]) -> str:
         )
     for name, ratio in found.items():
         lines.append(
-            f"{name:<15}{ratio['throughput']:>8.2f}×{ratio['p50']:>7.2f}×{ratio['p99']:>7.2f}×"
+            f"{name:<22}{ratio['throughput']:>8.2f}×{ratio['p50']:>7.2f}×{ratio['p99']:>7.2f}×"
             f"{ratio['drain']:>8.2f}×{ratio['peak_rss']:>13.2f}×{'':>41}"
             f"{ratio['total_cpu']:>7.2f}×"
         )
-    met = targets(found)
-    if met is not None:
+    met = targets(found) or {}
+    if "throughput_met" in met:
         lines.append(
             f"\ntarget vs raw aio-pika: throughput ≥ {TARGET_THROUGHPUT_VS_RAW:.0%}: "
             f"{'met' if met['throughput_met'] else 'NOT met'}; "
             f"p50 ≤ {TARGET_P50_VS_RAW:g}×: {'met' if met['p50_met'] else 'NOT met'}"
+        )
+    if "metrics_cost_met" in met:
+        on_off = found["wayang-metrics/wayang"]["throughput"]
+        lines.append(
+            f"metrics on / off: throughput {on_off:.3f}× "
+            f"(target ≥ {TARGET_METRICS_ON_VS_OFF:g}: "
+            f"{'met' if met['metrics_cost_met'] else 'NOT met'})"
         )
     return "\n".join(lines)
 

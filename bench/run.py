@@ -9,7 +9,13 @@ sequential round trips, p50/p99; (4) the worker's peak RSS and everyone's CPU pe
 message is persistent and every publish (task and result) waits for the broker's confirm.
 
     .venv/bin/python bench/run.py [--tasks N] [--latency-samples N] [--concurrency N]
+                                  [--systems raw,wayang,celery,wayang-metrics]
                                   [--out bench/results/latest.json]
+
+``wayang`` runs with metrics off (the worker without ``--metrics-port``, the dispatcher
+without a registry); ``wayang-metrics`` is the same with metrics on (the worker with
+``--metrics-port``, on a capability of its own, ``bench/metered.py``; the dispatcher counting
+into a registry), so ``--systems wayang,wayang-metrics`` prices metrics in one run.
 
 A private RabbitMQ node is started in a temp dir unless ``WAYANG_AMQP_URL`` is set (then
 ``WAYANG_MANAGEMENT_URL`` too, for the topology's policies). See ``docs/performance.md``.
@@ -29,14 +35,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from prometheus_client import CollectorRegistry
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/run.py` runs with bench/ on the path, not the root
 
-from bench import raw_worker  # noqa: E402
+from bench import metered, raw_worker  # noqa: E402
 from bench.clients import (  # noqa: E402
     AsyncClient,
     CeleryClient,
@@ -68,13 +77,20 @@ from bench.report import (  # noqa: E402
 )
 from wayang_mq.amqp.connect import management_client  # noqa: E402
 from wayang_mq.amqp.endpoint import BrokerEndpoint  # noqa: E402
+from wayang_mq.core.names import task_queue  # noqa: E402
 from wayang_mq.core.signing import Signer, write_keypair  # noqa: E402
 from wayang_mq.dev.nodes import RabbitNode  # noqa: E402
 from wayang_mq.topology.apply import apply_topology  # noqa: E402
-from wayang_mq.topology.spec import load_topology  # noqa: E402
+from wayang_mq.topology.spec import parse_topology  # noqa: E402
 
-SYSTEMS = ("raw", "wayang", "celery")
-QUEUES = {"raw": raw_worker.TASK_QUEUE, "wayang": "wayang.task.demo.echo", "celery": "bench.celery"}
+SYSTEMS = ("raw", "wayang", "celery")  # the default run
+ALL_SYSTEMS = (*SYSTEMS, "wayang-metrics")
+QUEUES = {
+    "raw": raw_worker.TASK_QUEUE,
+    "wayang": "wayang.task.demo.echo",
+    "celery": "bench.celery",
+    "wayang-metrics": task_queue(metered.CAPABILITY),
+}
 CELERY_POOLS = ("threads", "prefork", "solo")
 READY_TIMEOUT_S = 60.0
 T = TypeVar("T")
@@ -198,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the workers and the broker are stopped on the way out.
     signal.signal(signal.SIGTERM, _interrupted)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    if not systems or set(systems) - set(SYSTEMS):
-        raise SystemExit(f"--systems: choose from {', '.join(SYSTEMS)}")
+    if not systems or set(systems) - set(ALL_SYSTEMS):
+        raise SystemExit(f"--systems: choose from {', '.join(ALL_SYSTEMS)}")
     load = os.getloadavg()
     version = code_version(ROOT)  # before anything runs: the code the workers will import
     with tempfile.TemporaryDirectory(prefix="wayang-bench-") as tmp, _broker(Path(tmp)) as broker:
@@ -265,7 +281,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--drain", type=int, default=3_000, help="tasks queued before each worker starts (0: off)"
     )
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated, of {', '.join(ALL_SYSTEMS)} (default {','.join(SYSTEMS)})",
+    )
     parser.add_argument(
         "--celery-pool", choices=CELERY_POOLS, default="threads", help="Celery's worker pool"
     )
@@ -321,7 +341,9 @@ def _broker(tmp: Path) -> Iterator[Broker]:
 
 
 async def _prepare(endpoint: BrokerEndpoint, topology_path: Path) -> None:
-    topology = load_topology(topology_path)
+    raw = tomllib.loads(topology_path.read_text(encoding="utf-8"))
+    raw.setdefault("capabilities", {})[metered.CAPABILITY] = {}  # the metrics-on worker's
+    topology = parse_topology(raw, source=str(topology_path))
     await apply_topology(topology, endpoint.amqp_url, management_client(endpoint))
     await declare_raw_topology(endpoint.amqp_url)
 
@@ -373,6 +395,9 @@ def _contender(
     client: AsyncClient | CeleryClient
     if system == "wayang":
         client = WayangClient(url, Signer.from_file(next(keys.glob("*.key"))))
+    elif system == "wayang-metrics":
+        signer = Signer.from_file(next(keys.glob("*.key")))
+        client = WayangClient(url, signer, metered.CAPABILITY, registry=CollectorRegistry())
     elif system == "raw":
         client = RawClient(url)
     else:
@@ -394,6 +419,12 @@ def _worker_command(system: str, args: argparse.Namespace) -> list[str]:
             *("worker", "wayang_workers.demo:Echo", "--id", "bench-wayang"),
             *("--concurrency", concurrency, "--prefetch", concurrency),
         ]
+    if system == "wayang-metrics":  # counting, and serving /metrics on a free port
+        return [
+            *(sys.executable, "-m", "wayang_mq.cli", "--log-level", args.wayang_log_level),
+            *("worker", "bench.metered:MeteredEcho", "--id", "bench-wayang-metrics"),
+            *("--concurrency", concurrency, "--prefetch", concurrency, "--metrics-port", "0"),
+        ]
     if system == "raw":
         return [sys.executable, "-m", "bench.raw_worker", "--prefetch", concurrency]
     # threads (default): one process running N tasks at once, like the asyncio workers;
@@ -411,7 +442,7 @@ def _worker_command(system: str, args: argparse.Namespace) -> list[str]:
 
 def _worker_env(system: str, endpoint: BrokerEndpoint, keys: Path) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if system == "wayang":
+    if system.startswith("wayang"):
         env.update(
             WAYANG_AMQP_URL=endpoint.amqp_url,
             WAYANG_MANAGEMENT_URL=endpoint.management_url,
