@@ -24,6 +24,7 @@ from wayang_mq.cli import (
     schema,
     secrets,
     submit,
+    top,
     topology,
     worker,
 )
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         records,
         events,
         schema,
+        top,
     ):
         verb.add(sub)
     return parser
