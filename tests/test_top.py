@@ -179,14 +179,16 @@ async def test_top_shows_a_backlog_drain_as_a_worker_takes_it(
 async def test_top_once_prints_one_plain_frame_without_a_database(
     fabric: Fabric, fabric_env: dict[str, str], tmp_path: Path
 ) -> None:
-    # Given two tasks waiting on demo.echo, and no database configured
+    # Given two tasks waiting on demo.echo, db.query (4 shards) idle, and no database configured
     async with fabric.dispatcher(supervision=None) as dispatcher:
         for n in range(2):
             await dispatcher.submit("demo.echo", {"n": n}, queue_timeout_s=60)
     env = fabric_env | {"WAYANG_STATE_DIR": str(tmp_path)}
 
     async def frame_shows_two() -> bool:
-        run = wayang("top", "--once", "--capability", "demo.echo", env=env)
+        run = wayang(
+            "top", "--once", "--capability", "demo.echo", "--capability", "db.query", env=env
+        )
         frames.append(run)
         return re.search(_row("demo.echo", 1, 2, 2, 0), run.stdout, re.MULTILINE) is not None
 
@@ -200,6 +202,8 @@ async def test_top_once_prints_one_plain_frame_without_a_database(
     assert run.stdout.count("wayang-mq top ·") == 1 and "demo.sleep" not in run.stdout
     assert "no database (set WAYANG_DATABASE_URL" in run.stdout
     assert "EXECUTORS (the broker's consumers)" in run.stdout
+    # and a sharded capability is its four shard queues, summed
+    assert re.search(_row("db.query", 4, 0, 0, 0), run.stdout, re.MULTILINE), run.stdout
 
 
 async def test_an_unreachable_broker_is_an_error_line_and_top_keeps_refreshing(
