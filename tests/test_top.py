@@ -4,7 +4,6 @@ in the registry, a broker that cannot be reached, and a bar that moves with the 
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -26,7 +25,6 @@ from wayang_mq.core.model import Progress, Status
 from wayang_mq.testing.harness import Fabric, eventually
 
 BACKLOG = 6
-_sessions = itertools.count()
 
 
 @pytest.fixture(autouse=True)
@@ -37,12 +35,13 @@ async def _left_clean(fabric: Fabric) -> AsyncIterator[None]:
 
 
 class Terminal:
-    """A private tmux server (its own socket: no one else's sessions are touched) running one
-    command in a 160x50 pane; the pane stays after the command exits, saying its exit code."""
+    """A private tmux server (its own socket in the test's directory: no one else's sessions
+    are touched) running one command in a 160x50 pane; the pane stays after the command
+    exits, saying its exit code."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.socket = f"wayang-test-{os.getpid()}-{next(_sessions)}"
+        self.socket = str(workdir / "tmux.sock")
 
     def run(self, args: list[str], env: dict[str, str]) -> None:
         """Start ``wayang-mq ARGS`` with ``env`` on top of a clean WAYANG_* environment."""
@@ -52,7 +51,7 @@ class Terminal:
             # the pane's own: a terminal 160 columns wide, of tmux's type
             if not k.startswith("WAYANG_") and k not in ("COLUMNS", "LINES", "TERM")
         }
-        script = self.workdir / f"{self.socket}.sh"
+        script = self.workdir / "command.sh"
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (base | env).items())
         command = shlex.join([sys.executable, "-m", "wayang_mq.cli", *args])
         # the shell survives a Ctrl-C meant for the command (its trap is reset in the child)
@@ -76,11 +75,11 @@ class Terminal:
         return config
 
     def close(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True)
 
     def _tmux(self, *args: str) -> str:
         run = subprocess.run(
-            ["tmux", "-L", self.socket, "-f", str(self._config()), *args],
+            ["tmux", "-S", self.socket, "-f", str(self._config()), *args],
             capture_output=True,
             text=True,
             check=True,
