@@ -39,12 +39,13 @@ def add(sub: Any) -> None:
 def _cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
     from wayang_mq.cli.controlplane import database_url
     from wayang_mq.controlplane.queries import parse_since, reading
-    from wayang_mq.controlplane.usage import group_by, usage
+    from wayang_mq.controlplane.usage import check_window, group_by, usage
 
     now = datetime.now(UTC)
     since = parse_since(args.since, now)
     until = now if args.until is None else parse_since(args.until, now, "--until")
     by = None if args.by is None else group_by(args.by)
+    check_window(since, until)  # before connecting: a wrong window needs no database
     with reading(database_url(settings)) as conn:
         report = usage(conn, since, until, by)
     if args.json:
@@ -90,4 +91,4 @@ def usage_lines(report: UsageReport) -> list[str]:
 
 
 def _amount(value: float) -> str:
-    return str(int(value)) if value.is_integer() else f"{value:.3f}"
+    return str(int(value)) if float(value).is_integer() else f"{value:.3f}"

@@ -30,6 +30,15 @@ def group_by(text: str) -> str:
     raise ConfigError(f"--by {text!r} is not a grouping", hint=f"use one of {', '.join(GROUPS)}")
 
 
+def check_window(since: datetime, until: datetime) -> None:
+    """A ConfigError unless the window ``[since, until)`` ends after it starts."""
+    if until <= since:
+        raise ConfigError(
+            f"--until {until.isoformat()} is not after --since {since.isoformat()}",
+            hint="give a window that ends after it starts, e.g. --since 2h --until 1h",
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class UsageSum:
     """What one group used (``group`` None: the total over every group)."""
@@ -76,11 +85,7 @@ class UsageReport:
 def usage(conn: Conn, since: datetime, until: datetime, by: str | None = None) -> UsageReport:
     """Usage of the attempts that finished in ``[since, until)``, per ``by`` (a key of
     :data:`GROUPS`) and in total."""
-    if until <= since:
-        raise ConfigError(
-            f"--until {until.isoformat()} is not after --since {since.isoformat()}",
-            hint="give a window that ends after it starts",
-        )
+    check_window(since, until)
     # the grouping column comes from GROUPS only, never from the user's text
     if by is None:
         grp, totals, sets, unit_sets = "NULL::text", "1", "", "GROUP BY u.key"
