@@ -24,7 +24,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -80,8 +80,9 @@ class Usage:
         if cpu_ms is not None:
             self._add_thread_ns(round(cpu_ms * 1e6))
 
-    def metered(self, coro: Coroutine[Any, Any, T]) -> Metered[T]:
-        """``coro`` as an awaitable whose CPU time adds to this usage."""
+    def metered(self, coro: Awaitable[T]) -> Metered[T]:
+        """``coro`` (a coroutine, or any awaitable) as an awaitable whose CPU time adds to
+        this usage."""
         return Metered(coro, self)
 
     async def to_thread(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -125,12 +126,13 @@ class Metered(Awaitable[T]):
 
     __slots__ = ("_coro", "_usage")
 
-    def __init__(self, coro: Coroutine[Any, Any, T], usage: Usage) -> None:
+    def __init__(self, coro: Awaitable[T], usage: Usage) -> None:
         self._coro = coro
         self._usage = usage
 
     def __await__(self) -> Generator[Any, Any, T]:
-        coro, usage, clock = self._coro, self._usage, time.thread_time_ns
+        # a coroutine's __await__ (or any awaitable's) is a generator: send, throw, close
+        coro, usage, clock = self._coro.__await__(), self._usage, time.thread_time_ns
         sent: Any = None
         thrown: BaseException | None = None
         while True:
