@@ -25,6 +25,7 @@ from wayang_mq.cli import (
     secrets,
     submit,
     topology,
+    usage,
     worker,
 )
 from wayang_mq.cli.exits import Exit, exit_code_for
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         controlplane,
         records,
         events,
+        usage,
         schema,
     ):
         verb.add(sub)
