@@ -26,6 +26,7 @@ from wayang_mq.cli import (
     submit,
     top,
     topology,
+    usage,
     worker,
 )
 from wayang_mq.cli.exits import Exit, exit_code_for
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         controlplane,
         records,
         events,
+        usage,
         schema,
         top,
     ):

@@ -1,0 +1,1 @@
+"""Observability: metrics, traces, log context and usage for billing (docs/observability.md)."""
