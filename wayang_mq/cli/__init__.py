@@ -24,7 +24,9 @@ from wayang_mq.cli import (
     schema,
     secrets,
     submit,
+    top,
     topology,
+    usage,
     worker,
 )
 from wayang_mq.cli.exits import Exit, exit_code_for
@@ -56,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         controlplane,
         records,
         events,
+        usage,
         schema,
+        top,
     ):
         verb.add(sub)
     return parser
