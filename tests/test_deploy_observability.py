@@ -3,21 +3,28 @@ written for, and every metric a dashboard or an alert asks for is one that is ex
 
 Given the files as shipped, when promtool checks them and their rule unit tests run, then both
 pass; and when a real broker is scraped, every ``rabbitmq_*`` name they use is among the
-broker plugin's families (the ``wayang_*`` names are checked against the daemons themselves in
-test_metrics_exported).
+broker plugin's families and when a worker, the reaper and a control plane run with
+metrics on, every ``wayang_*`` name is exported by one of them, and a real Prometheus running
+the shipped config scrapes them all, loads the rules and evaluates every dashboard query.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
+import socket
 import subprocess
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from wayang_workers.demo import Echo
+
+from wayang_mq.testing.harness import Fabric, eventually
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -154,3 +161,111 @@ def test_broker_metrics_used_are_exported(rabbitmq: Any) -> None:
     broker_names = {name for name in used if name.startswith("rabbitmq_")}
     assert broker_names, "the dashboards use none of the broker's metrics"
     assert broker_names <= exported, f"not exported by the broker: {broker_names - exported}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _address(address: tuple[str, int] | None) -> str:
+    assert address is not None, "the daemon serves no metrics"
+    return f"{address[0]}:{address[1]}"
+
+
+def config_for(targets: dict[str, str]) -> str:
+    """deploy/prometheus/prometheus.yml as shipped, each job's targets replaced by ours."""
+    text = (PROMETHEUS_DIR / "prometheus.yml").read_text()
+    for job, target in targets.items():
+        pattern = rf"(job_name: {re.escape(job)}\n(?:.*\n)*?\s*- targets: )\[[^\]]*\]"
+        text, count = re.subn(pattern, rf'\1["{target}"]', text, count=1)
+        assert count == 1, f"no job {job} in prometheus.yml"
+    return text
+
+
+def _api(base: str, path: str, **params: str) -> Any:
+    query = urllib.parse.urlencode(params)
+    with urllib.request.urlopen(f"{base}/api/v1/{path}?{query}", timeout=10) as answer:
+        body = json.load(answer)
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+@pytest.mark.timeout(180)
+async def test_prometheus_scrapes_every_daemon_and_evaluates_every_query(
+    fabric: Fabric, rabbitmq: Any, record_db: str, tmp_path: Path
+) -> None:
+    # Given a worker, the reaper and a control plane with metrics on, after a few tasks
+    await fabric.purge_record()
+    await fabric.purge("demo.echo")
+    async with (
+        fabric.worker([Echo()], metrics_port=0) as worker,
+        fabric.reaper(metrics_port=0) as reaper,
+        fabric.control_plane(record_db, metrics_port=0, audit_interval_s=0.5) as cp,
+        fabric.dispatcher() as dispatcher,
+    ):
+        for n in range(5):
+            await dispatcher.run("demo.echo", {"n": n}, wait_s=30)
+        targets = {
+            "wayang-worker": _address(worker.metrics_address),
+            "wayang-reaper": _address(reaper.metrics_address),
+            "wayang-control-plane": _address(cp.metrics_address),
+            "rabbitmq": urllib.parse.urlsplit(rabbitmq.prometheus_url).netloc,
+            "rabbitmq-queues": urllib.parse.urlsplit(rabbitmq.prometheus_url).netloc,
+        }
+        # Then every wayang_* name a dashboard or alert uses is exported by some daemon
+        exported: set[str] = set()
+        for job in ("wayang-worker", "wayang-reaper", "wayang-control-plane"):
+            # (in a thread: the daemons answer on this test's event loop)
+            text = await asyncio.to_thread(scrape, f"http://{targets[job]}/metrics")
+            exported |= exported_series(text)
+        used = metric_names(dashboard_exprs() + alert_exprs())
+        ours = {name for name in used if name.startswith("wayang_")}
+        assert ours <= exported, f"used but exported by no daemon: {sorted(ours - exported)}"
+
+        # When a real Prometheus runs the shipped config (our targets) with the shipped rules
+        (tmp_path / "prometheus.yml").write_text(config_for(targets))
+        shutil.copy(PROMETHEUS_DIR / "alerts.yml", tmp_path / "alerts.yml")
+        port = _free_port()
+        server = subprocess.Popen(
+            [
+                shutil.which("prometheus") or "prometheus",
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            await _prometheus_sees_the_fabric(base, targets)
+        finally:
+            server.terminate()
+            server.wait(10)
+
+
+async def _prometheus_sees_the_fabric(base: str, targets: dict[str, str]) -> None:
+    async def all_up() -> bool:
+        try:
+            active = (await asyncio.to_thread(_api, base, "targets"))["activeTargets"]
+        except OSError:
+            return False
+        return {t["labels"]["job"] for t in active if t["health"] == "up"} == set(targets)
+
+    # the shipped scrape interval is 15 s; the first scrape of each target comes at once
+    await eventually(all_up, timeout_s=60, interval_s=0.5, what="every target scraped and up")
+    # Then it has the worker's count, loaded every rule, and every dashboard query evaluates
+    query = 'sum(wayang_tasks_finished_total{status="SUCCESS"})'
+    finished = await asyncio.to_thread(_api, base, "query", query=query)
+    assert [float(r["value"][1]) for r in finished["result"]] == [5.0]
+    groups = (await asyncio.to_thread(_api, base, "rules"))["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len(rules) == 10 and all(rule["health"] != "err" for rule in rules), rules
+    for expr in dashboard_exprs():
+        if expr.startswith("label_values("):
+            continue  # Grafana's own function, not PromQL
+        promql = expr.replace("$__rate_interval", "1m").replace("$capability", ".*")
+        # a syntax error or an unknown function answers status "error" (400)
+        await asyncio.to_thread(_api, base, "query", query=promql)
