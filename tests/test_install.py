@@ -176,7 +176,8 @@ async def test_a_wheel_installed_outside_the_checkout_applies_the_topology_and_r
     assert "0 created, 0 updated" in applied.stdout.splitlines()[-1]
 
     # When: its worker daemon serves the shipped demo executor and a task is submitted
-    command = [str(bin_dir / "wayang-mq"), "worker", "wayang_workers.demo:Echo"]
+    command = [str(bin_dir / "wayang-mq"), "--log-format", "text", "worker"]
+    command += ["wayang_workers.demo:Echo"]
     daemon = start_worker(
         [*command, "--id", "wheel-worker"], executor_id="wheel-worker", cwd=home, env=env
     )
@@ -208,7 +209,7 @@ async def test_the_whole_fabric_runs_on_a_non_default_vhost(
     applied = run([*cli, "topology", "apply"], cwd=tmp_path, env=env)
     assert applied.returncode == 0, applied.stderr
     daemon = start_worker(
-        [*cli, "worker", "wayang_workers.demo:Echo", "--id", "vhost-worker"],
+        [*cli, "--log-format", "text", "worker", "wayang_workers.demo:Echo", "--id=vhost-worker"],
         executor_id="vhost-worker",
         cwd=tmp_path,
         env=env,

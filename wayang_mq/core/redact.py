@@ -132,6 +132,15 @@ class RedactingFilter(logging.Filter):
         redactor = self._redactor
         if not redactor:
             return True
+        # a structured event's fields (core.logs.event; its text message renders from them, so
+        # it comes out redacted too) and the task fields bound to the line
+        fields = getattr(record, "wayang_fields", None)
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                fields[key] = _redacted_field(redactor, value)
+        bound = getattr(record, "wayang_context", None)
+        if bound:
+            record.wayang_context = {k: _redacted_field(redactor, v) for k, v in bound.items()}
         message = record.getMessage()
         redacted = redactor.text(message)
         if redacted != message:
@@ -143,3 +152,11 @@ class RedactingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = redactor.text(record.stack_info)
         return True
+
+
+def _redacted_field(redactor: Redactor, value: Any) -> Any:
+    """A log field with known secret values cut out: numbers as they are, anything else as
+    its (redacted) text."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return redactor.text(value if isinstance(value, str) else str(value))

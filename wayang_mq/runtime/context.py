@@ -18,6 +18,7 @@ from typing import Any
 from wayang_mq.core.errors import ErrorCode, ExecutorError
 from wayang_mq.core.model import JsonLike, Progress, Task
 from wayang_mq.core.redact import REDACTOR, Redactor
+from wayang_mq.observability import tracing
 from wayang_mq.security.secrets import Secret, shown
 
 ProgressSink = Callable[[Progress], Awaitable[None]]
@@ -39,6 +40,8 @@ class TaskContext:
     #: the secrets the task's input references, by name (see wayang_mq.security.secrets)
     secrets: Mapping[str, Secret] = field(default_factory=lambda: MappingProxyType({}))
     redactor: Redactor = field(default=REDACTOR, repr=False)
+    #: the task's trace, as the worker continues it (taken when the run starts)
+    trace: tracing.TraceContext | None = field(default_factory=tracing.current, repr=False)
 
     def secret(self, name: str) -> Secret:
         """The secret the task references as ``{"$secret": name}``; a name the task does not
@@ -74,6 +77,19 @@ class TaskContext:
     def log(self, line: str) -> None:
         """A line for the result's ``logs``."""
         self.logs.append(line)
+
+    @property
+    def traceparent(self) -> str | None:
+        """The W3C ``traceparent`` of this run: pass it (with :attr:`tracestate`) to
+        ``Dispatcher.submit(..., traceparent=..., tracestate=...)`` for the tasks this
+        executor dispatches, so they join the task's trace (a dispatcher in the same process
+        finds it by itself)."""
+        return self.trace.traceparent if self.trace is not None else None
+
+    @property
+    def tracestate(self) -> str | None:
+        """The W3C ``tracestate`` that goes with :attr:`traceparent`, if any."""
+        return self.trace.state or None if self.trace is not None else None
 
     @property
     def is_cancelled(self) -> bool:

@@ -1,0 +1,1 @@
+"""Observability: metrics, traces and usage, beside the structured logs of core.logs."""
