@@ -209,10 +209,10 @@ async def test_the_whole_fabric_runs_on_a_non_default_vhost(
     applied = run([*cli, "topology", "apply"], cwd=tmp_path, env=env)
     assert applied.returncode == 0, applied.stderr
     daemon = start_worker(
-        [*cli, "--log-format", "text", "worker", "wayang_workers.demo:Echo", "--id=vhost-worker"],
+        [*cli, "worker", "wayang_workers.demo:Echo", "--id", "vhost-worker"],
         executor_id="vhost-worker",
         cwd=tmp_path,
-        env=env,
+        env={**env, "WAYANG_LOG_FORMAT": "text"},  # its log is matched as text
     )
     try:
         await daemon.until_logged("event=worker.started")
