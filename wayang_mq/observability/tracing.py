@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import os
+import random
 import re
 import time
 from collections.abc import Mapping
@@ -33,7 +33,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 from wayang_mq.core import logs
-from wayang_mq.core.model import Status, Task
+from wayang_mq.core.model import Result, Status, Task
 from wayang_mq.runtime.middleware import Executed, Middleware, Opened, Received, Settled
 
 TRACEPARENT_HEADER = "traceparent"
@@ -73,7 +73,7 @@ class TraceContext:
 
     def child(self) -> TraceContext:
         """A new span in the same trace (same flags and state)."""
-        return replace(self, span_id=new_span_id())
+        return TraceContext(self.trace_id, new_span_id(), self.flags, self.state)
 
     def headers(self) -> dict[str, str]:
         """The AMQP headers that carry it."""
@@ -83,18 +83,15 @@ class TraceContext:
         return out
 
 
+# Ids are random, not secret (as OpenTelemetry's own generator makes them): the fast PRNG.
 def new_trace_id() -> str:
     """32 random lowercase hex digits, not all zero."""
-    while (value := os.urandom(16).hex()) == _ZERO_TRACE:  # pragma: no cover - 2**-128
-        pass
-    return value
+    return f"{random.getrandbits(128) or 1:032x}"
 
 
 def new_span_id() -> str:
     """16 random lowercase hex digits, not all zero."""
-    while (value := os.urandom(8).hex()) == _ZERO_SPAN:  # pragma: no cover - 2**-64
-        pass
-    return value
+    return f"{random.getrandbits(64) or 1:016x}"
 
 
 def new_trace() -> TraceContext:
@@ -112,10 +109,11 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def parse_traceparent(value: object) -> TraceContext | None:
+def parse_traceparent(value: object, state: str = "") -> TraceContext | None:
     """A ``traceparent`` value, strictly: version 00 is exactly 55 characters, lowercase hex,
     ids not all zero; version ``ff`` is invalid; a later version is read for its first four
-    fields when what follows them starts with ``-`` (W3C). None when invalid."""
+    fields when what follows them starts with ``-`` (W3C). None when invalid. ``state``: the
+    (already validated) tracestate that goes with it."""
     text = _text(value)
     if text is None or len(text) < 55 or len(text) > MAX_TRACEPARENT_CHARS:
         return None
@@ -130,7 +128,7 @@ def parse_traceparent(value: object) -> TraceContext | None:
     if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return None
     bits = int(flags, 16)
-    return TraceContext(trace_id, span_id, bits if version == "00" else bits & SAMPLED)
+    return TraceContext(trace_id, span_id, bits if version == "00" else bits & SAMPLED, state)
 
 
 def parse_tracestate(value: object) -> str:
@@ -155,11 +153,15 @@ def parse_tracestate(value: object) -> str:
 def parse(traceparent: object, tracestate: object = None) -> TraceContext | None:
     """The context the two header values say; None when ``traceparent`` is not valid (its
     ``tracestate`` then means nothing either)."""
+    if tracestate is None:
+        return parse_traceparent(traceparent)
     context = parse_traceparent(traceparent)
     if context is None:
         return None
-    state = parse_tracestate(tracestate) if tracestate is not None else ""
-    return replace(context, state=state) if state else context
+    state = parse_tracestate(tracestate)
+    return (
+        TraceContext(context.trace_id, context.span_id, context.flags, state) if state else context
+    )
 
 
 def from_headers(headers: Mapping[str, Any] | None) -> TraceContext | None:
@@ -227,7 +229,7 @@ def otel_active() -> bool:
     if api is None:
         return False
     provider = api.get_tracer_provider()
-    return not isinstance(provider, api.ProxyTracerProvider | api.NoOpTracerProvider)
+    return not isinstance(provider, (api.ProxyTracerProvider, api.NoOpTracerProvider))
 
 
 def ambient() -> TraceContext | None:
@@ -362,30 +364,25 @@ class TaskTracing(Middleware):
         if delivery is None:  # pragma: no cover - on_received always runs first
             delivery = _Delivery(None, time.time_ns())
             _delivery.set(delivery)
-        task = opened.task
+        task, incoming = opened.task, delivery.incoming
+        if not otel_active():  # the common case: only the ids
+            bind_task(task, self._executor_id, incoming.child() if incoming else new_trace())
+            return None
         attributes = delivery.attributes = _attributes(task)
-        if otel_active():
-            waited_from = max(task.issued_at_ms, task.not_before_ms or 0) * 1_000_000
-            if waited_from < delivery.received_ns:
-                wait = start_span(
-                    "queue wait",
-                    parent=delivery.incoming,
-                    start_ns=waited_from,
-                    attributes=attributes,
-                )
-                wait.end(end_ns=delivery.received_ns)
-        span = start_span(
-            "execute", kind="consumer", parent=delivery.incoming, attributes=attributes
-        )
+        waited_from = max(task.issued_at_ms, task.not_before_ms or 0) * 1_000_000
+        if waited_from < delivery.received_ns:
+            wait = _otel_span("queue wait", "internal", incoming, waited_from, attributes)
+            wait.end(end_ns=delivery.received_ns)
+        span = _otel_span("execute", "consumer", incoming, None, attributes)
         span.attach()
         delivery.execute = span
         bind_task(task, self._executor_id, span.context)
         return None
 
-    async def on_executed(self, executed: Executed) -> Any:
+    async def on_executed(self, executed: Executed) -> Result:
         delivery = _delivery.get()
         result = executed.result
-        if delivery is not None and delivery.execute is not None:
+        if delivery is not None and delivery.execute is not None:  # recorded with OpenTelemetry
             delivery.executed_ns = time.time_ns()
             error = None
             if result.status is Status.FAILED and result.error is not None:
@@ -400,13 +397,13 @@ class TaskTracing(Middleware):
         if settled.outcome.kind == "pending":
             return  # accepted: it runs on, its answer is published later
         delivery.execute.end()  # answered without an executed result (refused by a layer)
-        if delivery.executed_ns is not None and otel_active():
-            published = start_span(
+        if delivery.executed_ns is not None:
+            published = _otel_span(
                 "publish result",
-                kind="producer",
-                parent=delivery.execute.context,
-                start_ns=delivery.executed_ns,
-                attributes={**delivery.attributes, "wayang.outcome": str(settled.outcome.kind)},
+                "producer",
+                delivery.execute.context,
+                delivery.executed_ns,
+                {**delivery.attributes, "wayang.outcome": str(settled.outcome.kind)},
             )
             published.end()
             delivery.executed_ns = None
