@@ -16,7 +16,7 @@ import aiormq
 import psycopg
 import pytest
 from aio_pika.abc import AbstractChannel
-from wayang_workers.demo import Echo, Fail
+from wayang_workers.demo import Echo, Fail, Sleep
 
 from tests.test_cli import wayang
 from wayang_mq.amqp.connect import connect, management_client
@@ -289,6 +289,27 @@ async def test_a_dispatcher_reads_only_its_own_replies(accounts: Accounts, fabri
             _bind(instance, names.RESULTS_EXCHANGE, f"reply.{first}--one", auto_delete=True),
         )
     await _drop_queues(accounts.fabric, mine, names.reply_queue(second))
+
+
+async def test_a_dispatcher_watches_its_tasks_progress_but_not_everyones(
+    accounts: Accounts, fabric: Fabric
+) -> None:
+    # Given a dispatcher account granted demo.sleep, and a worker serving it
+    dispatcher_id, url = accounts.url(Role.DISPATCHER, "disp", ("demo.sleep",))
+    progress_queue = names.progress_queue(dispatcher_id)
+    async with (
+        fabric.worker([Sleep()]),
+        fabric.dispatcher(amqp_url=url, dispatcher_id=dispatcher_id, supervision=None) as d,
+    ):
+        # When it watches a task's progress
+        handle = await d.submit("demo.sleep", {"seconds": 1.5})
+        fractions = [p.fraction async for p in handle.progress()]
+        # Then the broker let it bind progress.<task id>: the events came, up to done
+        assert fractions and fractions[-1] == 1.0, fractions
+    # while every task's progress (a wildcard word) is refused
+    exclusive = {"exclusive": True, "auto_delete": True}
+    await _refused(url, _bind(progress_queue, names.EVENTS_EXCHANGE, "progress.#", **exclusive))
+    await _refused(url, _bind(progress_queue, names.EVENTS_EXCHANGE, "progress.*", **exclusive))
 
 
 async def test_a_dispatcher_publishes_placed_tasks_for_its_capabilities_only(

@@ -43,6 +43,10 @@ RESULTS = (
     "SELECT task_id, attempt, verdict, status FROM results"
     " WHERE task_id = ANY(%s) ORDER BY task_id, attempt, verdict"
 )
+USAGE = (
+    "SELECT task_id, attempt, executor_id, capability, issuer, node_id, wall_ms, cpu_ms,"
+    " bytes_in, bytes_out, units FROM usage WHERE task_id = ANY(%s) ORDER BY task_id, attempt"
+)
 
 
 def _rows(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -106,8 +110,8 @@ async def test_a_fresh_database_rebuilt_from_the_history_matches_the_record(
             progress=lambda done, total: seen.append((done, total)),
         )
 
-        # Then it holds the same tasks, attempts and results as the record
-        for sql in (TASKS, ATTEMPTS, RESULTS):
+        # Then it holds the same tasks, attempts, results and usage as the record
+        for sql in (TASKS, ATTEMPTS, RESULTS, USAGE):
             assert _rows(rebuilt, sql, ids) == _rows(record_db, sql, ids) != []
         assert report.first == start and report.written > 0
         assert seen[-1][0] == seen[-1][1] == report.last - start + 1  # every entry

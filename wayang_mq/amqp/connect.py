@@ -23,7 +23,7 @@ from wayang_mq.core.errors import BrokerUnreachable
 log = logging.getLogger("wayang_mq.amqp.connect")
 
 
-def management_client(endpoint: BrokerEndpoint) -> ManagementClient:
+def management_client(endpoint: BrokerEndpoint, *, timeout_s: float = 10.0) -> ManagementClient:
     """A management API client for the endpoint's console and account.
 
     Over HTTPS it trusts the AMQP URL's CA (``cafile``) and presents its client certificate,
@@ -35,6 +35,7 @@ def management_client(endpoint: BrokerEndpoint) -> ManagementClient:
         username=endpoint.username,
         password=endpoint.password,
         vhost=endpoint.vhost,
+        timeout_s=timeout_s,
         ssl_context=TlsFiles.of_url(endpoint.amqp_url).context() if https else None,
     )
 

@@ -94,6 +94,19 @@ class ManagementClient:
         """The vhost's queues; ``policy`` fields lag up to one stats interval (~5 s)."""
         return self._list(f"/api/queues/{self._v}")
 
+    def list_nodes(self) -> list[JSON]:
+        """The cluster's nodes: ``name``, ``running``, ``mem_alarm``, ``disk_free_alarm``, ..."""
+        return self._list("/api/nodes")
+
+    def list_consumers(self) -> list[JSON]:
+        """The vhost's consumers: ``queue``, ``consumer_tag``, ``channel_details``, ..."""
+        return self._list(f"/api/consumers/{self._v}")
+
+    def list_connections(self) -> list[JSON]:
+        """The vhost's client connections: ``name``, ``user_provided_name`` (ours name the
+        daemon), ``user``, ``state``, ..."""
+        return self._list(f"/api/vhosts/{self._v}/connections")
+
     def get_queue(self, name: str) -> JSON | None:
         """One queue, or None when it does not exist."""
         result: JSON | None = self._request("GET", f"/api/queues/{self._v}/{_seg(name)}", none=True)

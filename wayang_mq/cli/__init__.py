@@ -25,7 +25,9 @@ from wayang_mq.cli import (
     schema,
     secrets,
     submit,
+    top,
     topology,
+    usage,
     worker,
 )
 from wayang_mq.cli.exits import Exit, exit_code_for
@@ -64,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         controlplane,
         records,
         events,
+        usage,
         schema,
+        top,
     ):
         verb.add(sub)
     return parser

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from typing import Any
 
 from wayang_mq.cli.common import dispatcher_config
@@ -51,7 +52,12 @@ def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             if not args.wait:
                 print(json.dumps({"task_id": handle.task_id, "status": "SUBMITTED"}))
                 return Exit.OK
-            result = await handle.result(args.timeout)
+            if sys.stderr.isatty():  # a person watches: show the task's progress
+                from wayang_mq.cli.progressbar import result_with_bar
+
+                result = await result_with_bar(handle, args.timeout)
+            else:
+                result = await handle.result(args.timeout)
             print(result.model_dump_json(indent=2, exclude_defaults=False))
             return Exit.OK if result.status == "SUCCESS" else Exit.TASK_FAILED
 

@@ -23,6 +23,7 @@ from wayang_mq.amqp.connect import connect
 from wayang_mq.amqp.control import ControlClient, StatusSummary, summarize
 from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
 from wayang_mq.client.backpressure import publish_task
+from wayang_mq.client.progress import ProgressFeed
 from wayang_mq.client.replies import (
     Replies,
     ResultListener,
@@ -128,7 +129,10 @@ class Dispatcher:
         self.reply_to = names.reply_routing_key(config.dispatcher_id)
         #: who its tasks say issued them: its key's scope must name the same id
         self.issuer = config.issuer or config.dispatcher_id
-        self._replies = Replies(config.results_keyring, config.seen_results, self._unwatch)
+        self._progress = ProgressFeed(config.dispatcher_id, config.results_keyring)
+        self._replies = Replies(
+            config.results_keyring, config.seen_results, self._unwatch, self._progress.events
+        )
         self._control: ControlClient | None = None
         self._supervisor: Supervisor | None = None
         self._connection: AbstractRobustConnection | None = None
@@ -151,6 +155,7 @@ class Dispatcher:
     async def start(self) -> None:
         """Connect, declare and bind the reply queue, start consuming results."""
         self._connection = await connect(self.config.amqp_url, self.dispatcher_id)
+        self._progress.attach(self._connection)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         # A caller must not hang on a broker alarm: it gets BrokerBlocked (a Backpressure)
         # after the same bounded wait as for a full queue.

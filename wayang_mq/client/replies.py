@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -38,7 +38,7 @@ from wayang_mq.core.errors import (
     SignatureError,
     WayangError,
 )
-from wayang_mq.core.model import AttemptRecord, Result, Task
+from wayang_mq.core.model import AttemptRecord, Progress, Result, Task
 from wayang_mq.core.scopes import Role
 from wayang_mq.core.signing import KEY_ID_HEADER, KeyRing
 from wayang_mq.core.wire import open_signed
@@ -71,17 +71,24 @@ class ResultSeen:
 
 #: called with every :class:`ResultSeen`, inline: quick, and must not raise
 ResultListener = Callable[[ResultSeen], None]
+#: where a handle's progress comes from (:class:`wayang_mq.client.progress.ProgressFeed`)
+ProgressSource = Callable[[Task, "asyncio.Future[Result]"], AsyncIterator[Progress]]
 
 
 class TaskHandle:
     """A submitted task; await ``result()`` for its terminal Result."""
 
     def __init__(
-        self, task: Task, future: asyncio.Future[Result], accepted: asyncio.Future[Result]
+        self,
+        task: Task,
+        future: asyncio.Future[Result],
+        accepted: asyncio.Future[Result],
+        progress: ProgressSource | None = None,
     ) -> None:
         self.task = task
         self._future = future
         self._accepted = accepted
+        self._progress = progress
         #: the W3C traceparent the task was published with (its trace id names the trace)
         self.traceparent: str | None = None
 
@@ -98,10 +105,26 @@ class TaskHandle:
         """The terminal result; ``ResultTimeout`` if none arrives within ``timeout_s``."""
         return await _wait(self._future, timeout_s, self.task)
 
+    def progress(self) -> AsyncIterator[Progress]:
+        """The task's progress events as executors report them, until its terminal result
+        arrives (then the iteration ends; await ``result()`` for it). Advisory: events sent
+        before watching began, or while the broker was away, are not seen. Iterate it beside
+        ``result()``, e.g. in a task of its own."""
+        if self._progress is None:
+            return _until(self._future)
+        return self._progress(self.task, self._future)
+
     async def accepted(self, timeout_s: float | None = None) -> Result:
         """The first answer: a PENDING result (the task is accepted, its answer comes later),
         or the terminal result if it came first."""
         return await _wait(self._accepted, timeout_s, self.task)
+
+
+async def _until(future: asyncio.Future[Result]) -> AsyncIterator[Progress]:
+    """No progress to watch: an iteration that ends when the result arrives."""
+    await asyncio.wait({future})
+    return
+    yield  # an async generator
 
 
 async def _wait(future: asyncio.Future[Result], timeout_s: float | None, task: Task) -> Result:
@@ -131,12 +154,14 @@ class Replies:
         keyring: KeyRing,
         seen_limit: int,
         on_forget: Callable[[str], None] = lambda task_id: None,
+        progress: ProgressSource | None = None,
     ) -> None:
         self._keyring = keyring  # every result's signature, and its key's scope
         self._waiting: dict[str, _Waiting] = {}
         self._seen: LastSeen[Result] = LastSeen(seen_limit)  # terminal results handed out
         self._listeners: list[ResultListener] = []
         self._on_forget = on_forget
+        self._progress = progress  # what handles' progress() iterates
 
     # -- tasks --------------------------------------------------------------------------------
 
@@ -146,11 +171,11 @@ class Replies:
         if finished is not None:
             future = asyncio.get_running_loop().create_future()
             future.set_result(finished)
-            return TaskHandle(task, future, future)
+            return TaskHandle(task, future, future, self._progress)
         waiting = self._waiting.get(task.task_id)
         if waiting is None or waiting.task is None:
             return None
-        return TaskHandle(waiting.task, waiting.result, waiting.accepted)
+        return TaskHandle(waiting.task, waiting.result, waiting.accepted, self._progress)
 
     def expect(self, task: Task) -> TaskHandle:
         """Wait for ``task``'s answer from now on."""
@@ -160,7 +185,7 @@ class Replies:
             waiting = _Waiting(task, loop.create_future(), loop.create_future())
             self._waiting[task.task_id] = waiting
         waiting.task = task
-        return TaskHandle(task, waiting.result, waiting.accepted)
+        return TaskHandle(task, waiting.result, waiting.accepted, self._progress)
 
     def replace(self, task: Task) -> None:
         """A new attempt replaces the current one (its token fences the old one's result)."""

@@ -141,8 +141,9 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$", re.IGNORECASE)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_since(text: str, now: datetime) -> datetime:
-    """A time (ISO 8601, UTC unless it says) or a duration back from ``now`` (``10m``)."""
+def parse_since(text: str, now: datetime, flag: str = "--since") -> datetime:
+    """A time (ISO 8601, UTC unless it says) or a duration back from ``now`` (``10m``);
+    ``flag`` names the option in the error."""
     match = _DURATION.match(text)
     if match:
         seconds = float(match.group(1)) * _UNIT_S[match.group(2).lower()]
@@ -151,8 +152,8 @@ def parse_since(text: str, now: datetime) -> datetime:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
         raise ConfigError(
-            f"--since {text!r} is neither a time nor a duration",
-            hint="e.g. --since 10m, --since 2h, --since 2025-01-31T12:00",
+            f"{flag} {text!r} is neither a time nor a duration",
+            hint=f"e.g. {flag} 10m, {flag} 2h, {flag} 2025-01-31T12:00",
         ) from None
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 

@@ -11,7 +11,9 @@ The projections follow the rules the record promises (docs/control-plane.md):
   from its issuer with a later attempt and a new token is a reassignment; any other copy is
   a duplicate, recorded and never made the task;
 * the first terminal result per task wins; later ones are recorded as duplicates, and a
-  result of another token is fenced; nothing is overwritten.
+  result of another token is fenced; nothing is overwritten;
+* the winning result and each retried attempt's FAILED result are billed: one ``usage`` row
+  per (task, attempt, executor), from the result's metrics (:func:`_bill`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from wayang_mq.controlplane.facts import (
 from wayang_mq.core.model import Result, Status, now_ms
 from wayang_mq.core.scopes import Role
 from wayang_mq.core.wire import decode
+from wayang_mq.observability.usage import Billable
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -193,11 +196,18 @@ async def _task(conn: Conn, seen: TaskSeen) -> None:
         "SELECT token, attempt, issuer, state FROM tasks WHERE task_id = %s FOR UPDATE",
         (task.task_id,),
     )
-    won = await _won(conn, task.task_id)  # sent before the first row is read: one round trip
+    # a result may have come first (the record queue is not ordered across publishers):
+    # True, one won; False, only a retried one (billed); sent with the first: one round trip
+    earlier = await conn.execute(
+        "SELECT bool_or(verdict = 'won') FROM results"
+        " WHERE task_id = %s AND verdict IN ('won', 'retried')",
+        (task.task_id,),
+    )
     row = await cur.fetchone()
     sha = hashlib.sha256(seen.body).digest()
     if row is None:
-        await _new_task(conn, seen, result_first=await won.fetchone() is not None)
+        got = await earlier.fetchone()
+        await _new_task(conn, seen, result_first=None if got is None else got[0])
         await _copy(conn, seen, sha, duplicate=False)
         return
     token, attempt, issuer, state = row
@@ -241,7 +251,9 @@ async def _won(conn: Conn, task_id: str) -> psycopg.AsyncCursor[Any]:
     )
 
 
-async def _new_task(conn: Conn, seen: TaskSeen, *, result_first: bool) -> None:
+async def _new_task(conn: Conn, seen: TaskSeen, *, result_first: bool | None) -> None:
+    """``result_first``: True, a result recorded before the task won; False, only a retried
+    one came first; None, none."""
     task = seen.task
     await conn.execute(
         "INSERT INTO tasks (task_id, capability, node_id, issuer, publisher, key_id, token,"
@@ -282,7 +294,11 @@ async def _new_task(conn: Conn, seen: TaskSeen, *, result_first: bool) -> None:
             task.issuer,
         ),
     )
-    # A result may have come first (the record queue is not ordered across publishers).
+    if result_first is not None:  # billed before its issuer was known
+        await conn.execute(
+            "UPDATE usage SET issuer = %s WHERE task_id = %s AND issuer = ''",
+            (task.issuer, task.task_id),
+        )
     if result_first:
         await _finish_from_results(conn, task.task_id)
 
@@ -358,6 +374,8 @@ async def _result(conn: Conn, seen: ResultSeen) -> None:
             r.metrics.get("redelivered", 0.0) > 0,
         ),
     )
+    if verdict in ("won", "retried"):
+        await _bill(conn, r)
     if verdict == "retried":
         await conn.execute(
             "UPDATE attempts SET state = 'finished', executor_id = %s, finished_at = %s"
@@ -412,23 +430,35 @@ async def _finish(conn: Conn, seen: ResultSeen, *, has_duplicates: bool) -> None
         ),
     )
     await _attempt_state(conn, r.task_id, r.attempt, "finished", r.executor_id, r.finished_at_ms)
-    wall = r.metrics.get("duration_ms")
+    if has_duplicates:
+        await claims.answer_duplicates(conn, r.task_id)  # copies published while it ran
+
+
+async def _bill(conn: Conn, r: Result) -> None:
+    """The attempt's usage row, from its result's metrics (validated again: a result is
+    anyone's signed input). The first terminal result of an (attempt, executor) is billed;
+    the issuer is the task's, or filled in when the task is recorded after its result."""
+    used = Billable.of(r.metrics)
     await conn.execute(
-        "INSERT INTO usage (task_id, attempt, executor_id, capability, issuer, wall_ms,"
-        " finished_at) SELECT %s, %s, %s, %s, issuer, %s, %s FROM tasks WHERE task_id = %s"
-        " ON CONFLICT DO NOTHING",
+        "INSERT INTO usage (task_id, attempt, executor_id, capability, issuer, node_id, wall_ms,"
+        " cpu_ms, bytes_in, bytes_out, units, finished_at) VALUES (%s, %s, %s, %s,"
+        " coalesce((SELECT issuer FROM tasks WHERE task_id = %s), ''), %s, %s, %s, %s, %s, %s,"
+        " %s) ON CONFLICT DO NOTHING",
         (
             r.task_id,
             r.attempt,
             r.executor_id,
             r.capability,
-            None if wall is None else int(wall),
-            ts(r.finished_at_ms),
             r.task_id,
+            r.node_id,
+            used.wall_ms,
+            used.cpu_ms,
+            used.bytes_in,
+            used.bytes_out,
+            Jsonb(used.units),
+            ts(r.finished_at_ms),
         ),
     )
-    if has_duplicates:
-        await claims.answer_duplicates(conn, r.task_id)  # copies published while it ran
 
 
 async def _attempt_state(

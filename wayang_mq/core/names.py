@@ -128,6 +128,12 @@ def reply_queue(dispatcher_id: str) -> str:
     return f"wayang.reply.{dispatcher_id}"
 
 
+def progress_queue(dispatcher_id: str) -> str:
+    """A dispatcher's exclusive queue of the progress events of the tasks its callers watch
+    (bound to ``progress.<task id>`` on ``wayang.events``, one key per watched task)."""
+    return f"wayang.progress.{dispatcher_id}"
+
+
 def valid_reply_address(reply_to: str) -> bool:
     """True for an address results may be published to: ``reply.<dispatcher id>`` (what
     executor accounts may publish results under; anything else would be refused by the

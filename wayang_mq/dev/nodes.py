@@ -37,7 +37,12 @@ from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES
 
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
-RABBITMQ_PLUGINS = ("rabbitmq_management", "rabbitmq_consistent_hash_exchange")
+# rabbitmq_prometheus: the broker's own metrics for deploy/prometheus and the dashboards
+RABBITMQ_PLUGINS = (
+    "rabbitmq_management",
+    "rabbitmq_consistent_hash_exchange",
+    "rabbitmq_prometheus",
+)
 # EXTERNAL SASL: the broker user is the client certificate's common name.
 TLS_PLUGINS = ("rabbitmq_auth_mechanism_ssl",)
 POSTGRES_OS_USER = "wayang-pg"
@@ -257,6 +262,7 @@ class RabbitNode:
         amqp_port: int | None = None,
         management_port: int | None = None,
         dist_port: int | None = None,
+        prometheus_port: int | None = None,
         node_name: str | None = None,
         username: str = "wayang",
         password: str | None = None,
@@ -270,6 +276,7 @@ class RabbitNode:
             "amqp_port": amqp_port,
             "management_port": management_port,
             "dist_port": dist_port,
+            "prometheus_port": prometheus_port,
         }
         self._ports = _Ports(requested, saved)
         self.node_name = node_name or saved.get("node_name") or self._default_node_name()
@@ -299,6 +306,12 @@ class RabbitNode:
             self._password,
             self.tls,
         )
+
+    @property
+    def prometheus_url(self) -> str:
+        """The broker's own Prometheus endpoint (rabbitmq_prometheus): ``/metrics`` for
+        aggregated metrics, ``/metrics/detailed?family=...`` per queue."""
+        return f"http://{LOOPBACK}:{self._ports['prometheus_port']}"
 
     @property
     def log_path(self) -> Path:
@@ -425,6 +438,9 @@ class RabbitNode:
                 "loopback_users = none",
                 "log.console = false",
                 "log.file.level = info",
+                # the broker's Prometheus endpoint, plain HTTP on loopback (TLS or not)
+                f"prometheus.tcp.ip = {LOOPBACK}",
+                f"prometheus.tcp.port = {self._ports['prometheus_port']}",
                 f"max_message_size = {self.max_message_bytes}",
                 "",
             ]

@@ -1,1 +1,1 @@
-"""Observability: metrics, traces and usage, beside the structured logs of core.logs."""
+"""Observability: metrics, traces, log context and usage for billing (docs/observability.md)."""

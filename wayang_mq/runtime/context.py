@@ -1,5 +1,5 @@
 """What executor code reaches while it runs: progress, heartbeat details, cancellation, logs,
-the task's secrets.
+the task's secrets, usage for billing.
 
 Like Temporal's ``activity.info()``, the context travels in a contextvar, so an executor stays
 plain async code and never sees AMQP. Progress and heartbeat details leave through the
@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from wayang_mq.core.errors import ErrorCode, ExecutorError
 from wayang_mq.core.model import JsonLike, Progress, Task
 from wayang_mq.core.redact import REDACTOR, Redactor
 from wayang_mq.observability import tracing
+from wayang_mq.observability.usage import Usage
 from wayang_mq.security.secrets import Secret, shown
 
 ProgressSink = Callable[[Progress], Awaitable[None]]
+T = TypeVar("T")
 
 _current: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("wayang_task_context")
 
@@ -40,6 +42,8 @@ class TaskContext:
     #: the secrets the task's input references, by name (see wayang_mq.security.secrets)
     secrets: Mapping[str, Secret] = field(default_factory=lambda: MappingProxyType({}))
     redactor: Redactor = field(default=REDACTOR, repr=False)
+    #: what this run used so far (CPU, bytes in, reported units): the result's usage metrics
+    usage: Usage = field(default_factory=Usage)
     #: the task's trace, as the worker continues it (taken when the run starts)
     trace: tracing.TraceContext | None = field(default_factory=tracing.current, repr=False)
 
@@ -77,6 +81,24 @@ class TaskContext:
     def log(self, line: str) -> None:
         """A line for the result's ``logs``."""
         self.logs.append(line)
+
+    def report_usage(self, **units: float) -> None:
+        """Add billable units (``tokens=120, api_calls=1``): summed across calls, sent in the
+        result as ``units.<name>``. Names are short ``[a-z][a-z0-9_]*`` identifiers, values
+        finite and >= 0, at most 16 names a task; ``cpu_ms=`` adds to the task's CPU time
+        (CPU spent where the runtime cannot meter it). A bad report raises ``ValueError``."""
+        self.usage.report(**units)
+
+    async def metered(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Wrap a coroutine you run as its own asyncio task (``create_task``, ``gather``, a
+        ``TaskGroup``) so its CPU time counts for this task (the runtime meters only the
+        ``execute`` coroutine itself): ``await asyncio.gather(ctx.metered(a()), ...)``."""
+        return await self.usage.metered(coro)
+
+    async def to_thread(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``asyncio.to_thread``, with the CPU time the call spends in its thread counted
+        for this task (a plain ``asyncio.to_thread`` is not)."""
+        return await self.usage.to_thread(func, *args, **kwargs)
 
     @property
     def traceparent(self) -> str | None:
@@ -120,3 +142,8 @@ def unbind(token: contextvars.Token[TaskContext]) -> None:
 def progress(fraction: float | None = None, message: str = "", **details: Any) -> Awaitable[None]:
     """Shortcut for ``current().progress(...)``."""
     return current().progress(fraction, message, **details)
+
+
+def report_usage(**units: float) -> None:
+    """Shortcut for ``current().report_usage(...)``."""
+    current().report_usage(**units)

@@ -31,6 +31,7 @@ from wayang_mq.core import logs
 from wayang_mq.core.errors import ErrorCode, ExecutorError
 from wayang_mq.core.model import ErrorInfo, JsonLike, Result, Status, Task, now_ms
 from wayang_mq.core.redact import REDACTOR, Redactor
+from wayang_mq.observability.usage import Usage
 from wayang_mq.runtime.context import ProgressSink, TaskContext, bind, unbind
 from wayang_mq.runtime.executor import Executor, Pending
 from wayang_mq.security.secrets import (
@@ -135,9 +136,16 @@ class Runner:
         result, _ = await asyncio.shield(running.job)  # a joiner's cancel is not the run's
         return result
 
-    async def start(self, task: Task) -> Running:
-        """Start the task's run (it goes on even if the caller stops waiting for it)."""
-        context = TaskContext(task, self._executor_id, self._progress, redactor=self._redactor)
+    async def start(self, task: Task, bytes_in: int = 0) -> Running:
+        """Start the task's run (it goes on even if the caller stops waiting for it);
+        ``bytes_in``: the size of the task's message body, for its usage."""
+        context = TaskContext(
+            task,
+            self._executor_id,
+            self._progress,
+            redactor=self._redactor,
+            usage=Usage(bytes_in=bytes_in),
+        )
         running = Running(task, context)
         running.job = asyncio.create_task(self._run(running))
         self._running[task.task_id] = running
@@ -226,7 +234,8 @@ class Runner:
                 code=exc.code or ErrorCode.SECRET_UNAVAILABLE,
                 retryable=exc.retryable,
             ) from None
-        return await executor.execute(task)
+        # metered: the CPU time of the executor's own steps is the task's cpu_ms
+        return await context.usage.metered(executor.execute(task))
 
 
 def _error_info(exc: BaseException) -> ErrorInfo:
@@ -271,6 +280,7 @@ def _result(
         output_bytes = 0
         status, output = Status.FAILED, None
         error = ErrorInfo(code=ErrorCode.INVALID_RESULT, message=f"output cannot be sent: {exc}")
+    metrics.update(context.usage.metrics(output_bytes))  # cpu_ms, bytes_in/out, units.*
     if error is not None:
         error = error.model_copy(
             update={

@@ -299,7 +299,7 @@ class Worker(Daemon):
             return await self._conclude(capability, message, task, answer)
         if not first:  # taken before, no longer known here: it must not run again
             return self._decider.bad_input(capability, message, _replayed(task, message.body))
-        running = await self._runner.start(task)
+        running = await self._runner.start(task, bytes_in=len(message.body))
         if self._runner.long_running(task):
             self._runner.accepting(running)
             self.spawn(self._follow(capability, message, running))

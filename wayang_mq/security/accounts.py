@@ -60,6 +60,7 @@ INSTANCE_SEPARATOR: Final = "--"
 _INSTANCE: Final = r"(?:--[a-z0-9_-]+)?"
 _WORD: Final = r"[^.]+"  # one routing-key word (dispatcher ids, tier names)
 _ANY_KEY: Final = r".+"  # task ids are free-form: per-task keys cannot be narrowed further
+_NO_WILDCARD: Final = r"[^*#]+"  # a task id as a binding key that matches only itself
 #: a key that is not ``executor.<id>`` (a lookahead: RabbitMQ's regexes are PCRE)
 _NOT_PLACED: Final = r"(?!executor\.)"
 _PASSWORD_BYTES: Final = 24  # 32 URL-safe characters, 192 bits
@@ -236,14 +237,14 @@ def executor_account(executor_id: str, capabilities: Sequence[str]) -> Account:
 def dispatcher_account(dispatcher_id: str, capabilities: Sequence[str]) -> Account:
     """Publishes tasks for its capabilities (or patterns), with their capability as key or,
     when their policy needs particular executors, ``place.<capability>``; cancels and status
-    requests; declares, binds and reads only its own reply, status-reply and heartbeat-watch
-    queues. Never ``executor.<id>``, whatever its patterns: only the control plane places a
+    requests; declares, binds and reads only its own reply, status-reply, heartbeat-watch and
+    progress queues. Never ``executor.<id>``, whatever its patterns: only the control plane places a
     task on one executor."""
     me = _lit(_check_id(dispatcher_id)) + _INSTANCE
     if not capabilities:
         raise ConfigError("a dispatcher account needs at least one capability or pattern")
     caps = _any_of([capability_pattern(c) for c in dict.fromkeys(capabilities)])
-    own_queues = _lit("wayang.") + "(?:reply|status-reply|watch)" + r"\." + me
+    own_queues = _lit("wayang.") + "(?:reply|status-reply|watch|progress)" + r"\." + me
     permissions = Permissions(
         configure=_names(own_queues),
         write=_names(
@@ -273,8 +274,13 @@ def dispatcher_account(dispatcher_id: str, capabilities: Sequence[str]) -> Accou
             write=_names(r"(?:cancel|status)\." + _ANY_KEY),
             read=_names(r"status-reply\." + me),
         ),
-        # the supervisor binds heartbeat.* to watch executors go silent
-        TopicPermission(names.EVENTS_EXCHANGE, write=NOTHING, read=_names(r"heartbeat\.\*")),
+        # the supervisor binds heartbeat.* to watch executors go silent; a caller watching a
+        # task's progress binds progress.<task id> (no wildcard word: not everyone's progress)
+        TopicPermission(
+            names.EVENTS_EXCHANGE,
+            write=NOTHING,
+            read=_names(r"heartbeat\.\*", r"progress\." + _NO_WILDCARD),
+        ),
         *_closed(names.RETRY_EXCHANGE, names.DEAD_COPY_EXCHANGE, names.DEAD_LETTER_EXCHANGE),
     )
     return Account(dispatcher_id, Role.DISPATCHER, permissions, topics)

@@ -92,6 +92,15 @@ class BrokerHandle:
         return self.endpoint.password
 
     @property
+    def prometheus_url(self) -> str:
+        """The broker's rabbitmq_prometheus endpoint: a private node's own port, else the
+        plugin's conventional port 15692 on the broker's host."""
+        url = getattr(self._lifecycle, "prometheus_url", None)
+        if isinstance(url, str):
+            return url
+        return f"http://{urlsplit(self.amqp_url).hostname}:15692"
+
+    @property
     def can_restart(self) -> bool:
         """True when this session owns the broker, so tests may stop, kill and restart it."""
         return self._lifecycle is not None
