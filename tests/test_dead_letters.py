@@ -692,7 +692,8 @@ def test_the_reaper_daemon_stops_cleanly_on_sigterm(fabric: Fabric) -> None:
         try:
             assert daemon.stderr is not None
             seen: list[str] = []
-            while not any("event=reaper.started" in line for line in seen):
+            # (stderr is a pipe: it logs JSON lines)
+            while not any(_event(line) == "reaper.started" for line in seen):
                 line = daemon.stderr.readline()
                 assert line, "".join(seen)  # it exited before it started consuming
                 seen.append(line)
@@ -702,7 +703,16 @@ def test_the_reaper_daemon_stops_cleanly_on_sigterm(fabric: Fabric) -> None:
         finally:
             daemon.kill()
     assert daemon.returncode == 0, rest
-    assert "event=reaper.stopped" in rest
+    assert "reaper.stopped" in [_event(line) for line in rest.splitlines()], rest
+
+
+def _event(line: str) -> str | None:
+    """The event a JSON log line names, if it is one."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value.get("event") if isinstance(value, dict) else None
 
 
 # -- reading a dead letter (pure) ---------------------------------------------------------------

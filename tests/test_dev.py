@@ -287,8 +287,12 @@ async def test_dev_runs_each_daemon_under_its_own_role_account(dev_stack: DevSta
         bufsize=0,
     )
     try:
-        started = _read_until(worker, "event=worker.started", 60)
-        assert re.search(r"event=worker\.started id=dev-executor--[0-9a-f]{8}\b", started), started
+        # (its stderr is a pipe, not a terminal: it logs JSON lines)
+        output = _read_until(worker, '"event": "worker.started"', 60)
+        started = next(
+            json.loads(line) for line in output.splitlines() if '"event": "worker.started"' in line
+        )
+        assert re.fullmatch(r"dev-executor--[0-9a-f]{8}", started["id"]), started
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.communicate(timeout=60)

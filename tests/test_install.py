@@ -176,7 +176,8 @@ async def test_a_wheel_installed_outside_the_checkout_applies_the_topology_and_r
     assert "0 created, 0 updated" in applied.stdout.splitlines()[-1]
 
     # When: its worker daemon serves the shipped demo executor and a task is submitted
-    command = [str(bin_dir / "wayang-mq"), "worker", "wayang_workers.demo:Echo"]
+    command = [str(bin_dir / "wayang-mq"), "--log-format", "text", "worker"]
+    command += ["wayang_workers.demo:Echo"]
     daemon = start_worker(
         [*command, "--id", "wheel-worker"], executor_id="wheel-worker", cwd=home, env=env
     )
@@ -211,7 +212,7 @@ async def test_the_whole_fabric_runs_on_a_non_default_vhost(
         [*cli, "worker", "wayang_workers.demo:Echo", "--id", "vhost-worker"],
         executor_id="vhost-worker",
         cwd=tmp_path,
-        env=env,
+        env={**env, "WAYANG_LOG_FORMAT": "text"},  # its log is matched as text
     )
     try:
         await daemon.until_logged("event=worker.started")

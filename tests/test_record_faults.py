@@ -51,7 +51,8 @@ def _spawn_control_plane(
         "WAYANG_KEY_DIR": str(key_dir),
         "WAYANG_DATABASE_URL": database_url,
     }
-    command = [sys.executable, "-m", "wayang_mq.cli", "control-plane", "--id", name]
+    command = [sys.executable, "-m", "wayang_mq.cli", "--log-format", "text"]
+    command += ["control-plane", "--id", name]
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     spawned = WorkerProcess(name, process, log_path, started_event="control_plane.started")

@@ -433,7 +433,8 @@ def _spawn_reaper(fabric: Fabric, env: dict[str, str]) -> WorkerProcess:
         "WAYANG_KEY_DIR": str(fabric.key_dir),
         **env,
     }
-    command = [sys.executable, "-m", "wayang_mq.cli", "--log-level", "DEBUG", "reaper"]
+    command = [sys.executable, "-m", "wayang_mq.cli", "--log-level", "DEBUG"]
+    command += ["--log-format", "text", "reaper"]  # as the harness's daemons: readable text
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             [*command, "--id", reaper_id],

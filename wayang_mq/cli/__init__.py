@@ -8,6 +8,7 @@ A verb's module (and what it imports) loads only when that verb runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"wayang-mq {__version__}")
     parser.add_argument("--log-level", default="INFO", help="daemon log level (default INFO)")
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default=None,
+        help="log lines as JSON objects or readable text; auto (the default, or "
+        "WAYANG_LOG_FORMAT): text on a terminal, JSON otherwise",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for verb in (
         dev,
@@ -69,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wayang-mq`` script."""
     args = build_parser().parse_args(argv)
-    logs.configure(args.log_level)
+    try:
+        log_format = logs.resolve_format(args.log_format, os.environ.get("WAYANG_LOG_FORMAT"))
+    except ValueError as exc:
+        print(f"wayang-mq: error: WAYANG_LOG_FORMAT: {exc}", file=sys.stderr)
+        return Exit.USAGE
+    logs.configure(args.log_level, log_format)
     try:
         settings = Settings()
         redact_credentials(settings)  # no log line shows the configured passwords

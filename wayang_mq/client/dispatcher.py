@@ -9,6 +9,7 @@ durable reply queue and are deduplicated by task id: the first terminal result w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -35,9 +36,11 @@ from wayang_mq.client.replies import (
 from wayang_mq.client.supervisor import SupervisionConfig, Supervisor
 from wayang_mq.core import logs, names
 from wayang_mq.core.authority import DECIDED_BY_DISPATCHER
+from wayang_mq.core.bounded import LastSeen
 from wayang_mq.core.durations import Seconds, to_ms, to_ms_or_none
 from wayang_mq.core.envelope import compensation_of
 from wayang_mq.core.errors import ErrorCode, WayangError
+from wayang_mq.core.fields import printable
 from wayang_mq.core.model import (
     DEFAULT_AUDIENCE,
     Compensation,
@@ -51,7 +54,8 @@ from wayang_mq.core.model import (
     now_ms,
 )
 from wayang_mq.core.signing import KeyRing, Signer
-from wayang_mq.core.wire import signed_message, task_message
+from wayang_mq.core.wire import WireMessage, signed_message, task_message
+from wayang_mq.observability import tracing
 from wayang_mq.observability.metrics import DispatcherMetrics, dispatcher_metrics
 
 log = logging.getLogger("wayang_mq.client.dispatcher")
@@ -95,6 +99,10 @@ class TaskOptions(TypedDict, total=False):
     partition_key: str | None  # order per key on a sharded capability
     idempotency_key: str | None  # side effects once per key
     not_before_ms: int | None  # no executor may start it before this instant
+    #: the W3C trace to continue (default: OpenTelemetry's current span, else the task this
+    #: process is executing, else a new trace); an invalid value is ignored (logged)
+    traceparent: str | None
+    tracestate: str | None  # the W3C tracestate that goes with traceparent
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,8 @@ class Dispatcher:
         if registry is not None:
             self._metrics = dispatcher_metrics(registry)
             self._replies.observe(self._count_result)
+        #: each waiting task's trace: its re-dispatches, expiry and compensation continue it
+        self._traces: LastSeen[tracing.TraceContext] = LastSeen(config.seen_results)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -238,22 +248,26 @@ class Dispatcher:
         **options: Unpack[TaskOptions],
     ) -> TaskHandle:
         """Build, sign and publish a task; returns once the broker has confirmed it."""
-        return await self.submit_task(self.task(capability, input, **options))
+        task = self.task(capability, input, **options)
+        traceparent, tracestate = options.get("traceparent"), options.get("tracestate")
+        return await self.submit_task(task, traceparent=traceparent, tracestate=tracestate)
 
-    async def submit_task(self, task: Task) -> TaskHandle:
-        """Publish an already built task (its ``reply_to`` should be this dispatcher's)."""
+    async def submit_task(
+        self, task: Task, *, traceparent: str | None = None, tracestate: str | None = None
+    ) -> TaskHandle:
+        """Publish an already built task (its ``reply_to`` should be this dispatcher's), in
+        the trace ``traceparent`` names (see :class:`TaskOptions`)."""
         if self._publisher is None:
             raise WayangError("dispatcher is not started", hint="use `async with Dispatcher(...)`")
         # idempotent: a task id answered or on its way is not run again
         known = self._replies.handle(task)
         if known is not None:
+            known.traceparent = _traceparent(self._traces.get(task.task_id))
             return known
         handle = self._replies.expect(task)
         started = time.monotonic()
         try:
-            await self._publish_with_backpressure(
-                task, to_amqp(task_message(task, self.config.signer))
-            )
+            trace = await self._publish_traced(task, _caller_trace(traceparent, tracestate))
         except BaseException:
             self._replies.forget(task.task_id)
             raise
@@ -261,7 +275,37 @@ class Dispatcher:
             submitted, round_trip = self._metrics.per_capability(task.capability)
             submitted.inc()
             handle.when_answered(lambda _: round_trip.observe(time.monotonic() - started))
+        self._traces.put(task.task_id, trace)
+        handle.traceparent = trace.traceparent
         return handle
+
+    async def _publish_traced(
+        self, task: Task, parent: tracing.TraceContext | None
+    ) -> tracing.TraceContext:
+        """Publish the task as a ``publish`` span (a child of ``parent``, or of the ambient
+        trace), its lines carrying the task's fields; the span's context goes in its headers."""
+        span = tracing.start_span(
+            "publish",
+            kind="producer",
+            parent=parent or tracing.ambient(),
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.destination.name": names.TASKS_EXCHANGE,
+                "wayang.task_id": task.task_id,
+                "wayang.capability": task.capability,
+                "wayang.attempt": task.attempt,
+            },
+        )
+        fields = {"task_id": task.task_id, "node_id": task.node_id, "attempt": task.attempt}
+        with logs.bound(**fields, capability=task.capability, trace_id=span.context.trace_id):
+            try:
+                message = _with_trace(task_message(task, self.config.signer), span.context)
+                await self._publish_with_backpressure(task, to_amqp(message))
+            except BaseException as exc:
+                span.end(error=f"{type(exc).__name__}: {exc}"[:500])
+                raise
+        span.end()
+        return span.context
 
     async def _publish_with_backpressure(self, task: Task, message: aio_pika.Message) -> None:
         assert self._publisher is not None
@@ -315,6 +359,11 @@ class Dispatcher:
 
     async def expire(self, task: Task) -> None:
         """End a task nobody started before its deadline: FAILED ``timeout``, decided here."""
+        trace = self._traces.get(task.task_id)
+        with logs.bound(**_task_fields(task, trace)):
+            await self._expire(task, trace)
+
+    async def _expire(self, task: Task, trace: tracing.TraceContext | None) -> None:
         logs.event(
             log, "task.expired", logging.WARNING, task_id=task.task_id, deadline_ms=task.deadline_ms
         )
@@ -333,13 +382,19 @@ class Dispatcher:
             # window: the task's own deadline has just passed
             fresh = {"deadline_ms": now_ms() + task.queue_window_ms}
             compensation = compensation.model_copy(update=fresh)
-            await self.submit_task(compensation)
+            await self.submit_task(compensation, traceparent=_traceparent(trace))
             result = result.model_copy(update={"compensation_task_id": compensation.task_id})
-        self._replies.deliver(result)
+        self._replies.deliver(result, trace)
         # Also on the wire, so whatever records results (a control plane, an audit) sees
         # this terminal result too; its echo back here is a duplicate and dropped.
         assert self._publisher is not None
-        message = to_amqp(signed_message(result, self.config.signer, message_id=task.task_id))
+        signed = signed_message(
+            result,
+            self.config.signer,
+            message_id=task.task_id,
+            extra_headers=trace.headers() if trace is not None else None,
+        )
+        message = to_amqp(signed)
         with contextlib.suppress(WayangError):
             await self._publisher.publish(names.RESULTS_EXCHANGE, self.reply_to, message)
 
@@ -348,17 +403,17 @@ class Dispatcher:
         so the old attempt's late result is recognised and discarded."""
         fresh = task.next_attempt(token=new_id(), deadline_ms=now_ms() + task.queue_window_ms)
         self._replies.replace(fresh)
-        logs.event(
-            log,
-            "task.reassigned",
-            logging.WARNING,
-            task_id=task.task_id,
-            silent_executor=silent_executor,
-            attempt=fresh.attempt,
-        )
-        await self._publish_with_backpressure(
-            fresh, to_amqp(task_message(fresh, self.config.signer))
-        )
+        trace = self._traces.get(task.task_id)
+        with logs.bound(**_task_fields(task, trace)):
+            logs.event(
+                log,
+                "task.reassigned",
+                logging.WARNING,
+                task_id=task.task_id,
+                silent_executor=silent_executor,
+                attempt=fresh.attempt,
+            )
+        self._traces.put(task.task_id, await self._publish_traced(fresh, trace))
 
     def observe(self, listener: ResultListener) -> Callable[[], None]:
         """Tell ``listener`` about every result from now on, and what became of it.
@@ -392,3 +447,40 @@ class Dispatcher:
         if self._control is None:
             raise WayangError("dispatcher is not started", hint="use `async with Dispatcher(...)`")
         return self._control
+
+
+def _caller_trace(traceparent: str | None, tracestate: str | None) -> tracing.TraceContext | None:
+    """The trace a caller named, if valid; an invalid one is logged and ignored (the task
+    starts a trace of its own: a tracing header never fails a task)."""
+    if traceparent is None:
+        return None
+    trace = tracing.parse(traceparent, tracestate)
+    if trace is None:
+        logs.event(
+            log,
+            "trace.ignored",
+            logging.WARNING,
+            traceparent=printable(traceparent, limit=100),
+            reason="not a W3C traceparent (version 00: 00-<32 hex>-<16 hex>-<2 hex>)",
+        )
+    return trace
+
+
+def _traceparent(trace: tracing.TraceContext | None) -> str | None:
+    return trace.traceparent if trace is not None else None
+
+
+def _with_trace(message: WireMessage, trace: tracing.TraceContext) -> WireMessage:
+    """The message with the trace's headers (not signed: advisory)."""
+    return dataclasses.replace(message, headers={**message.headers, **trace.headers()})
+
+
+def _task_fields(task: Task, trace: tracing.TraceContext | None) -> dict[str, object]:
+    """The fields a dispatcher's lines about ``task`` carry."""
+    return {
+        "task_id": task.task_id,
+        "node_id": task.node_id,
+        "capability": task.capability,
+        "attempt": task.attempt,
+        "trace_id": trace.trace_id if trace is not None else None,
+    }

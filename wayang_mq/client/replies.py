@@ -42,6 +42,7 @@ from wayang_mq.core.model import AttemptRecord, Progress, Result, Task
 from wayang_mq.core.scopes import Role
 from wayang_mq.core.signing import KEY_ID_HEADER, KeyRing
 from wayang_mq.core.wire import open_signed
+from wayang_mq.observability import tracing
 
 log = logging.getLogger("wayang_mq.client.dispatcher")
 
@@ -63,6 +64,9 @@ class ResultSeen:
 
     verdict: Verdict
     result: Result | None  # None when INVALID: the body could not be read as a result
+    #: the W3C traceparent the result came with (validated; None if none or invalid): a
+    #: child of the task's trace, so its trace id is the task's
+    traceparent: str | None = None
 
 
 #: called with every :class:`ResultSeen`, inline: quick, and must not raise
@@ -85,6 +89,8 @@ class TaskHandle:
         self._future = future
         self._accepted = accepted
         self._progress = progress
+        #: the W3C traceparent the task was published with (its trace id names the trace)
+        self.traceparent: str | None = None
 
     @property
     def task_id(self) -> str:
@@ -279,7 +285,16 @@ class Replies:
             self._notify(Verdict.INVALID, None)
             await settle(message, reject(message.message_id, "not a result we can trust"))
             return
-        self.deliver(result)
+        trace = tracing.from_headers(message.headers)
+        with logs.bound(
+            task_id=result.task_id,
+            node_id=result.node_id,
+            capability=result.capability,
+            executor_id=result.executor_id,
+            attempt=result.attempt,
+            trace_id=trace.trace_id if trace is not None else None,
+        ):
+            self.deliver(result, trace)
         # Through settle: an ack on a channel that died meanwhile is skipped, not an error
         # that would escape the consumer callback (the broker redelivers; it is a duplicate).
         await settle(message, discard(result.task_id))
@@ -313,12 +328,14 @@ class Replies:
             by=record.executor_id,
         )
 
-    def deliver(self, result: Result) -> None:
-        """Act on a result, then tell the observers what became of it."""
-        self._notify(self._decide(result), result)
+    def deliver(self, result: Result, trace: tracing.TraceContext | None = None) -> None:
+        """Act on a result (that came in ``trace``), then tell the observers what became of it."""
+        self._notify(self._decide(result), result, trace)
 
-    def _notify(self, verdict: Verdict, result: Result | None) -> None:
-        seen = ResultSeen(verdict, result)
+    def _notify(
+        self, verdict: Verdict, result: Result | None, trace: tracing.TraceContext | None = None
+    ) -> None:
+        seen = ResultSeen(verdict, result, trace.traceparent if trace is not None else None)
         for listener in tuple(self._listeners):
             try:
                 listener(seen)

@@ -80,6 +80,11 @@ class Redactor:
         names = self._names
         return pattern.sub(lambda m: PLACEHOLDER.format(name=names[m.group()]), text)
 
+    def occurs_in(self, text: str) -> bool:
+        """True if some known value occurs in ``text``."""
+        pattern = self._text
+        return pattern is not None and pattern.search(text) is not None
+
     def found_in(self, data: bytes) -> bool:
         """True if some known value occurs in ``data`` (e.g. a packed msgpack body: strings
         are packed as their UTF-8 bytes, so one C-speed search decides whether to walk it)."""
@@ -127,15 +132,31 @@ class RedactingFilter(logging.Filter):
     def __init__(self, redactor: Redactor = REDACTOR) -> None:
         super().__init__()
         self._redactor = redactor
+        self._last_bound: tuple[Mapping[str, Any], dict[str, Any]] | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         redactor = self._redactor
         if not redactor:
             return True
-        message = record.getMessage()
-        redacted = redactor.text(message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
+        fields = getattr(record, "wayang_fields", None)
+        if isinstance(fields, dict):
+            # a structured event (core.logs.event): its fields, in place; its text message is
+            # rendered from them (so it needs no pass of its own)
+            _redact_fields(redactor, fields)
+        else:
+            message = record.getMessage()
+            redacted = redactor.text(message)
+            if redacted != message:
+                record.msg, record.args = redacted, None
+        bound = getattr(record, "wayang_context", None)
+        if bound:
+            # the task fields bound to the line: the same mapping for every line of a task
+            last = self._last_bound
+            if last is None or last[0] is not bound:
+                redacted_bound = dict(bound)
+                _redact_fields(redactor, redacted_bound)
+                last = self._last_bound = (bound, redacted_bound)
+            record.wayang_context = last[1]
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
@@ -143,3 +164,20 @@ class RedactingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = redactor.text(record.stack_info)
         return True
+
+
+def _redact_fields(redactor: Redactor, fields: dict[str, Any]) -> None:
+    """Known secret values cut out of log fields, in place: a field that holds one becomes its
+    redacted text; numbers and fields that hold none stay as they are. One search over all of
+    them first: the common line holds no secret."""
+    texts = {
+        key: value if isinstance(value, str) else str(value)
+        for key, value in fields.items()
+        if value is not None and not isinstance(value, bool | int | float)
+    }
+    if not texts or not redactor.occurs_in("\x00".join(texts.values())):
+        return
+    for key, text in texts.items():
+        redacted = redactor.text(text)
+        if redacted != text:
+            fields[key] = redacted

@@ -45,6 +45,7 @@ from wayang_mq.core.fields import printable
 from wayang_mq.core.model import DEFAULT_AUDIENCE, ErrorInfo, JsonLike, Result, Task
 from wayang_mq.core.signing import KEY_ID_HEADER, KeyRing, Signer
 from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, signed_message
+from wayang_mq.observability import tracing
 from wayang_mq.observability.metrics import ReaperMetrics
 from wayang_mq.ops.deadletters import DeadLetter, dead_letter_of
 from wayang_mq.runtime.attempts import dispatch_compensation
@@ -179,10 +180,18 @@ class Reaper(Daemon):
                 why["key_id"] = printable(str(key_id)[:64]) if key_id is not None else None
                 event = "security.refused"
             return discard(dead.task_id, LogLine(event, logging.WARNING, why))
+        # its answer and compensation continue the task's trace, and its lines carry it
+        incoming = tracing.from_headers(message.headers)
+        trace = incoming.child() if incoming is not None else tracing.new_trace()
+        tracing.bind_task(task, self.reaper_id, trace)
         result, reply_to = _failure(dead, task, self.reaper_id)
         result = await self._compensate(message, task, result)
         signed = signed_message(
-            result, self.config.signer, message_id=result.task_id, reply_to=reply_to
+            result,
+            self.config.signer,
+            message_id=result.task_id,
+            reply_to=reply_to,
+            extra_headers=trace.headers(),
         )
         # Not confirmed (the broker went away past the publisher's reconnect wait, or refused
         # it): back to the queue after a pause, to be answered once the broker takes results.

@@ -35,6 +35,7 @@ from wayang_mq.core.model import AttemptRecord, ErrorInfo, Result, Status, Task,
 from wayang_mq.core.names import task_queue
 from wayang_mq.core.signing import Signer
 from wayang_mq.core.wire import PARTITION_KEY_HEADER, decode
+from wayang_mq.observability import tracing
 from wayang_mq.topology.spec import RetryTier
 
 log = logging.getLogger("wayang_mq.runtime.compensation")
@@ -53,6 +54,7 @@ def derived_message(
     partition = headers.get(PARTITION_KEY_HEADER)
     out[PARTITION_KEY_HEADER] = partition if isinstance(partition, str) else task.task_id
     out.update(attempt_headers(record, signer))
+    out.update(tracing.headers())  # the trace of the task whose failure decided it
     return aio_pika.Message(
         body,
         headers=out,

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from wayang_mq.core.errors import ErrorCode, ExecutorError
 from wayang_mq.core.model import JsonLike, Progress, Task
 from wayang_mq.core.redact import REDACTOR, Redactor
+from wayang_mq.observability import tracing
 from wayang_mq.observability.usage import Usage
 from wayang_mq.security.secrets import Secret, shown
 
@@ -43,6 +44,8 @@ class TaskContext:
     redactor: Redactor = field(default=REDACTOR, repr=False)
     #: what this run used so far (CPU, bytes in, reported units): the result's usage metrics
     usage: Usage = field(default_factory=Usage)
+    #: the task's trace, as the worker continues it (taken when the run starts)
+    trace: tracing.TraceContext | None = field(default_factory=tracing.current, repr=False)
 
     def secret(self, name: str) -> Secret:
         """The secret the task references as ``{"$secret": name}``; a name the task does not
@@ -96,6 +99,19 @@ class TaskContext:
         """``asyncio.to_thread``, with the CPU time the call spends in its thread counted
         for this task (a plain ``asyncio.to_thread`` is not)."""
         return await self.usage.to_thread(func, *args, **kwargs)
+
+    @property
+    def traceparent(self) -> str | None:
+        """The W3C ``traceparent`` of this run: pass it (with :attr:`tracestate`) to
+        ``Dispatcher.submit(..., traceparent=..., tracestate=...)`` for the tasks this
+        executor dispatches, so they join the task's trace (a dispatcher in the same process
+        finds it by itself)."""
+        return self.trace.traceparent if self.trace is not None else None
+
+    @property
+    def tracestate(self) -> str | None:
+        """The W3C ``tracestate`` that goes with :attr:`traceparent`, if any."""
+        return self.trace.state or None if self.trace is not None else None
 
     @property
     def is_cancelled(self) -> bool:

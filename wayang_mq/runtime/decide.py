@@ -37,6 +37,7 @@ from wayang_mq.core.wire import (
     PARTITION_KEY_HEADER,
     signed_message,
 )
+from wayang_mq.observability import tracing
 from wayang_mq.runtime.attempts import (
     carried_compensation,
     carried_token,
@@ -163,7 +164,13 @@ class Decider:
     def result_send(self, task: Task, result: Result) -> Send:
         """The result, to be confirmed before the delivery may be acked."""
         routing_key = task.reply_to or names.noreply_routing_key(task.capability)
-        signed = signed_message(result, self._signer, message_id=task.task_id, reply_to=routing_key)
+        signed = signed_message(
+            result,
+            self._signer,
+            message_id=task.task_id,
+            reply_to=routing_key,
+            extra_headers=tracing.headers(),  # the task's trace, continued
+        )
         return Send(names.RESULTS_EXCHANGE, routing_key, to_amqp(signed))
 
     def bad_input(

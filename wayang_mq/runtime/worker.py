@@ -56,6 +56,7 @@ from wayang_mq.core.model import (
 )
 from wayang_mq.core.signing import KeyRing, Signer
 from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, signed_message
+from wayang_mq.observability import tracing
 from wayang_mq.observability.metrics import WorkerMetrics
 from wayang_mq.observability.worker import TaskMetrics
 from wayang_mq.runtime.claims import DEFAULT_CLAIM_TIMEOUT_S, Claims
@@ -147,10 +148,12 @@ class Worker(Daemon):
         self._recent = RecentResults(config.recent_results, config.recent_results_bytes)
         self._replays = Replays()
         self._checks = config.checks
-        # the policy first (never bypassed); the built-in layer innermost: every configured
-        # layer sees every task first
+        # the trace and log fields first (every line about the task carries them; it never
+        # answers nor refuses), then the policy (never bypassed); the built-in layer innermost:
+        # every configured layer sees every task first
         guard = PolicyGuard(config.executor_id, config.labels)
-        self._chain = Chain((guard, *config.middleware, *self._metering(), self._recent))
+        traced = tracing.TaskTracing(config.executor_id)
+        self._chain = Chain((traced, guard, *config.middleware, *self._metering(), self._recent))
         self._runner = Runner(
             self._by_capability, self.executor_id, self._progress, self._started, config.secrets
         )
@@ -375,8 +378,11 @@ class Worker(Daemon):
         heartbeat), as wire-format §2 says; persistent, like everything the fabric publishes."""
         if self._publisher is None:
             return
-        about = getattr(event, "task_id", None) or self.executor_id
-        message = to_amqp(signed_message(event, self.config.signer, message_id=about))
+        task_id = getattr(event, "task_id", None)
+        about = task_id or self.executor_id
+        trace = tracing.headers() if task_id else None  # a task's event continues its trace
+        signed = signed_message(event, self.config.signer, message_id=about, extra_headers=trace)
+        message = to_amqp(signed)
         try:
             await self._publisher.publish_once(names.EVENTS_EXCHANGE, routing_key, message)
         except WayangError as exc:

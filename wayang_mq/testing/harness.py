@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -106,11 +107,22 @@ class WorkerProcess:
         """Everything the daemon logged so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def json_lines(self) -> list[dict[str, Any]]:
+        """The lines it logged as JSON (``--log-format json``), parsed; other lines skipped."""
+        parsed = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    parsed.append(json.loads(line))
+        return parsed
+
     def wait_started(self, timeout_s: float = 30.0) -> None:
         """Until the daemon logs that it consumes; raises with its log if it died first."""
         deadline = time.monotonic() + timeout_s
+        marks = (f"event={self.started_event}", f'"event": "{self.started_event}"')  # text, JSON
         while time.monotonic() < deadline:
-            if f"event={self.started_event}" in self.log():
+            log = self.log()
+            if any(mark in log for mark in marks):
                 return
             if self.process.poll() is not None:
                 break
@@ -281,8 +293,11 @@ class Fabric:
         executor_id: str,
         args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        log_format: str = "text",
     ) -> WorkerProcess:
-        """Start ``wayang-mq worker`` as a daemon, exactly as a user would."""
+        """Start ``wayang-mq worker`` as a daemon, exactly as a user would. It logs readable
+        text (``event=NAME k=v``: what tests match and people read when one fails) unless
+        ``log_format`` says ``json`` (a daemon's default off a terminal)."""
         log_path = self.workdir / f"{executor_id}.log"
         environment = {
             **os.environ,
@@ -292,7 +307,8 @@ class Fabric:
             **(env or {}),
         }
         # DEBUG so tests can see task.started lines (INFO logs one line per task: finished).
-        command = [sys.executable, "-m", "wayang_mq.cli", "--log-level", "DEBUG", "worker"]
+        command = [sys.executable, "-m", "wayang_mq.cli", "--log-level", "DEBUG"]
+        command += ["--log-format", log_format, "worker"]
         command += list(executors)
         command += ["--id", executor_id, "--heartbeat", "1", *args]
         with log_path.open("ab") as log_file:
