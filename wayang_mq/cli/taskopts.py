@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="CODE",
-        help="an error code never retried (repeatable), e.g. invalid_input",
+        help="an error code never retried (repeatable), e.g. invalid_task",
     )
     p.add_argument("--idempotency-key", help="side effects at most once per key")
     p.add_argument(
@@ -64,8 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--not-before",
         metavar="T",
-        help="no executor starts it earlier: a time (ISO 8601, UTC unless it says) or a delay "
-        "from now (30s, 5m)",
+        help="no executor may start it earlier: a time (ISO 8601, UTC unless it says) or a "
+        "delay from now (30s, 5m); a worker refuses it (not_yet_valid) if it is further ahead "
+        "than the worker's clock-skew allowance",
     )
 
 

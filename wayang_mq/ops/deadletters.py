@@ -332,6 +332,7 @@ class DeadLetterView:
     notes: dict[str, Any]  # the wayang-* headers a worker's copy carries (preview, time, ...)
     deaths: list[str]  # RabbitMQ's x-death, oldest first, then a copy's retry history
     headers: dict[str, Any]  # every header, as JSON-ready text (time and tables made text)
+    app_id: str | None = None  # what published it (wayang-mq/<version> for a worker's copy)
 
     def as_json(self) -> dict[str, Any]:
         """A JSON-ready document (for ``wayang-mq dead show --json``)."""
@@ -343,6 +344,7 @@ class DeadLetterView:
             "unreadable": self.unreadable,
             "deaths": self.deaths,
             "headers": self.headers,
+            "app_id": self.app_id,
         }
 
 
@@ -386,6 +388,7 @@ def view_of(
         notes=notes,
         deaths=deaths,
         headers={k: _json_safe(v) for k, v in headers.items()},
+        app_id=message.app_id,
     )
 
 

@@ -234,7 +234,7 @@ class Decider:
         # The retry hop's x-death is history, not this copy's reason (core.deadnotes).
         kept, history = deadnotes.split_history(kept)
         died_ms = now_ms()
-        # The reason first: the console lists headers in the order they were written.
+        # RabbitMQ sorts a header table by name; with no x-death left, these are its reason.
         headers: dict[str, Any] = {
             ERROR_CODE_HEADER: str(code),
             ERROR_MESSAGE_HEADER: reason[:1000],
