@@ -199,6 +199,8 @@ class Capability(_Frozen):
     shards: Count | None = None
     max_length: Count | None = None
     delivery_limit: Limit | None = None
+    overflow: Literal["reject-publish", "drop-head"] | None = None
+    dead_letter_strategy: Literal["at-least-once", "at-most-once"] | None = None
 
     @field_validator("name")
     @classmethod
@@ -231,6 +233,10 @@ class Capability(_Frozen):
     def task_routing_keys(self) -> tuple[str, str]:
         """Keys on ``wayang.tasks`` that reach the capability: new tasks and expired retries."""
         return (self.name, names.retry_binding_for_capability(self.name))
+
+
+#: the [defaults] a capability may set for itself (its own policy then carries the whole set)
+_OVERRIDABLE: Final = {"max_length", "delivery_limit", "overflow", "dead_letter_strategy"}
 
 
 class Topology(_Frozen):
@@ -275,10 +281,25 @@ class Topology(_Frozen):
 
     def limits_for(self, capability: Capability) -> QueueLimits:
         """The defaults with the capability's own overrides."""
-        overrides = capability.model_dump(include={"max_length", "delivery_limit"})
+        overrides = capability.model_dump(include=_OVERRIDABLE)
         return self.defaults.model_copy(
             update={k: v for k, v in overrides.items() if v is not None}
         )
+
+    @model_validator(mode="after")
+    def _overrides_hold_together(self) -> Self:
+        for capability in self.capabilities:
+            # the same rule as for [defaults], on what the capability ends up with
+            limits = self.limits_for(capability)
+            if (
+                limits.dead_letter_strategy == "at-least-once"
+                and limits.overflow != "reject-publish"
+            ):
+                raise ValueError(
+                    f'capability {capability.name!r}: dead_letter_strategy "at-least-once" needs'
+                    ' overflow "reject-publish" (set dead_letter_strategy = "at-most-once" too)'
+                )
+        return self
 
     def exchanges(self) -> tuple[ExchangeSpec, ...]:
         """Every exchange: the seven fabric exchanges, then one hash exchange per sharded cap."""
