@@ -95,6 +95,7 @@ async def test_a_dead_letter_after_a_retry_hop_says_its_real_reason_and_previews
     assert run.returncode == 0, run.stderr
     (shown,) = json.loads(run.stdout)
     assert shown["code"] == ErrorCode.RETRIES_EXHAUSTED and shown["verified"] is True
+    assert shown["attempt"] == 2
     assert shown["task"]["input"]["password"] == "***"
     assert shown["task"]["input"]["blob"] == "x" * 5000
     assert shown["task"]["capability"] == "demo.fail"

@@ -139,10 +139,8 @@ def _cmd_dead_show(args: argparse.Namespace, settings: Settings) -> int:
 
 def _show_text(view: DeadLetterView) -> str:
     """One dead letter for people: what, why, when, the task, the deaths."""
-    from wayang_mq.core.deadnotes import TASK_ATTEMPT_HEADER
-
     d = view.dead
-    attempt = d.attempt if d.attempt is not None else view.notes.get(TASK_ATTEMPT_HEADER)
+    attempt = d.attempt
     when = view.as_json()["dead_at"] or "?"
     lines = [
         f"task        {d.task_id}",

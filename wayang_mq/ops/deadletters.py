@@ -41,7 +41,13 @@ from wayang_mq.amqp.connect import connect
 from wayang_mq.amqp.outcome import discard, requeue, settle
 from wayang_mq.amqp.publisher import ConfirmedPublisher, Rejected, Unroutable, to_amqp
 from wayang_mq.core import names, placement
-from wayang_mq.core.deadnotes import RETRY_HISTORY_HEADER, death_line, iso_time, redacted_input
+from wayang_mq.core.deadnotes import (
+    RETRY_HISTORY_HEADER,
+    TASK_ATTEMPT_HEADER,
+    death_line,
+    iso_time,
+    redacted_input,
+)
 from wayang_mq.core.errors import ConfigError, ErrorCode, PublishFailed, WireError
 from wayang_mq.core.model import Task, new_id, now_ms
 from wayang_mq.core.signing import KeyRing, Signer
@@ -366,8 +372,14 @@ def view_of(
             with contextlib.suppress(WireError):
                 task = open_unverified(message.body, headers, Task)
     fields = None
+    # A retry's body is the issuer's task (attempt 1) and its attempt record a header: the
+    # worker's copy says which attempt died; else a verified body's attempt.
+    copied = headers.get(TASK_ATTEMPT_HEADER)
+    if isinstance(copied, int) and not isinstance(copied, bool):
+        dead = dataclasses.replace(dead, attempt=copied)
+    elif task is not None and verified:
+        dead = dataclasses.replace(dead, attempt=task.attempt)
     if task is not None:
-        dead = dataclasses.replace(dead, attempt=task.attempt) if verified else dead
         fields = task.model_dump(mode="json")
         fields["input"] = redacted_input(fields.get("input"))
     x_death = headers.get("x-death")
