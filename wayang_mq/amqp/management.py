@@ -116,15 +116,6 @@ class ManagementClient:
         """The vhost's bindings, including the implicit default-exchange ones (source "")."""
         return self._list(f"/api/bindings/{self._v}")
 
-    def list_connections(self) -> list[JSON]:
-        """The vhost's client connections; each names itself in
-        ``client_properties.connection_name``."""
-        return self._list(f"/api/vhosts/{self._v}/connections")
-
-    def list_consumers(self) -> list[JSON]:
-        """The vhost's consumers, with their ``consumer_tag``, ``queue`` and channel."""
-        return self._list(f"/api/consumers/{self._v}")
-
     def list_policies(self) -> list[JSON]:
         """The vhost's (user) policies."""
         return self._list(f"/api/policies/{self._v}")
