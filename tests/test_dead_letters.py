@@ -167,14 +167,16 @@ async def dl_fabric(fabric: Fabric) -> Fabric:
     dead-lettering) added; apply is additive."""
     management = management_client(fabric.endpoint)
     rejected = parse_topology({"capabilities": {REJECTED: {}}}, source="test_dead_letters")
+    # (its own limits, not [defaults]: those are every task queue's, wayang.defaults)
     dropping = parse_topology(
         {
-            "defaults": {
-                "max_length": DROP_AFTER,
-                "overflow": "drop-head",
-                "dead_letter_strategy": "at-most-once",
+            "capabilities": {
+                DROPPED: {
+                    "max_length": DROP_AFTER,
+                    "overflow": "drop-head",
+                    "dead_letter_strategy": "at-most-once",
+                }
             },
-            "capabilities": {DROPPED: {}},
         },
         source="test_dead_letters",
     )

@@ -265,7 +265,9 @@ async def test_dev_runs_each_daemon_under_its_own_role_account(dev_stack: DevSta
 
     async def connected() -> dict[str, str]:
         rows = await asyncio.to_thread(admin._request, "GET", "/api/connections")
-        return {r["client_properties"].get("connection_name", ""): r["user"] for r in rows}
+        # a connection is named "<kind> <id> ...": "worker demo-0 (demo.echo, ...)"
+        named = {r["client_properties"].get("connection_name", ""): r["user"] for r in rows}
+        return {[*name.split(), ""][1]: user for name, user in named.items()}
 
     # and the worker, the reaper and the control plane are connected as themselves, not as
     # the administrator

@@ -27,6 +27,7 @@ from wayang_mq.topology.apply import ApplyReport, ObjectRef, apply_topology, bin
 from wayang_mq.topology.export import export_definitions
 from wayang_mq.topology.spec import (
     DEFAULT_TOPOLOGY_PATH,
+    DEFAULTS_POLICY,
     PARTITION_KEY_HEADER,
     Topology,
     as_dict,
@@ -214,19 +215,19 @@ async def test_apply_declares_every_object_of_the_default_file(vhost: Vhost) -> 
 
 
 async def assert_policies_are_effective(topology: Topology, management: ManagementClient) -> None:
-    """Every task and retry queue runs under its policy; dead-letter queues under none."""
-    expected: dict[str, tuple[str | None, dict[str, Any]]] = {
-        q.name: (None, {}) for q in topology.queues()
-    }
-    for policy in topology.policies():
-        for queue in expected:
-            if policy.name == queue or queue in topology_queues_of(topology, policy.name):
-                expected[queue] = (policy.name, as_dict(policy.definition))
+    """Every queue runs under exactly the policy ``Topology.policy_for`` names (RabbitMQ
+    applies the highest-priority match only), with exactly its values; the rest under none."""
+    expected: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
+    for queue in topology.queues():
+        policy = topology.policy_for(queue.name)
+        expected[queue.name] = (
+            (policy.name, as_dict(policy.definition)) if policy is not None else (None, None)
+        )
     shown: dict[str, Any] = {}
 
     def under_their_policies() -> bool:
         shown.update(
-            (q["name"], (q.get("policy"), q.get("effective_policy_definition")))
+            (q["name"], (q.get("policy") or None, q.get("effective_policy_definition") or None))
             for q in management.list_queues()
         )
         return all(shown.get(name) == want for name, want in expected.items())
@@ -238,13 +239,6 @@ async def assert_policies_are_effective(topology: Topology, management: Manageme
     except AssertionError:
         wrong = {n: shown.get(n) for n, want in expected.items() if shown.get(n) != want}
         raise AssertionError(f"queues not under their policy: {wrong}") from None
-
-
-def topology_queues_of(topology: Topology, policy_name: str) -> tuple[str, ...]:
-    for capability in topology.capabilities:
-        if names.policy_name(capability.name) == policy_name:
-            return capability.task_queues
-    return ()
 
 
 async def test_a_second_apply_changes_nothing(
@@ -274,11 +268,11 @@ async def test_objects_not_in_the_file_are_reported_and_kept(vhost: Vhost, small
     # Then the rest is listed as "not in file", and still on the broker
     strays = {str(ref) for ref in report.not_in_file}
     assert "queue wayang.task.http.call" in strays
-    assert "policy wayang.task.http.call" in strays
+    assert "policy wayang.task.payment.charge" in strays  # an override of a capability gone
     assert "exchange wayang.shard.db.query" not in strays  # in both files
     assert "queue wayang.task.db.query.3" in strays  # 4 shards before, 3 now
     assert vhost.management.get_queue(names.task_queue("http.call")) is not None
-    assert vhost.management.get_policy(names.policy_name("http.call")) is not None
+    assert vhost.management.get_policy(names.policy_name("payment.charge")) is not None
 
 
 async def test_a_changed_limit_updates_the_policy_in_place(
@@ -290,10 +284,36 @@ async def test_a_changed_limit_updates_the_policy_in_place(
 
     report = await apply(load_topology(path), vhost)
 
-    assert ObjectRef("policy", names.policy_name("demo.echo")) in report.updated
+    assert ObjectRef("policy", DEFAULTS_POLICY) in report.updated
     assert report.created == ()
-    policy = vhost.management.get_policy(names.policy_name("demo.echo"))
+    policy = vhost.management.get_policy(DEFAULTS_POLICY)
     assert policy is not None and policy["definition"]["max-length"] == 2000
+
+
+async def test_an_older_deployments_policies_are_replaced_in_place(
+    vhost: Vhost, small: Topology
+) -> None:
+    # Given a deployment applied by an older version: one policy per capability, with a
+    # dead-letter routing key, and one per dead queue
+    older = {
+        names.policy_name("demo.echo"): ("^wayang\\.task\\.demo\\.echo$", {"max-length": 5}),
+        names.dead_queue("demo.echo"): ("^wayang\\.dead\\.demo\\.echo$", {"max-length": 5}),
+    }
+    for name, (pattern, definition) in older.items():
+        vhost.management.put_policy(
+            name, pattern=pattern, definition=definition, priority=10, apply_to="queues"
+        )
+
+    # When the current file is applied, twice
+    report = await apply(small, vhost)
+    again = await apply(small, vhost)
+
+    # Then the old policies are gone, every queue is under the new ones, and the second apply
+    # changes nothing
+    assert {str(ref) for ref in report.removed} == {f"policy {name}" for name in older}
+    assert all(vhost.management.get_policy(name) is None for name in older)
+    assert not again.changed and again.removed == ()
+    await assert_policies_are_effective(small, vhost.management)
 
 
 async def test_a_queue_with_other_arguments_is_an_error_not_a_replacement(
@@ -410,9 +430,10 @@ async def test_a_rejected_retry_is_dead_lettered_under_its_capability(
     # When the worker rejects it
     await task.reject(requeue=False)
 
-    # Then the policy's dead-letter routing key brings it to wayang.dead.demo.echo
+    # Then it keeps its key, which wayang.dead.demo.echo is bound to on wayang.dlx
     dead = await wait_for_message(channel, names.dead_queue("demo.echo"))
-    assert dead.routing_key == "demo.echo"
+    assert dead.routing_key == names.retry_routing_key("fast", "demo.echo")
+    assert names.capability_of_key(dead.routing_key) == "demo.echo"
     assert first_death(dead)["reason"] == "rejected"
 
 

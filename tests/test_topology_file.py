@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,9 @@ from wayang_mq.core import names
 from wayang_mq.core.errors import BrokerUnreachable, TopologyError
 from wayang_mq.topology.export import export_definitions, write_definitions
 from wayang_mq.topology.spec import (
+    DEAD_QUEUES_POLICY,
     DEFAULT_TOPOLOGY_PATH,
+    DEFAULTS_POLICY,
     PARTITION_KEY_HEADER,
     ExchangeType,
     Topology,
@@ -63,21 +64,72 @@ def test_capability_overrides_replace_only_their_own_limits(default: Topology) -
 
 def test_every_capability_gets_its_queues_dead_queue_and_policy(default: Topology) -> None:
     queues = {q.name for q in default.queues()}
-    policies = {p.name: p for p in default.policies()}
     for capability in default.capabilities:
         assert set(capability.task_queues) <= queues
         assert names.dead_queue(capability.name) in queues
-        definition = as_dict(policies[names.policy_name(capability.name)].definition)
-        assert definition["dead-letter-exchange"] == names.DEAD_LETTER_EXCHANGE
-        assert definition["dead-letter-routing-key"] == capability.name
-        assert definition["dead-letter-strategy"] == "at-least-once"
-        assert definition["overflow"] == "reject-publish"
+        for queue in capability.task_queues:
+            policy = default.policy_for(queue)
+            assert policy is not None
+            definition = as_dict(policy.definition)
+            assert definition["dead-letter-exchange"] == names.DEAD_LETTER_EXCHANGE
+            # no dead-letter-routing-key: a dead letter keeps its task's key, bound below
+            assert "dead-letter-routing-key" not in definition
+            assert definition["dead-letter-strategy"] == "at-least-once"
+            assert definition["overflow"] == "reject-publish"
+            limits = default.limits_for(capability)
+            assert definition["max-length"] == limits.max_length
+            assert definition["delivery-limit"] == limits.delivery_limit
     types = {q.name: dict(q.arguments)["x-queue-type"] for q in default.queues()}
     # every queue is quorum but the history, a stream
     assert {name for name, kind in types.items() if kind != "quorum"} == {names.HISTORY_QUEUE}
     assert types[names.HISTORY_QUEUE] == "stream"
     # only the control plane's record has one active consumer at a time
     assert [q.name for q in default.queues() if len(q.arguments) > 1] == [names.RECORD_QUEUE]
+
+
+def test_one_defaults_policy_and_overrides_only_where_limits_differ(default: Topology) -> None:
+    # Given the default file: three capabilities set their own limits
+    policies = {p.name: p for p in default.policies()}
+    defaults = policies[DEFAULTS_POLICY]
+    # Then the defaults policy is the lowest of ours and covers every task queue
+    assert defaults.priority < min(p.priority for p in policies.values() if p is not defaults)
+    assert defaults.priority > 0  # above an operator's catch-all
+    overrides = {
+        name for name in policies if name.startswith("wayang.task.") and name != DEFAULTS_POLICY
+    }
+    assert overrides == {
+        names.policy_name(c) for c in ("demo.fail", "payment.charge", "approval.request")
+    }
+    # and each override carries the whole set (RabbitMQ applies one policy, never merges)
+    for name in overrides:
+        assert set(as_dict(policies[name].definition)) == set(as_dict(defaults.definition))
+    # a capability with no limits of its own is under the defaults
+    assert default.policy_for(names.task_queue("http.call")) == defaults
+    assert default.policy_for(names.task_queue("db.query", 2)) == defaults
+
+
+def test_policies_that_set_overflow_also_set_a_length_bound(default: Topology) -> None:
+    for policy in default.policies():
+        definition = as_dict(policy.definition)
+        if "overflow" in definition:
+            assert {"max-length", "max-length-bytes"} & set(definition), policy.name
+
+
+def test_every_queue_but_the_runtime_ones_has_a_policy(default: Topology) -> None:
+    unpoliced = {q.name for q in default.queues() if default.policy_for(q.name) is None}
+    # the record (bounded by its consumer), the claims and placement queues (consumed by the
+    # control plane, never dead-lettered)
+    assert unpoliced == {names.RECORD_QUEUE, names.CLAIMS_QUEUE, names.PLACE_QUEUE}
+
+
+def test_retired_policies_are_the_old_per_capability_and_per_dead_queue_ones(
+    default: Topology,
+) -> None:
+    retired = default.retired_policies()
+    assert names.policy_name("http.call") in retired  # now under the defaults
+    assert names.policy_name("payment.charge") not in retired  # still an override
+    assert names.dead_queue("http.call") in retired  # now wayang.dead-queues
+    assert not retired & {p.name for p in default.policies()}
 
 
 def test_the_history_takes_nothing_from_the_flows_only_the_control_planes_appends(
@@ -104,37 +156,52 @@ def test_the_reaper_gets_a_copy_of_every_dead_letter(default: Topology) -> None:
         if b.source == names.DEAD_LETTER_EXCHANGE
     }
     assert (names.REAPER_QUEUE, "#") in from_dlx
-    # and every dead queue keeps its own binding: dead letters stay there for inspection
-    assert {(names.dead_queue(c.name), c.name) for c in default.capabilities} <= from_dlx
+    # and every dead queue keeps its own bindings: dead letters stay there for inspection,
+    # under the key their task had (new, or a retry that came due)
+    for c in default.capabilities:
+        dead = names.dead_queue(c.name)
+        assert {(dead, c.name), (dead, names.retry_binding_for_capability(c.name))} <= from_dlx
 
 
 def test_each_policy_pattern_matches_exactly_its_own_queues(default: Topology) -> None:
     queues = [q.name for q in default.queues()]
+    overridden = {"demo.fail", "payment.charge", "approval.request"}
     governed = (
         {tier.queue: tier.queue for tier in default.retry_tiers}
-        | {q: names.policy_name(c.name) for c in default.capabilities for q in c.task_queues}
-        | {names.dead_queue(c.name): names.dead_queue(c.name) for c in default.capabilities}
+        | {
+            q: names.policy_name(c.name) if c.name in overridden else DEFAULTS_POLICY
+            for c in default.capabilities
+            for q in c.task_queues
+        }
+        | {names.dead_queue(c.name): DEAD_QUEUES_POLICY for c in default.capabilities}
+        | {names.REAPER_QUEUE: names.REAPER_QUEUE}
         | {names.RECORD_REFUSED_QUEUE: names.RECORD_REFUSED_QUEUE}
         | {names.HISTORY_QUEUE: names.HISTORY_QUEUE}
     )
-    for policy in default.policies():
-        matched = {q for q in queues if re.search(policy.pattern, q)}
-        assert matched == {q for q, name in governed.items() if name == policy.name}
-    # The reaper's queue stays unbounded (a full one would stall at-least-once dead-lettering
-    # for every capability at once): no policy matches it.
-    assert not [p for p in default.policies() if re.search(p.pattern, names.REAPER_QUEUE)]
+    for queue in queues:
+        policy = default.policy_for(queue)
+        assert (policy.name if policy else None) == governed.get(queue), queue
 
 
 def test_dead_queues_are_bounded_in_bytes_and_refuse_rather_than_drop(default: Topology) -> None:
     # reject-publish: a full dead queue nacks, and the source queue's at-least-once
     # dead-lettering keeps the message until there is room (drop-head would lose the oldest)
     for capability in default.capabilities:
-        queue = names.dead_queue(capability.name)
-        policy = next(p for p in default.policies() if p.name == queue)
-        assert as_dict(policy.definition) == {
+        policy = default.policy_for(names.dead_queue(capability.name))
+        assert policy is not None and as_dict(policy.definition) == {
             "max-length-bytes": default.defaults.dead_max_bytes,
             "overflow": "reject-publish",
         }
+
+
+def test_the_reaper_queue_is_bounded_without_stalling_dead_lettering(default: Topology) -> None:
+    # drop-head: a full reaper queue drops its oldest copy (its twin stays in the dead queue)
+    # instead of refusing, which would stall every task queue's at-least-once dead-lettering
+    policy = default.policy_for(names.REAPER_QUEUE)
+    assert policy is not None and as_dict(policy.definition) == {
+        "max-length-bytes": default.defaults.dead_max_bytes,
+        "overflow": "drop-head",
+    }
 
 
 def test_a_sharded_capability_hashes_on_the_partition_header(default: Topology) -> None:
@@ -159,6 +226,7 @@ def test_retry_tiers_expire_back_to_the_tasks_exchange_keeping_the_key(default: 
         assert definition["message-ttl"] == tier.ttl_ms
         assert definition["dead-letter-exchange"] == names.TASKS_EXCHANGE
         assert "dead-letter-routing-key" not in definition  # keeps retry.<tier>.<cap>
+        assert definition["max-length"] == (tier.max_length or default.defaults.max_length)
         binding_keys = [b.routing_key for b in default.bindings() if b.destination == tier.queue]
         assert binding_keys == [names.retry_routing_key(tier.name, "#")]
 

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jsonschema import Draft202012Validator
 from wayang_workers.demo import Echo, Fail, LongSleep, Sleep
 
+from wayang_mq import __version__
 from wayang_mq.core.envelope import (
     ATTEMPT_HEADER,
     ATTEMPT_KEY_ID_HEADER,
@@ -35,7 +36,7 @@ from wayang_mq.core.names import (
 )
 from wayang_mq.core.schema import all_schemas
 from wayang_mq.core.signing import KEY_ID_HEADER, SIGNATURE_HEADER, KeyRing, Signer
-from wayang_mq.core.wire import PARTITION_KEY_HEADER, encode
+from wayang_mq.core.wire import APP_ID, PARTITION_KEY_HEADER, encode
 from wayang_mq.testing.harness import Fabric, eventually
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "wire-format.md"
@@ -255,7 +256,7 @@ def _check_properties(
     assert message.content_type == "application/msgpack", where
     assert message.correlation_id == message.message_id, where
     assert isinstance(message.timestamp, datetime), where
-    assert message.app_id == "wayang-mq", where
+    assert message.app_id == APP_ID == f"wayang-mq/{__version__}", where
     control = message.exchange == CONTROL_EXCHANGE
     assert message.delivery_mode == (1 if control else 2), where
     subject = {

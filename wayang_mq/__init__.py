@@ -21,8 +21,7 @@ from wayang_mq.core.model import (
 from wayang_mq.runtime.context import TaskContext, current
 from wayang_mq.runtime.executor import Executor, Pending, TaskState, TaskStatus
 from wayang_mq.runtime.middleware import Middleware
-
-__version__ = "0.1.0"
+from wayang_mq.version import __version__ as __version__
 
 __all__ = [
     "Compensation",

@@ -103,7 +103,9 @@ class ControlServer:
         await queue.bind(names.CONTROL_EXCHANGE, "status.#")
         for binding_key, _ in self._listeners.values():
             await queue.bind(names.CONTROL_EXCHANGE, binding_key)
-        await queue.consume(self._on_message, no_ack=True)
+        await queue.consume(
+            self._on_message, no_ack=True, consumer_tag=f"{self._target.executor_id}/control"
+        )
 
     def cancelled(self, task: Task) -> str | None:
         """The reason, when a cancel for this task arrived before the task itself, from the
@@ -258,7 +260,9 @@ class ControlClient:
             f"wayang.status-reply.{self._requester_id}", exclusive=True, auto_delete=True
         )
         await queue.bind(names.CONTROL_EXCHANGE, names.status_reply_key(self._requester_id))
-        await queue.consume(self._on_report, no_ack=True)
+        await queue.consume(
+            self._on_report, no_ack=True, consumer_tag=f"{self._requester_id}/status-replies"
+        )
 
     async def cancel(self, task_id: str, reason: str = "") -> bool:
         """Broadcast a cancel; False when no executor is listening at all."""

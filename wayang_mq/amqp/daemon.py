@@ -140,12 +140,16 @@ class Daemon:
         """The subclass's own readiness checks (e.g. its database answers), for ``/readyz``."""
         return {}
 
+    def connection_name(self) -> str:
+        """What the RabbitMQ console calls its connection (``reaper reaper-a``)."""
+        return f"{self.kind.replace('_', '-')} {self.daemon_id}"
+
     # -- lifecycle --------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Connect, start consuming, heartbeat until ``stop()``; then drain and close."""
         await self.setup()
-        connection = await connect(self._amqp_url, self.daemon_id)
+        connection = await connect(self._amqp_url, self.connection_name())
         self._connection = connection
         try:
             # on_return_raises: a mandatory publish no queue takes surfaces as Unroutable
@@ -238,8 +242,12 @@ class Daemon:
 
     # -- consuming ----------------------------------------------------------------------------
 
-    async def consume(self, queue_name: str, handle: Handler, *, hint: str) -> None:
-        """Consume an existing queue; each delivery runs ``handle`` in its own task."""
+    async def consume(
+        self, queue_name: str, handle: Handler, *, hint: str, label: str | None = None
+    ) -> None:
+        """Consume an existing queue; each delivery runs ``handle`` in its own task. The
+        consumer tag says whose it is: ``<daemon id>/<label>`` (default label: the queue's
+        name without ``wayang.``), e.g. ``demo-0/demo.echo``."""
         assert self._channel is not None
         try:
             # declare_queue (passive), not get_queue: only declared queues are recorded by the
@@ -251,7 +259,19 @@ class Daemon:
         async def on_message(message: AbstractIncomingMessage) -> None:
             self.spawn(handle(message))
 
-        self._consumers.append((queue, await queue.consume(on_message)))
+        tag = self.consumer_tag(label or queue_name.removeprefix("wayang."))
+        self._consumers.append((queue, await queue.consume(on_message, consumer_tag=tag)))
+
+    def consumer_tag(self, label: str) -> str:
+        """``<daemon id>/<label>``, made unique among this daemon's consumers (tags must be
+        unique per channel) and short enough for AMQP's 255-byte limit."""
+        base = f"{self.daemon_id}/{label}"[:200]
+        taken = {tag for _, tag in self._consumers}
+        tag, n = base, 1
+        while tag in taken:
+            n += 1
+            tag = f"{base}~{n}"
+        return tag
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as part of what the daemon finishes (within the grace) before it stops."""

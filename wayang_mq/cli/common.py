@@ -30,7 +30,7 @@ async def run_until_signal(
 
 def dispatcher_config(settings: Settings) -> DispatcherConfig:
     """A dispatcher on the configured broker, signing with the configured key."""
-    from wayang_mq.client.dispatcher import DispatcherConfig
+    from wayang_mq.client.dispatcher import CLI_REPLY_QUEUE_EXPIRES_S, DispatcherConfig
     from wayang_mq.config import broker_endpoint, keyring, signer, signer_scope
 
     endpoint = broker_endpoint(settings, "dispatcher")
@@ -42,6 +42,7 @@ def dispatcher_config(settings: Settings) -> DispatcherConfig:
         dispatcher_id=process_id(endpoint.username, "d"),
         issuer=scope.identity if scope is not None else None,
         audience=settings.audience,
+        reply_queue_expires_s=CLI_REPLY_QUEUE_EXPIRES_S,
     )
 
 

@@ -1,4 +1,4 @@
-"""``wayang-mq reaper`` and ``wayang-mq dead list|replay|purge``."""
+"""``wayang-mq reaper`` and ``wayang-mq dead list|show|replay|purge``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from wayang_mq.config import Settings
 from wayang_mq.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from wayang_mq.ops.deadletters import DeadLetter
+    from wayang_mq.ops.deadletters import DeadLetter, DeadLetterView
 
 
 def add(sub: Any) -> None:
@@ -27,13 +27,19 @@ def add(sub: Any) -> None:
     )
     add_metrics_options(reaper)
     reaper.set_defaults(func=_cmd_reaper)
-    p = sub.add_parser("dead", help="list, replay or purge dead-lettered tasks")
+    p = sub.add_parser("dead", help="list, show, replay or purge dead-lettered tasks")
     dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = dsub.add_parser("list", help="task id, reason, time and attempt of each dead letter")
     ls.add_argument("capability", nargs="?", help="one capability (default: all in the topology)")
     ls.add_argument("--limit", type=int, default=1000, help="at most this many per capability")
     ls.add_argument("--json", action="store_true", help="print a JSON array")
     ls.set_defaults(func=_cmd_dead_list)
+    sh = dsub.add_parser("show", help="one task's dead letters, decoded: task, input, reasons")
+    sh.add_argument("task_id")
+    sh.add_argument("--capability", help="look in this capability's dead queue only")
+    sh.add_argument("--limit", type=int, default=1000, help="at most this many per capability")
+    sh.add_argument("--json", action="store_true", help="print a JSON array")
+    sh.set_defaults(func=_cmd_dead_show)
     rp = dsub.add_parser("replay", help="dispatch dead tasks again, freshly signed and timed")
     rp.add_argument("capability")
     which = rp.add_mutually_exclusive_group(required=True)
@@ -102,6 +108,65 @@ def _cmd_dead_list(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print("no dead letters")
     return Exit.OK
+
+
+def _cmd_dead_show(args: argparse.Namespace, settings: Settings) -> int:
+    from wayang_mq.config import broker_endpoint, keyring
+    from wayang_mq.ops.deadletters import show_dead_letters
+    from wayang_mq.topology.spec import load_topology
+
+    if args.capability:
+        capabilities = [capability_arg(args.capability)]
+    else:
+        capabilities = [c.name for c in load_topology(settings.topology).capabilities]
+    try:
+        ring = keyring(settings)  # to say whether the body verifies: showing works without
+    except ConfigError:
+        ring = None
+    url = broker_endpoint(settings).amqp_url
+    views = asyncio.run(
+        show_dead_letters(url, args.task_id, capabilities, keyring=ring, limit=args.limit)
+    )
+    if not views:
+        raise ConfigError(
+            f"no dead letter of task {args.task_id} in the dead queues of "
+            + ", ".join(capabilities),
+            hint="see `wayang-mq dead list`",
+        )
+    if args.json:
+        print(json.dumps([view.as_json() for view in views], indent=2, ensure_ascii=False))
+    else:
+        print("\n\n".join(_show_text(view) for view in views))
+    return Exit.OK
+
+
+def _show_text(view: DeadLetterView) -> str:
+    """One dead letter for people: what, why, when, the task, the deaths."""
+    d = view.dead
+    attempt = d.attempt
+    when = view.as_json()["dead_at"] or "?"
+    lines = [
+        f"task        {d.task_id}",
+        f"capability  {d.capability}",
+        f"reason      {d.reason}: {d.message}",
+        f"dead at     {when}" + (f" (by {d.dead_lettered_by})" if d.dead_lettered_by else ""),
+        f"attempt     {'?' if attempt is None else attempt}",
+        "answered    " + ("by the worker that dead-lettered it" if d.answered else "by the reaper"),
+    ]
+    if view.deaths:
+        lines.append("deaths      " + "\n            ".join(view.deaths))
+    if view.task is None:
+        lines.append(f"body        unreadable: {view.unreadable}")
+        return "\n".join(lines)
+    trust = (
+        "signature verified" if view.verified else f"NOT verified ({view.unreadable or 'no keys'})"
+    )
+    lines.append(f"body        a task, {trust}")
+    fields = {k: v for k, v in view.task.items() if k != "input"}
+    lines += [f"  {key}: {json.dumps(value, ensure_ascii=False)}" for key, value in fields.items()]
+    pretty = json.dumps(view.task.get("input"), indent=2, ensure_ascii=False)
+    lines.append("input (redacted)\n" + pretty)
+    return "\n".join(lines)
 
 
 def _dead_table(letters: Sequence[DeadLetter]) -> list[str]:

@@ -8,10 +8,10 @@ import json
 import sys
 from typing import Any
 
+from wayang_mq.cli import taskopts
 from wayang_mq.cli.common import dispatcher_config
 from wayang_mq.cli.exits import Exit
 from wayang_mq.config import Settings
-from wayang_mq.core.errors import ConfigError
 
 
 def add(sub: Any) -> None:
@@ -25,30 +25,20 @@ def add(sub: Any) -> None:
     p.add_argument("--exec-timeout", type=float, help="seconds it may run")
     p.add_argument("--node-id", help="workflow node id (default: the task id)")
     p.add_argument("--partition-key", help="keeps order per key on sharded capabilities")
+    taskopts.add_arguments(p)
     p.set_defaults(func=_cmd_submit)
 
 
 def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     from wayang_mq.client.dispatcher import Dispatcher
 
-    try:
-        task_input = json.loads(args.input)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--input is not JSON: {exc}", hint="e.g. --input '{\"x\": 1}'") from exc
-    if not isinstance(task_input, dict):
-        raise ConfigError("--input must be a JSON object", hint="e.g. --input '{\"x\": 1}'")
+    task_input = taskopts.json_object(args.input, "--input")
+    options = taskopts.task_options(args)
     config = dispatcher_config(settings)
 
     async def submit() -> int:
         async with Dispatcher(config) as dispatcher:
-            handle = await dispatcher.submit(
-                args.capability,
-                task_input,
-                queue_timeout_s=args.queue_timeout,
-                timeout_s=args.exec_timeout,
-                node_id=args.node_id,
-                partition_key=args.partition_key,
-            )
+            handle = await dispatcher.submit(args.capability, task_input, **options)
             if not args.wait:
                 print(json.dumps({"task_id": handle.task_id, "status": "SUBMITTED"}))
                 return Exit.OK

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Self, TypedDict, Unpack
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from wayang_mq.amqp.connect import connect
@@ -71,8 +71,17 @@ __all__ = [
     "Verdict",
 ]
 
-#: an idle reply queue (its dispatcher gone) is deleted by the broker after this long
-REPLY_QUEUE_EXPIRES_MS = 24 * 3600 * 1000
+#: an idle reply queue (no consumer: its dispatcher gone) is deleted by the broker after this
+#: long. Long enough for a dispatcher cut off by a network fault to reconnect (aio-pika tries
+#: every 5 s; after a broker restart the broker starts the count again) and find the results
+#: published meanwhile; short enough that a finished process's queue does not linger for a day.
+REPLY_QUEUE_EXPIRES_S = 600.0
+#: the CLI's dispatchers live for one command: their queue goes a minute after they exit
+CLI_REPLY_QUEUE_EXPIRES_S = 60.0
+#: reply queue arguments the console shows: whose queue it is, and the reply address that
+#: reaches it (results are published to wayang.results with the task's reply_to as key)
+OWNER_ARGUMENT = "x-wayang-owner"
+REPLY_TO_ARGUMENT = "x-wayang-reply-to"
 
 
 #: how long a task may wait in its queue when the caller does not say
@@ -119,6 +128,8 @@ class DispatcherConfig:
     prefetch: int = 512
     seen_results: int = 10_000  # terminal results kept: duplicates dropped, resubmits answered
     supervision: SupervisionConfig | None = field(default_factory=SupervisionConfig)
+    #: the reply queue is deleted this long after its last consumer went (x-expires)
+    reply_queue_expires_s: float = REPLY_QUEUE_EXPIRES_S
 
 
 class Dispatcher:
@@ -167,7 +178,7 @@ class Dispatcher:
 
     async def start(self) -> None:
         """Connect, declare and bind the reply queue, start consuming results."""
-        self._connection = await connect(self.config.amqp_url, self.dispatcher_id)
+        self._connection = await connect(self.config.amqp_url, f"dispatcher {self.dispatcher_id}")
         self._progress.attach(self._connection)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         # A caller must not hang on a broker alarm: it gets BrokerBlocked (a Backpressure)
@@ -178,17 +189,9 @@ class Dispatcher:
             slow_confirm_s=max(5.0, self.config.backpressure_wait_s),
             metrics=self._metrics.publish if self._metrics is not None else None,
         )
-        replies = await self._connection.channel()
-        await replies.set_qos(prefetch_count=self.config.prefetch)
-        # Durable, so results published while the broker restarts are kept; x-expires so the
-        # queue of a dispatcher that never comes back is cleaned up by the broker.
-        queue = await replies.declare_queue(
-            names.reply_queue(self.dispatcher_id),
-            durable=True,
-            arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
-        )
+        replies, queue = await self._reply_queue(self._connection)
         await queue.bind(names.RESULTS_EXCHANGE, self.reply_to)
-        await queue.consume(self._replies.on_message)
+        await queue.consume(self._replies.on_message, consumer_tag=f"{self.dispatcher_id}/replies")
         self._control = ControlClient(
             self._publisher,
             self.config.signer,
@@ -202,6 +205,40 @@ class Dispatcher:
                 self, self.config.supervision, self.config.results_keyring
             )
             await self._supervisor.start(replies)
+
+    async def _reply_queue(
+        self, connection: AbstractRobustConnection
+    ) -> tuple[AbstractChannel, AbstractQueue]:
+        """Declare ``wayang.reply.<id>``: durable, so results published while the broker
+        restarts are kept; ``x-expires``, so the broker deletes it once its dispatcher is gone;
+        and arguments that say whose it is (RabbitMQ keeps unknown ``x-`` arguments and shows
+        them in the console, and leaves them out of a redeclare's equivalence check).
+
+        A queue of this id declared earlier with another expiry (a fixed dispatcher id, an
+        older version) is used as it is, with a warning: a queue's arguments cannot change.
+        """
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=self.config.prefetch)
+        name = names.reply_queue(self.dispatcher_id)
+        arguments = {
+            "x-expires": max(1, int(self.config.reply_queue_expires_s * 1000)),
+            OWNER_ARGUMENT: f"dispatcher {self.dispatcher_id} ({names.default_id()})",
+            REPLY_TO_ARGUMENT: self.reply_to,
+        }
+        try:
+            return channel, await channel.declare_queue(name, durable=True, arguments=arguments)
+        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+            logs.event(
+                log,
+                "dispatcher.reply_queue_kept",
+                logging.WARNING,
+                queue=name,
+                reason=str(exc),
+                hint=f"delete {name} once idle to get the current expiry",
+            )
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=self.config.prefetch)
+        return channel, await channel.declare_queue(name, passive=True)
 
     async def close(self) -> None:
         """Close the connection; handles still waiting get ``ResultTimeout`` when awaited."""

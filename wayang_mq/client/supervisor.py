@@ -91,7 +91,11 @@ class Supervisor:
             f"wayang.watch.{self._dispatcher.dispatcher_id}", exclusive=True, auto_delete=True
         )
         await queue.bind(names.EVENTS_EXCHANGE, names.event_key("heartbeat", "*"))
-        await queue.consume(self._on_heartbeat, no_ack=True)
+        await queue.consume(
+            self._on_heartbeat,
+            no_ack=True,
+            consumer_tag=f"{self._dispatcher.dispatcher_id}/heartbeats",
+        )
         self._loop = asyncio.create_task(self._run())
 
     async def stop(self) -> None:

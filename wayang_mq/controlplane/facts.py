@@ -318,7 +318,7 @@ def _event(d: Delivery, keyring: KeyRing) -> Payload:
 def _dead(d: Delivery, keyring: KeyRing, checks: TaskChecks) -> DeadSeen:
     dead = read_dead_letter(
         d.headers,
-        capability=d.routing_key,
+        capability=names.capability_of_key(d.routing_key),
         message_id=d.message_id,
         reply_to=d.reply_to,
     )

@@ -74,6 +74,17 @@ def retry_binding_for_capability(capability: str) -> str:
     return f"retry.*.{capability}"
 
 
+def capability_of_key(routing_key: str) -> str:
+    """The capability a task's routing key names: ``<capability>``, or
+    ``retry.<tier>.<capability>`` for a retry that came due. A dead letter keeps the key its
+    task had (the task queues' policies set no ``dead-letter-routing-key``)."""
+    if routing_key.startswith("retry."):
+        parts = routing_key.split(".", 2)
+        if len(parts) == 3:
+            return parts[2]
+    return routing_key
+
+
 def dead_queue(capability: str) -> str:
     """Where a capability's dead letters wait for inspection and replay."""
     return f"wayang.dead.{capability}"

@@ -18,9 +18,11 @@ from pydantic import ValidationError
 from wayang_mq.core.errors import InvalidMessage, OversizedMessage
 from wayang_mq.core.model import Task, WireModel, now_ms
 from wayang_mq.core.signing import KeyRing, Signer, Verified
+from wayang_mq.version import __version__
 
 CONTENT_TYPE = "application/msgpack"
-APP_ID = "wayang-mq"
+#: every message the fabric publishes says what published it (the console shows it)
+APP_ID = f"wayang-mq/{__version__}"
 PARTITION_KEY_HEADER = "x-partition-key"  # what sharded capabilities hash on
 # On dead letters wayang-mq publishes itself (the broker's own carry x-death instead):
 ERROR_CODE_HEADER = "wayang-error-code"

@@ -41,6 +41,13 @@ from wayang_mq.amqp.connect import connect
 from wayang_mq.amqp.outcome import discard, requeue, settle
 from wayang_mq.amqp.publisher import ConfirmedPublisher, Rejected, Unroutable, to_amqp
 from wayang_mq.core import names, placement
+from wayang_mq.core.deadnotes import (
+    RETRY_HISTORY_HEADER,
+    TASK_ATTEMPT_HEADER,
+    death_line,
+    iso_time,
+    redacted_input,
+)
 from wayang_mq.core.errors import ConfigError, ErrorCode, PublishFailed, WireError
 from wayang_mq.core.model import Task, new_id, now_ms
 from wayang_mq.core.signing import KeyRing, Signer
@@ -49,6 +56,7 @@ from wayang_mq.core.wire import (
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
     UNDECODABLE_HEADER,
+    open_unverified,
     open_verified,
     task_message,
 )
@@ -174,11 +182,12 @@ def read_dead_letter(
 
 
 def dead_letter_of(message: AbstractIncomingMessage, capability: str | None = None) -> DeadLetter:
-    """:func:`read_dead_letter` for a delivery; the capability defaults to its routing key
-    (the capability policies' ``dead-letter-routing-key``, and what workers publish with)."""
+    """:func:`read_dead_letter` for a delivery; the capability defaults to the one its routing
+    key names: the task's own key (``<capability>``, or ``retry.<tier>.<capability>`` for a
+    retry that came due), kept by the broker's dead-lettering, and what workers publish with."""
     return read_dead_letter(
         message.headers or {},
-        capability=capability or message.routing_key or "",
+        capability=capability or names.capability_of_key(message.routing_key or ""),
         message_id=message.message_id,
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,
@@ -235,7 +244,7 @@ async def _hold(amqp_url: str, capability: str, limit: int) -> AsyncIterator[_He
     Only the messages ready when it starts are taken, so a task that dies again while the
     block runs (a replay that expires at once) is not picked up a second time.
     """
-    connection = await connect(amqp_url, f"wayang-mq-dead-{new_id()[:8]}")
+    connection = await connect(amqp_url, f"wayang-mq dead {new_id()[:8]}")
     try:
         channel = await connection.channel()
         ready = await _ready_count(channel, capability)
@@ -315,6 +324,117 @@ def _with_attempt(
     except WireError:
         return dead
     return dataclasses.replace(dead, attempt=task.attempt)
+
+
+@dataclass(frozen=True)
+class DeadLetterView:
+    """One dead letter decoded for people (``wayang-mq dead show``): what its headers say,
+    the task its body holds (input redacted), and every death it went through."""
+
+    dead: DeadLetter
+    verified: bool  # the body's signature verified (False: shown as read, not trusted)
+    task: dict[str, Any] | None  # the task's fields, input redacted; None: unreadable body
+    unreadable: str | None  # why the body could not be read as a task
+    notes: dict[str, Any]  # the wayang-* headers a worker's copy carries (preview, time, ...)
+    deaths: list[str]  # RabbitMQ's x-death, oldest first, then a copy's retry history
+    headers: dict[str, Any]  # every header, as JSON-ready text (time and tables made text)
+    app_id: str | None = None  # what published it (wayang-mq/<version> for a worker's copy)
+
+    def as_json(self) -> dict[str, Any]:
+        """A JSON-ready document (for ``wayang-mq dead show --json``)."""
+        return {
+            **self.dead.as_json(),
+            "dead_at": None if self.dead.dead_at_ms is None else iso_time(self.dead.dead_at_ms),
+            "verified": self.verified,
+            "task": self.task,
+            "unreadable": self.unreadable,
+            "deaths": self.deaths,
+            "headers": self.headers,
+            "app_id": self.app_id,
+        }
+
+
+def view_of(
+    message: AbstractIncomingMessage, capability: str, keyring: KeyRing | None
+) -> DeadLetterView:
+    """Decode one dead letter for people; never fails on odd input."""
+    headers = message.headers or {}
+    dead = dead_letter_of(message, capability)
+    verified, unreadable, task = False, None, None
+    try:
+        if keyring is not None:
+            task, verified = open_verified(message.body, headers, keyring, Task), True
+        else:
+            task = open_unverified(message.body, headers, Task)
+    except WireError as exc:
+        unreadable = exc.message
+        if keyring is not None:  # a body that does not verify is still worth showing
+            with contextlib.suppress(WireError):
+                task = open_unverified(message.body, headers, Task)
+    fields = None
+    # A retry's body is the issuer's task (attempt 1) and its attempt record a header: the
+    # worker's copy says which attempt died; else a verified body's attempt.
+    copied = headers.get(TASK_ATTEMPT_HEADER)
+    if isinstance(copied, int) and not isinstance(copied, bool):
+        dead = dataclasses.replace(dead, attempt=copied)
+    elif task is not None and verified:
+        dead = dataclasses.replace(dead, attempt=task.attempt)
+    if task is not None:
+        fields = task.model_dump(mode="json")
+        fields["input"] = redacted_input(fields.get("input"))
+    x_death = headers.get("x-death")
+    deaths = (
+        [death_line(d) for d in reversed(x_death) if isinstance(d, dict)]
+        if isinstance(x_death, list)
+        else []
+    )
+    history = headers.get(RETRY_HISTORY_HEADER)
+    if isinstance(history, str):
+        deaths.insert(0, f"(before the copy) {history}")
+    notes = {k: _json_safe(v) for k, v in headers.items() if k.startswith("wayang-")}
+    return DeadLetterView(
+        dead=dead,
+        verified=verified,
+        task=fields,
+        unreadable=unreadable,
+        notes=notes,
+        deaths=deaths,
+        headers={k: _json_safe(v) for k, v in headers.items()},
+        app_id=message.app_id,
+    )
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return iso_time(int(value.timestamp() * 1000))
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+async def show_dead_letters(
+    amqp_url: str,
+    task_id: str,
+    capabilities: Sequence[str],
+    *,
+    keyring: KeyRing | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> list[DeadLetterView]:
+    """Every dead letter of ``task_id`` in the dead queues of ``capabilities``, decoded; like
+    :func:`list_dead_letters`, each is looked at and put back, none removed."""
+    found: list[DeadLetterView] = []
+    for capability in capabilities:
+        async with _hold(amqp_url, capability, limit) as held:
+            for message in held.messages:
+                if dead_letter_of(message, capability).task_id == task_id:
+                    found.append(view_of(message, capability, keyring))
+    return found
 
 
 @dataclass(frozen=True)
@@ -418,7 +538,7 @@ async def _replay_one(
 
 async def purge(amqp_url: str, capability: str) -> int:
     """Delete every ready dead letter of ``capability``; returns how many."""
-    connection = await connect(amqp_url, f"wayang-mq-dead-{new_id()[:8]}")
+    connection = await connect(amqp_url, f"wayang-mq dead {new_id()[:8]}")
     try:
         channel = await connection.channel()
         await _ready_count(channel, capability)  # a clear error when the queue is missing

@@ -42,7 +42,7 @@ class Answers:
         self._publisher: ConfirmedPublisher | None = None
 
     async def __aenter__(self) -> Self:
-        connection = await connect(self._amqp_url, self.answerer_id)
+        connection = await connect(self._amqp_url, f"answers {self.answerer_id}")
         self._connection = connection
         channel = await connection.channel(publisher_confirms=True)
         self._publisher = ConfirmedPublisher(channel)

@@ -34,7 +34,7 @@ from wayang_mq.core.errors import NoExecutor, WayangError, WireError
 from wayang_mq.core.model import AttemptRecord, ErrorInfo, Result, Status, Task, now_ms
 from wayang_mq.core.names import task_queue
 from wayang_mq.core.signing import Signer
-from wayang_mq.core.wire import PARTITION_KEY_HEADER, decode
+from wayang_mq.core.wire import APP_ID, PARTITION_KEY_HEADER, decode
 from wayang_mq.observability import tracing
 from wayang_mq.topology.spec import RetryTier
 
@@ -65,7 +65,7 @@ def derived_message(
         reply_to=task.reply_to or None,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         timestamp=now_ms() // 1000,
-        app_id="wayang-mq",
+        app_id=APP_ID,
     )
 
 

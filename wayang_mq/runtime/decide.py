@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
@@ -23,13 +24,14 @@ from aio_pika.abc import AbstractIncomingMessage
 from wayang_mq.amqp.frames import writable_headers
 from wayang_mq.amqp.outcome import Kind, LogLine, Outcome, Send, Settle, done
 from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
-from wayang_mq.core import names, placement, retry
+from wayang_mq.core import deadnotes, names, placement, retry
 from wayang_mq.core.envelope import ATTEMPT_HEADERS
 from wayang_mq.core.errors import ErrorCode, SignatureError, WireError
 from wayang_mq.core.fields import TASK_ID_BYTES, printable, valid_id
 from wayang_mq.core.model import AttemptRecord, ErrorInfo, Result, Task, new_id, now_ms
 from wayang_mq.core.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Signer
 from wayang_mq.core.wire import (
+    APP_ID,
     DEAD_LETTERED_BY_HEADER,
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
@@ -96,7 +98,7 @@ class Decider:
             reason = result.error.message if result.error else ""
             sends.append(
                 self.dead_copy(
-                    capability, message, task.task_id, ErrorCode.RETRIES_EXHAUSTED, reason
+                    capability, message, task.task_id, ErrorCode.RETRIES_EXHAUSTED, reason, task
                 )
             )
         result = await dispatch_compensation(
@@ -187,7 +189,7 @@ class Decider:
         task_id = task.task_id if task else _property_id(message.message_id, TASK_ID_BYTES)
         task_id = task_id or _property_id(message.correlation_id, TASK_ID_BYTES)
         task_id = task_id or f"unknown-{new_id()}"
-        sends = [self.dead_copy(capability, message, task_id, code, error.message)]
+        sends = [self.dead_copy(capability, message, task_id, code, error.message, task)]
         if task is not None:
             failure = ErrorInfo(code=code, message=error.message)
             answer = Result.failure(task, self._executor_id, failure)
@@ -228,19 +230,32 @@ class Decider:
         task_id: str,
         code: ErrorCode,
         reason: str,
+        task: Task | None = None,
     ) -> Send:
-        """A copy of the delivery, with the reason, for ``wayang.dlx``.
+        """A copy of the delivery, with the reason, for ``wayang.dlx``; with the ``task`` (when
+        it could be read), its attempt and a redacted preview of its input too.
 
         If the broker does not confirm it, the delivery is rejected instead, so the queue's
         own dead-lettering (reason ``rejected``) keeps it: never lost.
         """
         kept, dropped = writable_headers(message.headers or {}, _KEPT_ON_COPIES)
-        headers = {
-            **kept,
+        # The retry hop's x-death is history, not this copy's reason (core.deadnotes).
+        kept, history = deadnotes.split_history(kept)
+        died_ms = now_ms()
+        # RabbitMQ sorts a header table by name; with no x-death left, these are its reason.
+        headers: dict[str, Any] = {
             ERROR_CODE_HEADER: str(code),
             ERROR_MESSAGE_HEADER: reason[:1000],
+            deadnotes.CAPABILITY_HEADER: capability,
+            deadnotes.DEAD_AT_HEADER: deadnotes.iso_time(died_ms),
             DEAD_LETTERED_BY_HEADER: self._executor_id,
         }
+        if task is not None:
+            headers[deadnotes.TASK_ATTEMPT_HEADER] = task.attempt
+            headers[deadnotes.INPUT_PREVIEW_HEADER] = deadnotes.input_preview(task.input)
+        if history is not None:
+            headers[deadnotes.RETRY_HISTORY_HEADER] = history
+        headers.update((k, v) for k, v in kept.items() if k not in headers)
         if dropped is not None:
             headers[HEADERS_DROPPED_HEADER] = dropped
         # No expiration on the copy: a dead letter must wait for inspection, not expire.
@@ -253,7 +268,8 @@ class Decider:
             type=message.type,
             reply_to=message.reply_to,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            timestamp=now_ms() // 1000,  # when it died, as the broker's own x-death says
+            timestamp=died_ms // 1000,  # when it died, as the broker's own x-death says
+            app_id=APP_ID,
         )
         return Send(
             names.DEAD_COPY_EXCHANGE,

@@ -96,4 +96,4 @@ async def consume_own_queue(
         capability = str((message.headers or {}).get(CAPABILITY_HEADER, ""))
         await handle(capability if capability in served else served[0], message)
 
-    await worker.consume(queue_name, placed, hint="it was declared just above")
+    await worker.consume(queue_name, placed, hint="it was declared just above", label="placed")

@@ -227,7 +227,10 @@ class Worker(Daemon):
         for capability in self._by_capability:
             for queue_name in await _queues_of(capability, self.queue_exists):
                 await self.consume(
-                    queue_name, partial(self._handle, capability), hint=hint_for.format(capability)
+                    queue_name,
+                    partial(self._handle, capability),
+                    hint=hint_for.format(capability),
+                    label=queue_name.removeprefix("wayang.task."),  # demo.echo, db.query.2
                 )
 
     async def beat(self) -> None:
@@ -239,6 +242,10 @@ class Worker(Daemon):
         """The executors' own teardown, after the connection closed."""
         for executor in self._executors:
             await executor.teardown()
+
+    def connection_name(self) -> str:
+        """``worker demo-0 (demo.echo, demo.sleep)``: the console names it by what it serves."""
+        return f"worker {self.executor_id} ({', '.join(self._by_capability)})"[:255]
 
     def describe(self) -> dict[str, Any]:
         """What this worker serves."""

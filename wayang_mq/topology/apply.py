@@ -2,8 +2,12 @@
 
 Exchanges, queues and bindings are declared over AMQP (declaring an existing object with the
 same arguments is a no-op, so applying twice changes nothing); policies go through the
-management API, the only way to set them. Nothing is ever deleted: objects that look like
-ours but are not in the file are reported, for an operator to decide.
+management API, the only way to set them. Nothing is deleted but the policies an earlier
+version of the file made for capabilities it still lists and that the current one replaces
+(``Topology.retired_policies``: per-capability policies now covered by ``wayang.defaults``,
+per-dead-queue ones now ``wayang.dead-queues``), and only once their replacements are in
+place. Other objects that look like ours but are not in the file are reported, for an
+operator to decide.
 """
 
 from __future__ import annotations
@@ -59,22 +63,25 @@ class ApplyReport:
 
     created: tuple[ObjectRef, ...] = ()
     updated: tuple[ObjectRef, ...] = ()  # policies whose settings differed from the file
+    removed: tuple[ObjectRef, ...] = ()  # policies the file replaced (retired_policies)
     unchanged: tuple[ObjectRef, ...] = ()
     not_in_file: tuple[ObjectRef, ...] = ()  # ours by name, absent from the file: kept
 
     @property
     def changed(self) -> bool:
         """True when the broker differs from before the apply."""
-        return bool(self.created or self.updated)
+        return bool(self.created or self.updated or self.removed)
 
     def lines(self) -> list[str]:
         """One line per created, updated or stray object, then a count; for the CLI."""
         out = [f"created      {ref}" for ref in self.created]
         out += [f"updated      {ref}" for ref in self.updated]
+        out += [f"removed      {ref} (replaced)" for ref in self.removed]
         out += [f"not in file  {ref} (left alone)" for ref in self.not_in_file]
         out.append(
             f"{len(self.created)} created, {len(self.updated)} updated,"
-            f" {len(self.unchanged)} unchanged, {len(self.not_in_file)} not in file"
+            f" {len(self.removed)} removed, {len(self.unchanged)} unchanged,"
+            f" {len(self.not_in_file)} not in file"
         )
         return out
 
@@ -103,8 +110,9 @@ async def apply_topology(
     # Policies first: a queue created afterwards is governed (limits, dead-lettering) from
     # its very first message, with no window in which it is unbounded.
     policies = await asyncio.to_thread(_put_policies, topology, existing, management)
+    removed = await asyncio.to_thread(_remove_retired, topology, existing, management)
     await _declare(topology, amqp_url)
-    return _report(topology, existing, policies)
+    return _report(topology, existing, policies, removed)
 
 
 def binding_ref(binding: BindingSpec) -> ObjectRef:
@@ -180,6 +188,16 @@ def _put_policies(
         )
         outcome[policy.name] = "created" if current is None else "updated"
     return outcome
+
+
+def _remove_retired(
+    topology: Topology, existing: _Existing, management: ManagementClient
+) -> tuple[str, ...]:
+    """Delete the policies the file replaced (after their replacements were put)."""
+    retired = tuple(sorted(topology.retired_policies() & set(existing.policies)))
+    for name in retired:
+        management.delete_policy(name)
+    return retired
 
 
 def _same_policy(policy: PolicySpec, current: Mapping[str, Any]) -> bool:
@@ -301,6 +319,7 @@ def _report(
     topology: Topology,
     existing: _Existing,
     policies: Mapping[str, Literal["created", "updated", "unchanged"]],
+    removed: tuple[str, ...] = (),
 ) -> ApplyReport:
     seen: dict[str, list[ObjectRef]] = {"created": [], "updated": [], "unchanged": []}
 
@@ -319,11 +338,14 @@ def _report(
         created=tuple(seen["created"]),
         updated=tuple(seen["updated"]),
         unchanged=tuple(seen["unchanged"]),
-        not_in_file=_strays(topology, existing),
+        removed=tuple(ObjectRef("policy", name) for name in removed),
+        not_in_file=_strays(topology, existing, frozenset(removed)),
     )
 
 
-def _strays(topology: Topology, existing: _Existing) -> tuple[ObjectRef, ...]:
+def _strays(
+    topology: Topology, existing: _Existing, removed: frozenset[str] = frozenset()
+) -> tuple[ObjectRef, ...]:
     """Objects named like ours that the file does not list (bindings: between our objects)."""
     exchanges = {e.name for e in topology.exchanges()}
     queues = {q.name for q in topology.queues()}
@@ -342,7 +364,9 @@ def _strays(topology: Topology, existing: _Existing) -> tuple[ObjectRef, ...]:
         if b.source in ours and b.destination in ours
     ]
     out += [
-        ObjectRef("policy", n) for n in sorted(set(existing.policies) - policies) if _is_ours(n)
+        ObjectRef("policy", n)
+        for n in sorted(set(existing.policies) - policies - removed)
+        if _is_ours(n)
     ]
     return tuple(out)
 

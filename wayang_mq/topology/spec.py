@@ -62,10 +62,18 @@ DEFAULT_TOPOLOGY_PATH: Final = Path(__file__).resolve().parent / "wayang.toml"
 # capability's consistent-hash exchange hashes on, so tasks with one key land on one shard and
 # keep their order. A message without it is not dropped: all such messages share one shard.
 
-# Only one policy applies to a queue: the matching one with the highest priority. Ours sit
-# above the default 0 so that a catch-all policy an operator adds does not silently replace
-# them; an operator policy (``rabbitmqctl set_operator_policy``) still caps them.
-POLICY_PRIORITY: Final = 10
+# Only one policy applies to a queue: the matching one with the highest priority (RabbitMQ
+# never merges two). So the defaults policy (wayang.defaults, every task queue) sits lowest,
+# and a capability whose limits differ gets an override (wayang.task.<cap>) one step above,
+# carrying the whole set of keys, not just the ones that differ. Both sit above the default
+# 0, so that a catch-all policy an operator adds does not silently replace them; an operator
+# policy (``rabbitmqctl set_operator_policy``) still caps them.
+DEFAULTS_PRIORITY: Final = 10
+POLICY_PRIORITY: Final = 20
+#: the policy every task queue gets unless its capability has an override
+DEFAULTS_POLICY: Final = "wayang.defaults"
+#: the one policy of every dead queue wayang.dead.<capability>
+DEAD_QUEUES_POLICY: Final = "wayang.dead-queues"
 
 # Consistent-hash binding keys are weights (the share of the hash ring), not patterns.
 SHARD_WEIGHT: Final = "1"
@@ -191,6 +199,8 @@ class Capability(_Frozen):
     shards: Count | None = None
     max_length: Count | None = None
     delivery_limit: Limit | None = None
+    overflow: Literal["reject-publish", "drop-head"] | None = None
+    dead_letter_strategy: Literal["at-least-once", "at-most-once"] | None = None
 
     @field_validator("name")
     @classmethod
@@ -223,6 +233,10 @@ class Capability(_Frozen):
     def task_routing_keys(self) -> tuple[str, str]:
         """Keys on ``wayang.tasks`` that reach the capability: new tasks and expired retries."""
         return (self.name, names.retry_binding_for_capability(self.name))
+
+
+#: the [defaults] a capability may set for itself (its own policy then carries the whole set)
+_OVERRIDABLE: Final = {"max_length", "delivery_limit", "overflow", "dead_letter_strategy"}
 
 
 class Topology(_Frozen):
@@ -267,10 +281,25 @@ class Topology(_Frozen):
 
     def limits_for(self, capability: Capability) -> QueueLimits:
         """The defaults with the capability's own overrides."""
-        overrides = capability.model_dump(include={"max_length", "delivery_limit"})
+        overrides = capability.model_dump(include=_OVERRIDABLE)
         return self.defaults.model_copy(
             update={k: v for k, v in overrides.items() if v is not None}
         )
+
+    @model_validator(mode="after")
+    def _overrides_hold_together(self) -> Self:
+        for capability in self.capabilities:
+            # the same rule as for [defaults], on what the capability ends up with
+            limits = self.limits_for(capability)
+            if (
+                limits.dead_letter_strategy == "at-least-once"
+                and limits.overflow != "reject-publish"
+            ):
+                raise ValueError(
+                    f'capability {capability.name!r}: dead_letter_strategy "at-least-once" needs'
+                    ' overflow "reject-publish" (set dead_letter_strategy = "at-most-once" too)'
+                )
+        return self
 
     def exchanges(self) -> tuple[ExchangeSpec, ...]:
         """Every exchange: the seven fabric exchanges, then one hash exchange per sharded cap."""
@@ -303,8 +332,7 @@ class Topology(_Frozen):
             out.append(QueueSpec(names.dead_queue(capability.name)))
         out.extend(QueueSpec(tier.queue) for tier in self.retry_tiers)
         # The reaper's queue takes a copy of every dead letter. Declared here, not by the
-        # reaper, so dead letters produced before a reaper first runs are kept for it. No
-        # policy: unbounded, since a full queue would stall at-least-once dead-lettering.
+        # reaper, so dead letters produced before a reaper first runs are kept for it.
         out.append(QueueSpec(names.REAPER_QUEUE))
         # The control plane's record: bound to every flow, consumed by one control plane at a
         # time (single active consumer: the others stand by). Declared here, so what flows
@@ -327,7 +355,11 @@ class Topology(_Frozen):
         for capability in self.capabilities:
             out.extend(_task_bindings(capability))
             dead = names.dead_queue(capability.name)
-            out.append(BindingSpec(names.DEAD_LETTER_EXCHANGE, dead, capability.name))
+            # The broker's dead letters keep their task's key: new (<cap>) or retried.
+            out.extend(
+                BindingSpec(names.DEAD_LETTER_EXCHANGE, dead, key)
+                for key in capability.task_routing_keys
+            )
             # wayang.dead is not bound to the reaper: a worker answered its copy itself.
             out.append(BindingSpec(names.DEAD_COPY_EXCHANGE, dead, capability.name))
         # retry.<tier>.# : the tier word picks the queue, whatever the capability after it.
@@ -363,14 +395,32 @@ class Topology(_Frozen):
         return out
 
     def policies(self) -> tuple[PolicySpec, ...]:
-        """One policy per capability (its queue and shards), one per dead queue, one per retry
-        tier, one bounding the record's refusals and one bounding the history."""
+        """The defaults of every task queue, an override per capability whose limits differ,
+        one policy for every dead queue, one for the reaper's queue, one per retry tier, one
+        bounding the record's refusals and one bounding the history."""
         return (
-            tuple(self._capability_policy(c) for c in self.capabilities)
-            + tuple(self._dead_policy(c) for c in self.capabilities)
+            (self._defaults_policy(),)
+            + tuple(self._capability_policy(c) for c in self.capabilities if self._overrides(c))
+            + (self._dead_policy(), self._reaper_policy())
             + tuple(self._tier_policy(t) for t in self.retry_tiers)
             + ((self._refused_policy(), self._history_policy()) if self.defaults.record else ())
         )
+
+    def policy_for(self, queue: str) -> PolicySpec | None:
+        """The policy of ours that governs ``queue`` (the highest priority match), if any."""
+        matching = [p for p in self.policies() if re.search(p.pattern, queue)]
+        return max(matching, key=lambda p: p.priority, default=None)
+
+    def retired_policies(self) -> frozenset[str]:
+        """Policy names earlier versions of this file made for the capabilities it lists
+        (one per capability, one per dead queue) that the current file no longer has:
+        ``topology apply`` deletes them once the policies replacing them are in place."""
+        made = {names.policy_name(c.name) for c in self.capabilities}
+        made |= {names.dead_queue(c.name) for c in self.capabilities}
+        return frozenset(made - {p.name for p in self.policies()})
+
+    def _overrides(self, capability: Capability) -> bool:
+        return self.limits_for(capability) != self.defaults
 
     def _history_policy(self) -> PolicySpec:
         # Only keys streams honour in 3.10 (rabbit_stream_queue:capabilities/0 lists
@@ -394,46 +444,66 @@ class Topology(_Frozen):
         )
         return PolicySpec(queue, exact_pattern(queue), definition)
 
-    def _dead_policy(self, capability: Capability) -> PolicySpec:
+    def _dead_policy(self) -> PolicySpec:
         # Bounded in bytes; reject-publish refuses (and nacks) what does not fit, which the
         # sources' at-least-once dead-lettering retries until there is room: never dropped.
-        queue = names.dead_queue(capability.name)
         definition: Pairs = (
             ("max-length-bytes", self.defaults.dead_max_bytes),
             ("overflow", "reject-publish"),
         )
+        pattern = "^" + re.escape(names.dead_queue(""))
+        return PolicySpec(DEAD_QUEUES_POLICY, pattern, definition)
+
+    def _reaper_policy(self) -> PolicySpec:
+        # The reaper's copy of every broker dead letter, bounded in bytes for a fabric where no
+        # reaper runs. drop-head, not reject-publish: a full reaper queue must not stall the
+        # task queues' at-least-once dead-lettering; what it drops is the oldest unanswered
+        # copy, whose twin stays in wayang.dead.<capability>.
+        queue = names.REAPER_QUEUE
+        definition: Pairs = (
+            ("max-length-bytes", self.defaults.dead_max_bytes),
+            ("overflow", "drop-head"),
+        )
         return PolicySpec(queue, exact_pattern(queue), definition)
 
-    def _capability_policy(self, capability: Capability) -> PolicySpec:
-        limits = self.limits_for(capability)
+    def _task_definition(self, limits: QueueLimits) -> Pairs:
         # Every key here is one quorum queues honour in 3.10: a policy holding any key the
         # queue type does not support (e.g. queue-mode) is not applied to the queue at all.
-        definition: Pairs = (
+        # No dead-letter-routing-key: a dead letter keeps its task's key (<cap>, or
+        # retry.<tier>.<cap> for a retry that came due), both bound to wayang.dead.<cap>, so
+        # one policy serves every capability.
+        return (
             ("max-length", limits.max_length),
             ("overflow", limits.overflow),
             ("delivery-limit", limits.delivery_limit),
             ("dead-letter-exchange", names.DEAD_LETTER_EXCHANGE),
-            # Without it a dead letter keeps its routing key, and retries (retry.<tier>.<cap>)
-            # would miss the <cap> binding of wayang.dead.<cap>.
-            ("dead-letter-routing-key", capability.name),
             ("dead-letter-strategy", limits.dead_letter_strategy),
         )
+
+    def _defaults_policy(self) -> PolicySpec:
+        pattern = "^" + re.escape(names.task_queue(""))
+        return PolicySpec(
+            DEFAULTS_POLICY, pattern, self._task_definition(self.defaults), DEFAULTS_PRIORITY
+        )
+
+    def _capability_policy(self, capability: Capability) -> PolicySpec:
+        definition = self._task_definition(self.limits_for(capability))
         return PolicySpec(
             names.policy_name(capability.name), names.policy_pattern(capability.name), definition
         )
 
     def _tier_policy(self, tier: RetryTier) -> PolicySpec:
         # No dead-letter-routing-key: an expired retry keeps retry.<tier>.<cap>, which
-        # wayang.tasks routes to the capability's retry.*.<cap> binding.
+        # wayang.tasks routes to the capability's retry.*.<cap> binding. at-least-once needs
+        # overflow reject-publish, which only means something with a max-length: a tier
+        # without its own is bounded like a task queue.
         definition: Pairs = (
             ("message-ttl", tier.ttl_ms),
             ("dead-letter-exchange", names.TASKS_EXCHANGE),
-            # at-least-once also needs overflow reject-publish, even without a max-length.
             ("dead-letter-strategy", self.defaults.dead_letter_strategy),
             ("overflow", self.defaults.overflow),
+            ("max-length", tier.max_length or self.defaults.max_length),
         )
-        if tier.max_length is not None:
-            definition += (("max-length", tier.max_length),)
         return PolicySpec(tier.queue, exact_pattern(tier.queue), definition)
 
 
