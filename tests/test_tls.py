@@ -116,7 +116,8 @@ async def test_plain_amqp_is_refused_by_the_tls_only_broker(
     assert "TLS only" in error.message
     # And the broker has no plain AMQP listener at all
     listeners = (await _management(rabbitmq_tls, "/api/overview"))["listeners"]
-    assert {listener["protocol"] for listener in listeners} == {"amqp/ssl", "https", "clustering"}
+    protocols = {listener["protocol"] for listener in listeners}
+    assert protocols == {"amqp/ssl", "https", "https/prometheus", "clustering"}
 
 
 async def test_a_certificate_login_needs_its_broker_user(rabbitmq_tls: TlsBrokerHandle) -> None:

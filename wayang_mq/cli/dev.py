@@ -23,6 +23,11 @@ def add(sub: Any) -> None:
         action="store_true",
         help="TLS-only broker: a private CA, client certificates, EXTERNAL login",
     )
+    p.add_argument(
+        "--no-prometheus",
+        action="store_true",
+        help="do not start a private Prometheus (started when the prometheus binary exists)",
+    )
     p.set_defaults(func=_cmd_dev)
 
 
@@ -37,5 +42,6 @@ def _cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
         demo_tasks=args.demo_tasks,
         wait=not args.no_wait,
         tls=args.tls,
+        prometheus=not args.no_prometheus,
     )
     return int(run_dev(options, settings))

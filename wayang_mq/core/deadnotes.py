@@ -66,7 +66,7 @@ def _mask(value: Any) -> Any:
         if _is_reference(value):
             return dict(value)
         return {
-            key: MASK
+            _key(key): MASK
             if isinstance(key, str)
             and _SECRET_KEY.search(key)
             and item is not None
@@ -81,6 +81,15 @@ def _mask(value: Any) -> Any:
     return value
 
 
+def _key(key: Any) -> str | int | float | bool | None:
+    """A map key JSON can hold: msgpack allows bytes (and other) keys in a task's nested maps."""
+    if isinstance(key, bytes | bytearray):
+        return bytes(key).decode("utf-8", "replace")
+    if key is None or isinstance(key, str | int | float | bool):
+        return key
+    return str(key)
+
+
 def _is_reference(value: Any) -> bool:
     return isinstance(value, Mapping) and set(value) == {_SECRET_REF}
 
@@ -88,7 +97,11 @@ def _is_reference(value: Any) -> bool:
 def input_preview(value: Any, limit: int = PREVIEW_BYTES, redactor: Redactor = REDACTOR) -> str:
     """Compact JSON of the redacted input, cut to ``limit`` UTF-8 bytes (a cut preview ends
     with ``…`` and is no longer valid JSON: ``wayang-mq dead show`` prints the whole input)."""
-    text = json.dumps(redacted_input(value, redactor), ensure_ascii=False, default=str)
+    try:
+        text = json.dumps(redacted_input(value, redactor), ensure_ascii=False, default=str)
+    except (TypeError, ValueError, RecursionError) as exc:
+        # a hostile input must never stop its dead letter from being kept: say so instead
+        text = f"<no preview: {type(exc).__name__}>"
     text = text.replace("\n", " ")
     data = text.encode()
     if len(data) <= limit:

@@ -311,7 +311,8 @@ class RabbitNode:
     def prometheus_url(self) -> str:
         """The broker's own Prometheus endpoint (rabbitmq_prometheus): ``/metrics`` for
         aggregated metrics, ``/metrics/detailed?family=...`` per queue."""
-        return f"http://{LOOPBACK}:{self._ports['prometheus_port']}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://{LOOPBACK}:{self._ports['prometheus_port']}"
 
     @property
     def log_path(self) -> Path:
@@ -438,9 +439,6 @@ class RabbitNode:
                 "loopback_users = none",
                 "log.console = false",
                 "log.file.level = info",
-                # the broker's Prometheus endpoint, plain HTTP on loopback (TLS or not)
-                f"prometheus.tcp.ip = {LOOPBACK}",
-                f"prometheus.tcp.port = {self._ports['prometheus_port']}",
                 f"max_message_size = {self.max_message_bytes}",
                 "",
             ]
@@ -451,6 +449,9 @@ class RabbitNode:
             f"listeners.tcp.default = {LOOPBACK}:{self._ports['amqp_port']}",
             f"management.tcp.ip = {LOOPBACK}",
             f"management.tcp.port = {self._ports['management_port']}",
+            # the broker's Prometheus endpoint (rabbitmq_prometheus), on loopback
+            f"prometheus.tcp.ip = {LOOPBACK}",
+            f"prometheus.tcp.port = {self._ports['prometheus_port']}",
         ]
 
     def _tls_listeners(self, tls: NodeTls) -> list[str]:
@@ -473,6 +474,10 @@ class RabbitNode:
             # checked if one is sent, not required.
             "management.ssl.verify = verify_peer",
             "management.ssl.fail_if_no_peer_cert = false",
+            # TLS only means the metrics too: HTTPS with the node's certificate
+            f"prometheus.ssl.ip = {LOOPBACK}",
+            f"prometheus.ssl.port = {self._ports['prometheus_port']}",
+            *(f"prometheus.ssl.{line}" for line in files),
         ]
 
     def _environment(self) -> dict[str, str]:

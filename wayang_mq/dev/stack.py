@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Coroutine, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from wayang_mq.core.scopes import FULL_TRUST, KeyScope, Role
 from wayang_mq.core.signing import KeyRing, Signer, write_keypair
 from wayang_mq.dev.certs import DevCertificates
 from wayang_mq.dev.database import postgres_node, recorded, shown_url
+from wayang_mq.dev.monitoring import Monitoring
 from wayang_mq.dev.nodes import NodeTls, PostgresNode, RabbitNode
 from wayang_mq.dev.supervise import DaemonSpec, Supervisor
 from wayang_mq.security.accounts import (
@@ -131,6 +132,7 @@ class DevOptions:
     demo_tasks: int = 20
     wait: bool = True
     tls: bool = False  # a TLS-only broker; daemons log in with client certificates
+    prometheus: bool = True  # a private Prometheus scraping the daemons, when installed
 
 
 def say(line: str) -> None:
@@ -185,7 +187,18 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
                 {role: str(signing[name]) for role, name in _KEY_OF_ROLE.items()},
                 database_url,
             )
-        stack = _Stack(endpoint, accounts, keys, signing, state_dir, database_url, certs)
+        stack = _Stack(
+            endpoint,
+            accounts,
+            keys,
+            signing,
+            state_dir,
+            database_url,
+            certs,
+            # (a TLS-only node's metrics are HTTPS with the stack's CA: not scraped here)
+            broker_prometheus=None if node is None or node.tls else node.prometheus_url,
+            prometheus=options.prometheus,
+        )
         asyncio.run(_run_daemons(options, stack))
     finally:
         if postgres is not None:
@@ -222,6 +235,9 @@ class _Stack:
     state_dir: Path
     database_url: str
     certs: DevCertificates | None = None
+    monitoring: Monitoring = field(default_factory=Monitoring)
+    broker_prometheus: str | None = None  # the broker's rabbitmq_prometheus, if ours
+    prometheus: bool = True
 
 
 def _dev_certificates(
@@ -339,7 +355,11 @@ async def _run_daemons(options: DevOptions, stack: _Stack) -> None:
 
 
 #: how the lines name the daemons there is one of
-_TITLES = {"reaper": "the reaper", "control-plane": "the control plane"}
+_TITLES = {
+    "reaper": "the reaper",
+    "control-plane": "the control plane",
+    "prometheus": "Prometheus",
+}
 
 
 def _daemons(stack: _Stack, log_dir: Path) -> list[DaemonSpec]:
@@ -364,12 +384,19 @@ def _daemons(stack: _Stack, log_dir: Path) -> list[DaemonSpec]:
             "--concurrency",
             "16",
             "--claims",
+            *stack.monitoring.metrics_args(executor_id, "worker"),
         )
         log_path = log_dir / f"{executor_id}.log"
         env = base | {"WAYANG_AMQP_URL": url, "WAYANG_SIGNING_KEY": str(signing[executor_id])}
         specs.append(DaemonSpec(executor_id, "worker", command, env, log_path))
     # The reaper: the broker's dead letters (expired, poison) become FAILED results.
-    reaper = (*cli, "reaper", "--id", DEV_REAPER)
+    reaper = (
+        *cli,
+        "reaper",
+        "--id",
+        DEV_REAPER,
+        *stack.monitoring.metrics_args(DEV_REAPER, "reaper"),
+    )
     env = base | {
         "WAYANG_AMQP_URL": accounts.reaper,
         "WAYANG_SIGNING_KEY": str(signing[DEV_REAPER]),
@@ -377,7 +404,8 @@ def _daemons(stack: _Stack, log_dir: Path) -> list[DaemonSpec]:
     specs.append(DaemonSpec(DEV_REAPER, "reaper", reaper, env, log_dir / "reaper.log"))
     # The control plane: wayang.record, written into the database. It may start after the
     # others: the record is a queue, it holds what flowed before.
-    control_plane = (*cli, "control-plane", "--id", DEV_CONTROL_PLANE)
+    metrics = stack.monitoring.metrics_args(DEV_CONTROL_PLANE, "control-plane")
+    control_plane = (*cli, "control-plane", "--id", DEV_CONTROL_PLANE, *metrics)
     env = base | {
         "WAYANG_AMQP_URL": accounts.control_plane,
         "WAYANG_SIGNING_KEY": str(signing[DEV_CONTROL_PLANE]),
@@ -385,6 +413,11 @@ def _daemons(stack: _Stack, log_dir: Path) -> list[DaemonSpec]:
     }
     log_path = log_dir / "control-plane.log"
     specs.append(DaemonSpec(DEV_CONTROL_PLANE, "control-plane", control_plane, env, log_path))
+    # Prometheus, scraping the daemons' --metrics-port and the broker, with deploy/'s alerts
+    if stack.prometheus:
+        prometheus = stack.monitoring.prometheus(stack.state_dir, stack.broker_prometheus)
+        if prometheus is not None:
+            specs.append(prometheus)
     return specs
 
 
@@ -412,6 +445,7 @@ def _print_endpoint(stack: _Stack) -> None:
     say(f"    AMQP URL          {endpoint.amqp_url}")
     say(f"    PostgreSQL        {shown_url(stack.database_url)}  (the control plane's record)")
     say(f"    signing keys      {keys}")
+    _print_monitoring(stack)
     if certs is not None:
         admin = certs.client(endpoint.username)
         say(f"    TLS CA            {certs.ca.cert_path}  (the console's too: trust it or accept)")
@@ -423,6 +457,18 @@ def _print_endpoint(stack: _Stack) -> None:
     )
     say(f"    (state in {state_dir}: other commands find it there, or set WAYANG_STATE_DIR)")
     say("")
+
+
+def _print_monitoring(stack: _Stack) -> None:
+    monitoring = stack.monitoring
+    if stack.prometheus and monitoring.prometheus_url is not None:
+        say(f"    Prometheus        {monitoring.prometheus_url}  (alerts: deploy/prometheus)")
+    elif stack.prometheus:
+        say("    Prometheus        not installed (apt-get install prometheus), not started")
+    for n, (name, url) in enumerate(monitoring.metrics_urls().items()):
+        say(f"    {'metrics' if n == 0 else '':<18}{url}  ({name})")
+    if stack.broker_prometheus is not None:
+        say(f"    broker metrics    {stack.broker_prometheus}/metrics")
 
 
 async def _demo(stack: _Stack, count: int) -> None:
