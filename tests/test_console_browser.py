@@ -132,23 +132,44 @@ async def test_the_console_tells_the_story_of_a_run(fabric: Fabric, page: Any, s
         # and the queues page shows the fabric's queues under its policies, and whose the
         # reply queue is
         await page.goto(f"{fabric.endpoint.management_url}/#/queues")
-        await page.wait_for_selector("#main table", timeout=10_000)
-        await page.fill("#filter", "wayang.")
-        await page.keyboard.press("Enter")
-        await page.wait_for_timeout(1_000)
-        text = await _text(page)
-        assert "wayang.task.demo.echo" in text and "wayang.defaults" in text
-        assert "wayang.dead-queues" in text and dead_queue in text
+
+        async def with_policies() -> bool:
+            await page.reload()
+            await page.wait_for_selector("input#queues-name", timeout=10_000)
+            await page.fill("input#queues-name", "wayang.")
+            await page.keyboard.press("Enter")
+            await page.wait_for_timeout(500)
+            text = await _text(page)
+            # (a quorum queue's policy and counts show once its first stats arrive)
+            return "wayang.defaults" in text and "wayang.dead-queues" in text
+
+        await eventually(with_policies, timeout_s=STATS_WAIT_S, interval_s=2, what="policies")
         await page.screenshot(path=str(shots / "console-queues.png"), full_page=True)
+        text = await _text(page)
+        assert "wayang.task.demo.echo" in text and dead_queue in text
+        assert "wayang.reply.console-dispatcher" in text
 
         # and the dead letter says why, in headers a person can read, with its input
         # previewed and the secret masked, and no retry hop's x-death
         queue_path = f"#/queues/%2F/{dead_queue}"
         await page.goto(f"{fabric.endpoint.management_url}/{queue_path}")
+        # the page's own refresh every 5 s would clear the message shown
+        await page.select_option("select#update-every", label="Do not refresh")
         await page.wait_for_selector("text=Get messages", timeout=10_000)
         await page.click("text=Get messages")
-        await page.click("input[type=submit][value='Get Message(s)']")
+        get = page.locator("input[type=submit][value='Get Message(s)']")
+        await get.click()
         await page.wait_for_selector("text=wayang-error-code", timeout=10_000)
+        # (the picture: the message as the console shows it, below the button)
+        # (a viewport as tall as the page, cut to the message: the console's fixed header
+        # breaks scrolled shots)
+        await page.set_viewport_size({"width": 1440, "height": 3000})
+        await page.wait_for_timeout(500)
+        top = await page.locator("text=Message 1").first.bounding_box()
+        bottom = await page.locator("th", has_text="wayang-task-attempt").first.bounding_box()
+        assert top is not None and bottom is not None
+        clip = {"x": 0, "y": top["y"] - 10, "width": 1440, "height": bottom["y"] - top["y"] + 60}
+        await page.screenshot(path=str(shots / "console-dead-letter.png"), clip=clip)
         text = await _text(page)
         assert "retries_exhausted" in text
         assert "wayang-input-preview" in text and "ACME" in text
@@ -156,6 +177,3 @@ async def test_the_console_tells_the_story_of_a_run(fabric: Fabric, page: Any, s
         assert "x-death" not in text
         assert "wayang-retry-history" in text
         assert dead.error is not None and dead.task_id in text
-        section = page.locator("text=wayang-error-code").first
-        await section.scroll_into_view_if_needed()
-        await page.screenshot(path=str(shots / "console-dead-letter.png"), full_page=True)
