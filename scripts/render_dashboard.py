@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 import urllib.parse
 import urllib.request
@@ -42,6 +43,11 @@ def _legend(template: str, labels: dict[str, str]) -> str:
     for key, value in labels.items():
         text = text.replace("{{" + key + "}}", value)
     return text.replace("{{", "").replace("}}", "") or json.dumps(labels)
+
+
+def _finite(value: str) -> float:
+    number = float(value)
+    return number if math.isfinite(number) else math.nan
 
 
 def _expand(expr: str, rate_interval: str, capability: str) -> str:
@@ -89,14 +95,24 @@ def render(args: argparse.Namespace) -> None:
             expr = _expand(target["expr"], args.rate_interval, args.capability)
             for series in _query_range(args.prometheus, expr, start, end, step)[:8]:
                 times = [datetime.fromtimestamp(float(t), UTC) for t, _ in series["values"]]
-                values = [float(v) for _, v in series["values"]]
+                values = [_finite(v) for _, v in series["values"]]
+                if all(math.isnan(v) for v in values):
+                    continue  # nothing to draw (NaN: a quantile of no observations)
                 label = _legend(target.get("legendFormat", ""), series["metric"])
                 ax.plot(times, values, linewidth=1.4, label=label)
                 drawn += 1
         if drawn:
             ax.legend(fontsize=7, loc="upper left", framealpha=0.3)
         else:
-            ax.text(0.5, 0.5, "No data", ha="center", va="center", color="#8e8e8e")
+            ax.text(
+                0.5,
+                0.5,
+                "No data",
+                ha="center",
+                va="center",
+                color="#8e8e8e",
+                transform=ax.transAxes,
+            )
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
         ax.tick_params(labelsize=7, colors="#9fa7b3")
         ax.set_xlim(datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC))

@@ -104,8 +104,9 @@ async def test_a_dead_letter_after_a_retry_hop_says_its_real_reason_and_previews
     text = wayang("dead", "show", result.task_id, "--capability", "demo.fail", env=fabric_env)
     assert text.returncode == 0, text.stderr
     assert "retries_exhausted" in text.stdout and '"password": "***"' in text.stdout
-    # without taking it out of the dead queue
-    assert result.task_id in [d.task_id for d in await list_dead_letters(url, "demo.fail")]
+    # without taking it out of the dead queue, and `dead list` says which attempt died
+    listed = {d.task_id: d for d in await list_dead_letters(url, "demo.fail")}
+    assert listed[result.task_id].attempt == 2
 
 
 async def test_connections_and_consumers_are_named_after_executor_and_capability(

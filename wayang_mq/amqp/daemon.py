@@ -24,8 +24,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, ClassVar
 
 import aiormq
@@ -42,36 +40,10 @@ from wayang_mq.amqp.publisher import ConfirmedPublisher
 from wayang_mq.core import logs
 from wayang_mq.core.errors import ConfigError
 from wayang_mq.observability import http
+from wayang_mq.observability.health import Health, State
 from wayang_mq.observability.metrics import DaemonMetrics
 
 Handler = Callable[[AbstractIncomingMessage], Coroutine[Any, Any, None]]
-
-
-class State(StrEnum):
-    """Where a daemon is in its life."""
-
-    STARTING = "starting"
-    READY = "ready"  # consuming
-    DRAINING = "draining"  # stopped consuming, finishing what it holds
-    STOPPED = "stopped"
-
-
-@dataclass(frozen=True, slots=True)
-class Health:
-    """A daemon's answer to a health probe."""
-
-    daemon: str
-    id: str
-    state: State
-    connected: bool
-    consumers: int
-    in_flight: int
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        """Consuming on a live connection."""
-        return self.state is State.READY and self.connected
 
 
 class Daemon:

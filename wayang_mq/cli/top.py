@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
     from rich.table import Table
 
-    from wayang_mq.ops.snapshot import FabricSources, Snapshot
+    from wayang_mq.cli.snapshot import FabricSources, Snapshot
 
 #: seconds a management API call may take before the view shows the broker unreachable
 MANAGEMENT_TIMEOUT_S = 3.0
@@ -76,8 +76,8 @@ def _cmd_top(args: argparse.Namespace, settings: Settings) -> int:
 
 def _sources(settings: Settings, capabilities: list[str]) -> FabricSources:
     from wayang_mq.amqp.connect import management_client
+    from wayang_mq.cli.snapshot import FabricSources
     from wayang_mq.config import broker_endpoint, saved_database_url
-    from wayang_mq.ops.snapshot import FabricSources
     from wayang_mq.topology.spec import load_topology
 
     endpoint = broker_endpoint(settings)  # the management API needs a monitoring account

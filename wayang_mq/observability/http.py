@@ -21,13 +21,12 @@ import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
-if TYPE_CHECKING:
-    from wayang_mq.amqp.daemon import Health
+from wayang_mq.observability.health import Health
 
 #: a request head larger than this is not read further (the health JSON is answered)
 MAX_HEAD_BYTES = 8 * 1024

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from wayang_mq import __version__
 from wayang_mq.core import names
 from wayang_mq.core.errors import ErrorCode
+from wayang_mq.version import __version__
 
 #: the label value for anything outside a closed set, or past a label's cap
 OTHER = "other"

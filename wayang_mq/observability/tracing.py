@@ -15,9 +15,9 @@ worker's publishers read it there (:func:`headers`), and an executor reads it as
 OpenTelemetry is optional (the ``otel`` extra). Spans are made only when its SDK is installed
 *and* the process configured a ``TracerProvider``; otherwise nothing is imported on the hot
 path and no span object exists (:func:`start_span` then only makes the ids). The worker's
-spans are made by the :class:`TaskTracing` middleware layer: ``queue wait`` (from the task's
-issue to its delivery), ``execute`` (its parent is the task's ``traceparent``) and ``publish
-result``; the dispatcher makes ``publish``.
+spans are made by its trace layer, :class:`~wayang_mq.runtime.traced.TaskTracing`:
+``queue wait`` (from the task's issue to its delivery), ``execute`` (its parent is the task's
+``traceparent``) and ``publish result``; the dispatcher makes ``publish``.
 """
 
 from __future__ import annotations
@@ -26,15 +26,13 @@ import contextvars
 import functools
 import random
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any, Literal
 
 from wayang_mq.core import logs
-from wayang_mq.core.model import Result, Status, Task
-from wayang_mq.runtime.middleware import Executed, Middleware, Opened, Received, Settled
+from wayang_mq.core.model import Task
 
 TRACEPARENT_HEADER = "traceparent"
 TRACESTATE_HEADER = "tracestate"
@@ -285,10 +283,10 @@ def start_span(
     Without OpenTelemetry: only its ids, no cost beyond them."""
     if not otel_active():
         return Span(parent.child() if parent is not None else new_trace())
-    return _otel_span(name, kind, parent, start_ns, attributes)
+    return otel_span(name, kind, parent, start_ns, attributes)
 
 
-def _otel_span(
+def otel_span(
     name: str,
     kind: SpanKind,
     parent: TraceContext | None,
@@ -298,7 +296,7 @@ def _otel_span(
     from opentelemetry import trace
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
-    from wayang_mq import __version__
+    from wayang_mq.version import __version__
 
     parent_context = None
     if parent is not None:
@@ -325,95 +323,3 @@ def _otel_span(
 
 
 # -- the worker's layer ---------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Delivery:
-    """One delivery's trace, from its arrival to its answer."""
-
-    incoming: TraceContext | None
-    received_ns: int
-    execute: Span | None = None
-    executed_ns: int | None = None
-    attributes: dict[str, str | int] = field(default_factory=dict)
-
-
-_delivery: contextvars.ContextVar[_Delivery | None] = contextvars.ContextVar(
-    "wayang_delivery_trace", default=None
-)
-
-
-class TaskTracing(Middleware):
-    """The worker's first layer: continues each task's trace and binds its log fields.
-
-    Received: reads ``traceparent``/``tracestate`` (invalid: ignored, a new trace starts).
-    Opened: the task's trace context becomes current (its span is the worker's ``execute``
-    span), with task id, node id, capability, executor id, attempt and trace id on every log
-    line; with OpenTelemetry, ``queue wait`` is recorded and ``execute`` starts. Executed:
-    ``execute`` ends. Settled: ``publish result`` is recorded (the answer's publish and
-    confirm)."""
-
-    def __init__(self, executor_id: str) -> None:
-        self._executor_id = executor_id
-
-    async def on_received(self, received: Received) -> None:
-        _delivery.set(_Delivery(from_headers(received.headers), time.time_ns()))
-
-    async def on_opened(self, opened: Opened) -> None:
-        delivery = _delivery.get()
-        if delivery is None:  # pragma: no cover - on_received always runs first
-            delivery = _Delivery(None, time.time_ns())
-            _delivery.set(delivery)
-        task, incoming = opened.task, delivery.incoming
-        if not otel_active():  # the common case: only the ids
-            bind_task(task, self._executor_id, incoming.child() if incoming else new_trace())
-            return None
-        attributes = delivery.attributes = _attributes(task)
-        waited_from = max(task.issued_at_ms, task.not_before_ms or 0) * 1_000_000
-        if waited_from < delivery.received_ns:
-            wait = _otel_span("queue wait", "internal", incoming, waited_from, attributes)
-            wait.end(end_ns=delivery.received_ns)
-        span = _otel_span("execute", "consumer", incoming, None, attributes)
-        span.attach()
-        delivery.execute = span
-        bind_task(task, self._executor_id, span.context)
-        return None
-
-    async def on_executed(self, executed: Executed) -> Result:
-        delivery = _delivery.get()
-        result = executed.result
-        if delivery is not None and delivery.execute is not None:  # recorded with OpenTelemetry
-            delivery.executed_ns = time.time_ns()
-            error = None
-            if result.status is Status.FAILED and result.error is not None:
-                error = f"{result.error.code}: {result.error.message}"[:500]
-            delivery.execute.end(error=error)
-        return result
-
-    async def on_settled(self, settled: Settled) -> None:
-        delivery = _delivery.get()
-        if delivery is None or delivery.execute is None:
-            return
-        if settled.outcome.kind == "pending":
-            return  # accepted: it runs on, its answer is published later
-        delivery.execute.end()  # answered without an executed result (refused by a layer)
-        if delivery.executed_ns is not None:
-            published = _otel_span(
-                "publish result",
-                "producer",
-                delivery.execute.context,
-                delivery.executed_ns,
-                {**delivery.attributes, "wayang.outcome": str(settled.outcome.kind)},
-            )
-            published.end()
-            delivery.executed_ns = None
-
-
-def _attributes(task: Task) -> dict[str, str | int]:
-    return {
-        "messaging.system": "rabbitmq",
-        "wayang.task_id": task.task_id,
-        "wayang.capability": task.capability,
-        "wayang.node_id": task.node_id,
-        "wayang.attempt": task.attempt,
-    }

@@ -317,6 +317,10 @@ async def list_dead_letters(
 def _with_attempt(
     dead: DeadLetter, message: AbstractIncomingMessage, keyring: KeyRing | None
 ) -> DeadLetter:
+    # a worker's copy says which attempt died (a retry's body is the issuer's attempt 1)
+    copied = _copied_attempt(message.headers or {})
+    if copied is not None:
+        return dataclasses.replace(dead, attempt=copied)
     if keyring is None:
         return dead
     try:
@@ -324,6 +328,13 @@ def _with_attempt(
     except WireError:
         return dead
     return dataclasses.replace(dead, attempt=task.attempt)
+
+
+def _copied_attempt(headers: Mapping[str, Any]) -> int | None:
+    copied = headers.get(TASK_ATTEMPT_HEADER)
+    if isinstance(copied, int) and not isinstance(copied, bool) and copied >= 1:
+        return copied
+    return None
 
 
 @dataclass(frozen=True)
@@ -374,8 +385,8 @@ def view_of(
     fields = None
     # A retry's body is the issuer's task (attempt 1) and its attempt record a header: the
     # worker's copy says which attempt died; else a verified body's attempt.
-    copied = headers.get(TASK_ATTEMPT_HEADER)
-    if isinstance(copied, int) and not isinstance(copied, bool):
+    copied = _copied_attempt(headers)
+    if copied is not None:
         dead = dataclasses.replace(dead, attempt=copied)
     elif task is not None and verified:
         dead = dataclasses.replace(dead, attempt=task.attempt)

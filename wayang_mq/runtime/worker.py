@@ -58,7 +58,6 @@ from wayang_mq.core.signing import KeyRing, Signer
 from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, signed_message
 from wayang_mq.observability import tracing
 from wayang_mq.observability.metrics import WorkerMetrics
-from wayang_mq.observability.worker import TaskMetrics
 from wayang_mq.runtime.claims import DEFAULT_CLAIM_TIMEOUT_S, Claims
 from wayang_mq.runtime.decide import Decider
 from wayang_mq.runtime.executor import Executor, TaskState, TaskStatus, check_capabilities
@@ -67,6 +66,8 @@ from wayang_mq.runtime.placement import PolicyGuard, consume_own_queue
 from wayang_mq.runtime.recent import RecentResults
 from wayang_mq.runtime.replays import Replays
 from wayang_mq.runtime.running import Runner, Running
+from wayang_mq.runtime.taskmetrics import TaskMetrics
+from wayang_mq.runtime.traced import TaskTracing
 from wayang_mq.security.secrets import SecretProvider
 from wayang_mq.topology.spec import RetryTier
 
@@ -152,7 +153,7 @@ class Worker(Daemon):
         # answers nor refuses), then the policy (never bypassed); the built-in layer innermost:
         # every configured layer sees every task first
         guard = PolicyGuard(config.executor_id, config.labels)
-        traced = tracing.TaskTracing(config.executor_id)
+        traced = TaskTracing(config.executor_id)
         self._chain = Chain((traced, guard, *config.middleware, *self._metering(), self._recent))
         self._runner = Runner(
             self._by_capability, self.executor_id, self._progress, self._started, config.secrets
