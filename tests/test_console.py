@@ -26,6 +26,7 @@ from wayang_mq.core.errors import ErrorCode
 from wayang_mq.core.model import JsonLike, RetryHints, Task
 from wayang_mq.core.wire import APP_ID, ERROR_CODE_HEADER, ERROR_MESSAGE_HEADER
 from wayang_mq.ops.deadletters import list_dead_letters, show_dead_letters
+from wayang_mq.runtime.context import current
 from wayang_mq.runtime.executor import Executor
 from wayang_mq.security.providers import MappingProvider
 from wayang_mq.testing.harness import WAIT_S, Fabric, eventually
@@ -34,6 +35,7 @@ from wayang_mq.testing.harness import WAIT_S, Fabric, eventually
 STATS_WAIT_S = 30.0
 
 SECRET_VALUE = "hunter2-do-not-show"
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def wayang(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -174,9 +176,11 @@ class Recorder(Executor):
     def __init__(self) -> None:
         super().__init__()
         self.tasks: list[Task] = []
+        self.traces: list[str | None] = []
 
     async def execute(self, task: Task) -> JsonLike:
         self.tasks.append(task)
+        self.traces.append(current().traceparent)
         return {}
 
 
@@ -221,6 +225,8 @@ async def test_submit_options_reach_the_task_a_worker_runs(
             "7",
             "--not-before",
             "1s",
+            "--traceparent",
+            TRACEPARENT,
             "--wait",
             "--timeout",
             "30",
@@ -244,3 +250,7 @@ async def test_submit_options_reach_the_task_a_worker_runs(
     assert (task.compensation.capability, task.compensation.input) == ("demo.sleep", {"seconds": 0})
     assert task.heartbeat_timeout_ms == 7000
     assert task.not_before_ms is not None and task.not_before_ms > task.issued_at_ms
+    # and in the trace the command line continued (a child span of the given parent)
+    (trace,) = recorder.traces
+    assert trace is not None and trace.split("-")[1] == TRACEPARENT.split("-")[1]
+    assert trace.split("-")[2] != TRACEPARENT.split("-")[2]

@@ -26,6 +26,11 @@ def add(sub: Any) -> None:
     p.add_argument("--node-id", help="workflow node id (default: the task id)")
     p.add_argument("--partition-key", help="keeps order per key on sharded capabilities")
     taskopts.add_arguments(p)
+    p.add_argument(
+        "--traceparent",
+        help="continue this W3C trace (00-<trace id>-<parent id>-<flags>; default: a new one)",
+    )
+    p.add_argument("--tracestate", help="the W3C tracestate that goes with --traceparent")
     p.set_defaults(func=_cmd_submit)
 
 
@@ -34,13 +39,15 @@ def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
     task_input = taskopts.json_object(args.input, "--input")
     options = taskopts.task_options(args)
+    options["traceparent"], options["tracestate"] = args.traceparent, args.tracestate
     config = dispatcher_config(settings)
 
     async def submit() -> int:
         async with Dispatcher(config) as dispatcher:
             handle = await dispatcher.submit(args.capability, task_input, **options)
             if not args.wait:
-                print(json.dumps({"task_id": handle.task_id, "status": "SUBMITTED"}))
+                submitted = {"task_id": handle.task_id, "status": "SUBMITTED"}
+                print(json.dumps(submitted | {"traceparent": handle.traceparent}))
                 return Exit.OK
             if sys.stderr.isatty():  # a person watches: show the task's progress
                 from wayang_mq.cli.progressbar import result_with_bar
