@@ -105,8 +105,8 @@ class Terminal:
 
 @pytest.fixture
 def terminal(tmp_path: Path) -> Iterator[Terminal]:
-    if shutil.which("tmux") is None and not os.environ.get("CI"):
-        pytest.skip("tmux is not installed (scripts/setup installs it)")
+    if shutil.which("tmux") is None:
+        pytest.fail("tmux is not installed: run ./scripts/setup (it installs tmux)")
     term = Terminal(tmp_path)
     yield term
     term.close()
