@@ -29,6 +29,7 @@ SPEC_CAPABILITIES = {
     "http.call",
     "db.query",
     "payment.charge",
+    "batch.run",
     "agent.reason",
     "approval.request",
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from wayang_mq.cli.common import add_metrics_options, process_id, run_until_signal
@@ -16,6 +17,13 @@ def add(sub: Any) -> None:
     p = sub.add_parser("worker", help="run a worker daemon for one or more executors")
     p.add_argument(
         "executors", nargs="+", metavar="MODULE:CLASS", help="e.g. wayang_workers.demo:Echo"
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="executor settings (TOML): a table per executor, named by its capability, e.g. "
+        "[http.call] (docs/executors.md)",
     )
     p.add_argument("--concurrency", type=int, default=8, help="tasks run at once (default 8)")
     p.add_argument("--prefetch", type=int, help="deliveries held (default: concurrency)")
@@ -95,10 +103,12 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from wayang_mq.core.loading import load_class
     from wayang_mq.runtime.executor import load_executor
     from wayang_mq.runtime.middleware import Middleware
+    from wayang_mq.runtime.settings import WorkerFile
     from wayang_mq.runtime.worker import Worker, WorkerConfig
     from wayang_mq.topology.spec import load_topology
 
-    executors = [load_executor(spec) for spec in args.executors]
+    settings_file = WorkerFile.read(args.config) if args.config is not None else None
+    executors = [load_executor(spec, settings_file) for spec in args.executors]
     middleware = tuple(
         load_class(spec, Middleware, "mypackage.metrics:Timing") for spec in args.middleware
     )

@@ -14,6 +14,12 @@ T = TypeVar("T")
 def load_class(spec: str, base: type[T], example: str) -> T:
     """Import ``module:Class``, check it subclasses ``base``, and instantiate it, with
     one-line errors for the CLI (executors, middleware)."""
+    instance: T = load_type(spec, base, example)()
+    return instance
+
+
+def load_type(spec: str, base: type[T], example: str) -> type[T]:
+    """Import ``module:Class`` and check it subclasses ``base`` (not instantiated)."""
     module_name, _, class_name = spec.partition(":")
     if not module_name or not class_name:
         raise ConfigError(f"{spec!r} is not MODULE:CLASS", hint=f"e.g. {example}")
@@ -27,5 +33,5 @@ def load_class(spec: str, base: type[T], example: str) -> T:
     cls: Any = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(f"{spec} is not a {base.__module__}.{base.__name__} subclass")
-    instance: T = cls()
-    return instance
+    found: type[T] = cls
+    return found

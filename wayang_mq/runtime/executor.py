@@ -8,16 +8,22 @@ attached to, because only the runtime knows what is in flight.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from pydantic import BaseModel
 
 from wayang_mq.core.errors import ConfigError
-from wayang_mq.core.loading import load_class
+from wayang_mq.core.loading import load_class, load_type
 from wayang_mq.core.model import Heartbeat, JsonLike, Task, TaskState, TaskStatus
 from wayang_mq.core.names import valid_capability
+from wayang_mq.runtime.settings import SecretRef, WorkerFile, parse_settings
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from wayang_mq.security.secrets import Secret
 
 #: TaskState and TaskStatus live in core.model (the control messages use them too)
 __all__ = [
@@ -42,6 +48,8 @@ class Runtime(Protocol):
     def cancel(self, task_id: str, reason: str = "") -> bool: ...
 
     def heartbeat(self) -> Heartbeat: ...
+
+    async def resolve_secret(self, name: str, capability: str) -> Secret: ...
 
 
 @dataclass(frozen=True)
@@ -71,8 +79,34 @@ class Executor:
     allowed_secrets: ClassVar[tuple[str, ...]] = ("*",)
     #: free-form metadata published at registration (region, version, labels)
     metadata: ClassVar[dict[str, str]] = {}
+    #: the pydantic model of this executor's settings (see :mod:`wayang_mq.runtime.settings`):
+    #: the worker validates its ``--config`` table against it and passes the instance to the
+    #: constructor; None: the executor takes no settings
+    settings_model: ClassVar[type[BaseModel] | None] = None
 
     _runtime: Runtime | None = None
+
+    @classmethod
+    def from_settings(cls, table: Mapping[str, Any]) -> Executor:
+        """An instance configured from its ``--config`` table (validated against
+        :attr:`settings_model`; an executor without settings takes no table)."""
+        where = cls.serves[0] if cls.serves else cls.__name__
+        if cls.settings_model is None:
+            if table:
+                raise ConfigError(f"{cls.__name__} takes no settings, but [{where}] has some")
+            return cls()
+        settings = parse_settings(cls.settings_model, table, where)
+        return cls(settings)  # type: ignore[call-arg]
+
+    async def reveal(self, value: str | SecretRef) -> str:
+        """A setting's value: a :class:`SecretRef` resolved through the worker's secret
+        providers (and redacted from every log line from then on), a plain string as it is.
+        Call it in ``setup``: a secret that cannot be had stops the worker from starting."""
+        if isinstance(value, str):
+            return value
+        capability = self.serves[0] if self.serves else ""
+        secret = await self._attached().resolve_secret(value.name, capability)
+        return secret.reveal()
 
     async def setup(self) -> None:
         """Open pools and clients once, before the first task."""
@@ -112,9 +146,12 @@ class Executor:
         return self._attached().heartbeat()
 
 
-def load_executor(spec: str) -> Executor:
-    """Import and instantiate an executor ``module:Class`` and check what it serves."""
-    executor = load_class(spec, Executor, "wayang_workers.demo:Echo")
+def load_executor(spec: str, settings: WorkerFile | None = None) -> Executor:
+    """Import an executor ``module:Class``, configure it from its table in ``settings`` (the
+    worker's ``--config`` file) and check what it serves."""
+    cls = load_type(spec, Executor, "wayang_workers.demo:Echo")
+    table = settings.table(cls.serves[0]) if settings is not None and cls.serves else {}
+    executor = cls.from_settings(table)
     check_capabilities([executor])
     return executor
 

@@ -68,7 +68,7 @@ from wayang_mq.runtime.replays import Replays
 from wayang_mq.runtime.running import Runner, Running
 from wayang_mq.runtime.taskmetrics import TaskMetrics
 from wayang_mq.runtime.traced import TaskTracing
-from wayang_mq.security.secrets import SecretProvider
+from wayang_mq.security.secrets import Resolver, Secret, SecretProvider, SecretUnavailable
 from wayang_mq.topology.spec import RetryTier
 
 log = logging.getLogger("wayang_mq.runtime.worker")
@@ -207,6 +207,20 @@ class Worker(Daemon):
         return _heartbeat(
             self.config, tuple(self._by_capability), self._runner, self._heartbeat_seq
         )
+
+    async def resolve_secret(self, name: str, capability: str) -> Secret:
+        """A secret an executor's settings name (a DSN, an API key), through this worker's
+        providers; registered with the redactor like a task's. Raises ``ConfigError``."""
+        if self.config.secrets is None:
+            raise ConfigError(
+                f"[{capability}] names secret {name!r} but this worker has no secret providers",
+                hint="start it with --secrets (see `wayang-mq worker --help`)",
+            )
+        try:
+            found = await Resolver(self.config.secrets).resolve([name], capability=capability)
+        except SecretUnavailable as exc:
+            raise ConfigError(f"[{capability}]: {exc.message}", hint=exc.hint) from None
+        return found[name]
 
     # -- the daemon's hooks -----------------------------------------------------------------
 
