@@ -81,7 +81,7 @@ class Policy:
     retries: int
     follow_redirects: bool
     fail_on_status: bool
-    retry_unsafe: bool
+    may_repeat: bool  # retrying cannot repeat a side effect (or the task accepts it)
 
     @classmethod
     def of(cls, call: HttpCallInput, settings: HttpCallSettings) -> Policy:
@@ -93,8 +93,8 @@ class Policy:
         retries = call.retries if call.retries is not None else settings.max_retries
         if retries > settings.max_retries:
             raise _invalid(f"input.retries: at most {settings.max_retries} (max_retries)")
-        idempotent = call.method not in UNSAFE_METHODS or call.retry_unsafe
-        idempotent = idempotent or any(k.lower() == "idempotency-key" for k in call.headers)
+        keyed = any(name.lower() == "idempotency-key" for name in call.headers)
+        may_repeat = call.method not in UNSAFE_METHODS or call.retry_unsafe or keyed
         return cls(
             timeout_s=timeout_s,
             retries=retries,
@@ -102,7 +102,7 @@ class Policy:
             fail_on_status=(
                 call.fail_on_status if call.fail_on_status is not None else settings.fail_on_status
             ),
-            retry_unsafe=idempotent,
+            may_repeat=may_repeat,
         )
 
     def transient_error(self, exc: BaseException) -> bool:
@@ -112,11 +112,11 @@ class Policy:
             return False
         if isinstance(exc, aiohttp.ClientConnectorError):
             return True
-        return self.retry_unsafe and isinstance(exc, aiohttp.ClientConnectionError)
+        return self.may_repeat and isinstance(exc, aiohttp.ClientConnectionError)
 
     def transient_response(self, response: Response) -> bool:
         """Retry 429, 502, 503, 504 (POST and PATCH only when the task says it is safe)."""
-        return response.status in RETRY_STATUSES and self.retry_unsafe
+        return response.status in RETRY_STATUSES and self.may_repeat
 
 
 @dataclass

@@ -41,8 +41,8 @@ _METADATA = frozenset(
     {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 )
 _HINT = (
-    "if the worker is meant to reach it, add it to the worker's [http.call] allow_networks "
-    "(an address) or allow_hosts (a name)"
+    "if the worker is meant to reach it, add its address or network to the worker's "
+    '[http.call] allow_networks (e.g. "10.1.2.0/24")'
 )
 
 
@@ -137,11 +137,13 @@ class Guard:
         """Raise :class:`DestinationRefused` unless ``url`` may be requested."""
         host = host_of(url)
         if url.scheme not in SCHEMES:
-            raise DestinationRefused(host or "?", f"scheme {url.scheme!r} is not http or https")
+            why = f"scheme {url.scheme!r} is not http or https"
+            raise DestinationRefused(host or "?", why, "http.call speaks http and https only")
         if not host:
-            raise DestinationRefused("?", "the URL has no host")
+            raise DestinationRefused("?", "the URL has no host", "a URL must name a host")
         if url.user is not None or url.password is not None:
-            raise DestinationRefused(host, "the URL carries credentials (user:password@)")
+            why = "the URL carries credentials (user:password@)"
+            raise DestinationRefused(host, why, "send them in an Authorization header")
         self.check_host(host)
         if self.allow_ports and url.port not in self.allow_ports:
             raise DestinationRefused(
