@@ -184,9 +184,6 @@ class Limits:
         self._waiters: set[asyncio.Task[object]] = set()
         self._closed = False
 
-    def __bool__(self) -> bool:
-        return bool(self._gates)
-
     def waiting(self, capability: str) -> int:
         """Deliveries of ``capability`` waiting for their limit now."""
         gate = self._gates.get(capability)
