@@ -59,3 +59,16 @@ class Tally(Executor):
             self.running -= 1
             self.spans.append((started, time.monotonic()))
         return {"started": started}
+
+
+class Stamp(Executor):
+    """``demo.echo``: records when each of its tasks started; answers its input."""
+
+    serves = ("demo.echo",)
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    async def execute(self, task: Task) -> JsonLike:
+        self.starts.append(time.monotonic())
+        return task.input

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from wayang_workers.demo import Echo
 
-from tests.limit_executors import Tally
+from tests.limit_executors import Stamp, Tally
 from wayang_mq import Status
 from wayang_mq.amqp.connect import management_client
 from wayang_mq.core import names
@@ -31,7 +31,9 @@ from wayang_mq.runtime.limits import (
     TokenBucket,
     limits_from_flags,
 )
+from wayang_mq.runtime.sharedrate import SharedRates
 from wayang_mq.testing.harness import Fabric, eventually
+from wayang_mq.testing.plugin import fresh_database
 
 _CLI = (sys.executable, "-m", "wayang_mq.cli")
 
@@ -335,6 +337,7 @@ async def test_a_limited_capability_keeps_its_prefetch_after_a_reconnect(fabric:
         (["--max-running", "http.call=0"], "--max-running http.call=0: '0' is not a whole"),
         (["--rate", "nope.cap=1/s"], "a limit names 'nope.cap', which this worker does not"),
         (["--max-running", "http.call=9"], "is more than the worker's --concurrency 8"),
+        (["--limits-db", "postgresql://127.0.0.1:1/x"], "--limits-db shares rates, and no"),
     ],
 )
 def test_a_bad_limit_flag_stops_the_worker_in_one_line(
@@ -351,3 +354,54 @@ def test_a_bad_limit_flag_stops_the_worker_in_one_line(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], done.stderr
     assert "e.g." in lines[0] or "lower it" in lines[0]
+
+
+# -- a rate for the fleet, through PostgreSQL ---------------------------------------------------
+
+
+async def test_the_fleet_rate_reserves_starts_spaced_by_the_rate_with_its_burst(
+    record_db: str,
+) -> None:
+    rates = SharedRates(record_db)
+    await rates.open()
+    try:
+        starts = []
+        for _ in range(5):
+            asked = time.monotonic()
+            starts.append(asked + await rates.reserve("demo.sleep", Rate.parse("10/s")))
+        burst = [await rates.reserve("demo.echo", Rate.parse("10/s,burst=3")) for _ in range(4)]
+    finally:
+        await rates.close()
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert all(0.1 - 0.02 <= gap <= 0.1 + 0.02 for gap in gaps), gaps
+    assert burst[:3] == [0.0, 0.0, 0.0] and 0.05 <= burst[3] <= 0.1, burst
+
+
+async def test_the_fleet_rate_needs_the_migrated_table(postgres: str) -> None:
+    with fresh_database(postgres) as url:
+        rates = SharedRates(url)
+        with pytest.raises(ConfigError) as caught:
+            await rates.open()
+    assert "rate_limits" in caught.value.message and "db migrate" in (caught.value.hint or "")
+
+
+async def test_two_workers_sharing_a_rate_keep_it_together(fabric: Fabric, record_db: str) -> None:
+    # Given two workers serving demo.echo, each with --rate demo.echo=10/s and --limits-db
+    await fabric.purge("demo.echo")
+    stamps = [Stamp(), Stamp()]
+    config = {"limits": {"demo.echo": CapabilityLimit(Rate.parse("10/s"))}}
+    async with (
+        fabric.worker([stamps[0]], executor_id="fleet-a", limits_db_url=record_db, **config),
+        fabric.worker([stamps[1]], executor_id="fleet-b", limits_db_url=record_db, **config),
+        fabric.dispatcher() as dispatcher,
+    ):
+        # When 30 tasks are submitted at once
+        handles = [await dispatcher.submit("demo.echo", {"n": n}) for n in range(30)]
+        results = await asyncio.gather(*(h.result(30) for h in handles))
+    # Then both ran some, and together they started 10 a second, not 20
+    assert all(r.status is Status.SUCCESS for r in results)
+    assert all(stamp.starts for stamp in stamps), "both workers took tasks"
+    starts = sorted(stamps[0].starts + stamps[1].starts)
+    assert starts[-1] - starts[0] >= 2.9 - 0.1, "29 spacings of 100 ms"
+    busiest = max(sum(1 for t in starts if a <= t < a + 1.0) for a in starts)
+    assert busiest <= 11, busiest  # +1: the 11th start is 1 s after the 1st (see above)

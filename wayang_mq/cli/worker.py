@@ -107,6 +107,12 @@ def add(sub: Any) -> None:
         help="run at most N tasks of capability CAP at once on this worker, at most "
         "--concurrency (repeatable), e.g. http.call=4",
     )
+    p.add_argument(
+        "--limits-db",
+        metavar="URL",
+        help="share each --rate with every worker given the same database (PostgreSQL, "
+        "migrated with `wayang-mq db migrate`): the rate holds for the fleet, not per worker",
+    )
     p.set_defaults(func=_cmd_worker)
 
 
@@ -160,6 +166,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         claim_timeout_s=args.claim_timeout,
         labels=dict(args.labels),
         limits=limits,
+        limits_db_url=args.limits_db,
     )
     worker = Worker(executors, config)
     asyncio.run(run_until_signal(worker.run, worker.stop, config.keyring.reload))

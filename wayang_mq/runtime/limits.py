@@ -36,6 +36,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from wayang_mq.core import names
 from wayang_mq.core.errors import ConfigError
@@ -129,6 +130,14 @@ class TokenBucket:
                 await asyncio.sleep((1 - self._tokens) / self.rate.per_second)
 
 
+class Bucket(Protocol):
+    """What a capability's rate is taken from: this process's :class:`TokenBucket`, or the
+    fleet's (:class:`~wayang_mq.runtime.sharedrate.SharedBucket`, ``--limits-db``)."""
+
+    async def acquire(self) -> None:
+        """Wait for a start and take it."""
+
+
 @dataclass(frozen=True, slots=True)
 class CapabilityLimit:
     """One capability's limits on a worker: a rate, a cap on running tasks, or both."""
@@ -162,7 +171,7 @@ class _Gate:
     """One capability's running count and bucket, and how many deliveries wait for them."""
 
     running: asyncio.Semaphore | None
-    bucket: TokenBucket | None
+    bucket: Bucket | None
     waiting: int = 0
 
 
@@ -170,14 +179,20 @@ class Limits:
     """A worker's limits by capability; :meth:`admit` is the one place they are taken."""
 
     def __init__(
-        self, limits: Mapping[str, CapabilityLimit], clock: Clock = time.monotonic
+        self,
+        limits: Mapping[str, CapabilityLimit],
+        clock: Clock = time.monotonic,
+        bucket: Callable[[str, Rate], Bucket] | None = None,
     ) -> None:
+        """``bucket(capability, rate)`` makes each rate's bucket (default: this process's
+        :class:`TokenBucket`)."""
         self.limits = dict(limits)
         self._clock = clock
+        make = bucket or (lambda _, rate: TokenBucket(rate, clock))
         self._gates = {
             capability: _Gate(
                 asyncio.Semaphore(limit.max_running) if limit.max_running is not None else None,
-                TokenBucket(limit.rate, clock) if limit.rate is not None else None,
+                make(capability, limit.rate) if limit.rate is not None else None,
             )
             for capability, limit in self.limits.items()
         }

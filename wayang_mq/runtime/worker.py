@@ -21,7 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
@@ -72,6 +72,9 @@ from wayang_mq.runtime.traced import TaskTracing
 from wayang_mq.security.secrets import Resolver, Secret, SecretProvider, SecretUnavailable
 from wayang_mq.topology.spec import RetryTier
 
+if TYPE_CHECKING:  # psycopg is imported only by a worker given --limits-db
+    from wayang_mq.runtime.sharedrate import SharedRates
+
 log = logging.getLogger("wayang_mq.runtime.worker")
 
 
@@ -104,6 +107,8 @@ class WorkerConfig:
     labels: dict[str, str] = field(default_factory=dict)  # placement: region, trust_domain, ...
     #: per capability: a rate and a cap on running tasks below ``concurrency`` (runtime/limits.py)
     limits: Mapping[str, CapabilityLimit] = field(default_factory=dict)
+    #: share each capability's rate with the fleet through this PostgreSQL (runtime/sharedrate)
+    limits_db_url: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -124,6 +129,11 @@ class WorkerConfig:
                     hint="a capability's limit is below the worker's: lower it, or raise "
                     "--concurrency",
                 )
+        if self.limits_db_url and not any(limit.rate for limit in self.limits.values()):
+            raise ConfigError(
+                "--limits-db shares rates, and no --rate is given",
+                hint="e.g. --rate http.call=10/s --limits-db postgresql://...",
+            )
 
     @property
     def checks(self) -> TaskChecks:
@@ -157,7 +167,11 @@ class Worker(Daemon):
         self._by_capability = check_capabilities(executors)
         self._executors = list(executors)
         self._slots = asyncio.Semaphore(config.concurrency)
-        self._limits = Limits(_checked_limits(config.limits, self._by_capability))
+        self._shared_rates = _shared_rates(config.limits_db_url)
+        self._limits = Limits(
+            _checked_limits(config.limits, self._by_capability),
+            bucket=self._shared_rates.bucket if self._shared_rates is not None else None,
+        )
         self._limit_wait: dict[str, Callable[[float], None]] = {}
         self._recent = RecentResults(config.recent_results, config.recent_results_bytes)
         self._replays = Replays()
@@ -239,7 +253,9 @@ class Worker(Daemon):
     # -- the daemon's hooks -----------------------------------------------------------------
 
     async def setup(self) -> None:
-        """The executors' own setup, before connecting."""
+        """The executors' own setup (and the shared rates' database), before connecting."""
+        if self._shared_rates is not None:
+            await self._shared_rates.open()
         for executor in self._executors:
             await executor.setup()
 
@@ -283,6 +299,8 @@ class Worker(Daemon):
         """The executors' own teardown, after the connection closed."""
         for executor in self._executors:
             await executor.teardown()
+        if self._shared_rates is not None:
+            await self._shared_rates.close()
 
     def connection_name(self) -> str:
         """``worker demo-0 (demo.echo, demo.sleep)``: the console names it by what it serves."""
@@ -505,6 +523,14 @@ def _registration(
         concurrency=config.concurrency,
         metadata=metadata,
     )
+
+
+def _shared_rates(database_url: str | None) -> SharedRates | None:
+    if database_url is None:
+        return None
+    from wayang_mq.runtime.sharedrate import SharedRates
+
+    return SharedRates(database_url)
 
 
 def _checked_limits(
