@@ -24,7 +24,8 @@ taken first and then held while waiting for a running slot would let several tas
 together when slots free up.
 
 The limits are per worker process: N workers with ``--rate cap=Q/s`` call at up to N×Q/s
-together. docs/executors.md, "Limits", says how to size them for a fleet.
+together, unless their rates are shared through PostgreSQL (``--limits-db``,
+:mod:`wayang_mq.runtime.sharedrate`). docs/executors.md, "Limits", says how to size them.
 """
 
 from __future__ import annotations

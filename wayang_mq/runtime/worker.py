@@ -1,12 +1,14 @@
 """The worker daemon: consumes its capabilities' queues and runs executors on them.
 
-Per delivery the worker reads as a sentence: middleware sees the raw delivery → open the task
-(size, signature, schema, deadline, capability) → middleware may answer it (the recent-results
-layer answers a redelivered finished attempt) → answer a cancel that came first, or join the
-same attempt running here, or run it (:mod:`~wayang_mq.runtime.running`) → middleware sees the
-result → :mod:`~wayang_mq.runtime.decide` says its :class:`Outcome` (done, pending, retry, dead
-letter) → :func:`settle` publishes what the outcome carries, waits for the broker's confirms,
-and only then acks. Every exit becomes an outcome in :meth:`Worker._handle`, a shutdown or a
+Per delivery the worker reads as a sentence: its capability's limits admit it, before it
+takes a concurrency slot (:mod:`~wayang_mq.runtime.limits`) → middleware sees the raw
+delivery → open the task (size, signature, schema, deadline, capability) → middleware may
+answer it (the recent-results layer answers a redelivered finished attempt) → answer a cancel
+that came first, or join the same attempt running here, or run it
+(:mod:`~wayang_mq.runtime.running`) → middleware sees the result →
+:mod:`~wayang_mq.runtime.decide` says its :class:`Outcome` (done, pending, retry, dead letter)
+→ :func:`settle` publishes what the outcome carries, waits for the broker's confirms, and only
+then acks. Every exit becomes an outcome in :meth:`Worker._handle`, a shutdown or a
 bug of ours included; middleware sees each one.
 
 A long-running executor's task is accepted at start (PENDING published, delivery acked) so it
