@@ -215,16 +215,24 @@ class Daemon:
     # -- consuming ----------------------------------------------------------------------------
 
     async def consume(
-        self, queue_name: str, handle: Handler, *, hint: str, label: str | None = None
+        self,
+        queue_name: str,
+        handle: Handler,
+        *,
+        hint: str,
+        label: str | None = None,
+        channel: AbstractChannel | None = None,
     ) -> None:
         """Consume an existing queue; each delivery runs ``handle`` in its own task. The
         consumer tag says whose it is: ``<daemon id>/<label>`` (default label: the queue's
-        name without ``wayang.``), e.g. ``demo-0/demo.echo``."""
-        assert self._channel is not None
+        name without ``wayang.``), e.g. ``demo-0/demo.echo``. It consumes on the daemon's
+        channel, or on ``channel`` (one from :meth:`prefetch_channel`)."""
+        channel = channel or self._channel
+        assert channel is not None
         try:
             # declare_queue (passive), not get_queue: only declared queues are recorded by the
             # robust channel, and only recorded ones get their consumers back after a reconnect.
-            queue = await self._channel.declare_queue(queue_name, passive=True)
+            queue = await channel.declare_queue(queue_name, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
             raise ConfigError(f"queue {queue_name} does not exist", hint=hint) from None
 
@@ -233,6 +241,18 @@ class Daemon:
 
         tag = self.consumer_tag(label or queue_name.removeprefix("wayang."))
         self._consumers.append((queue, await queue.consume(on_message, consumer_tag=tag)))
+
+    async def prefetch_channel(self, prefetch: int) -> AbstractChannel:
+        """A consuming channel of its own, each of whose consumers holds at most ``prefetch``
+        unacked deliveries. RabbitMQ counts a prefetch per consumer (its ``global`` QoS,
+        per channel, is refused by quorum queues), and applies the channel's QoS to the
+        consumers that start after it: a different prefetch needs a channel of its own.
+        aio-pika's robust channel records the QoS and sets it again, before it restores its
+        consumers, when it reopens after a reconnect."""
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        return channel
 
     def consumer_tag(self, label: str) -> str:
         """``<daemon id>/<label>``, made unique among this daemon's consumers (tags must be

@@ -88,6 +88,31 @@ def add(sub: Any) -> None:
         "policy asks for labels run only on executors that have them, e.g. region=eu, "
         "trust_domain=internal",
     )
+    p.add_argument(
+        "--rate",
+        dest="rates",
+        action="append",
+        default=[],
+        metavar="CAP=RATE",
+        help="start at most RATE tasks of capability CAP on this worker (repeatable): N/s, "
+        "N/m or N/h, evenly spaced, or with ,burst=B up to B at once after a quiet spell, "
+        "e.g. http.call=10/s; tasks over it wait in the queue (docs/executors.md, Limits)",
+    )
+    p.add_argument(
+        "--max-running",
+        dest="max_running",
+        action="append",
+        default=[],
+        metavar="CAP=N",
+        help="run at most N tasks of capability CAP at once on this worker, at most "
+        "--concurrency (repeatable), e.g. http.call=4",
+    )
+    p.add_argument(
+        "--limits-db",
+        metavar="URL",
+        help="share each --rate with every worker given the same database (PostgreSQL, "
+        "migrated with `wayang-mq db migrate`): the rate holds for the fleet, not per worker",
+    )
     p.set_defaults(func=_cmd_worker)
 
 
@@ -102,11 +127,13 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from wayang_mq.config import broker_endpoint, keyring, secret_provider, signer
     from wayang_mq.core.loading import load_class
     from wayang_mq.runtime.executor import load_executor
+    from wayang_mq.runtime.limits import limits_from_flags
     from wayang_mq.runtime.middleware import Middleware
     from wayang_mq.runtime.settings import WorkerFile
     from wayang_mq.runtime.worker import Worker, WorkerConfig
     from wayang_mq.topology.spec import load_topology
 
+    limits = limits_from_flags(args.rates, args.max_running)
     settings_file = WorkerFile.read(args.config) if args.config is not None else None
     executors = [load_executor(spec, settings_file) for spec in args.executors]
     middleware = tuple(
@@ -138,6 +165,8 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         claims=args.claims,
         claim_timeout_s=args.claim_timeout,
         labels=dict(args.labels),
+        limits=limits,
+        limits_db_url=args.limits_db,
     )
     worker = Worker(executors, config)
     asyncio.run(run_until_signal(worker.run, worker.stop, config.keyring.reload))

@@ -249,6 +249,30 @@ class WorkerMetrics(DaemonMetrics):
             flight.labels(capability).set_function(functools.partial(in_flight, capability))
         self._finished_children: dict[tuple[str, str, str], Counter] = {}
 
+    def limits(
+        self, capabilities: tuple[str, ...], waiting: Callable[[str], int]
+    ) -> dict[str, Callable[[float], None]]:
+        """The limit families (docs/executors.md, Limits), with series for the limited
+        ``capabilities`` only; returns each one's wait observer."""
+        wait = Histogram(
+            "wayang_limit_wait_seconds",
+            "Time a delivery waited for its capability's limit (rate, max running) here.",
+            ["capability"],
+            registry=self.registry,
+            buckets=TASK_BUCKETS,
+        )
+        gauge = Gauge(
+            "wayang_limit_waiting",
+            "Deliveries waiting for their capability's limit on this worker now.",
+            ["capability"],
+            registry=self.registry,
+        )
+        observers: dict[str, Callable[[float], None]] = {}
+        for capability in capabilities:
+            observers[capability] = wait.labels(capability).observe
+            gauge.labels(capability).set_function(functools.partial(waiting, capability))
+        return observers
+
     def finished(self, capability: str, status: str, code: object) -> Counter:
         """The finished counter of one capability, status and error code."""
         key = (capability, status, error_code(code))

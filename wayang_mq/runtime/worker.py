@@ -1,12 +1,14 @@
 """The worker daemon: consumes its capabilities' queues and runs executors on them.
 
-Per delivery the worker reads as a sentence: middleware sees the raw delivery → open the task
-(size, signature, schema, deadline, capability) → middleware may answer it (the recent-results
-layer answers a redelivered finished attempt) → answer a cancel that came first, or join the
-same attempt running here, or run it (:mod:`~wayang_mq.runtime.running`) → middleware sees the
-result → :mod:`~wayang_mq.runtime.decide` says its :class:`Outcome` (done, pending, retry, dead
-letter) → :func:`settle` publishes what the outcome carries, waits for the broker's confirms,
-and only then acks. Every exit becomes an outcome in :meth:`Worker._handle`, a shutdown or a
+Per delivery the worker reads as a sentence: its capability's limits admit it, before it
+takes a concurrency slot (:mod:`~wayang_mq.runtime.limits`) → middleware sees the raw
+delivery → open the task (size, signature, schema, deadline, capability) → middleware may
+answer it (the recent-results layer answers a redelivered finished attempt) → answer a cancel
+that came first, or join the same attempt running here, or run it
+(:mod:`~wayang_mq.runtime.running`) → middleware sees the result →
+:mod:`~wayang_mq.runtime.decide` says its :class:`Outcome` (done, pending, retry, dead letter)
+→ :func:`settle` publishes what the outcome carries, waits for the broker's confirms, and only
+then acks. Every exit becomes an outcome in :meth:`Worker._handle`, a shutdown or a
 bug of ours included; middleware sees each one.
 
 A long-running executor's task is accepted at start (PENDING published, delivery acked) so it
@@ -18,10 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
@@ -61,6 +63,7 @@ from wayang_mq.observability.metrics import WorkerMetrics
 from wayang_mq.runtime.claims import DEFAULT_CLAIM_TIMEOUT_S, Claims
 from wayang_mq.runtime.decide import Decider
 from wayang_mq.runtime.executor import Executor, TaskState, TaskStatus, check_capabilities
+from wayang_mq.runtime.limits import CapabilityLimit, Limits, LimitsClosed
 from wayang_mq.runtime.middleware import Chain, Executed, Middleware, Opened, Received, Settled
 from wayang_mq.runtime.placement import PolicyGuard, consume_own_queue
 from wayang_mq.runtime.recent import RecentResults
@@ -70,6 +73,9 @@ from wayang_mq.runtime.taskmetrics import TaskMetrics
 from wayang_mq.runtime.traced import TaskTracing
 from wayang_mq.security.secrets import Resolver, Secret, SecretProvider, SecretUnavailable
 from wayang_mq.topology.spec import RetryTier
+
+if TYPE_CHECKING:  # psycopg is imported only by a worker given --limits-db
+    from wayang_mq.runtime.sharedrate import SharedRates
 
 log = logging.getLogger("wayang_mq.runtime.worker")
 
@@ -101,6 +107,10 @@ class WorkerConfig:
     claims: bool = False  # ask the control plane before running a task (runtime/claims.py)
     claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S  # no verdict by then: run anyway
     labels: dict[str, str] = field(default_factory=dict)  # placement: region, trust_domain, ...
+    #: per capability: a rate and a cap on running tasks below ``concurrency`` (runtime/limits.py)
+    limits: Mapping[str, CapabilityLimit] = field(default_factory=dict)
+    #: share each capability's rate with the fleet through this PostgreSQL (runtime/sharedrate)
+    limits_db_url: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -112,6 +122,19 @@ class WorkerConfig:
         if not names.valid_word(self.executor_id):
             raise ConfigError(
                 f"executor id {self.executor_id!r} must be lowercase letters, digits, '-' or '_'"
+            )
+        for capability, limit in self.limits.items():
+            if limit.max_running is not None and limit.max_running > self.concurrency:
+                raise ConfigError(
+                    f"--max-running {capability}={limit.max_running} is more than the "
+                    f"worker's --concurrency {self.concurrency}",
+                    hint="a capability's limit is below the worker's: lower it, or raise "
+                    "--concurrency",
+                )
+        if self.limits_db_url and not any(limit.rate for limit in self.limits.values()):
+            raise ConfigError(
+                "--limits-db shares rates, and no --rate is given",
+                hint="e.g. --rate http.call=10/s --limits-db postgresql://...",
             )
 
     @property
@@ -146,6 +169,12 @@ class Worker(Daemon):
         self._by_capability = check_capabilities(executors)
         self._executors = list(executors)
         self._slots = asyncio.Semaphore(config.concurrency)
+        self._shared_rates = _shared_rates(config.limits_db_url)
+        self._limits = Limits(
+            _checked_limits(config.limits, self._by_capability),
+            bucket=self._shared_rates.bucket if self._shared_rates is not None else None,
+        )
+        self._limit_wait: dict[str, Callable[[float], None]] = {}
         self._recent = RecentResults(config.recent_results, config.recent_results_bytes)
         self._replays = Replays()
         self._checks = config.checks
@@ -185,6 +214,7 @@ class Worker(Daemon):
             self.registry, self.executor_id, self.ready, tuple(self._by_capability), in_flight
         )
         self.metrics = metrics
+        self._limit_wait = metrics.limits(tuple(self._limits.limits), self._limits.waiting)
         return (TaskMetrics(metrics, self._recent),)
 
     # -- the executor contract, answered for attached executors -------------------------
@@ -225,7 +255,9 @@ class Worker(Daemon):
     # -- the daemon's hooks -----------------------------------------------------------------
 
     async def setup(self) -> None:
-        """The executors' own setup, before connecting."""
+        """The executors' own setup (and the shared rates' database), before connecting."""
+        if self._shared_rates is not None:
+            await self._shared_rates.open()
         for executor in self._executors:
             await executor.setup()
 
@@ -240,13 +272,25 @@ class Worker(Daemon):
         await consume_own_queue(self, connection, tuple(self._by_capability), self._handle)
         hint_for = "add {!r} to topology/wayang.toml and run `wayang-mq topology apply`"
         for capability in self._by_capability:
+            # A limited capability: a channel of its own whose prefetch is what it may run
+            # soon, so the tasks over its limit wait in the queue, not in this worker.
+            limit = self._limits.limits.get(capability)
+            channel = None
+            if limit is not None:
+                channel = await self.prefetch_channel(limit.prefetch(self.config.concurrency))
             for queue_name in await _queues_of(capability, self.queue_exists):
                 await self.consume(
                     queue_name,
                     partial(self._handle, capability),
                     hint=hint_for.format(capability),
                     label=queue_name.removeprefix("wayang.task."),  # demo.echo, db.query.2
+                    channel=channel,
                 )
+
+    def stop(self) -> None:
+        """Stop consuming; deliveries waiting for their capability's limit go back at once."""
+        super().stop()
+        self._limits.close()
 
     async def beat(self) -> None:
         """One heartbeat on ``wayang.events``."""
@@ -257,6 +301,8 @@ class Worker(Daemon):
         """The executors' own teardown, after the connection closed."""
         for executor in self._executors:
             await executor.teardown()
+        if self._shared_rates is not None:
+            await self._shared_rates.close()
 
     def connection_name(self) -> str:
         """``worker demo-0 (demo.echo, demo.sleep)``: the console names it by what it serves."""
@@ -273,14 +319,19 @@ class Worker(Daemon):
     # -- one delivery ---------------------------------------------------------------------
 
     async def _handle(self, capability: str, message: AbstractIncomingMessage) -> None:
-        """Every delivery becomes one Outcome, carried out by ``settle``: the only exit."""
+        """Every delivery becomes one Outcome, carried out by ``settle``: the only exit. Its
+        capability's limit is taken before a slot: a task waiting for its rate holds no slot."""
         try:
-            async with self._slots:
+            async with self._limits.admit(capability) as waited_s, self._slots:
+                self._waited(capability, message.message_id, waited_s)
                 outcome = await self._decide_safely(capability, message)
                 try:
                     await self._after(capability, await settle(message, outcome, self.publisher))
                 finally:
                     self._runner.announced(outcome.task_id)
+        except LimitsClosed:
+            # The worker stops while the delivery waits for its limit: the queue gets it back.
+            await settle(message, requeue(message.message_id, "stopping", event="task.returned"))
         except asyncio.CancelledError:
             # Shutdown past the grace period: the broker gets the delivery back, unharmed.
             await settle(message, requeue(message.message_id, "stopped past the grace"))
@@ -290,6 +341,23 @@ class Worker(Daemon):
             # settle of a delivery already settled is skipped and logged).
             log.exception("event=worker.bug task_id=%s next=requeued", message.message_id)
             await settle(message, requeue(message.message_id, "a bug in settling (logged above)"))
+
+    def _waited(self, capability: str, task_id: str | None, waited_s: float) -> None:
+        """A delivery that waited for its capability's limit: a DEBUG line, and the metric."""
+        if capability not in self._limits.limits:
+            return
+        observe = self._limit_wait.get(capability)
+        if observe is not None:
+            observe(waited_s)
+        if waited_s >= 0.001:
+            logs.event(
+                log,
+                "limit.waited",
+                logging.DEBUG,
+                task_id=task_id,
+                capability=capability,
+                waited_ms=round(waited_s * 1000, 1),
+            )
 
     async def _after(self, capability: str, applied: Outcome) -> None:
         """Tell the middleware; announce a retry once the next attempt is safely in its tier."""
@@ -457,6 +525,39 @@ def _registration(
         concurrency=config.concurrency,
         metadata=metadata,
     )
+
+
+def _shared_rates(database_url: str | None) -> SharedRates | None:
+    if database_url is None:
+        return None
+    from wayang_mq.runtime.sharedrate import SharedRates
+
+    return SharedRates(database_url)
+
+
+def _checked_limits(
+    limits: Mapping[str, CapabilityLimit], executors: Mapping[str, Executor]
+) -> Mapping[str, CapabilityLimit]:
+    """The limits, each for a capability this worker serves and can hold to it."""
+    for capability, limit in limits.items():
+        executor = executors.get(capability)
+        if executor is None:
+            raise ConfigError(
+                f"a limit names {capability!r}, which this worker does not serve "
+                f"(it serves {', '.join(executors)})",
+                hint="limit a capability of one of the worker's executors, e.g. "
+                "--rate http.call=10/s",
+            )
+        if limit.max_running is not None and executor.long_running:
+            # Accepted at start and acked, a long-running task frees its delivery at once;
+            # waiting ones would be held unacked toward the broker's consumer_timeout.
+            raise ConfigError(
+                f"--max-running {capability}: its executor is long-running (accepted at "
+                "start), which a running cap does not support yet",
+                hint=f"use --rate {capability}=..., or run it on a worker of its own with "
+                "--concurrency",
+            )
+    return limits
 
 
 def _claims(config: WorkerConfig, publisher: Callable[[], ConfirmedPublisher]) -> Claims | None:
