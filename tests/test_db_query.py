@@ -367,9 +367,21 @@ async def test_the_cli_daemon_takes_its_dsn_by_reference_and_never_logs_the_pass
                 {"connection": "reporting", "sql": "SELECT 1", "row_limit": 6},
                 wait_s=30,
             )
+            # a secret a task hands over could be read back by its SQL: refused
+            handed = await dispatcher.run(
+                "db.query",
+                {
+                    "connection": "reporting",
+                    "sql": "SELECT reverse(%s)",
+                    "params": [{"$secret": "reporting-dsn"}],
+                },
+                wait_s=30,
+            )
     finally:
         worker.stop()
     assert ok.status is Status.SUCCESS, ok.error
+    failed(handed, ErrorCode.SECRET_UNAVAILABLE, None, retryable=False)
+    assert handed.output is None
     assert ok.output["rows"] == [{"name": "bob"}]
     failed(too_many, ErrorCode.INVALID_TASK, "over_limit", retryable=False)
     assert password not in worker.log()

@@ -47,7 +47,6 @@ from wayang_mq import ErrorCode, Executor, ExecutorError, Task, current
 from wayang_mq.core import logs
 from wayang_mq.core.model import JsonLike
 from wayang_mq.runtime.settings import SecretRef, parse_input
-from wayang_mq.security.secrets import Secret
 
 __all__ = ["ConnectionSettings", "DbQuery", "DbQueryInput", "DbQuerySettings"]
 
@@ -148,8 +147,9 @@ class DbQuery(Executor):
 
     serves = ("db.query",)
     settings_model = DbQuerySettings
-    #: a task's parameters may be secrets by reference (compared, never returned)
-    allowed_secrets = ("*",)
+    #: none: a task's SQL could read any secret it was handed back out (``reverse(%s)``,
+    #: ``md5``), past the redactor, so a task referencing one fails ``secret_unavailable``
+    allowed_secrets = ()
 
     def __init__(self, settings: DbQuerySettings | None = None) -> None:
         self.settings = settings or DbQuerySettings()
@@ -436,8 +436,8 @@ def _refuse_copy(sql: str) -> None:
 
 
 def _params(params: list[Any] | dict[str, Any]) -> Sequence[Any] | Mapping[str, Any] | None:
-    """The task's values as psycopg adapts them: a map becomes ``jsonb``, a list an array,
-    a secret its value. None when there are none, so a literal ``%`` in such SQL needs no
+    """The task's values as psycopg adapts them: a map becomes ``jsonb``, a list an array.
+    None when there are none, so a literal ``%`` in such SQL needs no
     escaping (placeholders are parsed only when values are given)."""
     if not params:
         return None
@@ -449,8 +449,6 @@ def _params(params: list[Any] | dict[str, Any]) -> Sequence[Any] | Mapping[str, 
 def _param(value: Any, where: str) -> Any:
     if value is None or isinstance(value, bool | int | float | str | bytes):
         return value
-    if isinstance(value, Secret):
-        return value.reveal()
     if isinstance(value, dict):
         return Jsonb(value)
     if isinstance(value, list):
