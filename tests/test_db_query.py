@@ -115,6 +115,26 @@ async def test_a_write_is_refused_read_only_and_committed_writable(
     assert people(database) == ["bob", "cy"]
 
 
+async def test_nothing_a_task_leaves_on_its_session_reaches_the_next_task(
+    fabric: Fabric, database: str
+) -> None:
+    # Given one pooled connection, so both tasks run on the same session
+    async with serving(fabric, settings(database, max_size=1)) as dispatcher:
+        # When a task takes a session lock and switches the session to read-write
+        locked = await query(dispatcher, sql="SELECT pg_advisory_lock(42)")
+        unlocked = await query(
+            dispatcher, sql="SELECT set_config('default_transaction_read_only', 'off', false)"
+        )
+        # Then the next task finds neither
+        locks = await query(
+            dispatcher, sql="SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'"
+        )
+        write = await query(dispatcher, sql="INSERT INTO people VALUES ('eve')")
+    assert locked.status is Status.SUCCESS and unlocked.status is Status.SUCCESS
+    assert locks.output["rows"] == [{"n": 0}]
+    failed(write, ErrorCode.EXECUTOR_ERROR, "read_only", retryable=False)
+
+
 async def test_a_statement_past_its_timeout_fails_timeout_and_the_pool_still_serves(
     fabric: Fabric, database: str
 ) -> None:
