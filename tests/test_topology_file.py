@@ -29,6 +29,7 @@ SPEC_CAPABILITIES = {
     "http.call",
     "db.query",
     "payment.charge",
+    "payment.refund",
     "batch.run",
     "agent.reason",
     "approval.request",
