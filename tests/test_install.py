@@ -155,6 +155,13 @@ async def test_a_wheel_installed_outside_the_checkout_applies_the_topology_and_r
     wheel = build_wheel(tmp_path)
     assert "wayang_workers" in top_level_packages(wheel)
     assert "workers" not in top_level_packages(wheel)
+    # with the system executors, their data files and the example settings
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = set(archive.namelist())
+    for module in ("http_call", "db_query", "batch_run", "payment/__init__", "payment/ledger"):
+        assert f"wayang_workers/{module}.py" in shipped, module
+    assert "wayang_workers/payment/ledger.sql" in shipped
+    assert "wayang_workers/examples/http_call.toml" in shipped
     home = tmp_path / "deploy"
     home.mkdir()
     bin_dir = install_in_fresh_venv(wheel, tmp_path / "venv")
