@@ -149,15 +149,16 @@ async def test_waiters_are_served_in_order_and_a_cancelled_one_loses_no_token() 
 
 async def test_a_running_cap_admits_so_many_and_close_turns_waiters_back() -> None:
     limits = Limits({"demo.sleep": CapabilityLimit(max_running=1)})
+    slots = asyncio.Semaphore(8)
     entered = asyncio.Event()
 
     async def hold() -> None:
-        async with limits.admit("demo.sleep"):
+        async with limits.admit("demo.sleep", slots):
             entered.set()
             await asyncio.sleep(30)
 
     async def wait() -> float:
-        async with limits.admit("demo.sleep") as waited:
+        async with limits.admit("demo.sleep", slots) as waited:
             return waited
 
     holder = asyncio.create_task(hold())
@@ -170,8 +171,30 @@ async def test_a_running_cap_admits_so_many_and_close_turns_waiters_back() -> No
     assert limits.waiting("demo.sleep") == 0
     holder.cancel()
     await asyncio.gather(holder, return_exceptions=True)
-    async with limits.admit("demo.echo") as waited:  # not limited: never waits
+    async with limits.admit("demo.echo", slots) as waited:  # not limited: never waits
         assert waited == 0.0
+
+
+async def test_tasks_that_waited_for_a_busy_worker_still_start_no_faster_than_the_rate() -> None:
+    # Given a 20/s capability on a worker whose one slot is busy with another capability
+    limits = Limits({"http.call": CapabilityLimit(rate=Rate.parse("20/s"))})
+    slots = asyncio.Semaphore(1)
+    await slots.acquire()
+    starts: list[float] = []
+
+    async def call() -> None:
+        async with limits.admit("http.call", slots):
+            starts.append(time.monotonic())
+
+    # When five deliveries take their tokens (50 ms apart) while the slot stays busy 0.4 s
+    calls = [asyncio.create_task(call()) for _ in range(5)]
+    await asyncio.sleep(0.4)
+    slots.release()
+    await asyncio.gather(*calls)
+    # Then they do not all start at once when the slot frees: each takes a fresh token
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert len(starts) == 5
+    assert min(gaps) >= 0.045, gaps
 
 
 # -- on a worker, against the real broker ------------------------------------------------------

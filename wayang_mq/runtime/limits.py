@@ -18,10 +18,12 @@ whose prefetch is :meth:`CapabilityLimit.prefetch` (its ``max_running``, or for 
 about one second's worth of tasks), so the tasks over the limit stay in the broker's queue,
 where other workers can take them and where they are counted and expire as usual.
 
-Order inside :meth:`Limits.admit`: the capability's running count first, then the rate token.
-The token is taken right before the task starts, so starts are spaced by the rate; a token
-taken first and then held while waiting for a running slot would let several tasks start
-together when slots free up.
+Order inside :meth:`Limits.admit`: the capability's running count first, then the rate token,
+then one of the worker's ``--concurrency`` slots. The token is taken right before the task
+starts, so starts are spaced by the rate; a token taken first and then held while waiting for
+a running slot would let several tasks start together when slots free up. For the same
+reason, when no worker slot was free (the worker is saturated by other capabilities), the
+delivery takes a fresh token once it has its slot: starts never come faster than the rate.
 
 The limits are per worker process: N workers with ``--rate cap=Q/s`` call at up to N×Q/s
 together, unless their rates are shared through PostgreSQL (``--limits-db``,
@@ -206,39 +208,56 @@ class Limits:
         return gate.waiting if gate is not None else 0
 
     @contextlib.asynccontextmanager
-    async def admit(self, capability: str) -> AsyncIterator[float]:
-        """Wait until ``capability`` may start one more task; yields the seconds waited. The
-        running slot is held until the block ends. Raises :class:`LimitsClosed` if the worker
-        stops (:meth:`close`) before or while the delivery waits."""
+    async def admit(self, capability: str, slots: asyncio.Semaphore) -> AsyncIterator[float]:
+        """Wait until ``capability`` may start one more task and one of the worker's
+        ``slots`` is free; yields the seconds waited for the limit. The running slot and the
+        worker slot are held until the block ends. Raises :class:`LimitsClosed` if the
+        worker stops (:meth:`close`) before or while the delivery waits."""
         gate = self._gates.get(capability)
         if gate is None:
-            yield 0.0
+            async with slots:
+                yield 0.0
             return
         if self._closed:
             raise LimitsClosed(capability)
-        started = self._clock()
-        await self._enter(capability, gate)
+        waited = await self._enter(capability, gate, slots)
         try:
-            yield self._clock() - started
+            yield waited
         finally:
+            slots.release()
             if gate.running is not None:
                 gate.running.release()
 
-    async def _enter(self, capability: str, gate: _Gate) -> None:
-        """Take a running slot, then a token (see the module's docstring for the order)."""
+    async def _enter(self, capability: str, gate: _Gate, slots: asyncio.Semaphore) -> float:
+        """Take a running slot, then a token, then a worker slot (see the module's docstring
+        for the order); the seconds waited for the limit."""
         me = asyncio.current_task()
         assert me is not None
+        started = self._clock()
         gate.waiting += 1
         self._waiters.add(me)
-        held = False
+        running = slot = False
         try:
             if gate.running is not None:
                 await gate.running.acquire()
-                held = True
+                running = True
             if gate.bucket is not None:
                 await gate.bucket.acquire()
+            waited = self._clock() - started
+            busy = slots.locked()
+            await slots.acquire()
+            slot = True
+            if busy and gate.bucket is not None:
+                # No worker slot was free: the token's moment passed while waiting for one,
+                # and tasks whose tokens aged the same way would start together, faster than
+                # the rate. Take a fresh token (the old one is wasted: the rate undershoots
+                # while the worker is saturated, it is never exceeded).
+                await gate.bucket.acquire()
+            return waited
         except asyncio.CancelledError:
-            if held:
+            if slot:
+                slots.release()
+            if running:
                 assert gate.running is not None
                 gate.running.release()
             # cancelled by close() (and by nothing else): the delivery goes back, unharmed

@@ -322,7 +322,7 @@ class Worker(Daemon):
         """Every delivery becomes one Outcome, carried out by ``settle``: the only exit. Its
         capability's limit is taken before a slot: a task waiting for its rate holds no slot."""
         try:
-            async with self._limits.admit(capability) as waited_s, self._slots:
+            async with self._limits.admit(capability, self._slots) as waited_s:
                 self._waited(capability, message.message_id, waited_s)
                 outcome = await self._decide_safely(capability, message)
                 try:
