@@ -121,6 +121,10 @@ def make_scratch(into: Path) -> Path:
         target = into / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, target)
+    # workers/ installs as wayang_workers, and the editable install points that name at the
+    # checkout's workers/: a link makes the scratch copy's the one imported (tests and daemons)
+    (into / ".import").mkdir(exist_ok=True)
+    (into / ".import" / "wayang_workers").symlink_to(into / "workers", target_is_directory=True)
     return into
 
 
@@ -147,7 +151,7 @@ def run_tests(
     process = subprocess.Popen(
         command,
         cwd=scratch,
-        env={**env, "PYTHONPATH": str(scratch)},
+        env={**env, "PYTHONPATH": f"{scratch / '.import'}{os.pathsep}{scratch}"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # one process group: daemons a test leaves behind die with it
