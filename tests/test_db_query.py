@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,6 +34,10 @@ def database(postgres: str) -> Iterator[str]:
     with fresh_database(postgres) as url, psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE people (name text PRIMARY KEY)")
         conn.execute("INSERT INTO people VALUES ('bob')")
+        conn.execute(
+            "CREATE FUNCTION add_person(who text) RETURNS int LANGUAGE sql"
+            " AS 'INSERT INTO people VALUES (who) RETURNING 1'"
+        )
         yield url
 
 
@@ -103,12 +108,19 @@ async def test_a_write_is_refused_read_only_and_committed_writable(
         sneaky = await query(
             dispatcher, sql="WITH x AS (DELETE FROM people RETURNING 1) SELECT count(*) FROM x"
         )
+        # a query calling a function that writes
+        through_function = await query(dispatcher, sql="SELECT add_person(%s)", params=["eve"])
         accepted = await query(
             dispatcher, connection="rw", sql="INSERT INTO people VALUES (%s)", params=["cy"]
         )
+    # (the write is refused before it is sent; the CTE, a query, by PostgreSQL's READ ONLY)
     failed(refused, ErrorCode.EXECUTOR_ERROR, "read_only", retryable=False)
-    assert refused.error is not None and refused.error.details["sqlstate"] == "25006"
+    assert refused.error is not None and "runs queries only" in refused.error.message
     failed(sneaky, ErrorCode.EXECUTOR_ERROR, "read_only", retryable=False)
+    assert sneaky.error is not None and sneaky.error.details["sqlstate"] in ("25006", "0A000")
+    failed(through_function, ErrorCode.EXECUTOR_ERROR, "read_only", retryable=False)
+    assert through_function.error is not None
+    assert through_function.error.details["sqlstate"] == "25006"
     assert accepted.status is Status.SUCCESS, accepted.error
     assert accepted.output["rowcount"] == 1 and accepted.output["command"] == "INSERT"
     assert accepted.output["rows"] == [] and accepted.output["columns"] == []
@@ -160,10 +172,55 @@ async def test_the_row_limit_cuts_the_rows_and_says_truncated(
     assert cut.status is Status.SUCCESS, cut.error
     assert cut.output["rows"] == [{"n": n} for n in range(1, 11)]
     assert cut.output["row_count"] == 10 and cut.output["truncated"] is True
-    assert cut.output["rowcount"] == 50  # PostgreSQL's count, before the cut
+    assert cut.output["rowcount"] is None  # the statement was cancelled: its count unknown
     assert cut.metrics["units.db_rows"] == 10
     assert whole.output["row_count"] == 5 and whole.output["truncated"] is False
+    assert whole.output["rowcount"] == 5 and whole.output["command"] == "SELECT"
     failed(too_many, ErrorCode.INVALID_TASK, "over_limit", retryable=False)
+
+
+async def test_a_huge_answer_is_never_read_whole_the_statement_is_cancelled_at_the_limit(
+    fabric: Fabric, database: str
+) -> None:
+    # Given a read-only connection whose results are capped at 64 KiB
+    cap = 64 * 1024
+    config = DbQuerySettings.model_validate(
+        {
+            "connections": {
+                "main": {"dsn": database, "max_result_bytes": cap, "statement_timeout_ms": 20_000},
+                "rw": {"dsn": database, "writable": True, "max_result_bytes": cap},
+            }
+        }
+    )
+    huge = "SELECT generate_series(1, 50000000) AS n, repeat('x', 10000) AS pad"
+    async with serving(fabric, config) as dispatcher:
+        # When a task asks for 50 million rows of 10 kB (500 GB), under a row limit of 1000
+        started = time.monotonic()
+        capped = await query(dispatcher, sql=huge, row_limit=1000)
+        elapsed = time.monotonic() - started
+        # and a writable connection's answer is cut to the same bytes
+        rw = await dispatcher.run(
+            "db.query",
+            {
+                "connection": "rw",
+                "sql": "SELECT repeat('y', 10000) AS pad FROM generate_series(1, 50)",
+            },
+            wait_s=30,
+        )
+    # Then it got the rows that fit 64 KiB, flagged, at once: the worker read no further and
+    # PostgreSQL stopped producing them (no statement of it still runs)
+    assert capped.status is Status.SUCCESS, capped.error
+    assert capped.output["truncated"] is True
+    assert 1 <= capped.output["row_count"] <= 7, capped.output["row_count"]
+    assert elapsed < 10, elapsed
+    with psycopg.connect(database, autocommit=True) as conn:
+        running = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+            " AND query LIKE '%generate_series(1, 50000000)%' AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert running == (0,)
+    assert rw.status is Status.SUCCESS, rw.error
+    assert rw.output["truncated"] is True and rw.output["row_count"] == 6
 
 
 TYPES_SQL = """
@@ -268,11 +325,14 @@ async def test_an_sql_error_names_sqlstate_and_never_the_values(
 
 
 async def running(url: str, marker: str) -> list[int]:
-    """The pids of the backends running a statement that holds ``marker``."""
+    """The pids of the backends running a statement that holds ``marker``, or fetching
+    from the read-only cursor (a read-only statement runs while it is fetched)."""
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         cur = await conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
-            [f"%{marker}%"],
+            "SELECT pid FROM pg_stat_activity WHERE (query LIKE %s OR query LIKE %s)"
+            " AND state = 'active' AND datname = current_database()"
+            " AND pid <> pg_backend_pid()",
+            [f"%{marker}%", '%FETCH % FROM "wayang_db_query"%'],
         )
         return [pid for (pid,) in await cur.fetchall()]
 

@@ -77,6 +77,9 @@ class ConnectionSettings(BaseModel):
     row_limit: int = Field(1000, ge=1, le=100_000)
     #: refuse a result with a cell larger than this (text/bytea bytes); None: no limit
     max_cell_bytes: int | None = Field(None, ge=1)
+    #: the rows' bytes (as PostgreSQL sent them) a task gets at most: the rows past it are
+    #: cut, ``truncated``; a read-only statement is cancelled there, never read further
+    max_result_bytes: int = Field(1024 * 1024, ge=1, le=4 * 1024 * 1024)
 
     @model_validator(mode="after")
     def _sizes(self) -> ConnectionSettings:
@@ -191,6 +194,8 @@ class DbQuery(Executor):
         timeout_ms = _timeout(query.timeout_ms, conn.statement_timeout_ms)
         params = _params(query.params)
         _refuse_copy(query.sql)
+        if not conn.writable:
+            _query_only(query.sql, query.connection)
         started = time.monotonic()
         answer = await self._run(query, params, row_limit, timeout_ms, conn)
         if conn.max_cell_bytes is not None:
@@ -289,26 +294,89 @@ async def _statement(
     timeout_ms: int,
     conn: ConnectionSettings,
 ) -> _Raw:
-    """Run ``sql`` in a transaction of its own: ``READ ONLY`` and rolled back unless the
-    connection is writable, with its statement timeout, at most ``row_limit + 1`` rows read.
+    """Run ``sql`` in a transaction of its own, with its statement timeout: on a read-only
+    connection ``READ ONLY``, rolled back and read through a cursor (:func:`_streamed`); on a
+    writable
+    one committed, its answer read whole (a write must not be cut short by a row limit) and
+    at most ``row_limit`` rows and ``max_result_bytes`` kept.
 
-    Pipeline mode sends every statement with the extended protocol (psycopg would use the
-    simple one, which runs several commands, for a statement without parameters); a
-    cancelled task interrupts the wait, and psycopg cancels the statement on the server."""
-    async with db.transaction(force_rollback=not conn.writable), db.pipeline() as pipeline:
+    Both send every statement with the extended protocol (psycopg would use the simple one,
+    which runs several commands, for a statement without parameters): here pipeline mode
+    does it; a cancelled task interrupts the wait, and psycopg cancels the statement on the
+    server."""
+    if not conn.writable:
+        return await _streamed(db, sql, params, row_limit, timeout_ms, conn.max_result_bytes)
+    async with db.transaction(), db.pipeline() as pipeline:
         cur = db.cursor()
-        await cur.execute(
-            "SELECT set_config('statement_timeout', %s, true),"
-            " set_config('IntervalStyle', 'iso_8601', true)",
-            [str(timeout_ms)],
-        )
+        await cur.execute(_SESSION, [str(timeout_ms)])
         await cur.execute(sql, params)
         await pipeline.sync()
         description = cur.description or []
         rows = await cur.fetchmany(row_limit + 1) if description else []
         rowcount = cur.rowcount if cur.rowcount >= 0 else None
         command = (cur.statusmessage or "").split(" ")[0] or None
-    return _Raw(description, rows[:row_limit], len(rows) > row_limit, rowcount, command)
+    kept = _within(rows[:row_limit], conn.max_result_bytes)
+    return _Raw(description, kept, len(rows) > len(kept), rowcount, command)
+
+
+#: each task's transaction: its statement timeout, and intervals written as ISO 8601
+_SESSION = (
+    "SELECT set_config('statement_timeout', %s, true),"
+    " set_config('IntervalStyle', 'iso_8601', true)"
+)
+
+
+async def _streamed(
+    db: psycopg.AsyncConnection[Any],
+    sql: str,
+    params: Sequence[Any] | Mapping[str, Any] | None,
+    row_limit: int,
+    timeout_ms: int,
+    max_bytes: int,
+) -> _Raw:
+    """A read-only statement through a server-side cursor (``DECLARE ... CURSOR FOR``),
+    fetched in batches until ``row_limit`` rows or ``max_bytes`` are read: PostgreSQL makes
+    the rows as they are fetched, so a hostile ``SELECT`` of a billion rows costs the worker
+    a batch of memory, not the whole answer. ``DECLARE`` goes with the extended protocol (two
+    statements are refused) and takes a query (``SELECT``, ``VALUES``, ``TABLE``, ``WITH``);
+    the transaction is rolled back whatever happens."""
+    rows: list[tuple[Any, ...]] = []
+    size, truncated = 0, False
+    async with db.transaction(force_rollback=True):
+        await db.execute(_SESSION, [str(timeout_ms)])
+        async with db.cursor(name="wayang_db_query") as cur:
+            await cur.execute(sql, params)
+            while not truncated:
+                batch = await cur.fetchmany(min(_BATCH, row_limit + 1 - len(rows)))
+                for row in batch:
+                    size += _row_bytes(row)
+                    if len(rows) == row_limit or size > max_bytes:
+                        truncated = True
+                        break
+                    rows.append(row)
+                if not batch:
+                    break  # the cursor is exhausted
+            description = cur.description or []
+    return _Raw(description, rows, truncated, None if truncated else len(rows), "SELECT")
+
+
+#: rows fetched at once from a read-only statement's cursor
+_BATCH = 100
+
+
+def _row_bytes(row: tuple[Any, ...]) -> int:
+    """A row's size as the result's budget counts it: bytes as they are, the rest as text."""
+    return sum(len(c) if isinstance(c, bytes) else len(str(c)) for c in row if c is not None)
+
+
+def _within(rows: list[tuple[Any, ...]], max_bytes: int) -> list[tuple[Any, ...]]:
+    """The leading rows whose values' sizes (as text, bytes as they are) fit ``max_bytes``."""
+    size = 0
+    for n, row in enumerate(rows):
+        size += _row_bytes(row)
+        if size > max_bytes:
+            return rows[:n]
+    return rows
 
 
 def _failure(
@@ -341,7 +409,11 @@ def _failure(
             retryable=True,
             details={"reason": "statement_timeout", **details},
         )
-    if isinstance(exc, pgerrors.ReadOnlySqlTransaction):
+    # a write PostgreSQL refused in a read-only transaction, or in the read-only cursor (a
+    # WITH that modifies: "DECLARE CURSOR must not contain data-modifying statements")
+    if isinstance(exc, pgerrors.ReadOnlySqlTransaction) or (
+        sqlstate == "0A000" and "data-modifying" in said
+    ):
         return ExecutorError(
             f"connection {connection!r} is read-only: {said} (a write needs a connection "
             "the worker's settings make writable)",
@@ -432,6 +504,26 @@ def _refuse_copy(sql: str) -> None:
             code=ErrorCode.INVALID_TASK,
             retryable=False,
             details={"reason": "bad_params"},
+        )
+
+
+#: what a read-only connection runs: queries, which a cursor can read a batch at a time
+_QUERIES = frozenset({"SELECT", "VALUES", "TABLE", "WITH"})
+
+
+def _query_only(sql: str, connection: str) -> None:
+    """A read-only connection runs queries only: a write (or any other command) is refused
+    before it is sent; the ``READ ONLY`` transaction is the second wall (a function that
+    writes fails there, ``read_only`` too)."""
+    first = _FIRST_WORD.match(sql)
+    word = first.group(1).upper() if first is not None else ""
+    if word not in _QUERIES:
+        raise ExecutorError(
+            f"{connection!r} is a read-only connection: it runs queries only (SELECT, VALUES, "
+            f"TABLE, WITH ... SELECT), not {word or 'this statement'}; writes need a "
+            "connection the worker's settings make writable",
+            retryable=False,
+            details={"reason": "read_only"},
         )
 
 
