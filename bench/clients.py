@@ -53,7 +53,7 @@ class AsyncClient(Protocol):
 
 
 class WayangClient:
-    """wayang-mq's own Dispatcher submitting to ``demo.echo``."""
+    """wayang-mq's own Dispatcher submitting to ``demo.echo`` (or another capability)."""
 
     def __init__(
         self,
@@ -82,11 +82,10 @@ class WayangClient:
         handle = await self._dispatcher.submit(self._capability, payload)
         return asyncio.ensure_future(self._succeeded(handle))
 
-    @staticmethod
-    async def _succeeded(handle: TaskHandle) -> None:
+    async def _succeeded(self, handle: TaskHandle) -> None:
         result = await handle.result(RESULT_TIMEOUT_S)
         if result.status is not Status.SUCCESS:
-            raise RuntimeError(f"demo.echo failed: {result.error}")
+            raise RuntimeError(f"{self._capability} failed: {result.error}")
 
     async def roundtrip(self, payload: dict[str, Any]) -> None:
         """Submit (confirmed) and await the terminal result."""

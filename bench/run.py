@@ -212,18 +212,21 @@ def main(argv: list[str] | None = None) -> int:
     """Start a broker, bench every system, print the table and write the JSON."""
     args = _parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the workers and the broker are stopped on the way out.
-    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not systems or set(systems) - set(ALL_SYSTEMS):
         raise SystemExit(f"--systems: choose from {', '.join(ALL_SYSTEMS)}")
     load = os.getloadavg()
     version = code_version(ROOT)  # before anything runs: the code the workers will import
-    with tempfile.TemporaryDirectory(prefix="wayang-bench-") as tmp, _broker(Path(tmp)) as broker:
+    with (
+        tempfile.TemporaryDirectory(prefix="wayang-bench-") as tmp,
+        open_broker(Path(tmp)) as broker,
+    ):
         keys = Path(tmp) / "keys"
         write_keypair(keys)
         print(f"==> applying topology and bench queues on RabbitMQ {broker.version}", flush=True)
-        _run_async(_prepare(broker.endpoint, args.topology))
-        outcomes = _run_async(_bench_all(args, systems, broker, keys, Path(tmp)))
+        run_async(_prepare(broker.endpoint, args.topology))
+        outcomes = run_async(_bench_all(args, systems, broker, keys, Path(tmp)))
     found = ratios(outcomes)
     report = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -249,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _interrupted(signum: int, frame: object) -> None:
+def interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _run_async(work: Coroutine[Any, Any, T]) -> T:
+def run_async(work: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run``, where SIGTERM cancels the work as Ctrl-C does (finally blocks run)."""
 
     async def cancellable() -> T:
@@ -267,7 +270,7 @@ def _run_async(work: Coroutine[Any, Any, T]) -> T:
     except asyncio.CancelledError:
         raise KeyboardInterrupt("SIGTERM") from None
     finally:
-        signal.signal(signal.SIGTERM, _interrupted)  # closing the loop reset it
+        signal.signal(signal.SIGTERM, interrupted)  # closing the loop reset it
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -323,7 +326,7 @@ def _params(args: argparse.Namespace, broker: Broker) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _broker(tmp: Path) -> Iterator[Broker]:
+def open_broker(tmp: Path) -> Iterator[Broker]:
     """The broker in WAYANG_AMQP_URL, else a private node that is stopped on the way out."""
     url = os.environ.get("WAYANG_AMQP_URL")
     if url:
@@ -361,7 +364,7 @@ async def _bench_all(
             else:
                 contender.start_worker()
             queue = QUEUES[contender.system]
-            await _wait_consuming(broker.endpoint.amqp_url, queue, contender.worker)
+            await wait_consuming(broker.endpoint.amqp_url, queue, contender.worker)
             await contender.throughput(f"{contender.label} warm-up", args.warmup, args.window)
         for round_no in range(args.rounds):
             for contender in _rotated(contenders, round_no):
@@ -403,7 +406,7 @@ def _contender(
     else:
         client = CeleryClient(url)
     command = _worker_command(system, args)
-    env = _worker_env(system, broker.endpoint, keys)
+    env = worker_env(system, broker.endpoint, keys)
     return Contender(
         system,
         client,
@@ -440,7 +443,7 @@ def _worker_command(system: str, args: argparse.Namespace) -> list[str]:
     ]
 
 
-def _worker_env(system: str, endpoint: BrokerEndpoint, keys: Path) -> dict[str, str]:
+def worker_env(system: str, endpoint: BrokerEndpoint, keys: Path) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if system.startswith("wayang"):
         env.update(
@@ -455,7 +458,7 @@ def _worker_env(system: str, endpoint: BrokerEndpoint, keys: Path) -> dict[str, 
     return env
 
 
-async def _wait_consuming(amqp_url: str, queue: str, worker: WorkerProcess) -> None:
+async def wait_consuming(amqp_url: str, queue: str, worker: WorkerProcess) -> None:
     """Until the worker consumes its queue; fail fast if it exited."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
