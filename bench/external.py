@@ -715,7 +715,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=100, help="warm-up round trips per side")
     parser.add_argument("--rate", type=int, default=50, help="the limiter's rate, tasks/s")
     parser.add_argument("--rate-tasks", type=int, default=200, help="tasks through the limiter")
-    parser.add_argument("--quick", action="store_true", help="smaller numbers: a smoke run")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 300 tasks, 150 charges, 60 latency samples, 100 rate tasks",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "external.json")
     return parser
 
