@@ -61,6 +61,12 @@ class Tally(Executor):
         return {"started": started}
 
 
+class ShardTally(Tally):
+    """``db.query`` (sharded over 4 queues in the default topology), counted like Tally."""
+
+    serves = ("db.query",)
+
+
 class Stamp(Executor):
     """``demo.echo``: records when each of its tasks started; answers its input."""
 

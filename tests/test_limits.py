@@ -20,7 +20,7 @@ import aio_pika
 import pytest
 from wayang_workers.demo import Echo
 
-from tests.limit_executors import Stamp, Tally
+from tests.limit_executors import ShardTally, Stamp, Tally
 from wayang_mq import Status
 from wayang_mq.amqp.connect import management_client
 from wayang_mq.core import names
@@ -266,6 +266,27 @@ async def test_100_http_calls_at_20_per_second_take_5_s_and_no_second_sees_more(
     busiest = max(sum(1 for t in arrivals if a <= t < a + 1.0) for a in arrivals)
     assert busiest <= 21, busiest
     assert "event=limit.waited" in worker.log()
+
+
+async def test_max_running_holds_across_a_sharded_capabilitys_queues(fabric: Fabric) -> None:
+    # Given a worker whose db.query (4 shard queues, a consumer and a prefetch on each) may
+    # run 2 at once
+    await fabric.purge("db.query")
+    tally = ShardTally()
+    limits = {"db.query": CapabilityLimit(max_running=2)}
+    async with (
+        fabric.worker([tally], concurrency=8, limits=limits),
+        fabric.dispatcher() as dispatcher,
+    ):
+        # When 12 tasks spread over the shards by their partition keys
+        handles = [
+            await dispatcher.submit("db.query", {"seconds": 0.3}, partition_key=f"key-{n}")
+            for n in range(12)
+        ]
+        results = await asyncio.gather(*(h.result(30) for h in handles))
+    # Then never more than 2 ran at once, though the shards' prefetches hold more
+    assert all(r.status is Status.SUCCESS for r in results)
+    assert tally.peak == 2
 
 
 async def test_max_running_caps_a_capability_while_the_others_run_promptly(

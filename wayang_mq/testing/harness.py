@@ -331,6 +331,10 @@ class Fabric:
         async with connection:
             channel = await connection.channel()
             for capability in capabilities:
-                for name in (names.task_queue(capability), names.dead_queue(capability)):
+                try:
+                    queues = self.topology.capability(capability).task_queues  # shards too
+                except KeyError:  # declared by the test itself
+                    queues = (names.task_queue(capability),)
+                for name in (*queues, names.dead_queue(capability)):
                     queue = await channel.get_queue(name, ensure=False)
                     await queue.purge()
