@@ -14,13 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wayang_workers.batch_run import (
-    BatchRun,
-    BatchRunSettings,
-    check_command,
-    group_running,
-    parse_progress,
-)
+from wayang_workers.batch_output import parse_progress
+from wayang_workers.batch_process import group_running
+from wayang_workers.batch_run import BatchRun, BatchRunSettings, check_command
 
 from wayang_mq import ErrorCode, Status
 from wayang_mq.client.dispatcher import Dispatcher
