@@ -87,15 +87,16 @@ async def _streamed(
         async with db.cursor(name="wayang_db_query") as cur:
             await cur.execute(sql, params)
             while not truncated:
-                batch = await cur.fetchmany(min(_BATCH, row_limit + 1 - len(rows)))
+                wanted = min(_BATCH, row_limit + 1 - len(rows))
+                batch = await cur.fetchmany(wanted)
                 for row in batch:
                     size += _row_bytes(row)
                     if len(rows) == row_limit or size > max_bytes:
                         truncated = True
                         break
                     rows.append(row)
-                if not batch:
-                    break  # the cursor is exhausted
+                if len(batch) < wanted:
+                    break  # the cursor is exhausted: no FETCH more to learn it
             description = cur.description or []
     return Raw(description, rows, truncated, None if truncated else len(rows), "SELECT")
 
