@@ -9,9 +9,10 @@ Where a delivery waits: the worker admits it (:meth:`Limits.admit`) *before* it 
 its ``--concurrency`` slots, so a task waiting for its rate never holds a slot that another
 capability needs. That is why this is not a :class:`~wayang_mq.runtime.middleware.Middleware`:
 every hook runs inside the slot, one hook at a time, and none spans the run (there is no
-"around" hook to hold the capability's running count until the task ends). The worker calls
-:meth:`Limits.admit` once, in ``Worker._handle``, and nothing else in the worker or in the
-executors knows about limits.
+"around" hook to hold the capability's running count until the task ends). The worker asks
+:class:`~wayang_mq.runtime.admission.Admission` once per delivery, in ``Worker._handle``;
+admission takes the limit, then the slot, and nothing else in the worker or in the executors
+knows about limits.
 
 What waits in memory: nothing much. A limited capability is consumed on a channel of its own
 whose prefetch is :meth:`CapabilityLimit.prefetch` (its ``max_running``, or for a rate alone

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
@@ -60,10 +60,11 @@ from wayang_mq.core.signing import KeyRing, Signer
 from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, signed_message
 from wayang_mq.observability import tracing
 from wayang_mq.observability.metrics import WorkerMetrics
+from wayang_mq.runtime.admission import Admission
 from wayang_mq.runtime.claims import DEFAULT_CLAIM_TIMEOUT_S, Claims
 from wayang_mq.runtime.decide import Decider
 from wayang_mq.runtime.executor import Executor, TaskState, TaskStatus, check_capabilities
-from wayang_mq.runtime.limits import CapabilityLimit, Limits, LimitsClosed
+from wayang_mq.runtime.limits import CapabilityLimit, LimitsClosed
 from wayang_mq.runtime.middleware import Chain, Executed, Middleware, Opened, Received, Settled
 from wayang_mq.runtime.placement import PolicyGuard, consume_own_queue
 from wayang_mq.runtime.recent import RecentResults
@@ -73,9 +74,6 @@ from wayang_mq.runtime.taskmetrics import TaskMetrics
 from wayang_mq.runtime.traced import TaskTracing
 from wayang_mq.security.secrets import Resolver, Secret, SecretProvider, SecretUnavailable
 from wayang_mq.topology.spec import RetryTier
-
-if TYPE_CHECKING:  # psycopg is imported only by a worker given --limits-db
-    from wayang_mq.runtime.sharedrate import SharedRates
 
 log = logging.getLogger("wayang_mq.runtime.worker")
 
@@ -168,13 +166,9 @@ class Worker(Daemon):
         self.executor_id = config.executor_id
         self._by_capability = check_capabilities(executors)
         self._executors = list(executors)
-        self._slots = asyncio.Semaphore(config.concurrency)
-        self._shared_rates = _shared_rates(config.limits_db_url)
-        self._limits = Limits(
-            _checked_limits(config.limits, self._by_capability),
-            bucket=self._shared_rates.bucket if self._shared_rates is not None else None,
+        self._admission = Admission(
+            config.concurrency, config.limits, self._by_capability, config.limits_db_url
         )
-        self._limit_wait: dict[str, Callable[[float], None]] = {}
         self._recent = RecentResults(config.recent_results, config.recent_results_bytes)
         self._replays = Replays()
         self._checks = config.checks
@@ -214,7 +208,7 @@ class Worker(Daemon):
             self.registry, self.executor_id, self.ready, tuple(self._by_capability), in_flight
         )
         self.metrics = metrics
-        self._limit_wait = metrics.limits(tuple(self._limits.limits), self._limits.waiting)
+        self._admission.count(metrics)
         return (TaskMetrics(metrics, self._recent),)
 
     # -- the executor contract, answered for attached executors -------------------------
@@ -256,8 +250,7 @@ class Worker(Daemon):
 
     async def setup(self) -> None:
         """The executors' own setup (and the shared rates' database), before connecting."""
-        if self._shared_rates is not None:
-            await self._shared_rates.open()
+        await self._admission.open()
         for executor in self._executors:
             await executor.setup()
 
@@ -274,10 +267,8 @@ class Worker(Daemon):
         for capability in self._by_capability:
             # A limited capability: a channel of its own whose prefetch is what it may run
             # soon, so the tasks over its limit wait in the queue, not in this worker.
-            limit = self._limits.limits.get(capability)
-            channel = None
-            if limit is not None:
-                channel = await self.prefetch_channel(limit.prefetch(self.config.concurrency))
+            prefetch = self._admission.prefetch(capability)
+            channel = None if prefetch is None else await self.prefetch_channel(prefetch)
             for queue_name in await _queues_of(capability, self.queue_exists):
                 await self.consume(
                     queue_name,
@@ -290,7 +281,7 @@ class Worker(Daemon):
     def stop(self) -> None:
         """Stop consuming; deliveries waiting for their capability's limit go back at once."""
         super().stop()
-        self._limits.close()
+        self._admission.close()
 
     async def beat(self) -> None:
         """One heartbeat on ``wayang.events``."""
@@ -301,8 +292,7 @@ class Worker(Daemon):
         """The executors' own teardown, after the connection closed."""
         for executor in self._executors:
             await executor.teardown()
-        if self._shared_rates is not None:
-            await self._shared_rates.close()
+        await self._admission.aclose()
 
     def connection_name(self) -> str:
         """``worker demo-0 (demo.echo, demo.sleep)``: the console names it by what it serves."""
@@ -322,8 +312,7 @@ class Worker(Daemon):
         """Every delivery becomes one Outcome, carried out by ``settle``: the only exit. Its
         capability's limit is taken before a slot: a task waiting for its rate holds no slot."""
         try:
-            async with self._limits.admit(capability, self._slots) as waited_s:
-                self._waited(capability, message.message_id, waited_s)
+            async with self._admission.admit(capability, message.message_id):
                 outcome = await self._decide_safely(capability, message)
                 try:
                     await self._after(capability, await settle(message, outcome, self.publisher))
@@ -341,23 +330,6 @@ class Worker(Daemon):
             # settle of a delivery already settled is skipped and logged).
             log.exception("event=worker.bug task_id=%s next=requeued", message.message_id)
             await settle(message, requeue(message.message_id, "a bug in settling (logged above)"))
-
-    def _waited(self, capability: str, task_id: str | None, waited_s: float) -> None:
-        """A delivery that waited for its capability's limit: a DEBUG line, and the metric."""
-        if capability not in self._limits.limits:
-            return
-        observe = self._limit_wait.get(capability)
-        if observe is not None:
-            observe(waited_s)
-        if waited_s >= 0.001:
-            logs.event(
-                log,
-                "limit.waited",
-                logging.DEBUG,
-                task_id=task_id,
-                capability=capability,
-                waited_ms=round(waited_s * 1000, 1),
-            )
 
     async def _after(self, capability: str, applied: Outcome) -> None:
         """Tell the middleware; announce a retry once the next attempt is safely in its tier."""
@@ -525,39 +497,6 @@ def _registration(
         concurrency=config.concurrency,
         metadata=metadata,
     )
-
-
-def _shared_rates(database_url: str | None) -> SharedRates | None:
-    if database_url is None:
-        return None
-    from wayang_mq.runtime.sharedrate import SharedRates
-
-    return SharedRates(database_url)
-
-
-def _checked_limits(
-    limits: Mapping[str, CapabilityLimit], executors: Mapping[str, Executor]
-) -> Mapping[str, CapabilityLimit]:
-    """The limits, each for a capability this worker serves and can hold to it."""
-    for capability, limit in limits.items():
-        executor = executors.get(capability)
-        if executor is None:
-            raise ConfigError(
-                f"a limit names {capability!r}, which this worker does not serve "
-                f"(it serves {', '.join(executors)})",
-                hint="limit a capability of one of the worker's executors, e.g. "
-                "--rate http.call=10/s",
-            )
-        if limit.max_running is not None and executor.long_running:
-            # Accepted at start and acked, a long-running task frees its delivery at once;
-            # waiting ones would be held unacked toward the broker's consumer_timeout.
-            raise ConfigError(
-                f"--max-running {capability}: its executor is long-running (accepted at "
-                "start), which a running cap does not support yet",
-                hint=f"use --rate {capability}=..., or run it on a worker of its own with "
-                "--concurrency",
-            )
-    return limits
 
 
 def _claims(config: WorkerConfig, publisher: Callable[[], ConfirmedPublisher]) -> Claims | None:
