@@ -413,6 +413,25 @@ class TestInbox:
             await alice.close()
         await inbox.dispatcher.cancel(task_id)
 
+    async def test_the_inbox_filters_by_assignee_and_group(self, inbox: Inbox) -> None:
+        mine, _ = await _accepted(inbox.dispatcher, REFUND | {"assignees": ["carol"]})
+        teams, _ = await _accepted(
+            inbox.dispatcher, REFUND | {"assignees": [], "groups": ["managers"]}
+        )
+        carol = await _client(inbox, "carol")
+        try:
+            _, everything = await carol.get("/")
+            _, assigned = await carol.get("/?assignee=carol")
+            _, managers = await carol.get("/?group=managers")
+        finally:
+            await carol.close()
+        both = (mine.task.task_id, teams.task.task_id)
+        assert all(task_id in everything for task_id in both)
+        assert mine.task.task_id in assigned and teams.task.task_id not in assigned
+        assert teams.task.task_id in managers and mine.task.task_id not in managers
+        for task_id in both:
+            await inbox.dispatcher.cancel(task_id)
+
     async def test_two_people_deciding_at_once_the_first_wins_the_second_is_told(
         self, inbox: Inbox
     ) -> None:
@@ -437,6 +456,8 @@ class TestInbox:
     async def test_a_cancel_withdraws_the_request(self, inbox: Inbox) -> None:
         handle, _ = await _accepted(inbox.dispatcher, REFUND)
         task_id = handle.task.task_id
+        # (a cancel signed by someone who did not issue the task withdraws nothing)
+        assert not await inbox.approvals.withdraw(task_id, "not yours", requester="mallory")
 
         # When the dispatcher cancels the accepted task
         assert await inbox.dispatcher.cancel(task_id, "order was refunded by hand")
