@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 import pytest
 from wayang_workers.approval import Approvals, ApprovalSettings, RequestInput
 from wayang_workers.approval.auth import hash_password
@@ -508,6 +509,22 @@ class TestInbox:
         # and at the next deadline it ends FAILED timeout
         result = await handle.result(timeout_s=15)
         assert result.error is not None and result.error.code is ErrorCode.TIMEOUT
+
+    async def test_a_decision_stored_but_never_published_is_published_by_the_next_check(
+        self, inbox: Inbox, database: str
+    ) -> None:
+        # Given a decision written to the store by a process that died before publishing it
+        handle, _ = await _accepted(inbox.dispatcher, REFUND)
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            await conn.execute(
+                "UPDATE wayang_approval.requests SET state = 'approved', decided_by = 'alice', "
+                "decided_at = now() WHERE task_id = %s",
+                [handle.task.task_id],
+            )
+        # Then the deadline check publishes it
+        result = await handle.result(timeout_s=15)
+        assert result.status is Status.SUCCESS
+        assert isinstance(result.output, dict) and result.output["by"] == "alice"
 
     async def test_a_post_without_the_csrf_token_is_forbidden(self, inbox: Inbox) -> None:
         handle, _ = await _accepted(inbox.dispatcher, REFUND)
