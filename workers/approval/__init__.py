@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from aiohttp.web import AppRunner, TCPSite
 
-from wayang_mq import Executor, Task
+from wayang_mq import Executor, Task, current
 from wayang_mq.core import logs
 from wayang_mq.core.errors import ConfigError, WayangError
 from wayang_mq.core.model import JsonLike, TaskRef
@@ -104,7 +104,15 @@ class Approvals(Executor):
             deadline=ask.due(datetime.now(UTC)),
             escalate_to=escalate,
         )
-        await self._opened().file(filed)
+        try:
+            await self._opened().file(filed)
+        except asyncio.CancelledError:
+            if current().is_cancelled:
+                # A cancel request while filing (not the worker stopping: then the delivery
+                # goes back and is filed again): withdraw what may have been stored, so no
+                # stale request waits in the inbox. The runner answers the task cancelled.
+                await asyncio.shield(self._opened().withdraw(task.task_id, None, "cancelled"))
+            raise
         logs.event(log, "approval.filed", task_id=task.task_id, title=ask.title)
         return Pending({"inbox": f"{self.url}/r/{task.task_id}"})
 
