@@ -161,6 +161,8 @@ async def test_a_wheel_installed_outside_the_checkout_applies_the_topology_and_r
     for module in ("http_call", "db_query", "batch_run", "payment/__init__", "payment/ledger"):
         assert f"wayang_workers/{module}.py" in shipped, module
     assert "wayang_workers/payment/ledger.sql" in shipped
+    for data in ("schema.sql", "templates/detail.html", "static/style.css"):
+        assert f"wayang_workers/approval/{data}" in shipped, data
     assert "wayang_workers/examples/http_call.toml" in shipped
     home = tmp_path / "deploy"
     home.mkdir()

@@ -62,6 +62,8 @@ class ControlTarget(Protocol):
 
     def running_task(self, task_id: str) -> Task | None: ...
 
+    async def withdraw(self, task_id: str, reason: str, requester: str | None) -> bool: ...
+
 
 def _message(model: WireModel, signer: Signer, message_id: str) -> aio_pika.Message:
     return to_amqp(signed_message(model, signer, message_id=message_id), persistent=False)
@@ -140,7 +142,7 @@ class ControlServer:
             # first: an undecodable ``type`` reads as None, which would be ignored unlogged
             check_properties(message.headers or {}, message.body)
             if message.type == CancelRequest.wire_type:
-                self._on_cancel(*self._open(message, CancelRequest))
+                await self._on_cancel(*self._open(message, CancelRequest))
             elif message.type == StatusRequest.wire_type:
                 request, signer = self._open(message, StatusRequest)
                 check_status_request(signer)
@@ -154,16 +156,24 @@ class ControlServer:
     def _open(self, message: AbstractIncomingMessage, model: type[M]) -> tuple[M, Verified]:
         return open_signed(message.body, message.headers or {}, self._keyring, model)
 
-    def _on_cancel(self, request: CancelRequest, signer: Verified) -> None:
+    async def _on_cancel(self, request: CancelRequest, signer: Verified) -> None:
         check_cancel(signer, request, self._target.running_task(request.task_id))
         reason = request.reason or f"cancelled by {request.requester or 'a caller'}"
         running = self._target.cancel(request.task_id, reason)
+        withdrawn = False
         if not running:
             requester = None if signer.scope.role is Role.ADMIN else signer.scope.identity
             until = now_ms() + request.forget_after_ms
             self._cancelled.put(request.task_id, (reason, until, requester))
+            # accepted earlier (PENDING) and waiting on someone: its executor withdraws it
+            withdrawn = await self._target.withdraw(request.task_id, reason, requester)
         logs.event(
-            log, "task.cancel_requested", task_id=request.task_id, running=running, reason=reason
+            log,
+            "task.cancel_requested",
+            task_id=request.task_id,
+            running=running,
+            withdrawn=withdrawn,
+            reason=reason,
         )
 
     async def _on_status(self, request: StatusRequest) -> None:

@@ -41,6 +41,14 @@ class Answers:
         self._connection: AbstractRobustConnection | None = None
         self._publisher: ConfirmedPublisher | None = None
 
+    @classmethod
+    def sharing(cls, publisher: ConfirmedPublisher, signer: Signer, answerer_id: str) -> Answers:
+        """Answers that publish through an open confirmed publisher (a worker's own), already
+        open: no ``async with`` needed, and closing them leaves the publisher open."""
+        answers = cls("", signer, answerer_id)
+        answers._publisher = publisher
+        return answers
+
     async def __aenter__(self) -> Self:
         connection = await connect(self._amqp_url, f"answers {self.answerer_id}")
         self._connection = connection

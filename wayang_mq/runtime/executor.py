@@ -23,6 +23,7 @@ from wayang_mq.runtime.settings import SecretRef, WorkerFile, parse_settings
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from wayang_mq.runtime.answers import Answers
     from wayang_mq.security.secrets import Secret
 
 #: TaskState and TaskStatus live in core.model (the control messages use them too)
@@ -50,6 +51,8 @@ class Runtime(Protocol):
     def heartbeat(self) -> Heartbeat: ...
 
     async def resolve_secret(self, name: str, capability: str) -> Secret: ...
+
+    def answers(self) -> Answers: ...
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,19 @@ class Executor:
     def heartbeat(self) -> Heartbeat:
         """Liveness and load as the next heartbeat will report them."""
         return self._attached().heartbeat()
+
+    def answers(self) -> Answers:
+        """Publishes the terminal results of tasks this executor accepted with
+        :class:`Pending`, on the worker's own connection and signed with its key (open; valid
+        once the worker started consuming, i.e. not in ``setup``)."""
+        return self._attached().answers()
+
+    async def withdraw(self, task_id: str, reason: str, requester: str | None) -> bool:
+        """A cancel arrived for a task that is not running here: an executor that accepted
+        it with :class:`Pending` withdraws it and answers it FAILED ``cancelled`` (through
+        :meth:`answers`), then returns True. ``requester`` is the cancel's signer (None: an
+        admin): withdraw only a task that identity issued. The default knows no such task."""
+        return False
 
 
 def load_executor(spec: str, settings: WorkerFile | None = None) -> Executor:

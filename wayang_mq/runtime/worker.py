@@ -61,6 +61,7 @@ from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, signed_message
 from wayang_mq.observability import tracing
 from wayang_mq.observability.metrics import WorkerMetrics
 from wayang_mq.runtime.admission import Admission
+from wayang_mq.runtime.answers import Answers
 from wayang_mq.runtime.claims import DEFAULT_CLAIM_TIMEOUT_S, Claims
 from wayang_mq.runtime.decide import Decider
 from wayang_mq.runtime.executor import Executor, TaskState, TaskStatus, check_capabilities
@@ -225,6 +226,21 @@ class Worker(Daemon):
     def cancel(self, task_id: str, reason: str = "") -> bool:
         """Cancel a running task; it ends FAILED ``cancelled``."""
         return self._runner.cancel(task_id, reason)
+
+    async def withdraw(self, task_id: str, reason: str, requester: str | None) -> bool:
+        """A cancel of a task not running here: an executor that accepted it with ``Pending``
+        and still waits on it withdraws it (and answers it ``cancelled``)."""
+        for executor in self._executors:
+            try:
+                if await executor.withdraw(task_id, reason, requester):
+                    return True
+            except Exception:
+                log.exception("event=worker.bug task_id=%s in=withdraw", task_id)
+        return False
+
+    def answers(self) -> Answers:
+        """Answers for tasks accepted with ``Pending``, on this worker's connection."""
+        return Answers.sharing(self.publisher, self.config.signer, self.executor_id)
 
     def heartbeat(self) -> Heartbeat:
         """This worker's liveness and load right now."""
