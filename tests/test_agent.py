@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 from wayang_workers.agent import Agent, AgentSettings
+from wayang_workers.agent.llm import ChatClient
 from wayang_workers.demo import Echo, Sleep
 from wayang_workers.http_call import HttpCall, HttpCallSettings
 
 from wayang_mq import ErrorCode, Status, Task
-from wayang_mq.core.errors import ConfigError
+from wayang_mq.core.errors import ConfigError, ExecutorError
 from wayang_mq.core.model import JsonLike, PolicyConstraints, Progress
 from wayang_mq.core.scopes import KeyScope, Role
 from wayang_mq.core.signing import KeyRing, Signer, write_keypair
@@ -59,6 +60,14 @@ def call(*calls: tuple[str, dict[str, Any]], tokens_in: int = 20) -> dict[str, A
     ]
     message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
     return _completion(message, tokens_in, 5)
+
+
+def failure(status: int, message: str = "nope", retry_after: float | None = None) -> dict[str, Any]:
+    """An HTTP error from the model server."""
+    reply: dict[str, Any] = {"__status": status, "__message": message}
+    if retry_after is not None:
+        reply["__retry_after"] = retry_after
+    return reply
 
 
 def _completion(message: dict[str, Any], tokens_in: int, tokens_out: int) -> dict[str, Any]:
@@ -110,7 +119,17 @@ class ModelServer:
             await script.gate.wait()
         if not script.replies:
             return web.json_response({"error": {"message": "script exhausted"}}, status=400)
-        return web.json_response(script.replies.pop(0))
+        reply = script.replies.pop(0)
+        if "__status" in reply:  # a scripted failure: (status, Retry-After)
+            headers = (
+                {"Retry-After": str(reply["__retry_after"])} if "__retry_after" in reply else {}
+            )
+            return web.json_response(
+                {"error": {"message": reply["__message"]}},
+                status=reply["__status"],
+                headers=headers,
+            )
+        return web.json_response(reply)
 
     async def data(self, request: web.Request) -> web.Response:
         return web.json_response({"status": 7, "key": request.match_info["key"]})
@@ -423,6 +442,42 @@ async def test_a_tool_call_naming_a_secret_is_refused_without_a_task(
     (refusal,) = tool_messages(model.of(base_url).requests[1])
     assert refusal["status"] == "REFUSED"
     assert refusal["error"].startswith("secret references are not allowed")
+
+
+async def test_the_model_client_retries_429_and_5xx_then_answers(model: ModelServer) -> None:
+    base_url = model.script(failure(429, retry_after=0), failure(503), say("fine"))
+    client = ChatClient(base_url, "scripted", "sk-test", timeout_s=5, max_retries=3, backoff_s=0)
+    await client.open()
+    try:
+        reply = await client.complete([{"role": "user", "content": "hi"}], [])
+    finally:
+        await client.close()
+    assert reply.content == "fine" and (reply.tokens_in, reply.tokens_out) == (20, 5)
+    assert len(model.of(base_url).requests) == 3
+    assert "tools" not in model.of(base_url).requests[0]  # no tools: none offered
+
+
+async def test_the_model_client_gives_up_retryable_or_stops_at_a_refusal(
+    model: ModelServer,
+) -> None:
+    base_url = model.script(failure(500), failure(502), failure(401, "Incorrect API key sk-te"))
+    client = ChatClient(base_url, "scripted", "sk-test", timeout_s=5, max_retries=1, backoff_s=0)
+    await client.open()
+    try:
+        with pytest.raises(ExecutorError) as unavailable:
+            await client.complete([{"role": "user", "content": "hi"}], [])
+        with pytest.raises(ExecutorError) as refused:
+            await client.complete([{"role": "user", "content": "hi"}], [])
+    finally:
+        await client.close()
+    assert (
+        unavailable.value.retryable and unavailable.value.details["reason"] == "model_unavailable"
+    )
+    assert not refused.value.retryable and refused.value.details == {
+        "reason": "model_refused",
+        "http_status": 401,
+    }
+    assert "HTTP 401: Incorrect API key" in str(refused.value)
 
 
 async def test_an_executor_key_is_refused_as_the_agents_dispatcher_key(
