@@ -15,16 +15,17 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from wayang_workers.agent import Agent, AgentSettings
+from wayang_workers.agent import Agent, AgentSettings, LongAgent
 from wayang_workers.agent.llm import ChatClient
 from wayang_workers.demo import Echo, Sleep
 from wayang_workers.http_call import HttpCall, HttpCallSettings
 
-from wayang_mq import ErrorCode, Status, Task
+from wayang_mq import ErrorCode, Executor, Pending, Status, Task, TaskRef
 from wayang_mq.core.errors import ConfigError, ExecutorError
 from wayang_mq.core.model import JsonLike, PolicyConstraints, Progress
 from wayang_mq.core.scopes import KeyScope, Role
 from wayang_mq.core.signing import KeyRing, Signer, write_keypair
+from wayang_mq.runtime.answers import Answers
 from wayang_mq.runtime.executor import load_executor
 from wayang_mq.runtime.settings import WorkerFile
 from wayang_mq.testing.harness import Fabric, eventually
@@ -156,7 +157,8 @@ async def model() -> AsyncIterator[ModelServer]:
 @pytest.fixture(scope="module")
 def agent_key(fabric: Fabric) -> Path:
     """A dispatcher key for the agent, trusted by every worker of the fabric's key dir."""
-    scope = KeyScope(Role.DISPATCHER, "agent-1", ("demo.*", "http.call", "agent.reason"))
+    capabilities = ("demo.*", "http.call", "agent.reason", "approval.request")
+    scope = KeyScope(Role.DISPATCHER, "agent-1", capabilities)
     private, _ = write_keypair(fabric.key_dir, Signer.generate(), scope)
     return private
 
@@ -190,12 +192,13 @@ def settings(fabric: Fabric, key: Path, base_url: str, **overrides: Any) -> Agen
             },
             "demo.sleep": {"timeout_s": 60},
             "agent.reason": {"timeout_s": 20},
+            "approval.request": {"timeout_s": 3600},
         },
     }
     return AgentSettings.model_validate(values | overrides)
 
 
-@dataclass
+@dataclass(eq=False)
 class RecordingSleep(Sleep):
     """``demo.sleep`` that records which tasks started and which were cancelled."""
 
@@ -209,6 +212,22 @@ class RecordingSleep(Sleep):
         except asyncio.CancelledError:
             self.cancelled.append(task.task_id)
             raise
+
+
+class StandInApproval(Executor):
+    """``approval.request`` as a person would answer it: filed and answered PENDING now, the
+    decision published later with ``Answers`` (the real inbox is wayang_workers.approval)."""
+
+    serves = ("approval.request",)
+
+    def __init__(self) -> None:
+        self.filed: list[TaskRef] = []
+        self.inputs: list[dict[str, Any]] = []
+
+    async def execute(self, task: Task) -> JsonLike | Pending:
+        self.filed.append(TaskRef.of(task))
+        self.inputs.append(task.input)
+        return Pending({"inbox": "stand-in"})
 
 
 def workers(fabric: Fabric, agent: Agent, *others: Any, concurrency: int = 4) -> Any:
@@ -400,6 +419,36 @@ async def test_an_agent_asks_another_agent_through_the_fabric(
     assert result.output["usage"]["tokens_in"] == 40  # the parent's own
 
 
+async def test_an_agent_asks_a_person_through_approval_request_and_continues_after_the_answer(
+    fabric: Fabric, model: ModelServer, agent_key: Path
+) -> None:
+    # Given a model that asks for an approval, then reports the decision
+    base_url = model.script(
+        call(("approval__request", {"title": "Refund order 17?", "amount": 1250})),
+        say("refund approved by alice"),
+    )
+    agent = LongAgent(settings(fabric, agent_key, base_url))  # it may wait on a person for hours
+    inbox = StandInApproval()
+    async with workers(fabric, agent, inbox), fabric.dispatcher() as dispatcher:
+        handle = await dispatcher.submit(
+            "agent.reason", {"goal": "refund order 17", "tools": ["approval.request"]}
+        )
+        # When the request reaches the person (answered PENDING) and they approve later
+        accepted = await handle.accepted(WAIT_S)
+        assert accepted.status is Status.PENDING  # the agent's own task: accepted, acked
+        await eventually(lambda: bool(inbox.filed), what="the approval request filed")
+        assert not handle.done()
+        async with Answers(fabric.endpoint.amqp_url, fabric.signer, "alice-inbox") as answers:
+            await answers.succeed(inbox.filed[0], {"decision": "approve", "by": "alice"})
+        result = await handle.result(WAIT_S)
+    # Then the agent read the decision and finished
+    assert result.status is Status.SUCCESS, result.error
+    assert result.output["answer"] == "refund approved by alice"
+    assert inbox.inputs == [{"title": "Refund order 17?", "amount": 1250}]
+    (decision,) = tool_messages(model.of(base_url).requests[1])
+    assert decision == {"status": "SUCCESS", "output": {"decision": "approve", "by": "alice"}}
+
+
 async def test_a_cancel_stops_the_loop_and_cancels_the_running_child(
     fabric: Fabric, model: ModelServer, agent_key: Path
 ) -> None:
@@ -486,7 +535,7 @@ async def test_an_executor_key_is_refused_as_the_agents_dispatcher_key(
     scope = KeyScope(Role.EXECUTOR, "worker-1", ("*",))
     private, _ = write_keypair(tmp_path / "keys", Signer.generate(), scope)
     agent = Agent(settings(fabric, private, "http://127.0.0.1:9/v1"))
-    with pytest.raises(ConfigError, match="is a executor key"):
+    with pytest.raises(ConfigError, match="has role executor"):
         await agent.setup()
 
 

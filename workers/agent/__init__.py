@@ -43,7 +43,7 @@ from .schemas import schema_problem, value_problem
 from .sessions import SessionStore
 from .tools import Tool, Toolbox, function_name
 
-__all__ = ["Agent", "AgentInput", "AgentSettings", "ToolSettings"]
+__all__ = ["Agent", "AgentInput", "AgentSettings", "LongAgent", "ToolSettings"]
 
 log = logging.getLogger("wayang_workers.agent")
 
@@ -155,6 +155,13 @@ class Agent(Executor):
             )
             for capability, t in s.tools.items()
         }
+        results_keyring = KeyRing.load_dir(s.result_keys)
+        if not results_keyring.keys:
+            raise ConfigError(
+                f"[agent.reason] result_keys {s.result_keys} holds no public keys (*.pub): "
+                "every child task's result would be refused",
+                hint="point it at the workers' key directory (WAYANG_KEY_DIR)",
+            )
         amqp_url = await self.reveal(s.dispatcher_amqp_url)
         # its id is an instance of the key's identity (as its broker account allows)
         base = scope.identity if valid_word(scope.identity) else "agent"
@@ -162,7 +169,7 @@ class Agent(Executor):
             DispatcherConfig(
                 amqp_url=amqp_url,
                 signer=signer,
-                results_keyring=KeyRing.load_dir(s.result_keys),
+                results_keyring=results_keyring,
                 dispatcher_id=instance_id(base),
                 issuer=scope.identity,
                 audience=s.audience,
@@ -253,6 +260,16 @@ class Agent(Executor):
     def cost(self, tokens_in: int, tokens_out: int) -> float:
         s = self.settings
         return tokens_in / 1000 * s.price_in_per_1k + tokens_out / 1000 * s.price_out_per_1k
+
+
+class LongAgent(Agent):
+    """``agent.reason`` for agents whose tools may take longer than the broker lets a
+    delivery stay unacked (``consumer_timeout``, 30 min by default): a person answering an
+    ``approval.request``, a long ``batch.run``. The task is accepted when it starts (PENDING
+    published, the delivery acked) and answered when the loop ends. Give its tasks a
+    heartbeat timeout, so a worker death is noticed and the task re-dispatched."""
+
+    long_running = True
 
 
 class _Run:
@@ -408,7 +425,7 @@ def _dispatcher_key(path: Path) -> tuple[Signer, KeyScope]:
     scope = read_scope(candidate)
     if scope.role is not Role.DISPATCHER:
         raise ConfigError(
-            f"[agent.reason] dispatcher_key {path} is a {scope.role.value} key: the agent "
+            f"[agent.reason] dispatcher_key {path} has role {scope.role.value}: the agent "
             "signs its tool tasks with a key of role dispatcher (executor keys may not sign "
             "tasks; an admin key would let it sign anything)",
             hint="make one with `wayang-mq keys new --role dispatcher --id ID --capability ...`",
