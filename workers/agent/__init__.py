@@ -230,15 +230,17 @@ class Agent(Executor):
         return output
 
     def _max_steps(self, request: AgentInput) -> int:
-        steps = request.max_steps or self.settings.default_max_steps
         limit = self.settings.max_steps_limit
+        if request.max_steps is None:
+            return min(self.settings.default_max_steps, limit)
+        steps = request.max_steps
         if steps > limit:
             raise ExecutorError(
                 f"input.max_steps {steps} is over this worker's limit of {limit}",
                 retryable=False,
                 code=ErrorCode.INVALID_TASK,
             )
-        return min(steps, limit)
+        return steps
 
     def _toolbox(self, task: Task, request: AgentInput) -> Toolbox:
         refused = [name for name in request.tools if name not in self._tools]

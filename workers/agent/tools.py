@@ -17,7 +17,7 @@ from typing import Any
 
 from wayang_mq.client.dispatcher import Dispatcher
 from wayang_mq.core import logs
-from wayang_mq.core.errors import ResultTimeout
+from wayang_mq.core.errors import ErrorCode, ResultTimeout, WayangError
 from wayang_mq.core.model import PolicyConstraints, Result, Status, Task
 from wayang_mq.runtime.context import current
 from wayang_mq.security.secrets import REFERENCE_KEY
@@ -110,16 +110,21 @@ class Toolbox:
         if problem is not None:
             return _refused(tool, f"the arguments do not match the tool's schema: {problem}")
         policy = PolicyConstraints(max_cost=budget_left) if budget_left is not None else None
-        handle = await self.dispatcher.submit(
-            tool.capability,
-            args,
-            node_id=self.parent.node_id,
-            queue_timeout_s=tool.queue_timeout_s,
-            timeout_s=tool.timeout_s,
-            policy=policy,
-            traceparent=self.traceparent,
-            tracestate=self.tracestate,
-        )
+        try:
+            handle = await self.dispatcher.submit(
+                tool.capability,
+                args,
+                node_id=self.parent.node_id,
+                queue_timeout_s=tool.queue_timeout_s,
+                timeout_s=tool.timeout_s,
+                policy=policy,
+                traceparent=self.traceparent,
+                tracestate=self.tracestate,
+            )
+        except WayangError as exc:  # no queue for it, a full queue: the model may go on
+            code = str(exc.code or ErrorCode.EXECUTOR_ERROR)
+            body = {"status": "FAILED", "error": {"code": code, "message": str(exc)}}
+            return Call(tool.capability, None, "FAILED", json.dumps(body, ensure_ascii=False))
         self.running.add(handle.task_id)
         logs.event(log, "agent.tool.dispatched", capability=tool.capability, child=handle.task_id)
         await current().progress(None, f"waiting for {tool.capability}", task_id=handle.task_id)
