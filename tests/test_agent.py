@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from wayang_workers.http_call import HttpCall, HttpCallSettings
 from wayang_mq import ErrorCode, Executor, Pending, Status, Task, TaskRef
 from wayang_mq.core.errors import ConfigError, ExecutorError
 from wayang_mq.core.model import JsonLike, PolicyConstraints, Progress
-from wayang_mq.core.scopes import KeyScope, Role
+from wayang_mq.core.scopes import KeyScope, Role, scope_path
 from wayang_mq.core.signing import KeyRing, Signer, write_keypair
 from wayang_mq.runtime.answers import Answers
 from wayang_mq.runtime.executor import load_executor
@@ -155,12 +156,25 @@ async def model() -> AsyncIterator[ModelServer]:
 
 
 @pytest.fixture(scope="module")
-def agent_key(fabric: Fabric) -> Path:
-    """A dispatcher key for the agent, trusted by every worker of the fabric's key dir."""
+def agent_key(fabric: Fabric, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dispatcher key for the agent, in a directory of its own (the fabric's key dir is
+    shared by the session's daemons, which sign with the first ``*.key`` they find there).
+    The workers here trust :func:`trusted` : the fabric's public keys and the agent's."""
+    root = tmp_path_factory.mktemp("agent-keys")
     capabilities = ("demo.*", "http.call", "agent.reason", "approval.request")
     scope = KeyScope(Role.DISPATCHER, "agent-1", capabilities)
-    private, _ = write_keypair(fabric.key_dir, Signer.generate(), scope)
+    private, public = write_keypair(root / "agent", Signer.generate(), scope)
+    trust = root / "trusted"
+    trust.mkdir(mode=0o700)
+    for source in [*fabric.key_dir.glob("*.pub"), *fabric.key_dir.glob("*.toml"), public]:
+        shutil.copy(source, trust / source.name)
+    shutil.copy(scope_path(public), trust / scope_path(public).name)
     return private
+
+
+def trusted(agent_key: Path) -> Path:
+    """The key directory the test's workers and the agent trust (see :func:`agent_key`)."""
+    return agent_key.parent.parent / "trusted"
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +189,7 @@ def settings(fabric: Fabric, key: Path, base_url: str, **overrides: Any) -> Agen
         "model": "scripted",
         "dispatcher_amqp_url": fabric.endpoint.amqp_url,
         "dispatcher_key": str(key),
-        "result_keys": str(fabric.key_dir),
+        "result_keys": str(trusted(key)),
         "tools": {
             "demo.echo": {
                 "description": "echo the input",
@@ -236,7 +250,9 @@ def workers(fabric: Fabric, agent: Agent, *others: Any, concurrency: int = 4) ->
     http = HttpCall(HttpCallSettings.model_validate({"allow_networks": ["127.0.0.1/32"]}))
     executors = [agent, Echo(), http, *others]
     return fabric.worker(
-        executors, keyring=KeyRing.load_dir(fabric.key_dir), concurrency=concurrency
+        executors,
+        keyring=KeyRing.load_dir(agent.settings.result_keys),
+        concurrency=concurrency,
     )
 
 
@@ -553,7 +569,7 @@ async def test_the_daemon_runs_the_agent_from_its_config_file_with_a_secret_api_
         'api_key = {"$secret" = "model-key"}\n'
         f'dispatcher_amqp_url = "{fabric.endpoint.amqp_url}"\n'
         f'dispatcher_key = "{agent_key}"\n'
-        f'result_keys = "{fabric.key_dir}"\n'
+        f'result_keys = "{trusted(agent_key)}"\n'
         '[agent.reason.tools."demo.echo"]\n'
         'description = "echo"\n'
     )
@@ -562,7 +578,11 @@ async def test_the_daemon_runs_the_agent_from_its_config_file_with_a_secret_api_
         ["wayang_workers.agent:Agent", "wayang_workers.demo:Echo"],
         executor_id=f"agent-{secrets.token_hex(3)}",
         args=["--config", str(path), "--secrets", "env", "--concurrency", "2"],
-        env={"WAYANG_SECRET_MODEL_KEY": api_key},
+        env={
+            "WAYANG_SECRET_MODEL_KEY": api_key,
+            "WAYANG_KEY_DIR": str(trusted(agent_key)),
+            "WAYANG_SIGNING_KEY": str(fabric.key_dir / f"{fabric.signer.key_id}.key"),
+        },
     )
     try:
         await asyncio.to_thread(worker.wait_started)
