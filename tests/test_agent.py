@@ -21,7 +21,7 @@ from wayang_workers.agent.llm import ChatClient
 from wayang_workers.demo import Echo, Sleep
 from wayang_workers.http_call import HttpCall, HttpCallSettings
 
-from wayang_mq import ErrorCode, Executor, Pending, Status, Task, TaskRef
+from wayang_mq import ErrorCode, Executor, Pending, Status, Task, TaskRef, current
 from wayang_mq.core.errors import ConfigError, ExecutorError
 from wayang_mq.core.model import JsonLike, PolicyConstraints, Progress
 from wayang_mq.core.scopes import KeyScope, Role, scope_path
@@ -218,9 +218,11 @@ class RecordingSleep(Sleep):
 
     started: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    seen: list[tuple[str, str | None]] = field(default_factory=list)  # (node_id, traceparent)
 
     async def execute(self, task: Task) -> JsonLike:
         self.started.append(task.task_id)
+        self.seen.append((task.node_id, current().traceparent))
         try:
             return await super().execute(task)
         except asyncio.CancelledError:
@@ -479,6 +481,11 @@ async def test_a_cancel_stops_the_loop_and_cancels_the_running_child(
         await eventually(lambda: sleeper.cancelled == sleeper.started, what="child cancelled")
     assert result.status is Status.FAILED and result.error.code is ErrorCode.CANCELLED
     assert len(model.of(base_url).requests) == 1  # the loop asked nothing more
+    # The child ran as the agent's workflow node, in the agent task's trace
+    ((node_id, traceparent),) = sleeper.seen
+    assert node_id == handle.task.node_id
+    assert handle.traceparent is not None and traceparent is not None
+    assert traceparent.split("-")[1] == handle.traceparent.split("-")[1]
 
 
 async def test_a_tool_the_worker_does_not_allow_is_refused_invalid_task(
