@@ -420,16 +420,18 @@ async def test_an_agent_asks_another_agent_through_the_fabric(
     # Given a parent agent that delegates to agent.reason (served by the same pool: two
     # slots, so the parent waiting for its child does not hold the only one)
     base_url = model.script(
-        call(("agent__reason", {"goal": "say the password"})),
+        call(("agent__reason", {"goal": "say the password", "tools": ["agent.reason"]})),
         say("swordfish"),  # the child's answer
         say("the child said swordfish"),
     )
-    agent = Agent(settings(fabric, agent_key, base_url, price_in_per_1k=0.5))
+    agent = Agent(settings(fabric, agent_key, base_url, price_in_per_1k=0.5, max_depth=1))
     async with workers(fabric, agent, concurrency=2):
         result = await run_agent(fabric, {"goal": "ask a sub-agent", "tools": ["agent.reason"]})
     assert result.status is Status.SUCCESS, result.error
     assert result.output["answer"] == "the child said swordfish"
     assert result.output["tool_calls"][0]["capability"] == "agent.reason"
+    # The child, one level down with max_depth = 1, was not offered agent.reason again
+    assert "tools" not in model.of(base_url).requests[1]
     parent_view = tool_messages(model.of(base_url).requests[2])[0]
     assert parent_view["output"]["answer"] == "swordfish"
     # The child's cost counts in the parent's: 3 calls of 20 prompt tokens at 0.5 per 1000

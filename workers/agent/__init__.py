@@ -88,6 +88,7 @@ class AgentSettings(BaseModel):
     default_max_steps: int = Field(default=10, ge=1)
     max_steps_limit: int = Field(default=30, ge=1, le=1000)  # the most a task may ask for
     max_output_retries: int = Field(default=2, ge=0, le=10)  # re-asks on a schema mismatch
+    max_depth: int = Field(default=2, ge=0, le=10)  # agents asking agents: levels below
     tools: dict[str, ToolSettings] = Field(default_factory=dict)  # capability -> tool
     dsn: str | SecretRef | None = None  # PostgreSQL for sessions; None: no sessions
     price_in_per_1k: float = Field(default=0.0, ge=0)  # cost of 1000 prompt tokens
@@ -118,6 +119,8 @@ class AgentInput(BaseModel):
     max_steps: Annotated[int, Field(ge=1)] | None = None
     output_schema: dict[str, Any] | None = None
     session_id: Annotated[str, Field(pattern=SESSION_PATTERN)] | None = None
+    #: how many agents above this one asked for it (set by the asking agent, not its model)
+    depth: int = Field(default=0, ge=0, le=100)
 
 
 class Agent(Executor):
@@ -256,8 +259,13 @@ class Agent(Executor):
         if self._dispatcher is None:
             raise RuntimeError("Agent.setup() was not called")
         ctx = current()
-        chosen = {function_name(name): self._tools[name] for name in request.tools}
-        return Toolbox(self._dispatcher, task, chosen, ctx.traceparent, ctx.tracestate)
+        names = list(request.tools)
+        if request.depth >= self.settings.max_depth and CAPABILITY in names:
+            names.remove(CAPABILITY)  # deep enough: this agent may not ask another
+        chosen = {function_name(name): self._tools[name] for name in names}
+        return Toolbox(
+            self._dispatcher, task, chosen, ctx.traceparent, ctx.tracestate, request.depth
+        )
 
     def cost(self, tokens_in: int, tokens_out: int) -> float:
         s = self.settings

@@ -79,6 +79,7 @@ class Toolbox:
     tools: dict[str, Tool]  # by function name
     traceparent: str | None = None
     tracestate: str | None = None
+    depth: int = 0  # this agent's depth: a child agent is told depth + 1
     max_result_chars: int = 16_000
     #: the child tasks still running: a cancel of the agent cancels them
     running: set[str] = field(default_factory=set)
@@ -109,6 +110,8 @@ class Toolbox:
         problem = value_problem(tool.parameters, args)
         if problem is not None:
             return _refused(tool, f"the arguments do not match the tool's schema: {problem}")
+        if tool.capability == AGENT_CAPABILITY:  # whatever the model wrote there
+            args["depth"] = self.depth + 1
         policy = PolicyConstraints(max_cost=budget_left) if budget_left is not None else None
         try:
             handle = await self.dispatcher.submit(
