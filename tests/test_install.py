@@ -158,7 +158,8 @@ async def test_a_wheel_installed_outside_the_checkout_applies_the_topology_and_r
     # with the system executors, their data files and the example settings
     with zipfile.ZipFile(wheel) as archive:
         shipped = set(archive.namelist())
-    for module in ("http_call", "db_query", "batch_run", "payment/__init__", "payment/ledger"):
+    executors = ("http_call", "db_query", "batch_run", "payment/__init__", "payment/ledger")
+    for module in (*executors, "agent/__init__", "agent/llm", "approval/__init__"):
         assert f"wayang_workers/{module}.py" in shipped, module
     assert "wayang_workers/payment/ledger.sql" in shipped
     for data in ("schema.sql", "templates/detail.html", "static/style.css"):
