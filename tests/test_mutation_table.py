@@ -31,12 +31,19 @@ def _script() -> ModuleType:
 
 
 def _test_names(path: Path) -> set[str]:
+    """The test functions of a file as pytest names them: ``test_x``, ``TestY::test_z``."""
     tree = ast.parse(path.read_text())
-    return {
-        node.name
-        for node in tree.body
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test")
-    }
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            names.add(node.name)
+        elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
+            names.update(
+                f"{node.name}::{item.name}"
+                for item in node.body
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)
+            )
+    return {name for name in names if name.rsplit("::", 1)[-1].startswith("test")}
 
 
 def _credited_tests() -> set[str]:
