@@ -14,113 +14,42 @@ because one of its executors dispatches. The operator grants the agent a dispatc
 broker account scoped to exactly the capabilities it may call; every child task says it was
 issued by that identity. The tools a task may use are the intersection of the task's list,
 the settings' ``tools`` and that key's scope: a task cannot widen any of them.
+
+This module holds the executor: its setup (the identity, the clients), a task's checks, and
+what outlives one run (the session, cancelling its children). The shapes it reads and writes
+are in ``models``, one task's loop in ``loop``, the chat client in ``llm``, the tools in
+``tools``, the conversations in ``sessions``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 from pathlib import Path
-from typing import Annotated, Any
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Any
 
 from wayang_mq import ErrorCode, Executor, ExecutorError, Task, current
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig
 from wayang_mq.core import logs
 from wayang_mq.core.errors import ConfigError
-from wayang_mq.core.model import DEFAULT_AUDIENCE, JsonLike
-from wayang_mq.core.names import valid_capability, valid_word
+from wayang_mq.core.names import valid_word
 from wayang_mq.core.scopes import KeyScope, Role, read_scope, scope_path
 from wayang_mq.core.signing import KeyRing, Signer
-from wayang_mq.runtime.settings import SecretRef, parse_input
+from wayang_mq.runtime.settings import parse_input
 from wayang_mq.security.accounts import instance_id
 
-from .llm import ChatClient, Reply
-from .schemas import schema_problem, value_problem
+from .llm import ChatClient
+from .loop import Run
+from .models import AgentInput, AgentOutput, AgentSettings, ToolSettings
+from .schemas import schema_problem
 from .sessions import SessionStore
-from .tools import Tool, Toolbox, function_name
+from .tools import AGENT_CAPABILITY, Tool, Toolbox, function_name
 
-__all__ = ["Agent", "AgentInput", "AgentSettings", "LongAgent", "ToolSettings"]
+__all__ = ["Agent", "AgentInput", "AgentOutput", "AgentSettings", "LongAgent", "ToolSettings"]
 
 log = logging.getLogger("wayang_workers.agent")
 
-CAPABILITY = "agent.reason"
-SESSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-SYSTEM_PROMPT = (
-    "You are an agent working on a task fabric. Reach the goal the user gives, using the "
-    "tools when they help: each tool runs a task and answers with its status and output. "
-    "When you are done, answer without calling a tool."
-)
-
-
-class ToolSettings(BaseModel):
-    """One capability the agent may call, as the model sees it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    description: str = Field(default="", max_length=2000)
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
-    timeout_s: float = Field(default=60.0, gt=0)  # the child task's execution timeout
-    queue_timeout_s: float = Field(default=30.0, gt=0)  # how long it may wait for an executor
-
-    @field_validator("parameters")
-    @classmethod
-    def _a_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
-        problem = schema_problem(value)
-        if problem is not None:
-            raise ValueError(f"not a JSON schema: {problem}")
-        return value
-
-
-class AgentSettings(BaseModel):
-    """``[agent.reason]`` in the worker's ``--config`` file."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    base_url: str = Field(pattern=r"^https?://")  # e.g. https://api.openai.com/v1
-    model: str = Field(min_length=1)
-    api_key: str | SecretRef | None = None  # sent as a bearer token; local servers need none
-    request_timeout_s: float = Field(default=120.0, gt=0)
-    max_model_retries: int = Field(default=3, ge=0, le=10)  # 429, 5xx, connection errors
-    default_max_steps: int = Field(default=10, ge=1)
-    max_steps_limit: int = Field(default=30, ge=1, le=1000)  # the most a task may ask for
-    max_output_retries: int = Field(default=2, ge=0, le=10)  # re-asks on a schema mismatch
-    max_depth: int = Field(default=2, ge=0, le=10)  # agents asking agents: levels below
-    tools: dict[str, ToolSettings] = Field(default_factory=dict)  # capability -> tool
-    dsn: str | SecretRef | None = None  # PostgreSQL for sessions; None: no sessions
-    price_in_per_1k: float = Field(default=0.0, ge=0)  # cost of 1000 prompt tokens
-    price_out_per_1k: float = Field(default=0.0, ge=0)  # cost of 1000 completion tokens
-    # the agent's own dispatcher identity (see the module docstring): required
-    dispatcher_amqp_url: str | SecretRef
-    dispatcher_key: Path  # a private key whose scope (<stem>.toml) has role = "dispatcher"
-    result_keys: Path  # public keys trusted for the children's results (a key directory)
-    audience: str = DEFAULT_AUDIENCE
-
-    @field_validator("tools")
-    @classmethod
-    def _capabilities(cls, value: dict[str, ToolSettings]) -> dict[str, ToolSettings]:
-        for capability in value:
-            if not valid_capability(capability):
-                raise ValueError(f"{capability!r} is not a capability name")
-        return value
-
-
-class AgentInput(BaseModel):
-    """A task's input."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
-
-    goal: str = Field(min_length=1, max_length=20_000)
-    context: dict[str, Any] = Field(default_factory=dict)
-    tools: tuple[str, ...] = ()  # capabilities, each allowed by the worker's settings
-    max_steps: Annotated[int, Field(ge=1)] | None = None
-    output_schema: dict[str, Any] | None = None
-    session_id: Annotated[str, Field(pattern=SESSION_PATTERN)] | None = None
-    #: how many agents above this one asked for it (set by the asking agent, not its model)
-    depth: int = Field(default=0, ge=0, le=100)
+CAPABILITY = AGENT_CAPABILITY
 
 
 class Agent(Executor):
@@ -199,7 +128,7 @@ class Agent(Executor):
         if self._dispatcher is not None:
             await self._dispatcher.close()
 
-    async def execute(self, task: Task) -> JsonLike:
+    async def execute(self, task: Task) -> AgentOutput:
         request = parse_input(AgentInput, task.input)
         max_steps = self._max_steps(request)
         toolbox = self._toolbox(task, request)
@@ -218,7 +147,9 @@ class Agent(Executor):
         if request.session_id is not None:
             assert self._sessions is not None
             history, version = await self._sessions.load(request.session_id)
-        run = _Run(self, task, request, toolbox, max_steps, history)
+        if self._client is None:
+            raise RuntimeError("Agent.setup() was not called")
+        run = Run(self._client, self.settings, task, request, toolbox, max_steps, history)
         try:
             output = await run.loop()
         except asyncio.CancelledError:
@@ -267,10 +198,6 @@ class Agent(Executor):
             self._dispatcher, task, chosen, ctx.traceparent, ctx.tracestate, request.depth
         )
 
-    def cost(self, tokens_in: int, tokens_out: int) -> float:
-        s = self.settings
-        return tokens_in / 1000 * s.price_in_per_1k + tokens_out / 1000 * s.price_out_per_1k
-
 
 class LongAgent(Agent):
     """``agent.reason`` for agents whose tools may take longer than the broker lets a
@@ -280,144 +207,6 @@ class LongAgent(Agent):
     heartbeat timeout, so a worker death is noticed and the task re-dispatched."""
 
     long_running = True
-
-
-class _Run:
-    """One task's loop: the conversation, the steps, the usage."""
-
-    def __init__(
-        self,
-        agent: Agent,
-        task: Task,
-        request: AgentInput,
-        toolbox: Toolbox,
-        max_steps: int,
-        history: list[dict[str, Any]],
-    ) -> None:
-        self.agent = agent
-        self.task = task
-        self.request = request
-        self.toolbox = toolbox
-        self.max_steps = max_steps
-        self.budget = task.policy.max_cost
-        self.tokens_in = 0
-        self.tokens_out = 0
-        self.child_cost = 0.0
-        self.steps = 0
-        self.calls: list[dict[str, Any]] = []
-        self.messages = list(history) or [{"role": "system", "content": SYSTEM_PROMPT}]
-        self.messages.append({"role": "user", "content": self._prompt()})
-
-    @property
-    def cost(self) -> float:
-        return self.agent.cost(self.tokens_in, self.tokens_out) + self.child_cost
-
-    def _prompt(self) -> str:
-        parts = [f"Goal: {self.request.goal}"]
-        if self.request.context:
-            context = json.dumps(self.request.context, default=str, ensure_ascii=False)
-            parts.append(f"Context (JSON): {context}")
-        if self.request.output_schema is not None:
-            schema = json.dumps(self.request.output_schema, ensure_ascii=False)
-            parts.append(
-                "Your final answer must be JSON only (no prose, no code fence) valid against "
-                f"this JSON schema: {schema}"
-            )
-        return "\n".join(parts)
-
-    async def loop(self) -> JsonLike:
-        ctx = current()
-        client = self.agent._client
-        assert client is not None
-        reasks = 0
-        while True:
-            if self.steps >= self.max_steps:
-                raise self._failed(
-                    f"no answer within {self.max_steps} steps: raise max_steps or narrow the goal",
-                    "max_steps",
-                )
-            self.steps += 1
-            await ctx.progress(self.steps / self.max_steps, f"step {self.steps}: asking the model")
-            reply = await client.complete(self.messages, self.toolbox.schemas())
-            self._count(reply)
-            self.messages.append(reply.message)
-            if reply.tool_calls:
-                for call in reply.tool_calls:
-                    await self._tool(call.id, call.name, call.arguments)
-                continue
-            if self.request.output_schema is None:
-                return self._output(reply.content)
-            answer, problem = _validated(reply.content, self.request.output_schema)
-            if problem is None:
-                return self._output(answer)
-            reasks += 1
-            if reasks > self.agent.settings.max_output_retries:
-                raise self._failed(
-                    f"the model's answer does not match output_schema after {reasks - 1} "
-                    f"re-asks ({problem})",
-                    "invalid_output",
-                )
-            logs.event(log, "agent.output.reask", step=self.steps, problem=problem[:200])
-            self.messages.append(
-                {
-                    "role": "user",
-                    "content": f"Your answer is not valid: {problem}. Answer again with JSON "
-                    "only, valid against the schema.",
-                }
-            )
-
-    async def _tool(self, call_id: str, name: str, arguments: str) -> None:
-        ctx = current()
-        capability = self.toolbox.tools[name].capability if name in self.toolbox.tools else name
-        await ctx.progress(self.steps / self.max_steps, f"step {self.steps}: calling {capability}")
-        left = None if self.budget is None else max(0.0, self.budget - self.cost)
-        done = await self.toolbox.call(name, arguments, left)
-        self.calls.append(done.summary())
-        self.child_cost += done.cost
-        self.messages.append({"role": "tool", "tool_call_id": call_id, "content": done.content})
-        self._check_budget()
-
-    def _count(self, reply: Reply) -> None:
-        self.tokens_in += reply.tokens_in
-        self.tokens_out += reply.tokens_out
-        current().report_usage(tokens_in=reply.tokens_in, tokens_out=reply.tokens_out)
-        self._check_budget()
-
-    def _check_budget(self) -> None:
-        if self.budget is not None and self.cost > self.budget:
-            raise self._failed(
-                f"spent {self.cost:.6g} of a budget of {self.budget:g} (policy.max_cost)",
-                "budget_exceeded",
-                retryable=False,
-            )
-
-    def _usage(self) -> dict[str, JsonLike]:
-        return {
-            "tokens_in": self.tokens_in,
-            "tokens_out": self.tokens_out,
-            "cost": round(self.cost, 9),
-        }
-
-    def _output(self, answer: JsonLike) -> JsonLike:
-        return {
-            "answer": answer,
-            "steps": self.steps,
-            "tool_calls": self.calls,
-            "usage": self._usage(),
-            "session_id": self.request.session_id,
-        }
-
-    def _failed(self, message: str, reason: str, *, retryable: bool = False) -> ExecutorError:
-        return ExecutorError(
-            message,
-            retryable=retryable,
-            details={
-                "reason": reason,
-                "steps": self.steps,
-                "tool_calls": len(self.calls),
-                **self._usage(),
-            },
-        )
 
 
 def _dispatcher_key(path: Path) -> tuple[Signer, KeyScope]:
@@ -444,6 +233,8 @@ def _dispatcher_key(path: Path) -> tuple[Signer, KeyScope]:
 
 
 def _check_output_schema(schema: dict[str, Any]) -> None:
+    """Refuse a task whose ``output_schema`` is no schema before the first model request:
+    the fault is the task's (``invalid_task``), and finding it later would cost tokens."""
     problem = schema_problem(schema)
     if problem is not None:
         raise ExecutorError(
@@ -451,17 +242,3 @@ def _check_output_schema(schema: dict[str, Any]) -> None:
             retryable=False,
             code=ErrorCode.INVALID_TASK,
         )
-
-
-_FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
-
-
-def _validated(content: str, schema: dict[str, Any]) -> tuple[JsonLike, str | None]:
-    """The answer as JSON and, when it is not valid against ``schema``, what is wrong."""
-    fenced = _FENCE.match(content)
-    text = fenced.group(1) if fenced else content
-    try:
-        answer = json.loads(text)
-    except ValueError as exc:
-        return None, f"it is not JSON ({exc})"
-    return answer, value_problem(schema, answer)
