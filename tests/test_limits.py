@@ -357,7 +357,13 @@ async def test_a_limited_capability_keeps_its_prefetch_after_a_reconnect(fabric:
     tag = f"{executor_id}/demo.echo"
 
     def consumer() -> dict[str, Any] | None:
-        found = [c for c in management.list_consumers() if c["consumer_tag"] == tag]
+        # The management API lists a consumer before its channel's details are in its stats
+        # (channel_details is [] then): only a listing with them counts.
+        found = [
+            c
+            for c in management.list_consumers()
+            if c["consumer_tag"] == tag and isinstance(c.get("channel_details"), dict)
+        ]
         return found[0] if found else None
 
     def connection_name(c: dict[str, Any]) -> str:
