@@ -234,23 +234,9 @@ def test_every_secret_and_configmap_referenced_is_defined() -> None:
         for _, d in k8s_resources()
         if d["kind"] == "RabbitmqCluster"
     }
-    referenced_secrets: list[tuple[str, str | None]] = []
-    referenced_cms: list[str] = []
     for path, doc in k8s_resources():
         assert doc["kind"] != "Secret", f"{path.name}: a Secret among the applied manifests"
-        for container in containers(doc):
-            for env in container.get("env", []):
-                ref = env.get("valueFrom", {}).get("secretKeyRef")
-                if ref:
-                    referenced_secrets.append((ref["name"], ref["key"]))
-        for volume in (pod_spec(doc) or {}).get("volumes", []):
-            if "secret" in volume:
-                for item in volume["secret"].get("items", [{"key": None}]):
-                    referenced_secrets.append((volume["secret"]["secretName"], item["key"]))
-            if "configMap" in volume:
-                referenced_cms.append(volume["configMap"]["name"])
-        for ref in doc.get("spec", {}).get("secretTargetRef", []):
-            referenced_secrets.append((ref["name"], ref["key"]))
+    referenced_secrets, referenced_cms = references()
     assert referenced_secrets and referenced_cms
     for name, key in referenced_secrets:
         if name in operator:
@@ -259,6 +245,26 @@ def test_every_secret_and_configmap_referenced_is_defined() -> None:
         assert key is None or key in secrets[name]["stringData"], f"{name} has no key {key}"
     for name in referenced_cms:
         assert name in generated | examples_cm, f"ConfigMap {name} is defined nowhere"
+
+
+def references() -> tuple[list[tuple[str, str | None]], list[str]]:
+    """The (Secret, key) pairs and the ConfigMaps the applied manifests reference."""
+    secrets: list[tuple[str, str | None]] = []
+    config_maps: list[str] = []
+    for _, doc in k8s_resources():
+        for container in containers(doc):
+            refs = [
+                env.get("valueFrom", {}).get("secretKeyRef") for env in container.get("env", [])
+            ]
+            secrets += [(ref["name"], ref["key"]) for ref in refs if ref]
+        for volume in (pod_spec(doc) or {}).get("volumes", []):
+            if "secret" in volume:
+                items = volume["secret"].get("items", [{"key": None}])
+                secrets += [(volume["secret"]["secretName"], item["key"]) for item in items]
+            if "configMap" in volume:
+                config_maps.append(volume["configMap"]["name"])
+        secrets += [(r["name"], r["key"]) for r in doc.get("spec", {}).get("secretTargetRef", [])]
+    return secrets, config_maps
 
 
 def worker_deployments() -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -373,10 +379,14 @@ def test_worker_configs_are_valid_settings_where_they_are_mounted() -> None:
         args = build_parser().parse_args(container["args"])
         if args.config is None:
             continue
-        mount = next(m for m in container["volumeMounts"] if str(args.config).startswith(m["mountPath"]))
+        mount = next(
+            m for m in container["volumeMounts"] if str(args.config).startswith(m["mountPath"])
+        )
         volume = next(v for v in pod_spec(deployment)["volumes"] if v["name"] == mount["name"])  # type: ignore[index]
         generator = next(
-            g for g in kustomization()["configMapGenerator"] if g["name"] == volume["configMap"]["name"]
+            g
+            for g in kustomization()["configMapGenerator"]
+            if g["name"] == volume["configMap"]["name"]
         )
         files = dict(entry.split("=", 1) for entry in generator["files"])
         source = K8S / files[str(args.config)[len(mount["mountPath"]) + 1 :]]
@@ -385,7 +395,7 @@ def test_worker_configs_are_valid_settings_where_they_are_mounted() -> None:
             load_executor(spec, settings)
         checked += 1
     compose = yaml_docs(COMPOSE)[0]
-    for name, service in compose["services"].items():
+    for service in compose["services"].values():
         if not is_ours(service) or service.get("command", [None])[0] != "worker":
             continue
         args = build_parser().parse_args(service["command"])
@@ -416,22 +426,24 @@ def variables_the_code_reads() -> set[str]:
 def variables_the_deployments_set() -> Iterator[tuple[str, str]]:
     """(where, name) of every environment variable given to a process of the image."""
     for path, doc in k8s_resources():
-        for container in containers(doc):
-            if ours(container):
-                for env in container.get("env", []):
-                    yield f"{path.name}:{container['name']}", env["name"]
+        for container in filter(ours, containers(doc)):
+            for env in container.get("env", []):
+                yield f"{path.name}:{container['name']}", env["name"]
     compose = yaml_docs(COMPOSE)[0]
     for name, service in compose["services"].items():
-        if is_ours(service):
-            for variable in service.get("environment", {}):
-                yield f"compose:{name}", variable
+        for variable in service.get("environment", {}) if is_ours(service) else ():
+            yield f"compose:{name}", variable
     bootstrap = (COMPOSE.parent / "bootstrap.sh").read_text()
     for variable in re.findall(r"printf '(\w+)=", bootstrap):
         yield "compose:bootstrap.sh", variable
+    yield from unit_variables()
+
+
+def unit_variables() -> Iterator[tuple[str, str]]:
+    """The variables the systemd units set, and those of their example environment files."""
     for unit in SYSTEMD.glob("*.service"):
-        for line in unit.read_text().splitlines():
-            if line.startswith("Environment="):
-                yield unit.name, line.split("=", 2)[1]
+        for value in unit_entries(unit).get("Environment", []):
+            yield unit.name, value.split("=", 1)[0]
     for env_file in SYSTEMD.glob("*.env.example"):
         for name in env_file_vars(env_file):
             yield env_file.name, name
@@ -538,9 +550,7 @@ def test_compose_daemons_drain_and_have_an_identity() -> None:
     for name, service in compose["services"].items():
         if not is_ours(service) or name == "bootstrap":
             continue
-        mounts = {
-            v["target"]: v["volume"]["subpath"] for v in service["volumes"] if "volume" in v
-        }
+        mounts = {v["target"]: v["volume"]["subpath"] for v in service["volumes"] if "volume" in v}
         identity = mounts["/run/wayang/identity"].removeprefix("identities/")
         assert identity in identities, f"{name}: bootstrap.sh makes no identity {identity}"
         assert mounts["/run/wayang/keys"] == "keys"
@@ -615,7 +625,7 @@ def test_dockerfile_builds_a_small_non_root_image() -> None:
     bases = [args.split()[0] for op, args in steps if op == "FROM"]
     assert len(bases) >= 2, "a multi-stage build"
     for base in bases:
-        name, _, tag = base.partition(":")
+        tag = base.partition(":")[2]
         assert re.match(r"\d+\.\d+\.\d+", tag), f"{base}: pin the base by its full version"
     final = steps[max(i for i, (op, _) in enumerate(steps) if op == "FROM") :]
     users = [args for op, args in final if op == "USER"]
@@ -701,7 +711,9 @@ def test_systemd_units_drain_restart_and_are_hardened() -> None:
         assert unit["DynamicUser"] == ["yes"] and unit["NoNewPrivileges"] == ["yes"]
         assert unit["ProtectSystem"] == ["strict"]
         assert "/etc/wayang/wayang.env" in unit["EnvironmentFile"]
-        assert any(f.endswith(".env") and f != "/etc/wayang/wayang.env" for f in unit["EnvironmentFile"])
+        assert any(
+            f.endswith(".env") and f != "/etc/wayang/wayang.env" for f in unit["EnvironmentFile"]
+        )
         assert unit["Environment"] == ["WAYANG_SIGNING_KEY=%d/signing.key"]
     worker = unit_entries(SYSTEMD / "wayang-worker@.service")
     assert "/etc/wayang/worker-%i.env" in worker["EnvironmentFile"]
