@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import json
 import os
 import pwd
@@ -22,7 +23,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -187,16 +188,21 @@ class NodeTls:
 
 
 def _local_endpoint(
-    amqp_port: int, management_port: int, user: str, password: str, tls: NodeTls | None = None
+    amqp_port: int,
+    management_port: int,
+    user: str,
+    password: str,
+    tls: NodeTls | None = None,
+    host: str = LOOPBACK,
 ) -> BrokerEndpoint:
     account = f"{quote(user, safe='')}:{quote(password, safe='')}"
     if tls is None:
-        amqp_url = f"amqp://{account}@{LOOPBACK}:{amqp_port}/"
-        return BrokerEndpoint(amqp_url, f"http://{LOOPBACK}:{management_port}", user, password)
+        amqp_url = f"amqp://{account}@{host}:{amqp_port}/"
+        return BrokerEndpoint(amqp_url, f"http://{host}:{management_port}", user, password)
     # The CA goes with the URL (aiormq reads ``cafile``); the client certificate is the
     # caller's to add (see amqp.tls.with_tls): the node does not know who will connect.
-    amqp_url = f"amqps://{account}@{LOOPBACK}:{amqp_port}/?cafile={quote(str(tls.ca), safe='/')}"
-    return BrokerEndpoint(amqp_url, f"https://{LOOPBACK}:{management_port}", user, password)
+    amqp_url = f"amqps://{account}@{host}:{amqp_port}/?cafile={quote(str(tls.ca), safe='/')}"
+    return BrokerEndpoint(amqp_url, f"https://{host}:{management_port}", user, password)
 
 
 def wait_for_broker(
@@ -253,6 +259,11 @@ class RabbitNode:
 
     Listeners bind 127.0.0.1 only; ports, node name and password are remembered in the
     directory, so ``restart()`` (or a new ``RabbitNode`` on the same directory) keeps the data.
+
+    ``host`` binds every listener (AMQP, management, Prometheus, Erlang distribution) to another
+    local IPv4 address instead, and ``command_prefix`` wraps the server and ``rabbitmqctl``
+    commands, e.g. ``["ip", "netns", "exec", "ns1"]`` to run the node in a network namespace
+    (see :mod:`wayang_mq.dev.cluster`).
     """
 
     def __init__(
@@ -269,8 +280,12 @@ class RabbitNode:
         server_binary: Path | None = None,
         max_message_bytes: int = DEFAULT_MAX_BODY_BYTES,
         tls: NodeTls | None = None,
+        host: str = LOOPBACK,
+        command_prefix: Sequence[str] = (),
     ) -> None:
         self.state_dir = Path(state_dir).absolute()
+        self.host = host
+        self.command_prefix = tuple(command_prefix)
         saved = _load_state(self.state_dir)
         requested = {
             "amqp_port": amqp_port,
@@ -305,6 +320,7 @@ class RabbitNode:
             self.username,
             self._password,
             self.tls,
+            self.host,
         )
 
     @property
@@ -312,7 +328,7 @@ class RabbitNode:
         """The broker's own Prometheus endpoint (rabbitmq_prometheus): ``/metrics`` for
         aggregated metrics, ``/metrics/detailed?family=...`` per queue."""
         scheme = "http" if self.tls is None else "https"
-        return f"{scheme}://{LOOPBACK}:{self._ports['prometheus_port']}"
+        return f"{scheme}://{self.host}:{self._ports['prometheus_port']}"
 
     @property
     def log_path(self) -> Path:
@@ -377,7 +393,7 @@ class RabbitNode:
         """
         _require_executable(RABBITMQCTL, "rabbitmqctl is not installed", _RABBITMQ_HINT)
         done = subprocess.run(
-            [str(RABBITMQCTL), "-n", self.node_name, *args],
+            [*self.command_prefix, str(RABBITMQCTL), "-n", self.node_name, *args],
             cwd=self.state_dir,
             env=self._environment(),
             stdin=subprocess.DEVNULL,
@@ -446,11 +462,11 @@ class RabbitNode:
 
     def _listeners(self) -> list[str]:
         return [
-            f"listeners.tcp.default = {LOOPBACK}:{self._ports['amqp_port']}",
-            f"management.tcp.ip = {LOOPBACK}",
+            f"listeners.tcp.default = {self.host}:{self._ports['amqp_port']}",
+            f"management.tcp.ip = {self.host}",
             f"management.tcp.port = {self._ports['management_port']}",
             # the broker's Prometheus endpoint (rabbitmq_prometheus), on loopback
-            f"prometheus.tcp.ip = {LOOPBACK}",
+            f"prometheus.tcp.ip = {self.host}",
             f"prometheus.tcp.port = {self._ports['prometheus_port']}",
         ]
 
@@ -458,7 +474,7 @@ class RabbitNode:
         files = [f"cacertfile = {tls.ca}", f"certfile = {tls.cert}", f"keyfile = {tls.key}"]
         return [
             "listeners.tcp = none",  # TLS only: no plain AMQP port at all
-            f"listeners.ssl.default = {LOOPBACK}:{self._ports['amqp_port']}",
+            f"listeners.ssl.default = {self.host}:{self._ports['amqp_port']}",
             *(f"ssl_options.{line}" for line in files),
             # A client must present a certificate our CA issued, or the handshake fails.
             "ssl_options.verify = verify_peer",
@@ -467,7 +483,7 @@ class RabbitNode:
             # a password over AMQP.
             "auth_mechanisms.1 = EXTERNAL",
             "ssl_cert_login_from = common_name",
-            f"management.ssl.ip = {LOOPBACK}",
+            f"management.ssl.ip = {self.host}",
             f"management.ssl.port = {self._ports['management_port']}",
             *(f"management.ssl.{line}" for line in files),
             # The console is for people with a browser and a password: a certificate is
@@ -475,7 +491,7 @@ class RabbitNode:
             "management.ssl.verify = verify_peer",
             "management.ssl.fail_if_no_peer_cert = false",
             # TLS only means the metrics too: HTTPS with the node's certificate
-            f"prometheus.ssl.ip = {LOOPBACK}",
+            f"prometheus.ssl.ip = {self.host}",
             f"prometheus.ssl.port = {self._ports['prometheus_port']}",
             *(f"prometheus.ssl.{line}" for line in files),
         ]
@@ -494,13 +510,13 @@ class RabbitNode:
             RABBITMQ_CONFIG_FILE=str(home / "rabbitmq.conf"),
             RABBITMQ_ADVANCED_CONFIG_FILE=str(home / "advanced.config"),
             RABBITMQ_CONF_ENV_FILE=str(home / "rabbitmq-env.conf"),
-            # Erlang distribution would listen on every interface; loopback is enough here.
-            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+            # Erlang distribution would listen on every interface; the node's own is enough.
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=_dist_interface_args(self.host),
         )
         if self.tls is None:
             # The plain listener's address: a TLS-only node must not name one at all.
             env.update(
-                RABBITMQ_NODE_IP_ADDRESS=LOOPBACK,
+                RABBITMQ_NODE_IP_ADDRESS=self.host,
                 RABBITMQ_NODE_PORT=str(self._ports["amqp_port"]),
             )
         return env
@@ -512,7 +528,7 @@ class RabbitNode:
         console = open_private_log(self.state_dir / "log" / "console.log")
         try:
             return subprocess.Popen(
-                [str(self.server_binary)],
+                [*self.command_prefix, str(self.server_binary)],
                 cwd=self.state_dir,
                 env=self._environment(),
                 stdin=subprocess.DEVNULL,
@@ -529,6 +545,15 @@ class RabbitNode:
         tail = _log_tail(log)
         message = f"{error.message}; node log: {log}" + (f"\n{tail}" if tail else "")
         return StackError(message, hint=error.hint or f"read {log}")
+
+
+def _dist_interface_args(host: str) -> str:
+    """Erlang's flag binding distribution to ``host`` (an IPv4 literal), or none for a name."""
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        return ""
+    return "-kernel inet_dist_use_interface {" + str(address).replace(".", ",") + "}"
 
 
 def _signal_group(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:

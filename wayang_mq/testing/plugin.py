@@ -11,6 +11,9 @@ from the first source that works:
 When none works the fixture skips, or fails when ``CI=true``, so CI cannot go green by
 skipping every test that needs a broker.
 
+``local_rabbitmq_cluster(3)`` runs a cluster of private nodes for a block (a
+:class:`RabbitCluster`: URLs, the leader of a queue, kill and restart a member).
+
 A third, ``rabbitmq_tls`` (a :class:`TlsBrokerHandle`), is a TLS-only private node with its
 own CA, started only when a test asks for it (always a local node: a broker from the
 environment cannot be made TLS-only for the tests).
@@ -36,6 +39,11 @@ from wayang_mq.amqp.endpoint import BrokerEndpoint
 from wayang_mq.amqp.tls import with_tls
 from wayang_mq.core.errors import StackError
 from wayang_mq.dev.certs import CertFiles, CertificateAuthority
+
+# A 3-node cluster of private nodes, started by the tests that need one (module scope), not
+# for the session: ``with local_rabbitmq_cluster(3) as cluster: ...`` (see docs/cluster.md).
+from wayang_mq.dev.cluster import RabbitCluster as RabbitCluster
+from wayang_mq.dev.cluster import local_rabbitmq_cluster as local_rabbitmq_cluster
 from wayang_mq.dev.nodes import NodeTls, PostgresNode, RabbitNode, wait_for_broker
 
 AMQP_URL_ENV = "WAYANG_AMQP_URL"
