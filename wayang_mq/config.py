@@ -73,14 +73,15 @@ def redact_credentials(settings: Settings) -> None:
         REDACTOR.add("secrets-key", settings.secrets_key.get_secret_value())
 
 
-def _redact_url_password(name: str, url: str) -> None:
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return
-    if password:
-        for form in {password, unquote(password), quote(unquote(password), safe="")}:
-            REDACTOR.add(name, form)
+def _redact_url_password(name: str, urls: str) -> None:
+    for url in urls.split(","):  # a cluster's URL list: every node's password
+        try:
+            password = urlsplit(url.strip()).password
+        except ValueError:
+            continue
+        if password:
+            for form in {password, unquote(password), quote(unquote(password), safe="")}:
+                REDACTOR.add(name, form)
 
 
 def broker_endpoint(settings: Settings, role: str | None = None) -> BrokerEndpoint:

@@ -28,9 +28,14 @@ _BODY_IN_ERRORS: Final = 300  # characters of an error body worth a one-line mes
 
 
 class ManagementClient:
-    """The management API of one broker, acting on one vhost (default ``/``)."""
+    """The management API of one broker, acting on one vhost (default ``/``).
 
-    __slots__ = ("_auth", "_base_url", "_ssl_context", "_timeout_s", "_username", "_vhost")
+    ``base_url`` may list a cluster's nodes, comma-separated: a request goes to the node that
+    answered last and moves on to the next when one cannot be reached (any node answers for
+    the whole cluster).
+    """
+
+    __slots__ = ("_auth", "_base_urls", "_ssl_context", "_timeout_s", "_username", "_vhost")
 
     def __init__(
         self,
@@ -42,10 +47,11 @@ class ManagementClient:
         timeout_s: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise ValueError(f"management URL must be http(s)://host:port, got {base_url!r}")
-        self._base_url = base_url.rstrip("/")
+        self._base_urls = [url.strip().rstrip("/") for url in base_url.split(",") if url.strip()]
+        for url in self._base_urls or [base_url]:
+            parts = urlsplit(url)
+            if parts.scheme not in {"http", "https"} or not parts.hostname:
+                raise ValueError(f"management URL must be http(s)://host:port, got {url!r}")
         self._username = username
         token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
         self._auth = f"Basic {token}"  # the password is kept only inside this header
@@ -55,14 +61,18 @@ class ManagementClient:
 
     def __repr__(self) -> str:
         return (
-            f"ManagementClient({self._base_url!r}, username={self._username!r},"
+            f"ManagementClient({','.join(self._base_urls)!r}, username={self._username!r},"
             f" vhost={self._vhost!r})"
         )
 
     @property
     def base_url(self) -> str:
-        """The API's root URL, e.g. ``http://127.0.0.1:15672``."""
-        return self._base_url
+        """The API's root URL, e.g. ``http://127.0.0.1:15672`` (the node answering now)."""
+        return self._base_urls[0]
+
+    @property
+    def _base_url(self) -> str:
+        return self._base_urls[0]
 
     @property
     def vhost(self) -> str:
@@ -245,7 +255,24 @@ class ManagementClient:
     def _request(
         self, method: str, path: str, body: Mapping[str, Any] | None = None, *, none: bool = False
     ) -> Any:
-        """Send one request; JSON back. ``none``: a 404 answers None instead of raising."""
+        """Send one request; JSON back. ``none``: a 404 answers None instead of raising.
+
+        An unreachable node is skipped for the next one (the list rotates, so the next
+        request starts at the node that answered); the first node's error if none answers.
+        """
+        failure: BrokerUnreachable | None = None
+        for _ in range(len(self._base_urls)):
+            try:
+                return self._request_once(method, path, body, none=none)
+            except _NodeUnreachable as exc:  # refused credentials are the same on every node
+                failure = failure or exc
+                self._base_urls.append(self._base_urls.pop(0))
+        assert failure is not None
+        raise failure
+
+    def _request_once(
+        self, method: str, path: str, body: Mapping[str, Any] | None, *, none: bool
+    ) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self._base_url + path, data=data, method=method)
         request.add_header("Authorization", self._auth)
@@ -278,21 +305,25 @@ class ManagementClient:
             hint="see the broker log for details" if exc.code >= 500 else None,
         )
 
-    def _unreachable(self, exc: OSError) -> BrokerUnreachable:
+    def _unreachable(self, exc: OSError) -> _NodeUnreachable:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         if isinstance(reason, socket.timeout | TimeoutError):
             what = f"timed out after {self._timeout_s:g} s"
         elif isinstance(reason, ssl.SSLCertVerificationError):
-            return BrokerUnreachable(
+            return _NodeUnreachable(
                 f"the management API's certificate at {self._base_url} is not trusted: "
                 f"{reason.verify_message or reason}",
                 hint="set WAYANG_TLS_CA to the CA that issued the broker's certificate",
             )
         else:
             what = str(reason)
-        return BrokerUnreachable(
+        return _NodeUnreachable(
             f"cannot reach the management API at {self._base_url}: {what}", hint=_START_HINT
         )
+
+
+class _NodeUnreachable(BrokerUnreachable):
+    """This node's API did not answer (another node of a cluster may)."""
 
 
 def _seg(value: str) -> str:

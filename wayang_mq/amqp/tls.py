@@ -17,7 +17,7 @@ from pathlib import Path
 import aiormq
 from yarl import URL
 
-from wayang_mq.amqp.endpoint import redact_url
+from wayang_mq.amqp.endpoint import redact_url, split_urls
 from wayang_mq.core.errors import BrokerUnreachable, ConfigError
 
 CA_PARAM = "cafile"
@@ -36,8 +36,8 @@ class TlsFiles:
 
     @classmethod
     def of_url(cls, amqp_url: str) -> TlsFiles:
-        """The files an AMQP URL's query names."""
-        query = URL(amqp_url).query
+        """The files an AMQP URL's query names (the first URL's, of a list)."""
+        query = URL(split_urls(amqp_url)[0] if "," in amqp_url else amqp_url).query
 
         def path(name: str) -> Path | None:
             value = query.get(name)
@@ -57,8 +57,8 @@ class TlsFiles:
 
 
 def is_tls(amqp_url: str) -> bool:
-    """True for an ``amqps://`` URL."""
-    return URL(amqp_url).scheme == "amqps"
+    """True for an ``amqps://`` URL (or list: :class:`BrokerEndpoint` refuses mixed ones)."""
+    return URL(split_urls(amqp_url)[0] if "," in amqp_url else amqp_url).scheme == "amqps"
 
 
 def with_tls(
@@ -70,7 +70,10 @@ def with_tls(
     is often shared); a certificate given without a key drops the URL's ``keyfile`` (the key
     is then read from the certificate's file). ``auth=external`` is added with a client
     certificate unless the URL names a mechanism itself (``auth=plain`` keeps the password).
+    A comma-separated list has each of its URLs changed alike.
     """
+    if "," in amqp_url:
+        return ",".join(with_tls(url, ca=ca, cert=cert, key=key) for url in split_urls(amqp_url))
     url = URL(amqp_url)
     if not (ca or cert or key):
         if url.scheme == "amqps" and url.query.get(CERT_PARAM) and AUTH_PARAM not in url.query:

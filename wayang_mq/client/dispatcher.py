@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from wayang_mq.amqp.connect import connect
 from wayang_mq.amqp.control import ControlClient, StatusSummary, summarize
+from wayang_mq.amqp.endpoint import split_urls
 from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
 from wayang_mq.client.backpressure import publish_task
 from wayang_mq.client.progress import ProgressFeed
@@ -225,6 +226,11 @@ class Dispatcher:
             OWNER_ARGUMENT: f"dispatcher {self.dispatcher_id} ({names.default_id()})",
             REPLY_TO_ARGUMENT: self.reply_to,
         }
+        if len(split_urls(self.config.amqp_url)) > 1:
+            # A cluster: a classic queue lives on one node, and with that node down it can be
+            # neither consumed nor declared again, so the dispatcher could not come back on
+            # another node. A quorum queue has a replica on every node (docs/cluster.md).
+            arguments["x-queue-type"] = "quorum"
         try:
             return channel, await channel.declare_queue(name, durable=True, arguments=arguments)
         except aio_pika.exceptions.ChannelPreconditionFailed as exc:

@@ -240,7 +240,7 @@ class Fabric:
 
     async def purge_reaper(self) -> None:
         """Empty ``wayang.reaper``: dead letters that no reaper answered yet are dropped."""
-        connection = await aio_pika.connect(self.endpoint.amqp_url)
+        connection = await aio_pika.connect(self.endpoint.amqp_urls[0])
         async with connection:
             channel = await connection.channel()
             queue = await channel.get_queue(names.REAPER_QUEUE, ensure=False)
@@ -269,7 +269,7 @@ class Fabric:
 
     async def purge_record(self) -> None:
         """Empty ``wayang.record`` and ``wayang.record.refused`` (what earlier tests left)."""
-        connection = await aio_pika.connect(self.endpoint.amqp_url)
+        connection = await aio_pika.connect(self.endpoint.amqp_urls[0])
         async with connection:
             channel = await connection.channel()
             for name in (names.RECORD_QUEUE, names.RECORD_REFUSED_QUEUE):
@@ -327,7 +327,7 @@ class Fabric:
 
     async def purge(self, *capabilities: str) -> None:
         """Empty the capabilities' task and dead-letter queues (between tests)."""
-        connection = await aio_pika.connect(self.endpoint.amqp_url)
+        connection = await aio_pika.connect(self.endpoint.amqp_urls[0])
         async with connection:
             channel = await connection.channel()
             for capability in capabilities:

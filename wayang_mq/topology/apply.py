@@ -30,7 +30,7 @@ from aio_pika.exceptions import (
 from pamqp.common import FieldTable
 from yarl import URL
 
-from wayang_mq.amqp.endpoint import redact_url, url_vhost
+from wayang_mq.amqp.endpoint import redact_url, split_urls, url_vhost
 from wayang_mq.amqp.management import ManagementClient
 from wayang_mq.amqp.tls import check_files, explain
 from wayang_mq.core import names
@@ -224,15 +224,20 @@ async def _declare(topology: Topology, amqp_url: str) -> None:
 
 
 async def _connect(amqp_url: str) -> AbstractConnection:
+    """A plain connection to the first address that answers (a cluster: any node will do)."""
     check_files(amqp_url)
-    # aio_pika.connect, closing a connection that failed (see amqp.connect.connect for why).
-    connection = aio_pika.Connection(URL(amqp_url))
-    try:
-        await connection.connect(timeout=_CONNECT_TIMEOUT_S)
-    except (AMQPConnectionError, OSError) as exc:  # TimeoutError is an OSError
-        await connection.close()
-        raise _unreachable(exc, amqp_url) from None
-    return connection
+    failure: BrokerUnreachable | None = None
+    for url in split_urls(amqp_url):
+        # aio_pika.connect, closing a connection that failed (see amqp.connect.connect for why).
+        connection = aio_pika.Connection(URL(url))
+        try:
+            await connection.connect(timeout=_CONNECT_TIMEOUT_S)
+        except (AMQPConnectionError, OSError) as exc:  # TimeoutError is an OSError
+            await connection.close()
+            failure = failure or _unreachable(exc, url)
+            continue
+        return connection
+    raise failure or _unreachable(OSError("no address"), amqp_url)
 
 
 def _unreachable(exc: BaseException, amqp_url: str) -> BrokerUnreachable:
