@@ -25,9 +25,11 @@ import asyncio
 import contextlib
 import datetime
 import itertools
+import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +40,8 @@ from wayang_mq import Status
 from wayang_mq.amqp.connect import management_client
 from wayang_mq.amqp.endpoint import BrokerEndpoint
 from wayang_mq.client.dispatcher import Dispatcher, Verdict
-from wayang_mq.core.errors import WayangError
-from wayang_mq.core.names import task_queue
+from wayang_mq.core.errors import BrokerUnreachable, PublishFailed, WayangError
+from wayang_mq.core.names import reply_queue, task_queue
 from wayang_mq.dev.cluster import RabbitCluster
 from wayang_mq.testing.harness import Fabric, WorkerProcess, eventually
 from wayang_mq.testing.ledger import Ledger, LedgerReport
@@ -57,7 +59,12 @@ COLLECT_TIMEOUT_S = 240.0
 QUEUE_TIMEOUT_S = 600.0  # queued tasks must outlive the partition and the rejoin
 CUT_AFTER = 600  # results handed out before the cable is cut
 CAPABILITY = "demo.echo"
+MOVE_EVENTS = ("broker.disconnected", "broker.reconnected")
+#: what a caller may be told while its node is cut off: its task was not confirmed
+OUTAGE_ERRORS = (PublishFailed, BrokerUnreachable)
 A, B, C = 0, 1, 2  # C is the node in the namespace
+#: which clients consume or publish through C when it is cut off -> the dispatcher's addresses
+DISPATCHER_ORDER = {"worker": (A, B, C), "worker and dispatcher": (C, A, B)}
 
 
 @dataclass
@@ -66,6 +73,7 @@ class Timeline:
 
     results: list[float] = field(default_factory=list)  # each result handed to the caller
     confirmed: list[float] = field(default_factory=list)  # each submit the broker confirmed
+    errors: list[BaseException] = field(default_factory=list)  # what each other submit raised
     cut: float = 0.0
     cut_wall: float = 0.0  # time.time() at the cut, to read the worker's log timestamps
     healed: float = 0.0
@@ -141,12 +149,16 @@ async def _drive(ledger: Ledger, dispatcher: Dispatcher, timeline: Timeline) -> 
     running: set[asyncio.Task[None]] = set()
 
     async def one(n: int) -> None:
+        task = dispatcher.task(CAPABILITY, {"n": n}, queue_timeout_s=QUEUE_TIMEOUT_S)
         try:
-            handle = await ledger.submit(
-                dispatcher, CAPABILITY, {"n": n}, queue_timeout_s=QUEUE_TIMEOUT_S
-            )
-            if handle is None:
+            try:
+                handle = await dispatcher.submit_task(task)
+            # any, CancelledError too: classified by the test, none may go unseen
+            except (Exception, asyncio.CancelledError) as exc:
+                ledger.refused(task, exc)
+                timeline.errors.append(exc)
                 return
+            ledger.confirmed(task)
             timeline.confirmed.append(time.monotonic())
             if await ledger.collect(handle, COLLECT_TIMEOUT_S) is not None:
                 timeline.results.append(time.monotonic())
@@ -194,24 +206,36 @@ async def _report_progress(ledger: Ledger, started: float) -> None:
 
 
 async def _run(
-    fabric: Fabric, ns: NetworkNamespace, cluster: RabbitCluster, timeline: Timeline
+    fabric: Fabric,
+    ns: NetworkNamespace,
+    cluster: RabbitCluster,
+    timeline: Timeline,
+    dispatcher_order: Sequence[int],
 ) -> LedgerReport:
     started = time.monotonic()
     management = management_client(fabric.endpoint)
-    dispatcher_url = _urls(cluster, (A, B, C))
-    async with (
-        fabric.dispatcher(amqp_url=dispatcher_url) as dispatcher,
-        Ledger.for_dispatcher(dispatcher, management) as ledger,
-    ):
-        printer = asyncio.create_task(_report_progress(ledger, started))
-        try:
-            await asyncio.gather(
-                _drive(ledger, dispatcher, timeline), _cut_and_heal(ledger, ns, cluster, timeline)
-            )
-            print(f"[{time.monotonic() - started:6.1f}s] load done: {ledger.progress()}")
-            report = await ledger.report(drain_timeout_s=60)
-        finally:
-            printer.cancel()
+    on_a = _urls(cluster, (A, B, C))
+    async with fabric.dispatcher(amqp_url=_urls(cluster, dispatcher_order)) as dispatcher:
+        # The ledger's tap listens on A whatever the dispatcher does: the auditor stands on
+        # the side that stays up.
+        ledger = Ledger(
+            on_a,
+            management,
+            dispatcher.reply_to,
+            dispatcher=dispatcher,
+            reply_queue=reply_queue(dispatcher.dispatcher_id),
+        )
+        async with ledger:
+            printer = asyncio.create_task(_report_progress(ledger, started))
+            try:
+                await asyncio.gather(
+                    _drive(ledger, dispatcher, timeline),
+                    _cut_and_heal(ledger, ns, cluster, timeline),
+                )
+                print(f"[{time.monotonic() - started:6.1f}s] load done: {ledger.progress()}")
+                report = await ledger.report(drain_timeout_s=60)
+            finally:
+                printer.cancel()
     print(report.render())
     return report
 
@@ -223,16 +247,27 @@ def _longest_gap(times: list[float], start: float, end: float) -> float:
     return max(b - a for a, b in itertools.pairwise(points))
 
 
-def _moves(worker: WorkerProcess, cut_wall: float) -> list[str]:
-    """The worker's connection events after the cut, as 'seconds after the cut: event broker'."""
+def _worker_moves(worker: WorkerProcess, cut_wall: float) -> list[str]:
+    """The worker's connection events after the cut: 'seconds after the cut, event, broker'."""
     out = []
     for line in worker.json_lines():
-        if line.get("event") not in ("broker.disconnected", "broker.reconnected"):
+        if line.get("event") not in MOVE_EVENTS:
             continue
         at = datetime.datetime.fromisoformat(str(line["ts"]).replace("Z", "+00:00")).timestamp()
         if at >= cut_wall - 1:
             out.append(f"{at - cut_wall:+.1f}s {line['event']} {line.get('broker', '')}")
     return out
+
+
+def _dispatcher_moves(records: list[logging.LogRecord], cut_wall: float) -> list[str]:
+    """The same for the in-process dispatcher, from its log records."""
+    return [
+        f"{r.created - cut_wall:+.1f}s {r.getMessage()}"
+        for r in records
+        if r.created >= cut_wall - 1
+        and any(f"event={e}" in r.getMessage() for e in MOVE_EVENTS)
+        and "connection=dispatcher" in r.getMessage()
+    ]
 
 
 @contextlib.asynccontextmanager
@@ -246,10 +281,28 @@ async def _fabric(cluster: RabbitCluster, workdir: Path) -> AsyncIterator[Fabric
         fabric.stop_processes()
 
 
+@pytest.mark.parametrize(
+    "on_c",
+    [
+        "worker",
+        pytest.param(
+            "worker and dispatcher",
+            marks=pytest.mark.xfail(
+                strict=False,
+                reason="no task lost, but ~6% of the dispatcher's submits end neither confirmed"
+                " nor with a typed error when its node is cut off (CancelledError suspected)",
+            ),
+        ),
+    ],
+)
 async def test_a_partitioned_node_loses_no_confirmed_task(
-    partitionable: tuple[NetworkNamespace, RabbitCluster], tmp_path: Path
+    partitionable: tuple[NetworkNamespace, RabbitCluster],
+    tmp_path: Path,
+    on_c: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     ns, cluster = partitionable
+    caplog.set_level(logging.INFO, logger="wayang_mq.amqp.connect")  # broker.reconnected
     timeline = Timeline()
     async with _fabric(cluster, tmp_path) as fabric:
         # Given the topology on a 3-node cluster, the task queue replicated on all three and
@@ -274,12 +327,14 @@ async def test_a_partitioned_node_loses_no_confirmed_task(
             what="the worker's connection listed on C",
         )
         # When tasks flow and C's cable is cut for PARTITION_S, then mended
-        report = await _run(fabric, ns, cluster, timeline)
+        report = await _run(fabric, ns, cluster, timeline, DISPATCHER_ORDER[on_c])
         after = _connections_on(cluster, "worker partition-w")
-        moves = _moves(worker, timeline.cut_wall)
+        moves = _worker_moves(worker, timeline.cut_wall)
+    moves += _dispatcher_moves(caplog.records, timeline.cut_wall)
     # Then every task the broker confirmed got exactly one terminal result, SUCCESS
     assert report.ok, report.render()
     assert report.delivered == report.confirmed == len(timeline.confirmed)
+    assert report.confirmed + report.refused == TASKS  # every submit returned or raised
     assert report.outcomes == {(Status.SUCCESS, None): report.confirmed}
     assert report.decided_by_dispatcher == ()
     extra = sum(n - 1 for n in report.wire_duplicates.values())
@@ -294,4 +349,8 @@ async def test_a_partitioned_node_loses_no_confirmed_task(
         f" results: {stall:.1f}s; confirmed {report.confirmed}, refused {report.refused}"
     )
     print("worker connections after the heal:", after)
-    print("worker moves:", *moves, sep="\n  ")
+    print("clients' moves:", *moves, sep="\n  ")
+    print("submits refused:", Counter(f"{type(e).__name__}: {e}" for e in timeline.errors))
+    # and a submit that was not confirmed said so with a typed error (the caller knows the
+    # task was not taken), never with another exception
+    assert [e for e in timeline.errors if not isinstance(e, OUTAGE_ERRORS)] == []
