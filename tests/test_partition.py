@@ -285,14 +285,7 @@ async def _fabric(cluster: RabbitCluster, workdir: Path) -> AsyncIterator[Fabric
     "on_c",
     [
         "worker",
-        pytest.param(
-            "worker and dispatcher",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="no task lost, but ~6% of the dispatcher's submits end neither confirmed"
-                " nor with a typed error when its node is cut off (CancelledError suspected)",
-            ),
-        ),
+        "worker and dispatcher",
     ],
 )
 async def test_a_partitioned_node_loses_no_confirmed_task(

@@ -122,6 +122,27 @@ class ConfirmedPublisher:
         mandatory: bool = False,
     ) -> None:
         """One attempt; raises Unroutable, Rejected, BrokerBlocked or PublishFailed."""
+        try:
+            await self._publish_once(exchange, routing_key, message, mandatory)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling() > 0:
+                raise  # this task was cancelled: its caller's cancellation, kept
+            # Nobody cancelled this task: a future of the connection's was (a connection that
+            # died mid-publish cancels the write's drain or the confirm). The broker may or may
+            # not have the message: a failed publish, resent like any other, never a
+            # CancelledError that escapes its caller as if it had been cancelled.
+            raise PublishFailed(
+                f"publish to {exchange} not confirmed: the connection closed under it"
+            ) from exc
+
+    async def _publish_once(
+        self,
+        exchange: str,
+        routing_key: str,
+        message: aio_pika.Message,
+        mandatory: bool,
+    ) -> None:
         target = await self._exchange(exchange)
         try:
             connection = await self._wait_unblocked()
