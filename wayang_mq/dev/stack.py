@@ -415,7 +415,7 @@ def _daemons(stack: _Stack, log_dir: Path) -> list[DaemonSpec]:
     base.setdefault("WAYANG_MANAGEMENT_URL", stack.endpoint.management_url)
     cli = (sys.executable, "-m", "wayang_mq.cli")
     signing, accounts = stack.signing, stack.accounts
-    specs = []
+    specs: list[DaemonSpec] = []
     # --claims: the control plane runs here, so a task id runs once across the demo workers
     # and a recorded cancel stops a worker that never heard it (with the control plane down,
     # a claim goes unanswered for --claim-timeout and the task runs anyway)
