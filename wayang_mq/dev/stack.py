@@ -37,17 +37,10 @@ from wayang_mq.core.model import Result, RetryHints
 from wayang_mq.core.private_files import private_dir, write_private
 from wayang_mq.core.scopes import FULL_TRUST, KeyScope, Role
 from wayang_mq.core.signing import KeyRing, Signer, write_keypair
+from wayang_mq.dev import dev_cluster
 from wayang_mq.dev.certs import DevCertificates
 from wayang_mq.dev.cluster import RabbitCluster
 from wayang_mq.dev.database import postgres_node, recorded, shown_url
-from wayang_mq.dev.dev_cluster import (
-    CLUSTER_DIR,
-    check_cluster_options,
-    cluster_endpoint,
-    print_nodes,
-    rotated,
-    start_cluster,
-)
 from wayang_mq.dev.monitoring import Monitoring
 from wayang_mq.dev.nodes import NodeTls, PostgresNode, RabbitNode
 from wayang_mq.dev.supervise import DaemonSpec, Supervisor
@@ -75,7 +68,7 @@ DEV_REAPER = "dev-reaper"
 DEV_CONTROL_PLANE = "dev-control-plane"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # What an earlier run of `dev` leaves in its state directory: such a directory is the stack's.
-_STATE_MARKERS = (ENDPOINT_FILE, "rabbitmq", CLUSTER_DIR, "logs", "keys", "postgres")
+_STATE_MARKERS = (ENDPOINT_FILE, "rabbitmq", dev_cluster.CLUSTER_DIR, "logs", "keys", "postgres")
 
 
 @dataclass(frozen=True)
@@ -152,7 +145,7 @@ def say(line: str) -> None:
 
 def run_dev(options: DevOptions, settings: Settings) -> int:
     """Start everything, show tasks flowing, then stay up until interrupted."""
-    check_cluster_options(
+    dev_cluster.check_cluster_options(
         options.cluster,
         broker_named=settings.amqp_url is not None,
         tls=options.tls,
@@ -168,14 +161,14 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
     certs = _dev_certificates(options, settings, state_dir)
     try:
         if settings.amqp_url is None and options.cluster > 1:
-            cluster = start_cluster(
+            cluster = dev_cluster.start_cluster(
                 state_dir,
                 options.cluster,
                 say,
                 server_binary=settings.rabbitmq_server,
                 max_message_bytes=topology.defaults.max_body_bytes,
             )
-            endpoint = cluster_endpoint(cluster)
+            endpoint = dev_cluster.cluster_endpoint(cluster)
             save_endpoint(state_dir, endpoint)
         elif settings.amqp_url is None:
             node = RabbitNode(
@@ -433,7 +426,7 @@ def _daemons(stack: _Stack, log_dir: Path) -> list[DaemonSpec]:
         )
         log_path = log_dir / f"{executor_id}.log"
         # on a cluster, daemon i connects to node i mod N first (rotated): connections spread
-        amqp_url = rotated(url, len(specs))
+        amqp_url = dev_cluster.rotated(url, len(specs))
         env = base | {"WAYANG_AMQP_URL": amqp_url, "WAYANG_SIGNING_KEY": str(signing[executor_id])}
         specs.append(DaemonSpec(executor_id, "worker", command, env, log_path))
     # The reaper: the broker's dead letters (expired, poison) become FAILED results.
@@ -445,7 +438,7 @@ def _daemons(stack: _Stack, log_dir: Path) -> list[DaemonSpec]:
         *stack.monitoring.metrics_args(DEV_REAPER, "reaper"),
     )
     env = base | {
-        "WAYANG_AMQP_URL": rotated(accounts.reaper, len(specs)),
+        "WAYANG_AMQP_URL": dev_cluster.rotated(accounts.reaper, len(specs)),
         "WAYANG_SIGNING_KEY": str(signing[DEV_REAPER]),
     }
     specs.append(DaemonSpec(DEV_REAPER, "reaper", reaper, env, log_dir / "reaper.log"))
@@ -454,7 +447,7 @@ def _daemons(stack: _Stack, log_dir: Path) -> list[DaemonSpec]:
     metrics = stack.monitoring.metrics_args(DEV_CONTROL_PLANE, "control-plane")
     control_plane = (*cli, "control-plane", "--id", DEV_CONTROL_PLANE, *metrics)
     env = base | {
-        "WAYANG_AMQP_URL": rotated(accounts.control_plane, len(specs)),
+        "WAYANG_AMQP_URL": dev_cluster.rotated(accounts.control_plane, len(specs)),
         "WAYANG_SIGNING_KEY": str(signing[DEV_CONTROL_PLANE]),
         "WAYANG_DATABASE_URL": stack.database_url,
     }
@@ -491,7 +484,7 @@ def _print_endpoint(stack: _Stack) -> None:
     say("    (the administrator: daemons, the demo and commands run as role accounts)")
     say(f"    AMQP URL          {endpoint.amqp_url}")
     if stack.cluster is not None:
-        print_nodes(stack.cluster, say)
+        dev_cluster.print_nodes(stack.cluster, say)
     say(f"    PostgreSQL        {shown_url(stack.database_url)}  (the control plane's record)")
     say(f"    signing keys      {keys}")
     _print_monitoring(stack)
@@ -525,7 +518,9 @@ async def _demo(stack: _Stack, count: int) -> None:
     if count <= 0:
         return
     config = DispatcherConfig(
-        amqp_url=rotated(stack.accounts.dispatcher, -1),  # on a cluster: from the last node
+        amqp_url=dev_cluster.rotated(
+            stack.accounts.dispatcher, -1
+        ),  # on a cluster: from the last node
         signer=Signer.from_file(stack.signing[DEV_DISPATCHER]),
         results_keyring=KeyRing.load_dir(stack.keys),
         dispatcher_id=DEV_DISPATCHER,
