@@ -24,6 +24,13 @@ def add(sub: Any) -> None:
         help="TLS-only broker: a private CA, client certificates, EXTERNAL login",
     )
     p.add_argument(
+        "--cluster",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N private RabbitMQ nodes forming one cluster (3 is usual; default 1 node)",
+    )
+    p.add_argument(
         "--no-prometheus",
         action="store_true",
         help="do not start a private Prometheus (started when the prometheus binary exists)",
@@ -43,5 +50,6 @@ def _cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
         wait=not args.no_wait,
         tls=args.tls,
         prometheus=not args.no_prometheus,
+        cluster=args.cluster,
     )
     return int(run_dev(options, settings))

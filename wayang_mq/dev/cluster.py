@@ -95,6 +95,8 @@ class RabbitCluster:
     when omitted). ``hosts[i]`` and ``command_prefixes[i]`` place node ``i`` (default:
     127.0.0.1, spawned directly). ``longnames`` defaults to True when any host is not loopback.
     ``extra_config`` lines go into every node's rabbitmq.conf (e.g. ``net_ticktime = 10``).
+    ``node_options`` are further :class:`RabbitNode` options for every member
+    (``server_binary``, ``max_message_bytes``).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class RabbitCluster:
         password: str | None = None,
         cookie: str | None = None,
         extra_config: Sequence[str] = (),
+        **node_options: Any,
     ) -> None:
         if size < 1:
             raise ConfigError(f"a cluster needs at least one node, got {size}")
@@ -139,6 +142,7 @@ class RabbitCluster:
                     password=password,
                     host=host,
                     command_prefix=prefix or (),
+                    **node_options,
                 )
             )
 

@@ -37,7 +37,9 @@ from wayang_mq.core.model import Result, RetryHints
 from wayang_mq.core.private_files import private_dir, write_private
 from wayang_mq.core.scopes import FULL_TRUST, KeyScope, Role
 from wayang_mq.core.signing import KeyRing, Signer, write_keypair
+from wayang_mq.dev import dev_cluster
 from wayang_mq.dev.certs import DevCertificates
+from wayang_mq.dev.cluster import RabbitCluster
 from wayang_mq.dev.database import postgres_node, recorded, shown_url
 from wayang_mq.dev.monitoring import Monitoring
 from wayang_mq.dev.nodes import NodeTls, PostgresNode, RabbitNode
@@ -66,7 +68,7 @@ DEV_REAPER = "dev-reaper"
 DEV_CONTROL_PLANE = "dev-control-plane"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # What an earlier run of `dev` leaves in its state directory: such a directory is the stack's.
-_STATE_MARKERS = (ENDPOINT_FILE, "rabbitmq", "logs", "keys", "postgres")
+_STATE_MARKERS = (ENDPOINT_FILE, "rabbitmq", dev_cluster.CLUSTER_DIR, "logs", "keys", "postgres")
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ class DevOptions:
     wait: bool = True
     tls: bool = False  # a TLS-only broker; daemons log in with client certificates
     prometheus: bool = True  # a private Prometheus scraping the daemons, when installed
+    cluster: int = 1  # private RabbitMQ nodes: more than one form a cluster (dev_cluster.py)
 
 
 def say(line: str) -> None:
@@ -142,13 +145,32 @@ def say(line: str) -> None:
 
 def run_dev(options: DevOptions, settings: Settings) -> int:
     """Start everything, show tasks flowing, then stay up until interrupted."""
+    dev_cluster.check_cluster_options(
+        options.cluster,
+        broker_named=settings.amqp_url is not None,
+        tls=options.tls,
+        ports_given=options.amqp_port is not None or options.management_port is not None,
+    )
     state_dir = _private_state_dir(options.state_dir.resolve())
+    # SIGTERM while starting unwinds like Ctrl-C, so the finally below stops what started
+    signal.signal(signal.SIGTERM, _interrupt)
     node: RabbitNode | None = None
+    cluster: RabbitCluster | None = None
     postgres: PostgresNode | None = None
     topology = load_topology(settings.topology)
     certs = _dev_certificates(options, settings, state_dir)
     try:
-        if settings.amqp_url is None:
+        if settings.amqp_url is None and options.cluster > 1:
+            cluster = dev_cluster.start_cluster(
+                state_dir,
+                options.cluster,
+                say,
+                server_binary=settings.rabbitmq_server,
+                max_message_bytes=topology.defaults.max_body_bytes,
+            )
+            endpoint = dev_cluster.cluster_endpoint(cluster)
+            save_endpoint(state_dir, endpoint)
+        elif settings.amqp_url is None:
             node = RabbitNode(
                 state_dir / "rabbitmq",
                 amqp_port=options.amqp_port,
@@ -179,7 +201,7 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
         if settings.database_url is None:
             postgres = postgres_node(state_dir)
         database_url = _start_database(settings, postgres)
-        if node is not None:
+        if node is not None or cluster is not None:
             save_endpoint(
                 state_dir,
                 endpoint,
@@ -195,9 +217,9 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
             state_dir,
             database_url,
             certs,
-            # (a TLS-only node's metrics are HTTPS with the stack's CA: not scraped here)
-            broker_prometheus=None if node is None or node.tls else node.prometheus_url,
+            broker_prometheus=_broker_prometheus(node, cluster),
             prometheus=options.prometheus,
+            cluster=cluster,
         )
         asyncio.run(_run_daemons(options, stack))
     finally:
@@ -207,7 +229,22 @@ def run_dev(options: DevOptions, settings: Settings) -> int:
         if node is not None:
             say("==> stopping RabbitMQ")
             node.stop()
+        if cluster is not None:
+            say(f"==> stopping the RabbitMQ cluster ({len(cluster.nodes)} nodes)")
+            cluster.stop()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _broker_prometheus(node: RabbitNode | None, cluster: RabbitCluster | None) -> str | None:
+    """The broker's metrics to scrape, if it is ours (a cluster's: its first node's; a
+    TLS-only node's are HTTPS with the stack's CA: not scraped here)."""
+    if cluster is not None:
+        return cluster.nodes[0].prometheus_url
+    return None if node is None or node.tls else node.prometheus_url
 
 
 def _start_database(settings: Settings, postgres: PostgresNode | None) -> str:
@@ -238,6 +275,7 @@ class _Stack:
     monitoring: Monitoring = field(default_factory=Monitoring)
     broker_prometheus: str | None = None  # the broker's rabbitmq_prometheus, if ours
     prometheus: bool = True
+    cluster: RabbitCluster | None = None  # with --cluster N
 
 
 def _dev_certificates(
@@ -370,7 +408,7 @@ def _daemons(stack: _Stack, log_dir: Path) -> list[DaemonSpec]:
     base.setdefault("WAYANG_MANAGEMENT_URL", stack.endpoint.management_url)
     cli = (sys.executable, "-m", "wayang_mq.cli")
     signing, accounts = stack.signing, stack.accounts
-    specs = []
+    specs: list[DaemonSpec] = []
     # --claims: the control plane runs here, so a task id runs once across the demo workers
     # and a recorded cancel stops a worker that never heard it (with the control plane down,
     # a claim goes unanswered for --claim-timeout and the task runs anyway)
@@ -387,7 +425,9 @@ def _daemons(stack: _Stack, log_dir: Path) -> list[DaemonSpec]:
             *stack.monitoring.metrics_args(executor_id, "worker"),
         )
         log_path = log_dir / f"{executor_id}.log"
-        env = base | {"WAYANG_AMQP_URL": url, "WAYANG_SIGNING_KEY": str(signing[executor_id])}
+        # on a cluster, daemon i connects to node i mod N first (rotated): connections spread
+        amqp_url = dev_cluster.rotated(url, len(specs))
+        env = base | {"WAYANG_AMQP_URL": amqp_url, "WAYANG_SIGNING_KEY": str(signing[executor_id])}
         specs.append(DaemonSpec(executor_id, "worker", command, env, log_path))
     # The reaper: the broker's dead letters (expired, poison) become FAILED results.
     reaper = (
@@ -398,7 +438,7 @@ def _daemons(stack: _Stack, log_dir: Path) -> list[DaemonSpec]:
         *stack.monitoring.metrics_args(DEV_REAPER, "reaper"),
     )
     env = base | {
-        "WAYANG_AMQP_URL": accounts.reaper,
+        "WAYANG_AMQP_URL": dev_cluster.rotated(accounts.reaper, len(specs)),
         "WAYANG_SIGNING_KEY": str(signing[DEV_REAPER]),
     }
     specs.append(DaemonSpec(DEV_REAPER, "reaper", reaper, env, log_dir / "reaper.log"))
@@ -407,7 +447,7 @@ def _daemons(stack: _Stack, log_dir: Path) -> list[DaemonSpec]:
     metrics = stack.monitoring.metrics_args(DEV_CONTROL_PLANE, "control-plane")
     control_plane = (*cli, "control-plane", "--id", DEV_CONTROL_PLANE, *metrics)
     env = base | {
-        "WAYANG_AMQP_URL": accounts.control_plane,
+        "WAYANG_AMQP_URL": dev_cluster.rotated(accounts.control_plane, len(specs)),
         "WAYANG_SIGNING_KEY": str(signing[DEV_CONTROL_PLANE]),
         "WAYANG_DATABASE_URL": stack.database_url,
     }
@@ -443,6 +483,8 @@ def _print_endpoint(stack: _Stack) -> None:
     say(f"    login             {endpoint.username} / {endpoint.password}")
     say("    (the administrator: daemons, the demo and commands run as role accounts)")
     say(f"    AMQP URL          {endpoint.amqp_url}")
+    if stack.cluster is not None:
+        dev_cluster.print_nodes(stack.cluster, say)
     say(f"    PostgreSQL        {shown_url(stack.database_url)}  (the control plane's record)")
     say(f"    signing keys      {keys}")
     _print_monitoring(stack)
@@ -476,7 +518,9 @@ async def _demo(stack: _Stack, count: int) -> None:
     if count <= 0:
         return
     config = DispatcherConfig(
-        amqp_url=stack.accounts.dispatcher,
+        amqp_url=dev_cluster.rotated(
+            stack.accounts.dispatcher, -1
+        ),  # on a cluster: from the last node
         signer=Signer.from_file(stack.signing[DEV_DISPATCHER]),
         results_keyring=KeyRing.load_dir(stack.keys),
         dispatcher_id=DEV_DISPATCHER,
