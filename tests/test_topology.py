@@ -260,19 +260,35 @@ async def test_a_second_apply_changes_nothing(
     assert message.body == b"task"
 
 
-async def test_objects_not_in_the_file_are_reported_and_kept(vhost: Vhost, small: Topology) -> None:
-    # Given the default topology applied, When a file without most of it is applied
+async def test_objects_not_in_the_file_are_reported_and_kept(vhost: Vhost, tmp_path: Path) -> None:
+    # Given the default topology applied, When a file without most of it is applied (db.query
+    # keeps its 4 shards: a changed count is refused, see the test below)
     await apply(load_topology(DEFAULT_TOPOLOGY_PATH), vhost)
-    report = await apply(small, vhost)
+    path = tmp_path / "small4.toml"
+    path.write_text(SMALL.replace("shards = 3", "shards = 4"))
+    report = await apply(load_topology(path), vhost)
 
     # Then the rest is listed as "not in file", and still on the broker
     strays = {str(ref) for ref in report.not_in_file}
     assert "queue wayang.task.http.call" in strays
     assert "policy wayang.task.payment.charge" in strays  # an override of a capability gone
     assert "exchange wayang.shard.db.query" not in strays  # in both files
-    assert "queue wayang.task.db.query.3" in strays  # 4 shards before, 3 now
     assert vhost.management.get_queue(names.task_queue("http.call")) is not None
     assert vhost.management.get_policy(names.policy_name("payment.charge")) is not None
+
+
+async def test_a_changed_shard_count_is_refused_and_points_to_reshard(
+    vhost: Vhost, small: Topology
+) -> None:
+    # Given the default topology applied (db.query on 4 shards)
+    await apply(load_topology(DEFAULT_TOPOLOGY_PATH), vhost)
+
+    # When a file saying 3 shards is applied, Then it is refused before anything changes
+    with pytest.raises(TopologyError) as refused:
+        await apply(small, vhost)
+    assert "has 4 shard queues on the broker and the file says shards = 3" in str(refused.value)
+    assert "wayang-mq topology reshard db.query --to 3" in refused.value.one_line()
+    assert vhost.management.get_queue(names.task_queue("db.query", 3)) is not None
 
 
 async def test_a_changed_limit_updates_the_policy_in_place(

@@ -50,6 +50,9 @@ _BROKER_HEADERS: Final = ("x-delivery-count",)
 
 Progress = Callable[[str], None]
 
+#: no delivery for this long: check whether the queue is empty
+_QUIET_S: Final = 0.5
+
 
 @dataclass(frozen=True, slots=True)
 class ReshardReport:
@@ -108,8 +111,7 @@ async def reshard(
         moved = 0
         for name in old:
             moved += await move.drain(name, "", holding)
-            await channel.queue_delete(name, if_empty=True)
-            progress(f"deleted {name}")
+            await move.delete_empty(name)
         # 4. the new layout, bound in number order (the hash exchange numbers its buckets so)
         for name in capability.task_queues:
             queue = await channel.declare_queue(name, durable=True, arguments=dict(SHARD_QUEUE))
@@ -118,8 +120,7 @@ async def reshard(
         # 5. out of the holding queue through the hash exchange onto the new shards
         await hold.unbind(exchange, SHARD_WEIGHT)
         moved += await move.drain(holding, exchange, "")
-        await channel.queue_delete(holding, if_empty=True)
-        progress(f"deleted {holding}")
+        await move.delete_empty(holding)
     finally:
         await connection.close()
     return ReshardReport(capability.name, before, to, moved)
@@ -203,20 +204,48 @@ class _Mover:
         self._progress = progress
 
     async def drain(self, source: str, exchange: str, routing_key: str) -> int:
-        """Move everything in ``source`` until it is empty; how many were moved."""
+        """Move everything in ``source`` until it is empty; how many were moved. A consumer,
+        not basic.get: quorum queues with single active consumer refuse basic.get."""
         queue = await self._channel.get_queue(source, ensure=False)
+        arrived: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        tag = await queue.consume(arrived.put)
         moved = 0
-        while (message := await queue.get(no_ack=False, fail=False)) is not None:
-            await self._publisher.publish(
-                exchange, routing_key, self._copy(message), mandatory=True
-            )
-            await message.ack()  # only once the copy is confirmed
-            moved += 1
-            if moved % 1000 == 0:
-                self._progress(f"{source}: {moved} moved")
-        where = exchange or routing_key
-        self._progress(f"{source}: {moved} moved to {where}")
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(arrived.get(), _QUIET_S)
+                except TimeoutError:
+                    if await self._ready(source) == 0 and arrived.empty():
+                        break
+                    continue
+                await self._publisher.publish(
+                    exchange, routing_key, self._copy(message), mandatory=True
+                )
+                await message.ack()  # only once the copy is confirmed
+                moved += 1
+                if moved % 1000 == 0:
+                    self._progress(f"{source}: {moved} moved")
+        finally:
+            await queue.cancel(tag)
+        self._progress(f"{source}: {moved} moved to {exchange or routing_key}")
         return moved
+
+    async def delete_empty(self, name: str) -> None:
+        """Delete a drained, unbound queue. Quorum queues refuse ``if_empty``: the count the
+        delete reports is checked instead (only a publish to the queue by name, which nothing
+        in the fabric does, could have put a message there since the drain)."""
+        deleted = await self._channel.queue_delete(name)
+        if deleted.message_count:
+            raise TopologyError(
+                f"{name} received {deleted.message_count} message(s) after it was drained "
+                "and unbound, and they were deleted with it",
+                hint="something publishes to it by name through the default exchange: stop it",
+            )
+        self._progress(f"deleted {name}")
+
+    async def _ready(self, name: str) -> int:
+        declared = await self._channel.declare_queue(name, passive=True)
+        return declared.declaration_result.message_count or 0
 
     def _copy(self, message: AbstractIncomingMessage) -> aio_pika.Message:
         headers = {k: v for k, v in (message.headers or {}).items() if k not in _BROKER_HEADERS}
