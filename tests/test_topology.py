@@ -155,19 +155,18 @@ async def wait_for_message(
 async def first_message_in(
     channel: AbstractChannel, queues: tuple[str, ...], timeout_s: float = WAIT_S
 ) -> AbstractIncomingMessage:
-    """The first message ``basic.get`` finds in any of ``queues``, waiting by condition."""
+    """The first message delivered from any of ``queues`` (a consumer on each: shard queues
+    are single-active-consumer, and those refuse ``basic.get``), waiting by condition."""
     declared = [await channel.get_queue(name, ensure=False) for name in queues]
     found: list[AbstractIncomingMessage] = []
-
-    async def arrived() -> bool:
-        for queue in declared:
-            message = await queue.get(no_ack=False, fail=False)
-            if message is not None:
-                found.append(message)
-                return True
-        return False
-
-    await eventually(arrived, timeout_s=timeout_s, what=f"a message reaching {queues}")
+    tags = [(queue, await queue.consume(_collect(found))) for queue in declared]
+    try:
+        await eventually(lambda: bool(found), timeout_s=timeout_s, what=f"a message in {queues}")
+    finally:
+        for queue, tag in tags:
+            await queue.cancel(tag)
+    for extra in found[1:]:  # delivered too (no prefetch limit): back to their queue
+        await extra.nack(requeue=True)
     return found[0]
 
 
@@ -399,6 +398,13 @@ async def test_a_retry_comes_back_after_its_tier_delay(
     assert slow.declaration_result.message_count == 1
 
 
+def _collect(into: list[AbstractIncomingMessage]) -> Callable[[AbstractIncomingMessage], Any]:
+    async def take(message: AbstractIncomingMessage) -> None:
+        into.append(message)
+
+    return take
+
+
 def first_death(message: AbstractIncomingMessage) -> dict[str, Any]:
     """The latest x-death entry RabbitMQ added when it dead-lettered the message."""
     deaths = message.headers.get("x-death")
@@ -428,8 +434,15 @@ async def test_one_partition_key_always_lands_on_one_shard(
 
     shard_of: dict[str, set[str]] = {key: set() for key in keys}
     for queue in small.capability("db.query").task_queues:
-        declared = await channel.get_queue(queue, ensure=False)
-        while (message := await declared.get(no_ack=True, fail=False)) is not None:
+        declared = await channel.declare_queue(queue, passive=True)
+        count = declared.declaration_result.message_count or 0
+        taken: list[AbstractIncomingMessage] = []
+        tag = await declared.consume(_collect(taken), no_ack=True)  # shards refuse basic.get
+        await eventually(
+            lambda n=count, got=taken: len(got) == n, what=f"{count} messages of {queue}"
+        )
+        await declared.cancel(tag)
+        for message in taken:
             shard_of[str(message.headers[PARTITION_KEY_HEADER])].add(queue)
     assert all(len(shards) == 1 for shards in shard_of.values())  # order per key is kept
     assert len(set().union(*shard_of.values())) > 1  # and the keys are spread
