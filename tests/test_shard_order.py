@@ -38,6 +38,9 @@ from wayang_mq.topology.apply import apply_topology
 from wayang_mq.topology.spec import Topology, load_topology, parse_topology
 
 SHARDS = 4
+#: tasks wait queued while the test fills the shards, and a loaded machine runs them slowly:
+#: the default 60 s deadline would expire the last ones (a timeout, not an order failure)
+_QUEUED_FOR_S = 600
 EXECUTOR = "tests.shard_executors:Ordered"
 
 
@@ -94,7 +97,11 @@ async def _submit_in_lanes(
             task_input: dict[str, JsonLike] = {"seq": seq}
             if pause_s is not None:
                 task_input["pause_s"] = pause_s
-            handles.append(await dispatcher.submit(capability, task_input, partition_key=key))
+            handles.append(
+                await dispatcher.submit(
+                    capability, task_input, partition_key=key, queue_timeout_s=_QUEUED_FOR_S
+                )
+            )
         return handles
 
     lanes = await asyncio.gather(*(lane(key) for key in keys))
