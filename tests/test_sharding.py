@@ -4,12 +4,11 @@
 N queues ``wayang.task.<cap>.<n>``; the dispatcher puts the task's partition key in the
 ``x-partition-key`` header the exchange hashes, so one key always lands on one shard queue.
 
-What keeps *execution* in order is then the consumer: a shard queue hands a worker its next task
-only when the previous one is acked if the worker's prefetch is 1 (RabbitMQ counts prefetch per
-consumer, and a worker has one consumer per shard queue). So the promise holds for one worker
-with ``prefetch=1``; its concurrency may be as large as the shard count, so different keys still
-run in parallel. Several workers on one shard queue would take turns on it and could run two
-tasks of one key at once: the docs promise order per key, not that.
+What keeps *execution* in order is then the consumer side: each shard queue has a single
+active consumer across all workers (``x-single-active-consumer``), and inside a worker the
+deliveries of one key run one after the other in delivery order. This test is the simplest
+case, one in-process worker with ``prefetch=1``; tests/test_shard_order.py covers several
+worker processes, a larger prefetch, a standby taking over, ``--shards`` and resharding.
 """
 
 from __future__ import annotations

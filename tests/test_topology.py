@@ -155,19 +155,18 @@ async def wait_for_message(
 async def first_message_in(
     channel: AbstractChannel, queues: tuple[str, ...], timeout_s: float = WAIT_S
 ) -> AbstractIncomingMessage:
-    """The first message ``basic.get`` finds in any of ``queues``, waiting by condition."""
+    """The first message delivered from any of ``queues`` (a consumer on each: shard queues
+    are single-active-consumer, and those refuse ``basic.get``), waiting by condition."""
     declared = [await channel.get_queue(name, ensure=False) for name in queues]
     found: list[AbstractIncomingMessage] = []
-
-    async def arrived() -> bool:
-        for queue in declared:
-            message = await queue.get(no_ack=False, fail=False)
-            if message is not None:
-                found.append(message)
-                return True
-        return False
-
-    await eventually(arrived, timeout_s=timeout_s, what=f"a message reaching {queues}")
+    tags = [(queue, await queue.consume(_collect(found))) for queue in declared]
+    try:
+        await eventually(lambda: bool(found), timeout_s=timeout_s, what=f"a message in {queues}")
+    finally:
+        for queue, tag in tags:
+            await queue.cancel(tag)
+    for extra in found[1:]:  # delivered too (no prefetch limit): back to their queue
+        await extra.nack(requeue=True)
     return found[0]
 
 
@@ -260,19 +259,35 @@ async def test_a_second_apply_changes_nothing(
     assert message.body == b"task"
 
 
-async def test_objects_not_in_the_file_are_reported_and_kept(vhost: Vhost, small: Topology) -> None:
-    # Given the default topology applied, When a file without most of it is applied
+async def test_objects_not_in_the_file_are_reported_and_kept(vhost: Vhost, tmp_path: Path) -> None:
+    # Given the default topology applied, When a file without most of it is applied (db.query
+    # keeps its 4 shards: a changed count is refused, see the test below)
     await apply(load_topology(DEFAULT_TOPOLOGY_PATH), vhost)
-    report = await apply(small, vhost)
+    path = tmp_path / "small4.toml"
+    path.write_text(SMALL.replace("shards = 3", "shards = 4"))
+    report = await apply(load_topology(path), vhost)
 
     # Then the rest is listed as "not in file", and still on the broker
     strays = {str(ref) for ref in report.not_in_file}
     assert "queue wayang.task.http.call" in strays
     assert "policy wayang.task.payment.charge" in strays  # an override of a capability gone
     assert "exchange wayang.shard.db.query" not in strays  # in both files
-    assert "queue wayang.task.db.query.3" in strays  # 4 shards before, 3 now
     assert vhost.management.get_queue(names.task_queue("http.call")) is not None
     assert vhost.management.get_policy(names.policy_name("payment.charge")) is not None
+
+
+async def test_a_changed_shard_count_is_refused_and_points_to_reshard(
+    vhost: Vhost, small: Topology
+) -> None:
+    # Given the default topology applied (db.query on 4 shards)
+    await apply(load_topology(DEFAULT_TOPOLOGY_PATH), vhost)
+
+    # When a file saying 3 shards is applied, Then it is refused before anything changes
+    with pytest.raises(TopologyError) as refused:
+        await apply(small, vhost)
+    assert "has 4 shard queues on the broker and the file says shards = 3" in str(refused.value)
+    assert "wayang-mq topology reshard db.query --to 3" in refused.value.one_line()
+    assert vhost.management.get_queue(names.task_queue("db.query", 3)) is not None
 
 
 async def test_a_changed_limit_updates_the_policy_in_place(
@@ -383,6 +398,13 @@ async def test_a_retry_comes_back_after_its_tier_delay(
     assert slow.declaration_result.message_count == 1
 
 
+def _collect(into: list[AbstractIncomingMessage]) -> Callable[[AbstractIncomingMessage], Any]:
+    async def take(message: AbstractIncomingMessage) -> None:
+        into.append(message)
+
+    return take
+
+
 def first_death(message: AbstractIncomingMessage) -> dict[str, Any]:
     """The latest x-death entry RabbitMQ added when it dead-lettered the message."""
     deaths = message.headers.get("x-death")
@@ -412,8 +434,15 @@ async def test_one_partition_key_always_lands_on_one_shard(
 
     shard_of: dict[str, set[str]] = {key: set() for key in keys}
     for queue in small.capability("db.query").task_queues:
-        declared = await channel.get_queue(queue, ensure=False)
-        while (message := await declared.get(no_ack=True, fail=False)) is not None:
+        declared = await channel.declare_queue(queue, passive=True)
+        count = declared.declaration_result.message_count or 0
+        taken: list[AbstractIncomingMessage] = []
+        tag = await declared.consume(_collect(taken), no_ack=True)  # shards refuse basic.get
+        await eventually(
+            lambda n=count, got=taken: len(got) == n, what=f"{count} messages of {queue}"
+        )
+        await declared.cancel(tag)
+        for message in taken:
             shard_of[str(message.headers[PARTITION_KEY_HEADER])].add(queue)
     assert all(len(shards) == 1 for shards in shard_of.values())  # order per key is kept
     assert len(set().union(*shard_of.values())) > 1  # and the keys are spread

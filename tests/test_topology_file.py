@@ -85,8 +85,15 @@ def test_every_capability_gets_its_queues_dead_queue_and_policy(default: Topolog
     # every queue is quorum but the history, a stream
     assert {name for name, kind in types.items() if kind != "quorum"} == {names.HISTORY_QUEUE}
     assert types[names.HISTORY_QUEUE] == "stream"
-    # only the control plane's record has one active consumer at a time
-    assert [q.name for q in default.queues() if len(q.arguments) > 1] == [names.RECORD_QUEUE]
+    # only the control plane's record and the shard queues have one active consumer at a time
+    single_active = [q.name for q in default.queues() if len(q.arguments) > 1]
+    shards = default.capability("db.query").task_queues
+    assert single_active == [*shards, names.RECORD_QUEUE]
+    assert all(
+        dict(q.arguments)["x-single-active-consumer"] is True
+        for q in default.queues()
+        if q.name in single_active
+    )
 
 
 def test_one_defaults_policy_and_overrides_only_where_limits_differ(default: Topology) -> None:

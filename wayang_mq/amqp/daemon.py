@@ -85,6 +85,7 @@ class Daemon:
         self._ready = asyncio.Event()
         self._handlers: set[asyncio.Task[None]] = set()
         self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._ordered: set[str] = set()  # consumer tags kept until the connection closes
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._publisher: ConfirmedPublisher | None = None
@@ -222,11 +223,18 @@ class Daemon:
         hint: str,
         label: str | None = None,
         channel: AbstractChannel | None = None,
+        ordered: bool = False,
     ) -> None:
         """Consume an existing queue; each delivery runs ``handle`` in its own task. The
         consumer tag says whose it is: ``<daemon id>/<label>`` (default label: the queue's
         name without ``wayang.``), e.g. ``demo-0/demo.echo``. It consumes on the daemon's
-        channel, or on ``channel`` (one from :meth:`prefetch_channel`)."""
+        channel, or on ``channel`` (one from :meth:`prefetch_channel`).
+
+        An ``ordered`` consumer (a single-active-consumer shard queue) is not cancelled when
+        the daemon stops: a cancel would make a standby consumer active while this daemon
+        still holds earlier deliveries. It ends with the connection, whose close returns
+        what it still holds to the head of the queue, in order (RabbitMQ 3.10 quorum queues;
+        a nack with requeue would put them at the back)."""
         channel = channel or self._channel
         assert channel is not None
         try:
@@ -241,6 +249,8 @@ class Daemon:
 
         tag = self.consumer_tag(label or queue_name.removeprefix("wayang."))
         self._consumers.append((queue, await queue.consume(on_message, consumer_tag=tag)))
+        if ordered:
+            self._ordered.add(tag)
 
     async def prefetch_channel(self, prefetch: int) -> AbstractChannel:
         """A consuming channel of its own, each of whose consumers holds at most ``prefetch``
@@ -308,6 +318,8 @@ class Daemon:
         """Cancel consumers, let in-flight deliveries finish within the grace, cancel the rest
         (a cancelled handler gives its delivery back)."""
         for queue, tag in self._consumers:
+            if tag in self._ordered:
+                continue  # its deliveries go back when the connection closes (see consume)
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
         if not self._handlers:

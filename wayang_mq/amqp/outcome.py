@@ -46,9 +46,12 @@ class Settle(StrEnum):
     ACK = "ack"  # done with: the broker forgets it
     REJECT = "reject"  # to the queue's dead-letter exchange (reason "rejected")
     REQUEUE = "requeue"  # back to its queue, for this or another consumer
+    #: left unsettled: the channel's close returns it to the HEAD of its queue, in order (a
+    #: requeue puts it at the back on RabbitMQ 3.10's quorum queues): an ordered shard's way
+    LEAVE = "leave"
 
 
-_PAST = {"ack": "acked", "reject": "rejected", "requeue": "requeued"}
+_PAST = {"ack": "acked", "reject": "rejected", "requeue": "requeued", "leave": "left"}
 
 
 class Kind(StrEnum):
@@ -115,6 +118,14 @@ def requeue(task_id: str | None, reason: str, event: str = "delivery.requeued") 
     """Give the delivery back to its queue, unharmed."""
     return Outcome(
         Kind.REQUEUE, Settle.REQUEUE, task_id, log=LogLine(event, fields={"reason": reason})
+    )
+
+
+def leave(task_id: str | None, reason: str, event: str = "delivery.left") -> Outcome:
+    """Leave the delivery unsettled until the channel closes (a shard's deliveries on stop:
+    the broker returns them to the head of the queue, in order, for the standby consumer)."""
+    return Outcome(
+        Kind.REQUEUE, Settle.LEAVE, task_id, log=LogLine(event, fields={"reason": reason})
     )
 
 
@@ -237,6 +248,8 @@ async def _act(message: AbstractIncomingMessage, how: Settle) -> None:
     A reject is ``basic.nack`` without requeue: RabbitMQ dead-letters it exactly like
     ``basic.reject`` (reason ``rejected``).
     """
+    if how is Settle.LEAVE:
+        return
     try:
         if how is Settle.ACK:
             await message.ack()

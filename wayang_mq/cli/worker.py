@@ -113,6 +113,16 @@ def add(sub: Any) -> None:
         help="share each --rate with every worker given the same database (PostgreSQL, "
         "migrated with `wayang-mq db migrate`): the rate holds for the fleet, not per worker",
     )
+    p.add_argument(
+        "--shards",
+        action="append",
+        default=[],
+        metavar="[CAP=]N,N-M",
+        help="consume only these shard queues of a sharded capability (default: all), e.g. "
+        "0-1, 0,2 or db.query=2-3 (repeatable, one per capability; without CAP= for every "
+        "sharded capability served). Each shard has one active consumer across the fleet: "
+        "workers listing the same shard stand by for it (docs/sharding.md)",
+    )
     p.set_defaults(func=_cmd_worker)
 
 
@@ -130,10 +140,12 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from wayang_mq.runtime.limits import limits_from_flags
     from wayang_mq.runtime.middleware import Middleware
     from wayang_mq.runtime.settings import WorkerFile
+    from wayang_mq.runtime.shards import parse_shards
     from wayang_mq.runtime.worker import Worker, WorkerConfig
     from wayang_mq.topology.spec import load_topology
 
     limits = limits_from_flags(args.rates, args.max_running)
+    shards = parse_shards(args.shards)
     settings_file = WorkerFile.read(args.config) if args.config is not None else None
     executors = [load_executor(spec, settings_file) for spec in args.executors]
     middleware = tuple(
@@ -167,6 +179,7 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         labels=dict(args.labels),
         limits=limits,
         limits_db_url=args.limits_db,
+        shards=shards,
     )
     worker = Worker(executors, config)
     asyncio.run(run_until_signal(worker.run, worker.stop, config.keyring.reload))

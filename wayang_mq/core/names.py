@@ -59,6 +59,12 @@ def shard_exchange(capability: str) -> str:
     return f"wayang.shard.{capability}"
 
 
+def reshard_queue(capability: str) -> str:
+    """Where ``wayang-mq topology reshard`` holds a sharded capability's tasks while it
+    rebuilds the shard queues (it exists only during a reshard, or after one that stopped)."""
+    return f"wayang.reshard.{capability}"
+
+
 def retry_queue(tier: str) -> str:
     """The fixed-TTL queue of one retry tier."""
     return f"wayang.retry.{tier}"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -29,7 +29,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from wayang_mq.amqp.control import ControlServer
 from wayang_mq.amqp.daemon import Daemon
-from wayang_mq.amqp.outcome import Kind, Outcome, deliver, requeue, settle
+from wayang_mq.amqp.outcome import Kind, Outcome, deliver, leave, requeue, settle
 from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
 from wayang_mq.core import logs, names
 from wayang_mq.core.envelope import (
@@ -57,14 +57,16 @@ from wayang_mq.core.model import (
     WireModel,
 )
 from wayang_mq.core.signing import KeyRing, Signer
-from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, signed_message
+from wayang_mq.core.wire import DEFAULT_MAX_BODY_BYTES, PARTITION_KEY_HEADER, signed_message
 from wayang_mq.observability import tracing
 from wayang_mq.observability.metrics import WorkerMetrics
+from wayang_mq.runtime import shards
 from wayang_mq.runtime.admission import Admission
 from wayang_mq.runtime.answers import Answers
 from wayang_mq.runtime.claims import DEFAULT_CLAIM_TIMEOUT_S, Claims
 from wayang_mq.runtime.decide import Decider
 from wayang_mq.runtime.executor import Executor, TaskState, TaskStatus, check_capabilities
+from wayang_mq.runtime.keyorder import KeyOrder, Place
 from wayang_mq.runtime.limits import CapabilityLimit, LimitsClosed
 from wayang_mq.runtime.middleware import Chain, Executed, Middleware, Opened, Received, Settled
 from wayang_mq.runtime.placement import PolicyGuard, consume_own_queue
@@ -110,6 +112,8 @@ class WorkerConfig:
     limits: Mapping[str, CapabilityLimit] = field(default_factory=dict)
     #: share each capability's rate with the fleet through this PostgreSQL (runtime/sharedrate)
     limits_db_url: str | None = field(default=None, repr=False)
+    #: per sharded capability ("" for all of them): the shard numbers to consume (runtime/shards)
+    shards: Mapping[str, frozenset[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -166,6 +170,8 @@ class Worker(Daemon):
         self.config = config
         self.executor_id = config.executor_id
         self._by_capability = check_capabilities(executors)
+        shards.check_capabilities(config.shards, self._by_capability)
+        self._key_order = KeyOrder()
         self._executors = list(executors)
         self._admission = Admission(
             config.concurrency, config.limits, self._by_capability, config.limits_db_url
@@ -279,20 +285,78 @@ class Worker(Daemon):
             self._claims.listen(self._control)
         await self._control.start(await connection.channel())
         await consume_own_queue(self, connection, tuple(self._by_capability), self._handle)
-        hint_for = "add {!r} to topology/wayang.toml and run `wayang-mq topology apply`"
         for capability in self._by_capability:
+            shard_queues = await _shard_queues(capability, self.queue_exists)
+            if shard_queues:
+                await self._consume_shards(capability, shard_queues)
+                continue
+            shards.unsharded_selection(capability, self.config.shards)
             # A limited capability: a channel of its own whose prefetch is what it may run
             # soon, so the tasks over its limit wait in the queue, not in this worker.
             prefetch = self._admission.prefetch(capability)
             channel = None if prefetch is None else await self.prefetch_channel(prefetch)
-            for queue_name in await _queues_of(capability, self.queue_exists):
-                await self.consume(
-                    queue_name,
-                    partial(self._handle, capability),
-                    hint=hint_for.format(capability),
-                    label=queue_name.removeprefix("wayang.task."),  # demo.echo, db.query.2
-                    channel=channel,
-                )
+            await self.consume(
+                names.task_queue(capability),
+                partial(self._handle, capability),
+                hint=_HINT.format(capability),
+                label=capability,
+                channel=channel,
+            )
+
+    async def _consume_shards(self, capability: str, queues: list[str]) -> None:
+        """Consume the chosen shard queues, each on a channel of its own, in key order.
+
+        Each shard queue has a single active consumer across the fleet: this worker may be
+        it or stand by. A channel per shard: closing it (at stop) gives back exactly that
+        shard's held deliveries, to the head of the queue. Not cancelled at stop (``ordered``):
+        a cancel would make the standby active while this worker still holds earlier tasks.
+        """
+        chosen = shards.choose(capability, len(queues), self.config.shards)
+        prefetch = self._admission.prefetch(capability) or self.config.prefetch
+        for number in chosen:
+            channel = await self.prefetch_channel(prefetch or self.config.concurrency)
+            queue_name = queues[number]
+            await self.consume(
+                queue_name,
+                partial(self._take_place, capability, queue_name),
+                hint=_HINT.format(capability),
+                label=queue_name.removeprefix("wayang.task."),  # db.query.2
+                channel=channel,
+                ordered=True,
+            )
+        logs.event(
+            log,
+            "worker.shards",
+            id=self.executor_id,
+            capability=capability,
+            consuming=",".join(map(str, chosen)),
+            of=len(queues),
+            hint="one active consumer per shard; the others stand by (docs/sharding.md)",
+        )
+
+    def _take_place(
+        self, capability: str, queue_name: str, message: AbstractIncomingMessage
+    ) -> Coroutine[Any, Any, None]:
+        """A shard delivery takes its place in its key's line on arrival, before any await."""
+        headers = message.headers or {}
+        key = headers.get(PARTITION_KEY_HEADER)
+        key = key if isinstance(key, str) else (message.message_id or "")
+        place = self._key_order.take(f"{queue_name} {key}")
+        return self._handle_in_order(capability, place, message)
+
+    async def _handle_in_order(
+        self, capability: str, place: Place, message: AbstractIncomingMessage
+    ) -> None:
+        """Wait for the earlier deliveries of the key, then handle this one like any other.
+        Stopping meanwhile: left unsettled, so the channel's close returns it in order."""
+        try:
+            await place.wait()
+            if self.stopping:
+                await settle(message, leave(message.message_id, "stopping", "task.returned"))
+                return
+            await self._handle(capability, message, ordered=True)
+        finally:
+            self._key_order.leave(place)
 
     def stop(self) -> None:
         """Stop consuming; deliveries waiting for their capability's limit go back at once."""
@@ -324,22 +388,29 @@ class Worker(Daemon):
 
     # -- one delivery ---------------------------------------------------------------------
 
-    async def _handle(self, capability: str, message: AbstractIncomingMessage) -> None:
+    async def _handle(
+        self, capability: str, message: AbstractIncomingMessage, *, ordered: bool = False
+    ) -> None:
         """Every delivery becomes one Outcome, carried out by ``settle``: the only exit. Its
-        capability's limit is taken before a slot: a task waiting for its rate holds no slot."""
+        capability's limit is taken before a slot: a task waiting for its rate holds no slot.
+        A shard's delivery (``ordered``) given back unstarted is left, not requeued: a
+        requeue goes to the back of a quorum queue, behind later tasks of its key."""
+        give_back = leave if ordered else requeue
         try:
             async with self._admission.admit(capability, message.message_id):
                 outcome = await self._decide_safely(capability, message)
+                if ordered and outcome.kind is Kind.REQUEUE and self.stopping:
+                    outcome = leave(outcome.task_id, "stopping", "task.returned")
                 try:
                     await self._after(capability, await settle(message, outcome, self.publisher))
                 finally:
                     self._runner.announced(outcome.task_id)
         except LimitsClosed:
             # The worker stops while the delivery waits for its limit: the queue gets it back.
-            await settle(message, requeue(message.message_id, "stopping", event="task.returned"))
+            await settle(message, give_back(message.message_id, "stopping", "task.returned"))
         except asyncio.CancelledError:
             # Shutdown past the grace period: the broker gets the delivery back, unharmed.
-            await settle(message, requeue(message.message_id, "stopped past the grace"))
+            await settle(message, give_back(message.message_id, "stopped past the grace"))
             raise
         except Exception:
             # A bug in carrying the outcome out must not strand the delivery either (a
@@ -567,11 +638,15 @@ def _open(
     return task
 
 
-async def _queues_of(capability: str, exists: Callable[[str], Awaitable[bool]]) -> list[str]:
-    """The capability's queue, or its shard queues (consume() says what to do if neither)."""
+_HINT = "add {!r} to topology/wayang.toml and run `wayang-mq topology apply`"
+
+
+async def _shard_queues(capability: str, exists: Callable[[str], Awaitable[bool]]) -> list[str]:
+    """The capability's shard queues (0, 1, ... while they exist); none: it has one queue
+    (or none, and consume() says what to do)."""
     if await exists(names.task_queue(capability)):
-        return [names.task_queue(capability)]
-    shards: list[str] = []
-    while await exists(names.task_queue(capability, len(shards))):
-        shards.append(names.task_queue(capability, len(shards)))
-    return shards or [names.task_queue(capability)]
+        return []
+    found: list[str] = []
+    while await exists(names.task_queue(capability, len(found))):
+        found.append(names.task_queue(capability, len(found)))
+    return found

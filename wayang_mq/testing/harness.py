@@ -294,10 +294,12 @@ class Fabric:
         args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         log_format: str = "text",
+        log_level: str = "DEBUG",
     ) -> WorkerProcess:
         """Start ``wayang-mq worker`` as a daemon, exactly as a user would. It logs readable
         text (``event=NAME k=v``: what tests match and people read when one fails) unless
-        ``log_format`` says ``json`` (a daemon's default off a terminal)."""
+        ``log_format`` says ``json`` (a daemon's default off a terminal). At ``DEBUG`` (the
+        default, so tests see task.started lines); a test of thousands of tasks may ask INFO."""
         log_path = self.workdir / f"{executor_id}.log"
         environment = {
             **os.environ,
@@ -307,7 +309,7 @@ class Fabric:
             **(env or {}),
         }
         # DEBUG so tests can see task.started lines (INFO logs one line per task: finished).
-        command = [sys.executable, "-m", "wayang_mq.cli", "--log-level", "DEBUG"]
+        command = [sys.executable, "-m", "wayang_mq.cli", "--log-level", log_level]
         command += ["--log-format", log_format, "worker"]
         command += list(executors)
         command += ["--id", executor_id, "--heartbeat", "1", *args]

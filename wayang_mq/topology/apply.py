@@ -93,6 +93,7 @@ class _Existing:
     exchange_types: frozenset[str]
     exchanges: frozenset[str]
     queues: frozenset[str]
+    queue_arguments: Mapping[str, Mapping[str, Any]]
     bindings: frozenset[BindingSpec]
     policies: Mapping[str, Mapping[str, Any]]
 
@@ -107,6 +108,7 @@ async def apply_topology(
     _check_same_vhost(amqp_url, management)
     existing = await asyncio.to_thread(_read_broker, management)
     _check_exchange_types(topology, existing)
+    check_shards(topology, existing.queue_arguments)
     # Policies first: a queue created afterwards is governed (limits, dead-lettering) from
     # its very first message, with no window in which it is unbounded.
     policies = await asyncio.to_thread(_put_policies, topology, existing, management)
@@ -141,6 +143,7 @@ def _read_broker(management: ManagementClient) -> _Existing:
             f"vhost {management.vhost!r} does not exist on the broker",
             hint="create it with rabbitmqctl add_vhost, or fix the URL",
         )
+    queue_arguments = {q["name"]: q.get("arguments") or {} for q in management.list_queues()}
     bindings = frozenset(
         BindingSpec(b["source"], b["destination"], b["routing_key"], b["destination_type"])
         for b in management.list_bindings()
@@ -150,7 +153,8 @@ def _read_broker(management: ManagementClient) -> _Existing:
     return _Existing(
         exchange_types=frozenset(t["name"] for t in overview.get("exchange_types", [])),
         exchanges=frozenset(e["name"] for e in management.list_exchanges()),
-        queues=frozenset(q["name"] for q in management.list_queues()),
+        queues=frozenset(queue_arguments),
+        queue_arguments=queue_arguments,
         bindings=bindings,
         policies={p["name"]: p for p in management.list_policies()},
     )
@@ -164,6 +168,42 @@ def _check_exchange_types(topology: Topology, existing: _Existing) -> None:
                 " does not offer",
                 hint="rabbitmq-plugins enable rabbitmq_consistent_hash_exchange",
             )
+
+
+def check_shards(topology: Topology, queues: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse to apply a changed shard count, or onto shard queues without single active
+    consumer: apply would add (or leave bound) shard queues under tasks already queued, and
+    move keys between shards mid-flight. ``wayang-mq topology reshard`` moves them safely."""
+    for capability in topology.capabilities:
+        if not capability.sharded:
+            continue
+        found = existing_shards(capability.name, queues)
+        if found and found != len(capability.task_queues):
+            raise TopologyError(
+                f"capability {capability.name} has {found} shard queues on the broker and the"
+                f" file says shards = {capability.shards}",
+                hint=f"run `wayang-mq topology reshard {capability.name} --to "
+                f"{capability.shards}` (it moves the queued tasks), or change the file back",
+            )
+        for name in capability.task_queues[:found]:
+            if not queues[name].get("x-single-active-consumer"):
+                raise TopologyError(
+                    f"shard queue {name} was declared without x-single-active-consumer "
+                    "(before order per key held across workers), and a queue's arguments "
+                    "cannot change in place",
+                    hint=f"run `wayang-mq topology reshard {capability.name} --to "
+                    f"{capability.shards}`: it rebuilds the shard queues, moving their tasks",
+                )
+
+
+def existing_shards(capability: str, queues: Iterable[str]) -> int:
+    """How many shard queues ``capability`` has on the broker (0, 1, ... consecutively, as
+    workers find them; a gap ends the count)."""
+    present = set(queues)
+    count = 0
+    while names.task_queue(capability, count) in present:
+        count += 1
+    return count
 
 
 # -- policies (management API) ------------------------------------------------------------
@@ -213,7 +253,7 @@ def _same_policy(policy: PolicySpec, current: Mapping[str, Any]) -> bool:
 
 
 async def _declare(topology: Topology, amqp_url: str) -> None:
-    connection = await _connect(amqp_url)
+    connection = await connect_once(amqp_url)
     try:
         channel = await connection.channel()
         exchanges = await _declare_exchanges(channel, topology)
@@ -223,8 +263,9 @@ async def _declare(topology: Topology, amqp_url: str) -> None:
         await connection.close()
 
 
-async def _connect(amqp_url: str) -> AbstractConnection:
-    """A plain connection to the first address that answers (a cluster: any node will do)."""
+async def connect_once(amqp_url: str) -> AbstractConnection:
+    """A plain (not robust) connection for a one-off job to the first address that answers (a
+    cluster: any node will do), or a one-line BrokerUnreachable."""
     check_files(amqp_url)
     failure: BrokerUnreachable | None = None
     for url in split_urls(amqp_url):

@@ -98,6 +98,11 @@ QUORUM: Final[Pairs] = (("x-queue-type", "quorum"),)
 # A stream keeps what it receives (consumers read from any offset, nothing is removed by
 # reading); only its retention policy (age, bytes) lets old segments go.
 STREAM: Final[Pairs] = (("x-queue-type", "stream"),)
+# A shard queue has one active consumer at a time across every worker (the others stand by and
+# take over, in order, when it goes): the tasks of one partition key run one after the other
+# however many workers consume the shard. Like the queue type, it cannot change in place (a
+# redeclare with another value is PRECONDITION_FAILED): `wayang-mq topology reshard` rebuilds.
+SHARD_QUEUE: Final[Pairs] = (*QUORUM, ("x-single-active-consumer", True))
 
 # A stream drops its oldest data a whole segment at a time, so the segment size is the
 # granularity of max-length-bytes (3.10's default is 500 MB).
@@ -328,7 +333,8 @@ class Topology(_Frozen):
         queue, the record (all quorum) and the history (a stream)."""
         out: list[QueueSpec] = []
         for capability in self.capabilities:
-            out.extend(QueueSpec(name) for name in capability.task_queues)
+            arguments = SHARD_QUEUE if capability.sharded else QUORUM
+            out.extend(QueueSpec(name, arguments) for name in capability.task_queues)
             out.append(QueueSpec(names.dead_queue(capability.name)))
         out.extend(QueueSpec(tier.queue) for tier in self.retry_tiers)
         # The reaper's queue takes a copy of every dead letter. Declared here, not by the
