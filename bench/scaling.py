@@ -17,7 +17,10 @@ to last result; stop the workers (SIGTERM: they drain). Reported: the median rou
 tasks each worker ran (from each result's ``executor_id``) and the workers' CPU per task.
 
     .venv/bin/python bench/scaling.py [--workers 1,2,4] [--concurrency 2] [--tasks 2000]
-                                      [--rounds 3] [--sleep-ms 20] [--prefetch N]
+                                      [--rounds 3] [--sleep-ms 20] [--prefetch N[,M]]
+
+``--prefetch 2,4`` measures every worker count at each prefetch, interleaved in the same
+rounds (the one comparison where a flag changes: what prefetch does to the same fleet).
 
 Progress goes to stderr, the table to stdout, every number to ``--out`` (JSON, default
 ``bench/results/scaling.json``). A private RabbitMQ node is started in a temp dir unless
@@ -73,9 +76,11 @@ class Fleet:
 
     workers: int
     concurrency: int
+    prefetch: int | None  # None: the worker's default (its concurrency)
     sleep_s: float
     throughputs: list[Throughput] = field(default_factory=list)
     shares: list[list[int]] = field(default_factory=list)  # tasks per worker, per round
+    loads: list[float] = field(default_factory=list)  # 1-minute load average as each began
     worker_cpu_s: float = 0.0
 
     @property
@@ -94,6 +99,7 @@ class Fleet:
         tasks = sum(t.tasks for t in self.throughputs)
         return {
             "workers": self.workers,
+            "prefetch": self.prefetch or self.concurrency,
             "throughput_per_s": {
                 "median": round(self.per_s, 1),
                 "min": round(min(rates), 1),
@@ -106,9 +112,15 @@ class Fleet:
             if one_worker_per_s
             else None,
             "tasks_per_worker_by_round": self.shares,
+            "load_average_by_round": [round(x, 2) for x in self.loads],
             "smallest_share": round(self.smallest_share, 3),
             "worker_cpu_us_per_task": round(self.worker_cpu_s / tasks * 1e6, 1),
         }
+
+    @property
+    def prefetch_label(self) -> str:
+        """`` at prefetch M`` when a prefetch was asked for, else nothing."""
+        return "" if self.prefetch is None else f" at prefetch {self.prefetch}"
 
     @property
     def smallest_share(self) -> float:
@@ -144,17 +156,18 @@ class Bench:
             raise RuntimeError(f"{CAPABILITY} failed: {result.error}")
         self.ran_on[result.executor_id] += 1
 
-    def command(self, executor_id: str) -> list[str]:
-        """The worker command: the same for every run but for its id."""
+    def command(self, executor_id: str, prefetch: int | None) -> list[str]:
+        """The worker command: the same for every run but for its id (and ``--prefetch``
+        when one is asked for)."""
         command = [sys.executable, "-m", "wayang_mq.cli", "--log-level", self.args.log_level]
         command += ["worker", "bench.nap:Nap", "--id", executor_id]
         command += ["--concurrency", str(self.args.concurrency)]
-        if self.args.prefetch is not None:
-            command += ["--prefetch", str(self.args.prefetch)]
+        if prefetch is not None:
+            command += ["--prefetch", str(prefetch)]
         return command
 
     @contextlib.asynccontextmanager
-    async def fleet(self, count: int) -> Any:
+    async def fleet(self, count: int, prefetch: int | None) -> Any:
         """``count`` worker processes consuming the capability's queue, stopped on the way out."""
         env = worker_env("wayang", self.broker.endpoint, self.keys)
         workers: list[WorkerProcess] = []
@@ -164,7 +177,7 @@ class Bench:
                 name = f"scale-{self.started}"
                 workers.append(
                     WorkerProcess.start(
-                        name, self.command(name), env=env, cwd=ROOT, log_dir=self.tmp
+                        name, self.command(name, prefetch), env=env, cwd=ROOT, log_dir=self.tmp
                     )
                 )
             await self._consumers(count, workers)
@@ -186,10 +199,13 @@ class Bench:
     async def measure(self, fleet: Fleet, round_no: int) -> None:
         """One round of one fleet: start it, warm up, N tasks, count who ran them, stop it."""
         args = self.args
-        label = f"{fleet.workers} worker(s), round {round_no + 1}/{args.rounds}"
-        async with self.fleet(fleet.workers) as workers:
+        label = (
+            f"{fleet.workers} worker(s){fleet.prefetch_label}, round {round_no + 1}/{args.rounds}"
+        )
+        async with self.fleet(fleet.workers, fleet.prefetch) as workers:
             await throughput_async(self.roundtrip, f"{label} warm-up", args.warmup, args.window)
             self.ran_on.clear()
+            fleet.loads.append(os.getloadavg()[0])
             cpu_before = sum(w.cpu_seconds() for w in workers)
             fleet.throughputs.append(
                 await throughput_async(self.roundtrip, label, args.tasks, args.window)
@@ -203,7 +219,11 @@ async def _run(args: argparse.Namespace, broker: Broker, keys: Path, tmp: Path) 
     topology = load_topology(DEFAULT_TOPOLOGY_PATH)
     await apply_topology(topology, broker.endpoint.amqp_url, management_client(broker.endpoint))
     bench = Bench(args, broker, keys, tmp)
-    fleets = [Fleet(k, args.concurrency, args.sleep_ms / 1000) for k in args.workers]
+    fleets = [
+        Fleet(k, args.concurrency, prefetch, args.sleep_ms / 1000)
+        for prefetch in args.prefetch
+        for k in args.workers
+    ]
     await bench.dispatcher.start()
     try:
         for round_no in range(args.rounds):
@@ -215,22 +235,29 @@ async def _run(args: argparse.Namespace, broker: Broker, keys: Path, tmp: Path) 
     return fleets
 
 
+def one_worker(fleets: list[Fleet], fleet: Fleet) -> float | None:
+    """The rate of one worker at ``fleet``'s prefetch: what its speed-up is taken against."""
+    return next((f.per_s for f in fleets if f.workers == 1 and f.prefetch == fleet.prefetch), None)
+
+
 def table(fleets: list[Fleet]) -> str:
     """The summary people read (markdown)."""
-    one = next((f.per_s for f in fleets if f.workers == 1), None)
     lines = [
-        "| workers | tasks/s, median [min–max] | ceiling | of ceiling | × one worker"
-        " | least share of an even split | worker CPU µs/task |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| workers | prefetch | tasks/s, median [min–max] | ceiling | of ceiling | × one worker"
+        " | least share of an even split | worker CPU µs/task | load avg (median) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for f in fleets:
         rates = [t.per_s for t in f.throughputs]
         tasks = sum(t.tasks for t in f.throughputs)
+        one = one_worker(fleets, f)
         speedup = f"{f.per_s / one:.2f}×" if one else "-"
         lines.append(
-            f"| {f.workers} | {f.per_s:,.0f} [{min(rates):,.0f}–{max(rates):,.0f}]"
+            f"| {f.workers} | {f.prefetch or f.concurrency}"
+            f" | {f.per_s:,.0f} [{min(rates):,.0f}–{max(rates):,.0f}]"
             f" | {f.ceiling_per_s:,.0f} | {f.per_s / f.ceiling_per_s:.0%} | {speedup}"
-            f" | {f.smallest_share:.2f} | {f.worker_cpu_s / tasks * 1e6:,.0f} |"
+            f" | {f.smallest_share:.2f} | {f.worker_cpu_s / tasks * 1e6:,.0f}"
+            f" | {statistics.median(f.loads):.1f} |"
         )
     return "\n".join(lines)
 
@@ -250,7 +277,6 @@ def main(argv: list[str] | None = None) -> int:
         keys = Path(tmp) / "keys"
         write_keypair(keys)
         fleets = run_async(_run(args, broker, keys, Path(tmp)))
-    one = next((f.per_s for f in fleets if f.workers == 1), None)
     report = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([".venv/bin/python", "bench/scaling.py", *sys.argv[1:]]),
@@ -263,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": {
             "workers": args.workers,
             "concurrency_per_worker": args.concurrency,
-            "prefetch_per_worker": args.prefetch or args.concurrency,
+            "prefetch_per_worker": [p or args.concurrency for p in args.prefetch],
             "sleep_ms": args.sleep_ms,
             "tasks_per_round": args.tasks,
             "rounds": args.rounds,
@@ -272,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             "worker_log_level": args.log_level,
             "private_broker": bool(broker.pids),
         },
-        "fleets": [f.as_json(one) for f in fleets],
+        "fleets": [f.as_json(one_worker(fleets, f)) for f in fleets],
     }
     print(table(fleets))
     if load[0] > 0.7:
@@ -286,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 def _counts(text: str) -> list[int]:
     counts = [int(part) for part in text.split(",") if part.strip()]
     if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError("give worker counts like 1,2,4")
+        raise argparse.ArgumentTypeError("give whole numbers of at least 1, like 1,2,4")
     return counts
 
 
@@ -294,7 +320,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--workers", type=_counts, default=[1, 2, 4], help="fleet sizes: 1,2,4")
     parser.add_argument("--concurrency", type=int, default=2, help="per worker (default 2)")
-    parser.add_argument("--prefetch", type=int, help="per worker (default: its concurrency)")
+    parser.add_argument(
+        "--prefetch",
+        type=_counts,
+        default=[None],
+        help="per worker, or a list to compare (default: the worker's, its concurrency)",
+    )
     parser.add_argument("--sleep-ms", type=float, default=20.0, help="each task's sleep")
     parser.add_argument("--tasks", type=int, default=2_000, help="tasks per round and fleet")
     parser.add_argument("--rounds", type=int, default=3)
