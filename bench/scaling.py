@@ -13,8 +13,9 @@ from elsewhere on the machine does not always hit the same k): start k worker pr
 until the queue has k consumers, warm up, then N tasks in a closed loop of W outstanding
 (W is larger than every slot of the largest fleet, so the queue never runs dry), first submit
 to last result; stop the workers (SIGTERM: they drain). Reported: the median round's tasks/s
-[min–max], the speed-up over one worker, efficiency against the sleep's ceiling, the share of
-tasks each worker ran (from each result's ``executor_id``) and the workers' CPU per task.
+[min–max], the speed-up over one worker, efficiency against the sleep's ceiling, the share
+of tasks each worker ran (from each result's ``executor_id``) and the CPU per task of the
+workers, this process (the dispatcher) and the private broker.
 
     .venv/bin/python bench/scaling.py [--workers 1,2,4] [--concurrency 2] [--tasks 2000]
                                       [--rounds 3] [--sleep-ms 20] [--prefetch N[,M]]
@@ -81,7 +82,7 @@ class Fleet:
     throughputs: list[Throughput] = field(default_factory=list)
     shares: list[list[int]] = field(default_factory=list)  # tasks per worker, per round
     loads: list[float] = field(default_factory=list)  # 1-minute load average as each began
-    worker_cpu_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)  # worker(s), dispatcher, broker
 
     @property
     def ceiling_per_s(self) -> float:
@@ -114,7 +115,7 @@ class Fleet:
             "tasks_per_worker_by_round": self.shares,
             "load_average_by_round": [round(x, 2) for x in self.loads],
             "smallest_share": round(self.smallest_share, 3),
-            "worker_cpu_us_per_task": round(self.worker_cpu_s / tasks * 1e6, 1),
+            "cpu_us_per_task": {k: round(v / tasks * 1e6, 1) for k, v in self.cpu_s.items()},
         }
 
     @property
@@ -196,6 +197,17 @@ class Bench:
                 raise RuntimeError(f"{count} workers did not all consume {queue} in time")
             await asyncio.sleep(0.2)
 
+    def cpu(self, workers: list[WorkerProcess]) -> dict[str, float]:
+        """CPU seconds so far: the workers together, this process, our private broker."""
+        found = {
+            "worker": sum(w.cpu_seconds() for w in workers),
+            "dispatcher": time.process_time(),
+        }
+        broker = self.broker.cpu_seconds()
+        if broker is not None:
+            found["broker"] = broker
+        return found
+
     async def measure(self, fleet: Fleet, round_no: int) -> None:
         """One round of one fleet: start it, warm up, N tasks, count who ran them, stop it."""
         args = self.args
@@ -206,11 +218,13 @@ class Bench:
             await throughput_async(self.roundtrip, f"{label} warm-up", args.warmup, args.window)
             self.ran_on.clear()
             fleet.loads.append(os.getloadavg()[0])
-            cpu_before = sum(w.cpu_seconds() for w in workers)
+            before = self.cpu(workers)
             fleet.throughputs.append(
                 await throughput_async(self.roundtrip, label, args.tasks, args.window)
             )
-            fleet.worker_cpu_s += sum(w.cpu_seconds() for w in workers) - cpu_before
+            for name, seconds in self.cpu(workers).items():
+                if name in before:
+                    fleet.cpu_s[name] = fleet.cpu_s.get(name, 0.0) + seconds - before[name]
             fleet.shares.append([self.ran_on.get(w.name, 0) for w in workers])
         _say(f"{label}: {fleet.throughputs[-1].per_s:,.0f} tasks/s, per worker {fleet.shares[-1]}")
 
@@ -244,8 +258,9 @@ def table(fleets: list[Fleet]) -> str:
     """The summary people read (markdown)."""
     lines = [
         "| workers | prefetch | tasks/s, median [min–max] | ceiling | of ceiling | × one worker"
-        " | least share of an even split | worker CPU µs/task | load avg (median) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        " | least share of an even split | CPU µs/task: workers | dispatcher | broker"
+        " | load avg (median) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for f in fleets:
         rates = [t.per_s for t in f.throughputs]
@@ -256,10 +271,16 @@ def table(fleets: list[Fleet]) -> str:
             f"| {f.workers} | {f.prefetch or f.concurrency}"
             f" | {f.per_s:,.0f} [{min(rates):,.0f}–{max(rates):,.0f}]"
             f" | {f.ceiling_per_s:,.0f} | {f.per_s / f.ceiling_per_s:.0%} | {speedup}"
-            f" | {f.smallest_share:.2f} | {f.worker_cpu_s / tasks * 1e6:,.0f}"
+            f" | {f.smallest_share:.2f} | {_per_task(f, 'worker', tasks)}"
+            f" | {_per_task(f, 'dispatcher', tasks)} | {_per_task(f, 'broker', tasks)}"
             f" | {statistics.median(f.loads):.1f} |"
         )
     return "\n".join(lines)
+
+
+def _per_task(fleet: Fleet, name: str, tasks: int) -> str:
+    seconds = fleet.cpu_s.get(name)
+    return "-" if seconds is None else f"{seconds / tasks * 1e6:,.0f}"
 
 
 def main(argv: list[str] | None = None) -> int:
