@@ -81,7 +81,6 @@ async def test_two_and_four_worker_processes_run_an_io_bound_capability_faster_t
         for worker in fleet:
             worker.stop()
     summary = ", ".join(f"{k} workers: {rate:.0f}/s" for k, rate in rates.items())
-    print(summary, {k: dict(v) for k, v in shares.items()})
     # Then two workers run it at least 1.4 times as fast as one, four at least 2.5 times
     assert rates[2] >= 1.4 * rates[1], summary
     assert rates[4] >= 2.5 * rates[1], summary
