@@ -81,9 +81,12 @@ async def test_two_and_four_worker_processes_run_an_io_bound_capability_faster_t
         for worker in fleet:
             worker.stop()
     summary = ", ".join(f"{k} workers: {rate:.0f}/s" for k, rate in rates.items())
-    # Then two workers run it at least 1.4 times as fast as one, four at least 2.5 times
+    # Then two workers run it at least 1.4 times as fast as one, four at least twice as fast
+    # as one and faster than two (seen: 1.6-2.0x and 2.7-3.8x on a loaded 2-core machine; the
+    # bounds leave room for a busy CI machine, and still fail if added daemons take no load)
     assert rates[2] >= 1.4 * rates[1], summary
-    assert rates[4] >= 2.5 * rates[1], summary
+    assert rates[4] >= 2.0 * rates[1], summary
+    assert rates[4] > rates[2], summary
     # and every daemon of the fleet took a share of the tasks (an even split is 1/4 each):
     # the broker spread them, no worker was told which tasks to take
     ids = [worker.executor_id for worker in fleet]
