@@ -87,8 +87,10 @@ class Send:
     #: (a courtesy such as an answer to unreadable input: the failure is logged, not fatal)
     if_unconfirmed: Settle | None = Settle.REQUEUE
     unconfirmed_event: str = "result.unconfirmed"
-    #: wait this long before giving the delivery back, so a refusal does not spin
-    backoff_s: float = 0.0
+    #: wait this long before giving the delivery back, so a refusal does not spin: a nack
+    #: storm (a cluster node died, see ConfirmedPublisher._fresh_channel) would otherwise
+    #: spend a task's delivery limit in a second and dead-letter work that had succeeded
+    backoff_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

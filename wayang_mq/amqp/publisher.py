@@ -35,6 +35,9 @@ from wayang_mq.observability.metrics import PublishMetrics
 
 log = logging.getLogger("wayang_mq.amqp.publisher")
 
+#: a publisher replaces its channel after a nack at most this often (see _fresh_channel)
+FRESH_CHANNEL_S = 2.0
+
 
 class Unroutable(WayangError):
     """The broker returned a mandatory message: no queue is bound for its routing key."""
@@ -72,6 +75,7 @@ class PublishStats:
 
     slow_confirms: int = 0  # confirms that took longer than ``slow_confirm_s``
     resent: int = 0  # publishes sent again after one was not confirmed (a possible duplicate)
+    fresh_channels: int = 0  # channels replaced after a nack (a quorum queue's stuck client)
 
 
 class ConfirmedPublisher:
@@ -105,6 +109,7 @@ class ConfirmedPublisher:
         self._blocked_wait_s = blocked_wait_s
         self._slow_confirm_s = slow_confirm_s
         self.stats = PublishStats()
+        self._fresh_at = -FRESH_CHANNEL_S  # when the channel was last replaced after a nack
 
     async def _exchange(self, name: str) -> AbstractExchange:
         exchange = self._exchanges.get(name)
@@ -123,7 +128,13 @@ class ConfirmedPublisher:
     ) -> None:
         """One attempt; raises Unroutable, Rejected, BrokerBlocked or PublishFailed."""
         try:
-            await self._publish_once(exchange, routing_key, message, mandatory)
+            try:
+                await self._publish_once(exchange, routing_key, message, mandatory)
+            except Rejected:
+                if not await self._fresh_channel():
+                    raise
+                # Once more on a channel opened now: a full queue refuses it again.
+                await self._publish_once(exchange, routing_key, message, mandatory)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is None or task.cancelling() > 0:
@@ -135,6 +146,39 @@ class ConfirmedPublisher:
             raise PublishFailed(
                 f"publish to {exchange} not confirmed: the connection closed under it"
             ) from exc
+
+    async def _fresh_channel(self) -> bool:
+        """After a nack, replace the channel (at most every ``FRESH_CHANNEL_S``); True if
+        it was replaced.
+
+        A nack usually means a full queue, and a fresh channel changes nothing. But RabbitMQ
+        3.10 also nacks, for minutes, every publish of a channel that first published to a
+        quorum queue while the queue was electing a new leader (a cluster node died): the
+        channel's client state for that queue stays refused while a channel opened later is
+        served. Seen in tests/test_cluster.py: a worker's results refused until its tasks hit
+        the delivery limit. Closing the underlying channel makes aio-pika's robust channel
+        open a new one; publishes in flight on the old one fail and are sent again.
+        """
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._fresh_at < FRESH_CHANNEL_S:
+            return False
+        self._fresh_at = loop.time()
+        if not isinstance(self._channel, aio_pika.RobustChannel):
+            return False
+        try:
+            await (await self._channel.get_underlay_channel()).close()
+            await self._channel.ready()
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError):
+            return False
+        self.stats.fresh_channels += 1
+        logs.event(
+            log,
+            "publish.fresh_channel",
+            logging.WARNING,
+            reason="the broker refused a publish (nack)",
+            next="publishing it once more on a new channel; a full queue refuses it again",
+        )
+        return True
 
     async def _publish_once(
         self,
