@@ -63,12 +63,20 @@ async def drive(ledger: Ledger, dispatcher: Dispatcher, count: int) -> None:
         finally:
             slots.release()
 
-    for n in range(count):
-        await slots.acquire()
-        job = asyncio.create_task(one(n))
-        running.add(job)
-        job.add_done_callback(running.discard)
-    await asyncio.gather(*running)
+    try:
+        for n in range(count):
+            await slots.acquire()
+            job = asyncio.create_task(one(n))
+            running.add(job)
+            job.add_done_callback(running.discard)
+        await asyncio.gather(*running)
+    finally:
+        # A failure (or the test's timeout) must not leave hundreds of submits suspended on a
+        # connection that is about to close: they would be collected, unfinished, in a later
+        # test's time and fail it instead of this one.
+        for job in running:
+            job.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 async def report_progress(ledger: Ledger, started: float) -> None:
@@ -110,7 +118,10 @@ async def run_load(
     ):
         printer = asyncio.create_task(report_progress(ledger, started))
         try:
-            await asyncio.gather(drive(ledger, dispatcher, TASKS), fault(ledger))
+            # a TaskGroup: when one fails, the other is cancelled, not left running
+            async with asyncio.TaskGroup() as group:
+                group.create_task(drive(ledger, dispatcher, TASKS))
+                group.create_task(fault(ledger))
             print(f"[{time.monotonic() - started:6.1f}s] load done: {ledger.progress()}")
             report = await ledger.check()
         finally:

@@ -3,6 +3,7 @@ handled task's fields on every line; secrets redacted and control characters esc
 
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import logging
@@ -12,7 +13,8 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import types
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
@@ -201,3 +203,22 @@ def test_the_flag_wins_over_the_environment_which_wins_over_the_terminal(fabric:
         fabric, ["--log-format", "text"], {"WAYANG_LOG_FORMAT": "json"}, tty=False
     )
     assert "event=worker.started id=" in _started_line(flagged)
+
+
+def test_a_coroutine_abandoned_inside_bound_closes_without_an_error() -> None:
+    # Given a coroutine suspended inside logs.bound, its token made in its own context
+    @types.coroutine
+    def pause() -> Generator[str, None, None]:
+        yield "paused"
+
+    async def suspended() -> None:
+        with logs.bound(task_id="t-1"):
+            await pause()
+
+    coroutine = suspended()
+    assert contextvars.copy_context().run(coroutine.send, None) == "paused"
+    # When it is closed from another context (what the garbage collector does to a
+    # coroutine nobody awaits any more)
+    coroutine.close()
+    # Then it unwinds without raising, and this context's fields are untouched
+    assert logs.context() == {}

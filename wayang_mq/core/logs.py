@@ -95,8 +95,11 @@ def bind(**fields: Any) -> contextvars.Token[Mapping[str, Any]]:
 
 
 def unbind(token: contextvars.Token[Mapping[str, Any]]) -> None:
-    """Undo :func:`bind`."""
-    _context.reset(token)
+    """Undo :func:`bind`. A coroutine closed by the garbage collector (abandoned while
+    suspended inside :func:`bound`) unwinds in another context, where its token is foreign:
+    that context is gone with the coroutine, so there is nothing left to undo."""
+    with contextlib.suppress(ValueError):
+        _context.reset(token)
 
 
 @contextlib.contextmanager
