@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractRobustConnection
 from yarl import URL
 
 from wayang_mq.amqp import frames
+from wayang_mq.amqp.corked import CorkedTransportFactory
 from wayang_mq.amqp.endpoint import BrokerEndpoint, redact_url, split_urls
 from wayang_mq.amqp.management import ManagementClient
 from wayang_mq.amqp.tls import TlsFiles, check_files, explain
@@ -58,6 +59,8 @@ class FailoverConnection(aio_pika.RobustConnection):
         if len(urls) > 1 and "reconnect_interval" not in self.addresses[0].query:
             kwargs.setdefault("reconnect_interval", FAILOVER_RECONNECT_INTERVAL_S)
         super().__init__(self.addresses[self._current], **kwargs)  # type: ignore[arg-type]
+        # aio-pika hands its kwargs to aiormq at every (re)connect: the writer is corked
+        self.kwargs["transport_factory"] = CorkedTransportFactory()
 
     async def _on_connection_close(self, closing: asyncio.Future[object]) -> None:
         # Close callbacks first: they still see the address that was lost.

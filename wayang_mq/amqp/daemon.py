@@ -35,6 +35,7 @@ from aio_pika.abc import (
 )
 from prometheus_client import CollectorRegistry
 
+from wayang_mq.amqp import acks
 from wayang_mq.amqp.connect import connect
 from wayang_mq.amqp.publisher import ConfirmedPublisher
 from wayang_mq.core import logs
@@ -244,11 +245,15 @@ class Daemon:
         except aiormq.exceptions.ChannelNotFoundEntity:
             raise ConfigError(f"queue {queue_name} does not exist", hint=hint) from None
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
+        def on_message(message: AbstractIncomingMessage) -> None:
+            # Plain, not async: aio-pika calls it from a callback instead of wrapping it in a
+            # task of its own, so a delivery costs one task (spawned here), not two.
+            acks.track(message)  # every delivery of the daemon's channels: acks may batch
             self.spawn(handle(message))
 
         tag = self.consumer_tag(label or queue_name.removeprefix("wayang."))
-        self._consumers.append((queue, await queue.consume(on_message, consumer_tag=tag)))
+        consumer = await queue.consume(on_message, consumer_tag=tag)  # type: ignore[arg-type]
+        self._consumers.append((queue, consumer))
         if ordered:
             self._ordered.add(tag)
 

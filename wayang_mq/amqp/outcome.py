@@ -32,6 +32,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
+from wayang_mq.amqp import acks
 from wayang_mq.amqp.publisher import ConfirmedPublisher, Unroutable
 from wayang_mq.core import logs
 from wayang_mq.core.errors import WayangError
@@ -254,9 +255,10 @@ async def _act(message: AbstractIncomingMessage, how: Settle) -> None:
         return
     try:
         if how is Settle.ACK:
-            await message.ack()
+            await acks.ack(message)  # with others of its channel, where they are contiguous
         else:
             await message.nack(requeue=how is Settle.REQUEUE)
+            acks.forget(message)
     except (
         aio_pika.exceptions.ChannelInvalidStateError,
         aiormq.exceptions.AMQPError,

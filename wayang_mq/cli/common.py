@@ -4,15 +4,43 @@ checking a capability argument."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from wayang_mq.config import Settings
 from wayang_mq.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from wayang_mq.client.dispatcher import DispatcherConfig
+
+T = TypeVar("T")
+
+#: ``asyncio`` runs the daemons on the standard event loop even when uvloop is installed
+EVENT_LOOP_ENV = "WAYANG_EVENT_LOOP"
+
+
+def run_daemon(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run``, on uvloop when it is installed (the ``fast`` extra) unless
+    ``WAYANG_EVENT_LOOP=asyncio``: the same program, its loop's own overhead per callback,
+    task and socket write cut (docs/performance.md)."""
+    choice = os.environ.get(EVENT_LOOP_ENV, "").strip().lower()
+    if choice not in ("", "uvloop", "asyncio"):
+        raise ConfigError(f"{EVENT_LOOP_ENV}={choice!r}: use uvloop or asyncio")
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError(
+                    f"{EVENT_LOOP_ENV}=uvloop but uvloop is not installed",
+                    hint="pip install 'wayang-mq[fast]'",
+                ) from None
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(main)
+    return asyncio.run(main)
 
 
 async def run_until_signal(

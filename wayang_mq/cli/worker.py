@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 from typing import Any
 
-from wayang_mq.cli.common import add_metrics_options, process_id, run_until_signal
+from wayang_mq.cli.common import add_metrics_options, process_id, run_daemon, run_until_signal
 from wayang_mq.cli.exits import Exit
 from wayang_mq.config import Settings
 
@@ -182,5 +181,5 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         shards=shards,
     )
     worker = Worker(executors, config)
-    asyncio.run(run_until_signal(worker.run, worker.stop, config.keyring.reload))
+    run_daemon(run_until_signal(worker.run, worker.stop, config.keyring.reload))
     return Exit.OK

@@ -27,6 +27,7 @@ from enum import StrEnum
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from wayang_mq.amqp import acks
 from wayang_mq.amqp.outcome import discard, reject, settle
 from wayang_mq.core import logs
 from wayang_mq.core.authority import check_result
@@ -262,6 +263,7 @@ class Replies:
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         """The reply queue's consumer: read, decide, then settle (the bad ones rejected)."""
+        acks.track(message)  # the channel's one acking consumer: its acks may batch
         try:
             if message.type == AttemptRecord.wire_type:
                 self._redispatched(message)
