@@ -1,7 +1,8 @@
 """The dispatcher side of each system: one round trip = submit one echo task, await its result.
 
 Every client publishes persistent messages and waits for the broker's publisher confirm
-before a submit counts, as ``wayang_mq.Dispatcher.submit`` does; results come back on a
+before a submit counts, as ``wayang_mq.Dispatcher.submit`` does (except ``DramatiqClient``
+for the ``dramatiq`` system: Dramatiq's default, unconfirmed sends); results come back on a
 durable reply queue, consumed with manual acks.
 """
 
@@ -15,11 +16,12 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import aio_pika
+import dramatiq
 import msgpack
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 
-from bench import raw_worker
+from bench import dramatiq_app, raw_worker
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig, TaskHandle
 from wayang_mq.core.model import Status
 from wayang_mq.core.signing import KeyRing, Signer
@@ -151,6 +153,79 @@ class RawClient:
         future = self._pending.pop(message.correlation_id or "", None)
         if future is not None and not future.done():
             future.set_result(reply["output"])
+        await message.ack()
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self._connection is not None:
+            await self._connection.close()
+
+
+class DramatiqClient:
+    """Dramatiq task messages (built and encoded by Dramatiq's own ``Message``, JSON) published
+    with aio-pika, as ``RabbitmqBroker.enqueue`` publishes them: persistent, to the default
+    exchange, routed by queue name; with ``confirm`` each publish waits for the broker's
+    confirm and is mandatory (Dramatiq's ``confirm_delivery=True``), without it is neither
+    (Dramatiq's default). Futures by message id; the worker's replies are Dramatiq messages
+    on a durable reply queue, consumed with manual acks (prefetch 512, as the others).
+    """
+
+    def __init__(self, amqp_url: str, *, confirm: bool) -> None:
+        self._url = amqp_url
+        self._confirm = confirm
+        self._connection: AbstractRobustConnection | None = None
+        self._exchange: AbstractExchange | None = None
+        self._pending: dict[str, asyncio.Future[Any]] = {}
+        self._queue, self._reply_queue = dramatiq_app.queues(confirm=confirm)
+
+    async def start(self) -> None:
+        """Connect, consume the reply queue (declared beforehand by ``declare_queues``)."""
+        self._connection = await aio_pika.connect_robust(self._url)
+        channel = await self._connection.channel(
+            publisher_confirms=self._confirm, on_return_raises=self._confirm
+        )
+        self._exchange = channel.default_exchange
+        replies = await self._connection.channel()
+        await replies.set_qos(prefetch_count=512)
+        queue = await replies.get_queue(self._reply_queue, ensure=False)
+        await queue.consume(self._on_reply)
+
+    async def submit(self, payload: dict[str, Any]) -> asyncio.Future[None]:
+        """Publish (confirmed or not, see the class); the future waits for the reply."""
+        return asyncio.ensure_future(self._reply(await self._publish(payload), payload))
+
+    async def roundtrip(self, payload: dict[str, Any]) -> None:
+        """Publish, then wait for the reply."""
+        await self._reply(await self._publish(payload), payload)
+
+    @staticmethod
+    async def _reply(future: asyncio.Future[Any], payload: dict[str, Any]) -> None:
+        output = await asyncio.wait_for(future, RESULT_TIMEOUT_S)
+        if output != payload:
+            raise RuntimeError(f"dramatiq echo returned {output!r}")
+
+    async def _publish(self, payload: dict[str, Any]) -> asyncio.Future[Any]:
+        assert self._exchange is not None
+        task_id = str(uuid.uuid4())
+        message = dramatiq.Message(
+            queue_name=self._queue,
+            actor_name=dramatiq_app.ECHO_ACTOR,
+            args=(task_id, payload),
+            kwargs={},
+            options={},
+            message_id=task_id,
+        )
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[task_id] = future
+        body = aio_pika.Message(message.encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        await self._exchange.publish(body, self._queue, mandatory=self._confirm)
+        return future
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        task_id, output = dramatiq.Message.decode(message.body).args
+        future = self._pending.pop(task_id, None)
+        if future is not None and not future.done():
+            future.set_result(output)
         await message.ack()
 
     async def close(self) -> None:

@@ -60,11 +60,15 @@ class WorkerProcess:
 
     def peak_rss_mib(self) -> float:
         """Peak resident set size so far (``VmHWM``), in MiB, summed over the group."""
-        total = 0
+        return sum(self.peak_rss_each_mib())
+
+    def peak_rss_each_mib(self) -> list[float]:
+        """Each process's peak resident set size so far (``VmHWM``), in MiB."""
+        found = []
         for pid in self.pids():
             with contextlib.suppress(OSError, KeyError):
-                total += _status_kib(pid, "VmHWM")
-        return total / 1024
+                found.append(_status_kib(pid, "VmHWM") / 1024)
+        return found
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the group has used so far."""
@@ -89,6 +93,52 @@ class WorkerProcess:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class WorkerSet:
+    """The worker processes of one system (``--workers N``), each started in its own session;
+    CPU and memory are counted over every process of every session (forked children too)."""
+
+    name: str
+    members: list[WorkerProcess]
+
+    @property
+    def pid(self) -> int:
+        """The first worker's process id."""
+        return self.members[0].pid
+
+    def alive(self) -> bool:
+        """True while every worker runs."""
+        return all(member.alive() for member in self.members)
+
+    def pids(self) -> list[int]:
+        """Every process of every worker."""
+        return [pid for member in self.members for pid in member.pids()]
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time all of them have used so far."""
+        return group_cpu_seconds(self.pids())
+
+    def peak_rss_mib(self) -> tuple[float, float, int]:
+        """The largest single process's peak RSS, the sum of every process's peak RSS (MiB;
+        an upper bound: pages a forked child shares with its parent count in both), and
+        how many processes there were."""
+        each = [mib for member in self.members for mib in member.peak_rss_each_mib()]
+        return (max(each, default=0.0), sum(each), len(each))
+
+    def stop(self) -> None:
+        """Stop them all (SIGTERM to all at once, then SIGKILL), each even if another failed."""
+        for member in self.members:
+            if member.alive():
+                _signal_group(member.process, signal.SIGTERM)
+        for member in self.members:
+            with contextlib.suppress(Exception):
+                member.stop()
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The end of each worker's log."""
+        return "\n".join(f"--- {m.log_path} (tail)\n{m.log_tail(lines)}" for m in self.members)
 
 
 def _signal_group(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:

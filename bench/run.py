@@ -1,15 +1,19 @@
-"""End-to-end benchmark: wayang-mq beside raw aio-pika and Celery, in one run, on one broker.
+"""End-to-end benchmark: wayang-mq beside raw aio-pika, Celery and Dramatiq, in one run, on one
+broker.
 
-Each system's worker runs as its own OS process; this process is the dispatcher side of all
-three. Per system: (1) drain — tasks queued before the worker starts, timed while it empties
-the queue (the worker alone); (2) throughput — N echo tasks with at most W outstanding, first
+Each system's workers run as their own OS processes (``--workers N``, each with
+``--concurrency`` slots); this process is the dispatcher side of all of them. Per system:
+(1) drain — tasks queued before the workers start, timed while they empty the queue (the
+workers alone); (2) throughput — N echo tasks with at most W outstanding, first
 submit to last result, for R rounds with the systems interleaved (the median round counts, so
 a burst of load from elsewhere on the machine hits every system alike); (3) latency — M
-sequential round trips, p50/p99; (4) the worker's peak RSS and everyone's CPU per task. Every
-message is persistent and every publish (task and result) waits for the broker's confirm.
+sequential round trips, p50/p99; (4) the workers' peak RSS (per process and summed) and
+everyone's CPU per task. Every message is persistent and every publish (task and result) waits
+for the broker's confirm, except for ``dramatiq``: Dramatiq's defaults, unconfirmed sends (the
+client's task and the worker's reply); ``dramatiq-confirmed`` confirms both.
 
     .venv/bin/python bench/run.py [--tasks N] [--latency-samples N] [--concurrency N]
-                                  [--systems raw,wayang,celery,wayang-metrics]
+                                  [--workers N] [--systems raw,wayang,celery,dramatiq,...]
                                   [--out bench/results/latest.json]
 
 ``wayang`` runs with metrics off (the worker without ``--metrics-port``, the dispatcher
@@ -45,10 +49,11 @@ from prometheus_client import CollectorRegistry
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/run.py` runs with bench/ on the path, not the root
 
-from bench import metered, raw_worker  # noqa: E402
+from bench import dramatiq_app, metered, raw_worker  # noqa: E402
 from bench.clients import (  # noqa: E402
     AsyncClient,
     CeleryClient,
+    DramatiqClient,
     RawClient,
     WayangClient,
     consumer_count,
@@ -65,7 +70,12 @@ from bench.measure import (  # noqa: E402
     throughput_async,
     throughput_threaded,
 )
-from bench.processes import WorkerProcess, group_cpu_seconds, processes_in  # noqa: E402
+from bench.processes import (  # noqa: E402
+    WorkerProcess,
+    WorkerSet,
+    group_cpu_seconds,
+    processes_in,
+)
 from bench.report import (  # noqa: E402
     LABELS,
     Outcome,
@@ -83,12 +93,14 @@ from wayang_mq.dev.nodes import RabbitNode  # noqa: E402
 from wayang_mq.topology.apply import apply_topology  # noqa: E402
 from wayang_mq.topology.spec import parse_topology  # noqa: E402
 
-SYSTEMS = ("raw", "wayang", "celery")  # the default run
+SYSTEMS = ("raw", "wayang", "celery", "dramatiq", "dramatiq-confirmed")  # the default run
 ALL_SYSTEMS = (*SYSTEMS, "wayang-metrics")
 QUEUES = {
     "raw": raw_worker.TASK_QUEUE,
     "wayang": "wayang.task.demo.echo",
     "celery": "bench.celery",
+    "dramatiq": dramatiq_app.queues(confirm=False)[0],
+    "dramatiq-confirmed": dramatiq_app.queues(confirm=True)[0],
     "wayang-metrics": task_queue(metered.CAPABILITY),
 }
 CELERY_POOLS = ("threads", "prefork", "solo")
@@ -111,32 +123,32 @@ class Broker:
 
 
 class Contender:
-    """One system: its worker process, its client, and what its runs measured."""
+    """One system: its worker processes, its client, and what its runs measured."""
 
     def __init__(
-        self, system: str, client: AsyncClient | CeleryClient, start: Callable[[], WorkerProcess]
+        self, system: str, client: AsyncClient | CeleryClient, start: Callable[[], WorkerSet]
     ) -> None:
         self.system = system
         self.label = LABELS[system]
         self.client = client
         self._start_worker = start
-        self._worker: WorkerProcess | None = None
+        self._worker: WorkerSet | None = None
         self.drain: Drain | None = None
         self.throughputs: list[Throughput] = []
         self.latencies: list[float] = []
         self.cpu = {"worker": 0.0, "dispatcher": 0.0, "broker": 0.0}
-        self.peak_rss_mib = 0.0
+        self.peak_rss_mib = (0.0, 0.0, 0)  # per process (max), summed, processes
 
     @property
-    def worker(self) -> WorkerProcess:
-        """The worker process (started by ``measure_drain``)."""
+    def worker(self) -> WorkerSet:
+        """The worker processes (started by ``measure_drain``)."""
         if self._worker is None:
             raise RuntimeError(f"the {self.label} worker is not started")
         return self._worker
 
     def start_worker(self) -> None:
-        """Start the worker process (called from the client's thread for Celery)."""
-        print(f"==> {self.label}: starting the worker", flush=True)
+        """Start the worker processes (called from the client's thread for Celery)."""
+        print(f"==> {self.label}: starting the workers", flush=True)
         self._worker = self._start_worker()
 
     async def connect(self) -> None:
@@ -198,10 +210,12 @@ class Contender:
             self.drain,
             tuple(self.throughputs),
             Latency.of(self.latencies),
-            self.peak_rss_mib,
+            self.peak_rss_mib[0],
             worker_cpu_s=self.cpu["worker"],
             dispatcher_cpu_s=self.cpu["dispatcher"],
             broker_cpu_s=self.cpu["broker"] if broker.pids else None,
+            worker_peak_rss_sum_mib=self.peak_rss_mib[1],
+            worker_processes=self.peak_rss_mib[2],
         )
 
 
@@ -216,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not systems or set(systems) - set(ALL_SYSTEMS):
         raise SystemExit(f"--systems: choose from {', '.join(ALL_SYSTEMS)}")
+    if args.workers < 1 or args.concurrency < 1:
+        raise SystemExit("--workers and --concurrency: 1 or more")
     load = os.getloadavg()
     version = code_version(ROOT)  # before anything runs: the code the workers will import
     with (
@@ -278,7 +294,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", type=int, default=5_000, help="tasks per throughput round")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per system")
     parser.add_argument("--latency-samples", type=int, default=1_500, help="sequential trips")
-    parser.add_argument("--concurrency", type=int, default=16, help="worker concurrency")
+    parser.add_argument(
+        "--concurrency", type=int, default=16, help="slots (and prefetch) per worker process"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes per system (dramatiq: --processes)"
+    )
     parser.add_argument("--window", type=int, default=500, help="outstanding tasks at most")
     parser.add_argument("--warmup", type=int, default=500, help="warm-up tasks per system")
     parser.add_argument(
@@ -314,7 +335,15 @@ def _params(args: argparse.Namespace, broker: Broker) -> dict[str, Any]:
         "rounds": args.rounds,
         "latency_samples": args.latency_samples,
         "concurrency": args.concurrency,
+        "workers": args.workers,
         "prefetch": args.concurrency,
+        "dramatiq": {
+            "worker": f"--processes {args.workers} --threads {args.concurrency}",
+            "prefetch": f"{2 * args.concurrency} per process (Dramatiq's default, 2 x threads)",
+            "middleware": "Dramatiq's defaults",
+            "dramatiq": "sends unconfirmed (Dramatiq's default)",
+            "dramatiq-confirmed": "RabbitmqBroker(confirm_delivery=True): every send confirmed",
+        },
         "window": args.window,
         "warmup": args.warmup,
         "drain": args.drain,
@@ -349,6 +378,7 @@ async def _prepare(endpoint: BrokerEndpoint, topology_path: Path) -> None:
     topology = parse_topology(raw, source=str(topology_path))
     await apply_topology(topology, endpoint.amqp_url, management_client(endpoint))
     await declare_raw_topology(endpoint.amqp_url)
+    await asyncio.to_thread(dramatiq_app.declare_queues, endpoint.amqp_url)
 
 
 async def _bench_all(
@@ -364,13 +394,13 @@ async def _bench_all(
             else:
                 contender.start_worker()
             queue = QUEUES[contender.system]
-            await wait_consuming(broker.endpoint.amqp_url, queue, contender.worker)
+            await wait_consuming(broker.endpoint.amqp_url, queue, contender.worker, args.workers)
             await contender.throughput(f"{contender.label} warm-up", args.warmup, args.window)
         for round_no in range(args.rounds):
             for contender in _rotated(contenders, round_no):
                 label = f"{contender.label} throughput (round {round_no + 1}/{args.rounds})"
                 spy = args.py_spy if round_no == 0 else None
-                with _py_spy(spy, contender.system, contender.worker.pid):
+                with _py_spy(spy, contender.system, contender.worker):
                     await contender.measured_throughput(label, args.tasks, args.window, broker)
         for contender in contenders:
             contender.peak_rss_mib = contender.worker.peak_rss_mib()
@@ -382,8 +412,7 @@ async def _bench_all(
     except Exception:
         for contender in contenders:
             with contextlib.suppress(RuntimeError):
-                tail = contender.worker.log_tail()
-                print(f"--- {contender.worker.log_path} (tail)\n{tail}", file=sys.stderr)
+                print(contender.worker.log_tail(), file=sys.stderr)
         raise
     finally:
         for contender in contenders:
@@ -403,29 +432,55 @@ def _contender(
         client = WayangClient(url, signer, metered.CAPABILITY, registry=CollectorRegistry())
     elif system == "raw":
         client = RawClient(url)
+    elif system.startswith("dramatiq"):
+        client = DramatiqClient(url, confirm=system == "dramatiq-confirmed")
     else:
         client = CeleryClient(url)
-    command = _worker_command(system, args)
+    commands = _worker_commands(system, args)
     env = worker_env(system, broker.endpoint, keys)
-    return Contender(
-        system,
-        client,
-        lambda: WorkerProcess.start(system, command, env=env, cwd=ROOT, log_dir=tmp),
-    )
+
+    def start() -> WorkerSet:
+        members: list[WorkerProcess] = []
+        try:
+            for index, command in enumerate(commands):
+                name = system if len(commands) == 1 else f"{system}-{index + 1}"
+                members.append(WorkerProcess.start(name, command, env=env, cwd=ROOT, log_dir=tmp))
+        except BaseException:
+            WorkerSet(system, members).stop()
+            raise
+        return WorkerSet(system, members)
+
+    return Contender(system, client, start)
 
 
-def _worker_command(system: str, args: argparse.Namespace) -> list[str]:
+def _worker_commands(system: str, args: argparse.Namespace) -> list[list[str]]:
+    """The command of each worker process (one command for Dramatiq, which forks its own)."""
+    if system.startswith("dramatiq"):
+        # One supervisor forking --processes workers of --threads threads each; --queues keeps
+        # them off the reply queue, which only the bench client reads.
+        return [
+            [
+                *(sys.executable, "-m", "dramatiq", "bench.dramatiq_app"),
+                *("--processes", str(args.workers), "--threads", str(args.concurrency)),
+                *("--queues", QUEUES[system]),
+            ]
+        ]
+    return [_worker_command(system, args, index) for index in range(args.workers)]
+
+
+def _worker_command(system: str, args: argparse.Namespace, index: int) -> list[str]:
     concurrency = str(args.concurrency)
+    suffix = "" if index == 0 else f"-{index + 1}"  # distinct ids and hostnames
     if system == "wayang":
         return [
             *(sys.executable, "-m", "wayang_mq.cli", "--log-level", args.wayang_log_level),
-            *("worker", "wayang_workers.demo:Echo", "--id", "bench-wayang"),
+            *("worker", "wayang_workers.demo:Echo", "--id", f"bench-wayang{suffix}"),
             *("--concurrency", concurrency, "--prefetch", concurrency),
         ]
     if system == "wayang-metrics":  # counting, and serving /metrics on a free port
         return [
             *(sys.executable, "-m", "wayang_mq.cli", "--log-level", args.wayang_log_level),
-            *("worker", "bench.metered:MeteredEcho", "--id", "bench-wayang-metrics"),
+            *("worker", "bench.metered:MeteredEcho", "--id", f"bench-wayang-metrics{suffix}"),
             *("--concurrency", concurrency, "--prefetch", concurrency, "--metrics-port", "0"),
         ]
     if system == "raw":
@@ -439,7 +494,7 @@ def _worker_command(system: str, args: argparse.Namespace) -> list[str]:
     return [
         *(sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", *pool),
         *("--loglevel", "WARNING", "--without-mingle", "--without-gossip"),
-        *("--hostname", "bench@%h"),
+        *("--hostname", f"bench{suffix}@%h"),
     ]
 
 
@@ -453,22 +508,26 @@ def worker_env(system: str, endpoint: BrokerEndpoint, keys: Path) -> dict[str, s
         )
     elif system == "raw":
         env["BENCH_AMQP_URL"] = endpoint.amqp_url
+    elif system.startswith("dramatiq"):
+        env["BENCH_AMQP_URL"] = endpoint.amqp_url
+        env["BENCH_DRAMATIQ_CONFIRM"] = "1" if system == "dramatiq-confirmed" else "0"
     else:
         env["CELERY_BROKER_URL"] = endpoint.amqp_url
     return env
 
 
-async def wait_consuming(amqp_url: str, queue: str, worker: WorkerProcess) -> None:
-    """Until the worker consumes its queue; fail fast if it exited."""
+async def wait_consuming(amqp_url: str, queue: str, worker: WorkerSet, expected: int) -> None:
+    """Until ``expected`` consumers (one per worker process) read the queue; fail fast if a
+    worker exited."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         if not worker.alive():
-            raise RuntimeError(f"the {worker.name} worker exited ({worker.process.returncode})")
+            raise RuntimeError(f"a {worker.name} worker exited\n{worker.log_tail()}")
         with contextlib.suppress(Exception):  # the queue may not be declared yet (celery)
-            if await consumer_count(amqp_url, queue) > 0:
+            if await consumer_count(amqp_url, queue) >= expected:
                 return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the {worker.name} worker did not consume {queue} in time")
+            raise RuntimeError(f"the {worker.name} workers did not all consume {queue} in time")
         await asyncio.sleep(0.2)
 
 
@@ -484,31 +543,38 @@ def _shares(total: int, rounds: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def _py_spy(directory: Path | None, system: str, pid: int) -> Iterator[None]:
-    """Optionally sample the worker with py-spy for the duration of the block."""
+def _py_spy(directory: Path | None, system: str, workers: WorkerSet) -> Iterator[None]:
+    """Optionally sample each worker (and its children) with py-spy for the block."""
     if directory is None:
         yield
         return
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     directory.mkdir(parents=True, exist_ok=True)
-    # Collapsed stacks: read them as text, or load them in speedscope or flamegraph.pl.
-    out = directory / f"{system}.folded"
-    command = [exe, "record", "--pid", str(pid), "--rate", "200", "--format", "raw"]
-    recorder = subprocess.Popen(
-        [*command, "--subprocesses", "--output", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    recorders = []
+    for index, member in enumerate(workers.members):
+        # Collapsed stacks: read them as text, or load them in speedscope or flamegraph.pl.
+        suffix = "" if index == 0 else f"-{index + 1}"
+        out = directory / f"{system}{suffix}.folded"
+        command = [exe, "record", "--pid", str(member.pid), "--rate", "200", "--format", "raw"]
+        recorders.append(
+            subprocess.Popen(
+                [*command, "--subprocesses", "--output", str(out)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
     try:
-        time.sleep(0.5)  # let it attach
+        time.sleep(0.5)  # let them attach
         yield
     finally:
-        recorder.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-        try:
-            recorder.wait(30)
-        except subprocess.TimeoutExpired:
-            recorder.kill()
-            recorder.wait()
+        for recorder in recorders:
+            recorder.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        for recorder in recorders:
+            try:
+                recorder.wait(30)
+            except subprocess.TimeoutExpired:
+                recorder.kill()
+                recorder.wait()
 
 
 if __name__ == "__main__":
