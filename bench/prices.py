@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import logging
 import os
 import signal
 import sys
@@ -164,6 +165,18 @@ BY_NAME = {v.name: v for v in VARIANTS}
 # bench/run.py's Contender and Outcome name systems by LABELS: ours join them here.
 for _variant in VARIANTS:
     LABELS.setdefault(_variant.name, _variant.label)
+
+
+class _UnsignedBeats(logging.Filter):
+    """The no-signatures worker's heartbeats are unsigned: the other variants' dispatchers
+    (outside its turn, their signatures checked) refuse them. Expected, so not shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("heartbeat.refused" in text and "price-no-signatures" in text)
+
+
+logging.getLogger("wayang_mq.client.supervisor").addFilter(_UnsignedBeats())
 
 
 def _say(text: str) -> None:
