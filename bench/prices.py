@@ -56,7 +56,6 @@ from bench.report import LABELS, Outcome, code_version, machine  # noqa: E402
 from bench.run import (  # noqa: E402
     Broker,
     Contender,
-    _rotated,
     _shares,
     _worker_command,
     interrupted,
@@ -328,6 +327,12 @@ class Bench:
             raise
         finally:
             await self.close()
+
+
+def _rotated(chosen: list[Variant], round_no: int) -> list[Variant]:
+    """A different variant goes first each round (bench/run.py's rotation, for variants)."""
+    shift = round_no % len(chosen)
+    return chosen[shift:] + chosen[:shift]
 
 
 def bench_topology(path: Path = TOPOLOGY) -> Topology:

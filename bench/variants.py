@@ -105,10 +105,11 @@ def _decode_unchecked(body: bytes, model: type[wire.M]) -> wire.M:
     """msgpack, then ``model_construct``: no pydantic validation of the body (types, bounds,
     ids, unknown fields, the models' own validators). Enum values and nested models are
     still turned into their types, or the receiver could not use the message at all."""
-    return _construct(model, msgpack.unpackb(body, raw=False, strict_map_key=True))
+    constructed: wire.M = _construct(model, msgpack.unpackb(body, raw=False, strict_map_key=True))
+    return constructed
 
 
-def _construct(model: type[Any], raw: dict[str, Any]) -> Any:
+def _construct(model: type[BaseModel], raw: dict[str, Any]) -> Any:
     converters = _converters(model)
     fields = {
         name: converters[name](value) if name in converters and value is not None else value
