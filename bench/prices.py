@@ -219,6 +219,7 @@ class Bench:
         self.contenders: dict[str, Contender] = {}
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._unbinding_checked = False
 
     def contender(self, variant: Variant) -> Contender:
         """bench/run.py's Contender for one variant: its client and its worker command."""
@@ -282,6 +283,8 @@ class Bench:
         if record is not None and not variant.records:
             for binding in self.record_bindings:
                 await record.unbind(binding.source, binding.routing_key)
+            if not self._unbinding_checked:  # an unbind that matches nothing is no error
+                await self._check_unbound()
         try:
             with variants.off(variant.dispatcher_off):
                 yield
@@ -289,6 +292,18 @@ class Bench:
             if record is not None and not variant.records:
                 for binding in self.record_bindings:
                     await record.bind(binding.source, binding.routing_key)
+
+    async def _check_unbound(self) -> None:
+        """Once: wayang.record has no binding left, or no-records would measure nothing."""
+        management = management_client(self.broker.endpoint)
+        left = [
+            b
+            for b in await asyncio.to_thread(management.list_bindings)
+            if b.get("destination") == RECORD_QUEUE and b.get("source")
+        ]
+        if left:
+            raise RuntimeError(f"{RECORD_QUEUE} is still bound after the unbinds: {left[:3]}")
+        self._unbinding_checked = True
 
     async def run(self, chosen: list[Variant]) -> list[tuple[Variant, Outcome]]:
         """Start and warm up each variant, interleave the rounds, then the latency samples."""
