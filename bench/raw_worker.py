@@ -69,8 +69,16 @@ def main() -> None:
     """Entry point: ``python -m bench.raw_worker --prefetch N``."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prefetch", type=int, default=16, help="deliveries held at once")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop's event loop")
     args = parser.parse_args()
-    asyncio.run(serve(os.environ["BENCH_AMQP_URL"], args.prefetch))
+    main = serve(os.environ["BENCH_AMQP_URL"], args.prefetch)
+    if args.uvloop:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main)
+    else:
+        asyncio.run(main)
 
 
 if __name__ == "__main__":

@@ -268,12 +268,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when installed (and WAYANG_EVENT_LOOP is not ``asyncio``), else None."""
+    if os.environ.get("WAYANG_EVENT_LOOP", "").lower() == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_async(work: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run``, where SIGTERM cancels the work as Ctrl-C does (finally blocks run)."""
+    """``asyncio.run``, where SIGTERM cancels the work as Ctrl-C does (finally blocks run);
+    on uvloop when it is installed, as wayang-mq's daemons run: this process is every
+    system's dispatcher side, so each client gets the same loop."""
 
     async def cancellable() -> T:
         task = asyncio.current_task()
@@ -282,7 +295,8 @@ def run_async(work: Coroutine[Any, Any, T]) -> T:
         return await work
 
     try:
-        return asyncio.run(cancellable())
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(cancellable())
     except asyncio.CancelledError:
         raise KeyboardInterrupt("SIGTERM") from None
     finally:
@@ -309,6 +323,12 @@ def _parser() -> argparse.ArgumentParser:
         "--systems",
         default=",".join(SYSTEMS),
         help=f"comma-separated, of {', '.join(ALL_SYSTEMS)} (default {','.join(SYSTEMS)})",
+    )
+    parser.add_argument(
+        "--raw-uvloop",
+        action="store_true",
+        help="run the raw aio-pika worker on uvloop (wayang-mq's worker and this process "
+        "use uvloop when installed; WAYANG_EVENT_LOOP=asyncio runs both on asyncio's loop)",
     )
     parser.add_argument(
         "--celery-pool", choices=CELERY_POOLS, default="threads", help="Celery's worker pool"
@@ -349,6 +369,8 @@ def _params(args: argparse.Namespace, broker: Broker) -> dict[str, Any]:
         "drain": args.drain,
         "wayang_log_level": args.wayang_log_level,
         "celery_pool": args.celery_pool,
+        "raw_worker_loop": "uvloop" if args.raw_uvloop else "asyncio",
+        "wayang_and_dispatcher_loop": "uvloop" if _loop_factory() else "asyncio",
         "payload": '{"n": i, "pad": "x" * 100}',
         "private_broker": bool(broker.pids),
     }
@@ -484,7 +506,8 @@ def _worker_command(system: str, args: argparse.Namespace, index: int) -> list[s
             *("--concurrency", concurrency, "--prefetch", concurrency, "--metrics-port", "0"),
         ]
     if system == "raw":
-        return [sys.executable, "-m", "bench.raw_worker", "--prefetch", concurrency]
+        loop = ["--uvloop"] if args.raw_uvloop else []
+        return [sys.executable, "-m", "bench.raw_worker", "--prefetch", concurrency, *loop]
     # threads (default): one process running N tasks at once, like the asyncio workers;
     # prefork would add a process per slot and a pipe hop per task. mingle and gossip only
     # talk to other workers, and there are none.
