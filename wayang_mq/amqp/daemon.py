@@ -245,14 +245,12 @@ class Daemon:
         except aiormq.exceptions.ChannelNotFoundEntity:
             raise ConfigError(f"queue {queue_name} does not exist", hint=hint) from None
 
-        def on_message(message: AbstractIncomingMessage) -> None:
-            # Plain, not async: aio-pika calls it from a callback instead of wrapping it in a
-            # task of its own, so a delivery costs one task (spawned here), not two.
+        async def on_message(message: AbstractIncomingMessage) -> None:
             acks.track(message)  # every delivery of the daemon's channels: acks may batch
             self.spawn(handle(message))
 
         tag = self.consumer_tag(label or queue_name.removeprefix("wayang."))
-        consumer = await queue.consume(on_message, consumer_tag=tag)  # type: ignore[arg-type]
+        consumer = await queue.consume(on_message, consumer_tag=tag)
         self._consumers.append((queue, consumer))
         if ordered:
             self._ordered.add(tag)
