@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import os
 import random
 import re
 from collections.abc import Mapping
@@ -226,8 +227,22 @@ def otel_active() -> bool:
     api = _otel_api()
     if api is None:
         return False
+    # Asked for every task, both sides: the API's get_tracer_provider() reads os.environ each
+    # time no provider is set (a measured 1.4% of a dispatcher's CPU). No provider set and
+    # none named in the environment is the API's proxy: not active, without asking.
+    if getattr(api, "_TRACER_PROVIDER", _UNKNOWN) is None and not _provider_in_environment():
+        return False
     provider = api.get_tracer_provider()
     return not isinstance(provider, (api.ProxyTracerProvider, api.NoOpTracerProvider))
+
+
+_UNKNOWN = object()  # the API no longer keeps _TRACER_PROVIDER: always ask it
+
+
+@functools.cache
+def _provider_in_environment() -> bool:
+    """OTEL_PYTHON_TRACER_PROVIDER names a provider the API makes on first use (read once)."""
+    return "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
 
 def ambient() -> TraceContext | None:
