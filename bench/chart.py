@@ -4,7 +4,8 @@
                                     [--prices bench/results/prices.json] [--out-dir docs/img]
 
 - ``performance.png`` from bench/run.py's JSON: tasks/s per system (the median round, with
-  whiskers from the slowest to the fastest round) and the p50 / p99 of a sequential round trip.
+  whiskers from the slowest to the fastest round), the p50 / p99 of a sequential round trip,
+  and the workers' peak RSS (the largest process, and summed over ``--workers`` processes).
 - ``prices.png`` from bench/prices.py's JSON, when there is one: each variant's tasks/s and
   p50 against ``all-on`` in the same run (1.0: the same; whiskers: its slowest and fastest
   round against all-on's median).
@@ -64,9 +65,19 @@ def _load(path: Path, script: str, *, required: bool) -> dict[str, Any] | None:
 
 
 def _rates(entry: dict[str, Any]) -> tuple[float, float, float]:
-    """Median, slowest and fastest round, in tasks/s (report.Outcome.as_json's shape)."""
+    """Median, slowest and fastest round, in tasks/s (report.Outcome.as_json's shape; a JSON
+    from before ``throughput_min_per_s`` has only the rounds)."""
     rounds = [r["per_s"] for r in entry["throughput_rounds"]]
-    return float(entry["throughput_per_s"]), min(rounds), max(rounds)
+    low = entry.get("throughput_min_per_s", min(rounds))
+    high = entry.get("throughput_max_per_s", max(rounds))
+    return float(entry["throughput_per_s"]), float(low), float(high)
+
+
+def _rss(entry: dict[str, Any]) -> tuple[float, float, int]:
+    """The largest worker process's peak RSS, the sum over all of them (MiB), how many."""
+    largest = float(entry["worker_peak_rss_mib"])
+    summed = entry.get("worker_peak_rss_sum_mib")
+    return largest, largest if summed is None else float(summed), entry.get("worker_processes", 1)
 
 
 def _subtitle(found: dict[str, Any]) -> str:
@@ -77,12 +88,13 @@ def _subtitle(found: dict[str, Any]) -> str:
         f"{str(found.get('when', '?'))[:10]}, commit {found.get('code', {}).get('commit', '?')}; "
         f"{machine.get('cpus', '?')} CPUs, RabbitMQ {machine.get('rabbitmq', '?')}, "
         f"load {load} at start; {params.get('rounds', '?')} rounds of "
-        f"{params.get('tasks_per_round', '?')} tasks, {params.get('window', '?')} outstanding"
+        f"{params.get('tasks_per_round', '?')} tasks, {params.get('window', '?')} outstanding; "
+        f"{params.get('workers', 1)} worker process(es) x {params.get('concurrency', '?')} slots"
     )
 
 
 def performance(latest: dict[str, Any], out: Path) -> Path:
-    """tasks/s with min–max whiskers, and p50 / p99 latency, one bar per system."""
+    """tasks/s with min–max whiskers, p50 / p99 latency and peak RSS, one bar per system."""
     systems = latest.get("systems")
     if not systems:
         raise SystemExit("bench/chart.py: the bench/run.py JSON has no systems")
@@ -92,8 +104,9 @@ def performance(latest: dict[str, Any], out: Path) -> Path:
     rates = [_rates(systems[n]) for n in names]
     p50 = [systems[n]["latency_ms"]["p50_ms"] for n in names]
     p99 = [systems[n]["latency_ms"]["p99_ms"] for n in names]
+    rss = [_rss(systems[n]) for n in names]
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (left, right, memory) = plt.subplots(1, 3, figsize=(16, 4.4))
     _bars_with_range(left, labels, rates, colours, "{:,.0f}")
     left.set_ylabel("tasks/s (median round; whiskers: slowest–fastest)")
     left.set_title("Throughput, windowed")
@@ -108,6 +121,7 @@ def performance(latest: dict[str, Any], out: Path) -> Path:
     right.set_xticks(list(positions), labels, rotation=15)
     right.set_ylabel("ms per round trip, one at a time")
     right.set_title("Latency, sequential (p50 solid, p99 light)")
+    _paired_bars(memory, labels, rss, colours)
     figure.suptitle("wayang-mq beside its baselines: bench/run.py", weight="bold")
     figure.text(0.5, 0.005, _subtitle(latest), ha="center", size=8, color="#555555")
     figure.tight_layout(rect=(0, 0.04, 1, 0.95))
@@ -154,6 +168,27 @@ def price_chart(prices: dict[str, Any], out: Path) -> Path:
     figure.savefig(out, dpi=120)
     plt.close(figure)
     return out
+
+
+def _paired_bars(
+    axes: Axes, labels: list[str], rss: list[tuple[float, float, int]], colours: list[str]
+) -> None:
+    """Peak RSS: the largest worker process (solid) and the sum over its processes (light;
+    an upper bound, a forked child's shared pages count twice), the process count on top."""
+    positions = range(len(labels))
+    width = 0.38
+    largest = [r[0] for r in rss]
+    summed = [r[1] for r in rss]
+    axes.bar([x - width / 2 for x in positions], largest, width, color=colours)
+    axes.bar([x + width / 2 for x in positions], summed, width, color=colours, alpha=0.45)
+    for x, (one, total, count) in zip(positions, rss, strict=True):
+        axes.annotate(f"{one:.0f}", (x - width / 2, one), ha="center", va="bottom", size=8)
+        axes.annotate(
+            f"{total:.0f} ({count}p)", (x + width / 2, total), ha="center", va="bottom", size=8
+        )
+    axes.set_xticks(list(positions), labels, rotation=15)
+    axes.set_ylabel("MiB, peak RSS (VmHWM)")
+    axes.set_title("Worker memory (largest process solid, sum light)")
 
 
 def _bars_with_range(

@@ -207,7 +207,7 @@ class DramatiqClient:
     async def _publish(self, payload: dict[str, Any]) -> asyncio.Future[Any]:
         assert self._exchange is not None
         task_id = str(uuid.uuid4())
-        message = dramatiq.Message(
+        message: dramatiq.Message[Any] = dramatiq.Message(
             queue_name=self._queue,
             actor_name=dramatiq_app.ECHO_ACTOR,
             args=(task_id, payload),

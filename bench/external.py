@@ -50,7 +50,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import psycopg
@@ -59,12 +59,18 @@ from psycopg_pool import AsyncConnectionPool
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/external.py` runs with bench/ on the path
 
-from wayang_workers.payment.ledger import Ledger, apply_schema  # noqa: E402
-from wayang_workers.payment.providers import ChargeRequest  # noqa: E402
+# mypy reads workers/ as the package `workers`: to it wayang_workers is an editable install's
+# import hook (which it cannot follow) or an untyped path. The code runs on wayang_workers.
+if TYPE_CHECKING:
+    from workers.payment.ledger import Ledger, apply_schema
+    from workers.payment.providers import ChargeRequest
+else:
+    from wayang_workers.payment.ledger import Ledger, apply_schema
+    from wayang_workers.payment.providers import ChargeRequest
 
 from bench.clients import WayangClient  # noqa: E402
 from bench.measure import Latency, Throughput, drain_async, latency_async, throughput_async  # noqa: E402
-from bench.processes import WorkerProcess  # noqa: E402
+from bench.processes import WorkerProcess, WorkerSet  # noqa: E402
 from bench.report import code_version, machine  # noqa: E402
 from bench.run import Broker, interrupted, open_broker, run_async, wait_consuming, worker_env  # noqa: E402
 from wayang_mq.amqp.connect import management_client  # noqa: E402
@@ -273,7 +279,8 @@ class Services:
         """A worker daemon (:meth:`spawn`) once it consumes ``queue``; stopped afterwards."""
         process = self.spawn(name, executor, settings, args, env or {})
         try:
-            await wait_consuming(self.broker.endpoint.amqp_url, queue, process)
+            url = self.broker.endpoint.amqp_url
+            await wait_consuming(url, queue, WorkerSet(name, [process]), 1)
             yield process
         except BaseException:
             _show_log(process)

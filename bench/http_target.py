@@ -27,7 +27,9 @@ PEERS: web.AppKey[set[str]] = web.AppKey("peers", set[str])
 
 async def _item(request: web.Request) -> web.Response:
     request.app[ARRIVALS].append(time.monotonic())
-    request.app[PEERS].add(str(request.transport.get_extra_info("peername")))
+    transport = request.transport  # None only once the connection is gone
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    request.app[PEERS].add(str(peer))
     n = request.match_info["n"]
     return web.json_response({"id": int(n), "name": f"item-{n}"})
 

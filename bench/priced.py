@@ -3,7 +3,14 @@ runs at the same time, interleaved round by round, so each consumes a queue of i
 
 from __future__ import annotations
 
-from wayang_workers.demo import Echo
+from typing import TYPE_CHECKING
+
+# mypy reads workers/ as the package `workers`: to it wayang_workers is an editable install's
+# import hook (which it cannot follow) or an untyped path. The code runs on wayang_workers.
+if TYPE_CHECKING:
+    from workers.demo import Echo
+else:
+    from wayang_workers.demo import Echo
 
 #: variant -> the capability its worker serves (all-on serves demo.echo, as bench/run.py's)
 CAPABILITIES = {

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))  # `python bench/prices.py` runs with bench/ on th
 
 from bench import metered, priced, variants  # noqa: E402
 from bench.clients import WayangClient  # noqa: E402
-from bench.processes import WorkerProcess  # noqa: E402
+from bench.processes import WorkerProcess, WorkerSet  # noqa: E402
 from bench.report import LABELS, Outcome, code_version, machine  # noqa: E402
 from bench.run import (  # noqa: E402
     Broker,
@@ -233,19 +233,20 @@ class Bench:
             client = WayangClient(url, signer, variant.capability, registry=registry)
         command = self.command(variant)
         env = worker_env("wayang", self.broker.endpoint, self.keys)
-        return Contender(
-            variant.name,
-            client,
-            lambda: WorkerProcess.start(variant.name, command, env=env, cwd=ROOT, log_dir=self.tmp),
-        )
+
+        def start() -> WorkerSet:  # one worker process per variant
+            worker = WorkerProcess.start(variant.name, command, env=env, cwd=ROOT, log_dir=self.tmp)
+            return WorkerSet(variant.name, [worker])
+
+        return Contender(variant.name, client, start)
 
     def command(self, variant: Variant) -> list[str]:
         """bench/run.py's wayang-mq worker command, or the same through bench.variant_worker
         with the variant's switches and executor."""
         if variant.name == BASE:
-            return _worker_command("wayang", self.args)
+            return _worker_command("wayang", self.args, 0)
         if variant.metrics:
-            return _worker_command("wayang-metrics", self.args)
+            return _worker_command("wayang-metrics", self.args, 0)
         concurrency = str(self.args.concurrency)
         wayang = [
             *("--log-level", self.args.wayang_log_level, "worker", variant.executor),
@@ -315,7 +316,7 @@ class Bench:
                 await contender.connect()
                 contender.start_worker()
                 for queue in variant.queues():
-                    await wait_consuming(url, queue, contender.worker)
+                    await wait_consuming(url, queue, contender.worker, 1)
                 async with self.turn(variant):
                     await contender.throughput(f"{variant.name} warm-up", args.warmup, args.window)
             for round_no in range(args.rounds):
@@ -336,9 +337,8 @@ class Bench:
             return [(v, self.contenders[v.name].outcome(self.broker)) for v in chosen]
         except Exception:
             for contender in self.contenders.values():
-                with contextlib.suppress(RuntimeError):
-                    tail = contender.worker.log_tail()
-                    print(f"--- {contender.worker.log_path} (tail)\n{tail}", file=sys.stderr)
+                with contextlib.suppress(RuntimeError):  # log_tail names each worker's log
+                    print(contender.worker.log_tail(), file=sys.stderr)
             raise
         finally:
             await self.close()
@@ -462,7 +462,6 @@ def report(
         "variants": {},
     }
     for variant, outcome in found:
-        rates = [t.per_s for t in outcome.throughputs]
         out["variants"][variant.name] = {
             **outcome.as_json(),
             "removes": variant.removes,
@@ -472,8 +471,6 @@ def report(
             "record": variant.records,
             "metrics": variant.metrics,
             "shards": variant.shards or None,
-            "throughput_min_per_s": round(min(rates), 1),
-            "throughput_max_per_s": round(max(rates), 1),
             "vs_all_on": relative(outcome, base),
         }
     return out

@@ -21,12 +21,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "workers"))
 
-from wayang_workers.demo import Echo  # noqa: E402
+# mypy reads workers/ as the package `workers`: to it wayang_workers is an editable install's
+# import hook (which it cannot follow) or an untyped path. The code runs on wayang_workers.
+if TYPE_CHECKING:
+    from workers.demo import Echo
+else:
+    from wayang_workers.demo import Echo
 
 from wayang_mq.controlplane.migrate import migrate  # noqa: E402
 from wayang_mq.testing.harness import Fabric  # noqa: E402
