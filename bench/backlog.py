@@ -99,6 +99,7 @@ SAMPLE_S = 0.5  # RSS sampling period
 PROGRESS_S = 2.0  # progress lines while publishing and draining
 STALL_S = 120.0  # no result for this long: the drain failed
 RESULT_TIMEOUT_S = 600.0  # part 2: the whole drain of the outstanding tasks
+IDLE_S = 3.0  # part 2: how long the dispatcher's CPU is watched while it only waits
 #: RSS growth from 10 % to 100 % of the drain still called flat. The worker's RSS moves by
 #: about 1 MiB sample to sample (allocator arenas, the 16 deliveries and results in flight);
 #: 4 MiB over the 90 % of a 100,000-task drain is a leak of 46 bytes per task, so a leak of a
@@ -493,6 +494,7 @@ async def outstanding_child(amqp_url: str, keys: Path, count: int, step: int, wi
     async with Dispatcher(config, registry=None) as dispatcher:
         task_message(dispatcher.task(CAPABILITY, payload(0)), signer)  # warm: build, sign
         marks.append(memory_mark("started", 0))
+        idle = {"none_outstanding": await idle_cpu()}
         handles: list[TaskHandle | None] = [None] * count
 
         async def submit(index: int) -> None:
@@ -505,6 +507,7 @@ async def outstanding_child(amqp_url: str, keys: Path, count: int, step: int, wi
             await windowed(submit, start, stop, window, "dispatcher: submitting")
             marks.append(memory_mark("outstanding", stop))
         sizes = {"at_most_outstanding": _dispatcher_sizes(dispatcher)}
+        idle["all_outstanding"] = await idle_cpu()
         top = _top_allocations()
         _emit({"event": "submitted", "count": count})
         results = await _await_all([h for h in handles if h is not None])
@@ -513,7 +516,24 @@ async def outstanding_child(amqp_url: str, keys: Path, count: int, step: int, wi
         sizes["answered"] = _dispatcher_sizes(dispatcher)
         handles.clear()  # the caller lets go of its handles (and their results)
         marks.append(memory_mark("answered, handles dropped", 0))
-    _emit({"event": "done", "marks": marks, "sizes": sizes, "failed": failed, "top_at_most": top})
+    _emit(
+        {
+            "event": "done",
+            "marks": marks,
+            "sizes": sizes,
+            "idle_cpu": idle,
+            "failed": failed,
+            "top_at_most": top,
+        }
+    )
+
+
+async def idle_cpu(seconds: float = IDLE_S) -> float:
+    """This process's CPU share while it only waits: what its supervisor's sweep of the
+    outstanding tasks (every second, each task checked) costs."""
+    before = time.process_time()
+    await asyncio.sleep(seconds)
+    return round((time.process_time() - before) / seconds, 4)
 
 
 async def _await_all(handles: list[TaskHandle]) -> list[Status]:
@@ -619,6 +639,8 @@ def _outstanding_summary(report: dict[str, Any], count: int) -> dict[str, Any]:
             ),
         },
         "dispatcher_holds": report["sizes"],
+        # CPU seconds per second while waiting (1.0: a core), with none and all outstanding
+        "idle_cpu_share": report.get("idle_cpu"),
         "top_traced_files_at_most_outstanding": report["top_at_most"],
     }
 
@@ -765,7 +787,7 @@ def summary(found: dict[str, Any]) -> str:
         lines.append(
             "\nbytes per outstanding task (from the first step):"
             f" RSS {per['rss']['from_first_step']}, traced {per['traced']['from_first_step']};"
-            f" held: {o['dispatcher_holds']}"
+            f" held: {o['dispatcher_holds']}; CPU share while waiting: {o['idle_cpu_share']}"
         )
     return "\n".join(lines)
 
