@@ -57,7 +57,12 @@ from typing import Any
 
 import aio_pika
 import msgpack
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/backlog.py` runs with bench/ on the path
@@ -277,6 +282,7 @@ class Backlog:
         )
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=512)  # as the Dispatcher's reply consumer
+        queue: AbstractQueue
         if self.system == "wayang":  # as Dispatcher.start declares its reply queue
             queue = await channel.declare_queue(
                 self.reply_queue, durable=True, arguments={"x-expires": 600_000}
