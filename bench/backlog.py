@@ -74,7 +74,7 @@ from bench.clients import (  # noqa: E402
     RAW_REPLY_QUEUE,
     declare_raw_topology,
 )
-from bench.processes import WorkerProcess  # noqa: E402
+from bench.processes import WorkerProcess, WorkerSet  # noqa: E402
 from bench.report import code_version, machine  # noqa: E402
 from bench.run import (  # noqa: E402
     QUEUES,
@@ -112,6 +112,12 @@ IDLE_S = 3.0  # part 2: how long the dispatcher's CPU is watched while it only w
 FLAT_MIB = 4.0
 SERIES_POINTS = 200  # RSS samples kept in the JSON (evenly thinned)
 MIB = 1024 * 1024
+
+
+def _worker_options(concurrency: int, log_level: str) -> argparse.Namespace:
+    """What bench/run.py's ``_worker_command`` reads: the same worker commands as its own
+    (the raw worker on asyncio's loop, run.py's default)."""
+    return argparse.Namespace(concurrency=concurrency, wayang_log_level=log_level, raw_uvloop=False)
 
 
 def _say(text: str) -> None:
@@ -410,7 +416,7 @@ async def run_backlog(
     until the backlog is drained; the JSON of every system. The topology (and the raw
     baseline's queues, ``declare_raw_topology``) must be applied, with room for ``count``."""
     results: dict[str, Any] = {}
-    options = argparse.Namespace(concurrency=concurrency, wayang_log_level=log_level)
+    options = _worker_options(concurrency, log_level)
     for system in systems:
         backlog = Backlog(system, endpoint, keys_dir)
         worker: WorkerProcess | None = None
@@ -421,7 +427,7 @@ async def run_backlog(
             _say(f"{system}: {queued:,} queued in {publish_s:.1f}s; starting one worker")
             worker = WorkerProcess.start(
                 f"backlog-{system}",
-                _worker_command(system, options),
+                _worker_command(system, options, 0),
                 env=worker_env(system, endpoint, keys_dir),
                 cwd=ROOT,
                 log_dir=tmp,
@@ -583,7 +589,7 @@ async def run_outstanding(
     )
     worker: WorkerProcess | None = None
     report: dict[str, Any] | None = None
-    options = argparse.Namespace(concurrency=concurrency, wayang_log_level=log_level)
+    options = _worker_options(concurrency, log_level)
     try:
         assert child.stdout is not None
         async for line in child.stdout:
@@ -592,12 +598,14 @@ async def run_outstanding(
                 _say(f"dispatcher: {count:,} outstanding; starting one worker")
                 worker = WorkerProcess.start(
                     "outstanding-wayang",
-                    _worker_command("wayang", options),
+                    _worker_command("wayang", options, 0),
                     env=worker_env("wayang", endpoint, keys_dir),
                     cwd=ROOT,
                     log_dir=tmp,
                 )
-                await wait_consuming(endpoint.amqp_url, QUEUES["wayang"], worker)
+                await wait_consuming(
+                    endpoint.amqp_url, QUEUES["wayang"], WorkerSet("wayang", [worker]), 1
+                )
             elif event["event"] == "done":
                 report = event
         if await child.wait() != 0 or report is None:
@@ -699,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     """Start a broker, run both parts, print a summary and write the JSON."""
     args = _parser().parse_args(argv)
     if args.child_outstanding:
-        asyncio.run(
+        run_async(  # on uvloop when installed, as bench/run.py's dispatcher side
             outstanding_child(
                 os.environ["BENCH_AMQP_URL"],
                 args.keys,
