@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from wayang_mq.amqp import acks
 from wayang_mq.amqp.connect import connect
 from wayang_mq.amqp.corked import cork
+from wayang_mq.amqp.outcome import discard, requeue, settle
 from wayang_mq.testing.plugin import BrokerHandle
 
 
@@ -72,21 +73,32 @@ async def test_acks_in_one_turn_cover_exactly_the_ready_deliveries(rabbitmq: Bro
     assert await _depth_after_close(rabbitmq, name) == [b"3"]
 
 
-async def test_a_nacked_delivery_does_not_stop_a_run_and_is_not_acked(
+async def test_a_requeued_delivery_is_not_acked_and_no_longer_holds_up_the_run_after_it(
     rabbitmq: BrokerHandle,
 ) -> None:
-    # Given 4 tracked deliveries, the second given back to its queue (nack with requeue)
+    # Given 4 tracked deliveries, the second given back to its queue by settle (a requeue)
     connection, name, got = await _deliveries(rabbitmq, 4)
+    sent: list[tuple[int, bool]] = []
+    channel = got[0].channel
+    basic_ack = channel.basic_ack
+
+    async def recorded(delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
+        sent.append((delivery_tag, multiple))
+        await basic_ack(delivery_tag, multiple=multiple, wait=wait)
+
+    channel.basic_ack = recorded  # type: ignore[method-assign]
     try:
-        await got[1].nack(requeue=True)
-        acks.forget(got[1])
-        # When the rest are acked together
-        await asyncio.gather(acks.ack(got[0]), acks.ack(got[2]), acks.ack(got[3]))
+        await settle(got[1], requeue(got[1].message_id, "test"))
+        # When the rest are settled together (done: acked)
+        rest = (got[0], got[2], got[3])
+        await asyncio.gather(*(settle(m, discard(m.message_id)) for m in rest))
         await asyncio.sleep(0.2)
     finally:
         await connection.close()
-    # Then only the requeued one is left (its redelivery went to the closed consumer and back)
+    # Then they left as acks and only the requeued one is left in the queue...
     assert await _depth_after_close(rabbitmq, name) == [b"1"]
+    # ...and the requeued one did not split them: one multiple ack up to the last
+    assert sent == [(got[3].delivery_tag, True)]
 
 
 async def test_an_untracked_delivery_is_acked_alone(rabbitmq: BrokerHandle) -> None:

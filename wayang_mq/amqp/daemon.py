@@ -250,8 +250,7 @@ class Daemon:
             self.spawn(handle(message))
 
         tag = self.consumer_tag(label or queue_name.removeprefix("wayang."))
-        consumer = await queue.consume(on_message, consumer_tag=tag)
-        self._consumers.append((queue, consumer))
+        self._consumers.append((queue, await queue.consume(on_message, consumer_tag=tag)))
         if ordered:
             self._ordered.add(tag)
 

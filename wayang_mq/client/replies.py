@@ -138,8 +138,13 @@ async def _until(future: asyncio.Future[Result]) -> AsyncIterator[Progress]:
 
 
 async def _wait(future: asyncio.Future[Result], timeout_s: float | None, task: Task) -> Result:
+    if future.done():
+        return future.result()
     try:
-        return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        # asyncio.timeout: one timer, where wait_for adds a waiter future and callbacks; the
+        # shield keeps the shared future alive when this waiter is cancelled or times out
+        async with asyncio.timeout(timeout_s):
+            return await asyncio.shield(future)
     except TimeoutError:
         raise ResultTimeout(
             f"no result for task {task.task_id} within {timeout_s}s",
