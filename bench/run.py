@@ -225,6 +225,8 @@ class Contender:
 def main(argv: list[str] | None = None) -> int:
     """Start a broker, bench every system, print the table and write the JSON."""
     args = _parser().parse_args(argv)
+    if args.suite:
+        return suite(args)
     # SIGTERM unwinds like Ctrl-C, so the workers and the broker are stopped on the way out.
     signal.signal(signal.SIGTERM, interrupted)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -277,6 +279,59 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         return None
     return uvloop.new_event_loop
+
+
+TWO_WORKER_SYSTEMS = "raw,wayang,dramatiq-confirmed"  # --suite's run with --workers 2
+
+
+def suite(args: argparse.Namespace) -> int:
+    """Every part of issue 16's measurement, one after the other, each on a broker of its own
+    (one machine's CPUs shared by one part at a time): this run's systems, the same with two
+    worker processes, the price of each guarantee and 4 shards, the 100,000-task backlog and
+    20,000 outstanding tasks, then the charts. Each part writes its JSON in ``--out``'s folder
+    and a failing part stops the suite."""
+    folder = args.out.parent
+    python = sys.executable
+    common = [
+        *("--tasks", str(args.tasks), "--rounds", str(args.rounds)),
+        *("--latency-samples", str(args.latency_samples), "--warmup", str(args.warmup)),
+    ]
+    parts = [
+        ("systems, one worker process each", [*common, "--drain", str(args.drain)], "latest"),
+        (
+            "two worker processes each",
+            [
+                *common,
+                "--drain",
+                "0",
+                "--workers",
+                "2",
+                "--systems",
+                "raw,wayang,dramatiq-confirmed",
+            ],
+            "workers2",
+        ),
+    ]
+    for title, extra, name in parts:
+        print(f"\n##### {title}", flush=True)
+        out = folder / f"{name}.json"
+        subprocess.run([python, str(Path(__file__)), *extra, "--out", str(out)], check=True)
+    print("\n##### the price of each guarantee, and 4 shards", flush=True)
+    prices = [
+        python,
+        str(ROOT / "bench" / "prices.py"),
+        *common,
+        "--out",
+        str(folder / "prices.json"),
+    ]
+    subprocess.run(prices, check=True)
+    print(f"\n##### a {args.backlog:,}-task backlog, {args.outstanding:,} outstanding", flush=True)
+    backlog = [python, str(ROOT / "bench" / "backlog.py"), "--count", str(args.backlog)]
+    backlog += ["--outstanding", str(args.outstanding), "--out", str(folder / "backlog.json")]
+    subprocess.run(backlog, check=True)
+    chart = [python, str(ROOT / "bench" / "chart.py"), "--latest", str(folder / "latest.json")]
+    subprocess.run([*chart, "--prices", str(folder / "prices.json")], check=True)
+    return 0
 
 
 def interrupted(signum: int, frame: object) -> None:
@@ -346,6 +401,16 @@ def _parser() -> argparse.ArgumentParser:
         help="the topology applied (e.g. one with record = false, to price the record)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument(
+        "--suite",
+        action="store_true",
+        help="all of issue 16's parts in turn: these systems, --workers 2, bench/prices.py, "
+        "bench/backlog.py, bench/chart.py (JSON beside --out)",
+    )
+    parser.add_argument("--backlog", type=int, default=100_000, help="--suite: backlog tasks")
+    parser.add_argument(
+        "--outstanding", type=int, default=20_000, help="--suite: tasks outstanding at once"
+    )
     return parser
 
 
