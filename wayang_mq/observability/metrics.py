@@ -170,6 +170,8 @@ class DaemonMetrics:
 
     def heartbeat_age(self, age_s: Callable[[], float]) -> None:
         """Export the seconds since the last heartbeat this daemon sent."""
+        from prometheus_client import Gauge
+
         Gauge(
             "wayang_heartbeat_age_seconds",
             "Seconds since this daemon last sent a heartbeat (NaN before the first).",
