@@ -28,7 +28,7 @@ from wayang_mq.core.errors import ErrorCode
 from wayang_mq.version import __version__
 
 if TYPE_CHECKING:  # imported where families are built: without metrics it is never loaded
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client import CollectorRegistry, Counter, Histogram
 
 #: the label value for anything outside a closed set, or past a label's cap
 OTHER = "other"
