@@ -33,7 +33,6 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from prometheus_client import CollectorRegistry
 
 from wayang_mq.amqp import acks
 from wayang_mq.amqp.connect import connect
@@ -42,7 +41,7 @@ from wayang_mq.core import logs
 from wayang_mq.core.errors import ConfigError
 from wayang_mq.observability import http
 from wayang_mq.observability.health import Health, State
-from wayang_mq.observability.metrics import DaemonMetrics
+from wayang_mq.observability.metrics import DaemonMetrics, new_registry
 
 Handler = Callable[[AbstractIncomingMessage], Coroutine[Any, Any, None]]
 
@@ -77,7 +76,7 @@ class Daemon:
         self._health_server: asyncio.Server | None = None
         self._metrics_server: asyncio.Server | None = None
         #: this daemon's own Prometheus registry (None: metrics off, nothing is counted)
-        self.registry = CollectorRegistry() if metrics_port is not None else None
+        self.registry = new_registry() if metrics_port is not None else None
         #: its families; a subclass sets its own kind before ``run()`` (see WorkerMetrics)
         self.metrics: DaemonMetrics | None = None
         self._last_beat: float | None = None

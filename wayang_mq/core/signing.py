@@ -7,11 +7,15 @@ body behind a short protected header naming the wire version, the algorithm, the
 and the key id (:func:`signing_input`): a signature made for a result cannot pass for a task's,
 and a signature cannot be moved to another key id.
 
-Keys are ``cryptography`` objects (PEM files, key ids); the per-message signing and
-verification run on libsodium through PyNaCl, which does the same Ed25519 about twice as fast
-here (verify 47 µs against 96, sign 21 against 31): verification is the largest single cost
-of a worker's task. libsodium is the stricter of the two (it refuses small-order keys and
-non-canonical signatures, which no honest signer produces).
+Keys are ``cryptography`` objects where the API hands them out (``Signer.public_key``,
+``KeyRing.keys``); the per-message signing and verification run on libsodium through PyNaCl,
+which does the same Ed25519 about twice as fast here (verify 47 µs against 96, sign 21 against
+31): verification is the largest single cost of a worker's task. libsodium is the stricter of
+the two (it refuses small-order keys and non-canonical signatures, which no honest signer
+produces). The PEM files ``wayang-mq keys new`` writes (and ``openssl genpkey -algorithm
+ed25519`` too) are read without ``cryptography``: RFC 8410's DER is a fixed prefix and the 32
+key bytes; any other form is left to ``cryptography``. A worker that only loads its keys and
+signs and verifies thus never imports it (about 6 MB of its memory).
 """
 
 from __future__ import annotations
@@ -25,9 +29,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
@@ -35,6 +38,12 @@ from wayang_mq.core import logs
 from wayang_mq.core.errors import ConfigError, KeyNotAllowed, SignatureError, UnknownKey
 from wayang_mq.core.private_files import private_dir, write_private
 from wayang_mq.core.scopes import FULL_TRUST, KeyScope, read_scope, scope_path
+
+if TYPE_CHECKING:  # imported where a key object is asked for or an unusual PEM is read
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 KEY_ID_HEADER = "wayang-key-id"
 SIGNATURE_HEADER = "wayang-signature"
@@ -45,7 +54,10 @@ TASK_TYPE = "wayang.task.v1"
 
 log = logging.getLogger("wayang_mq.core.signing")
 
-_RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+#: RFC 8410 DER: a PKCS#8 PrivateKeyInfo of an Ed25519 seed, and a SubjectPublicKeyInfo of an
+#: Ed25519 key; the 32 key bytes follow each
+_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 
 
 def signing_input(body: bytes, wire_type: str, key_id: str) -> bytes:
@@ -61,46 +73,80 @@ def signing_input(body: bytes, wire_type: str, key_id: str) -> bytes:
 
 def key_id_of(public_key: Ed25519PublicKey) -> str:
     """The key's id: first 16 hex digits of SHA-256 over the raw 32-byte public key."""
-    return hashlib.sha256(public_key.public_bytes(*_RAW)).hexdigest()[:16]
+    return _key_id(_raw_public(public_key))
+
+
+def _key_id(raw_public: bytes) -> str:
+    return hashlib.sha256(raw_public).hexdigest()[:16]
+
+
+def _raw_public(public_key: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _pem_der(pem: bytes, label: str, prefix: bytes) -> bytes | None:
+    """The 32 key bytes of a PEM file that is exactly one ``label`` block holding ``prefix``
+    and the key (RFC 8410's form); None for anything else (``cryptography`` reads it)."""
+    begin, end = f"-----BEGIN {label}-----".encode(), f"-----END {label}-----".encode()
+    text = pem.strip()
+    if not text.startswith(begin) or not text.endswith(end):
+        return None
+    try:
+        der = base64.b64decode(b"".join(text[len(begin) : -len(end)].split()), validate=True)
+    except ValueError:
+        return None
+    if len(der) != len(prefix) + 32 or not der.startswith(prefix):
+        return None
+    return der[len(prefix) :]
 
 
 @dataclass(frozen=True)
 class Signer:
     """Signs bodies with one private key; the key itself never appears in ``repr``."""
 
-    private_key: Ed25519PrivateKey = field(repr=False)
+    _fast: SigningKey = field(repr=False, compare=False)
     key_id: str
-    _fast: SigningKey = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        seed = self.private_key.private_bytes(
-            serialization.Encoding.Raw,
-            serialization.PrivateFormat.Raw,
-            serialization.NoEncryption(),
-        )
-        object.__setattr__(self, "_fast", SigningKey(seed))
 
     @classmethod
     def from_private_key(cls, private_key: Ed25519PrivateKey) -> Signer:
         """Wrap a key, deriving its id."""
-        return cls(private_key, key_id_of(private_key.public_key()))
+        from cryptography.hazmat.primitives import serialization
+
+        seed = private_key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        return cls.from_seed(seed)
 
     @classmethod
     def generate(cls) -> Signer:
         """A fresh random key (tests, `wayang-mq dev`)."""
-        return cls.from_private_key(Ed25519PrivateKey.generate())
+        return cls.from_seed(os.urandom(32))
 
     @classmethod
     def from_seed(cls, seed: bytes) -> Signer:
         """A key from its 32-byte seed (test vectors)."""
-        return cls.from_private_key(Ed25519PrivateKey.from_private_bytes(seed))
+        if len(seed) != 32:
+            raise ValueError("An Ed25519 private key is 32 bytes long")
+        fast = SigningKey(seed)
+        return cls(fast, _key_id(bytes(fast.verify_key)))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Signer:
         """Load a PKCS#8 PEM private key written by ``wayang-mq keys new``."""
         path = Path(path)
         try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            pem = path.read_bytes()
+            seed = _pem_der(pem, "PRIVATE KEY", _PKCS8_PREFIX)
+            if seed is not None:
+                return cls.from_seed(seed)
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+            key = serialization.load_pem_private_key(pem, password=None)
         except (OSError, ValueError) as exc:
             raise ConfigError(
                 f"cannot read signing key {path}: {exc}",
@@ -111,9 +157,18 @@ class Signer:
         return cls.from_private_key(key)
 
     @property
+    def private_key(self) -> Ed25519PrivateKey:
+        """The private key (writing it to a file)."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return Ed25519PrivateKey.from_private_bytes(bytes(self._fast))
+
+    @property
     def public_key(self) -> Ed25519PublicKey:
         """The matching public key, for a receiver's key ring."""
-        return self.private_key.public_key()
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        return Ed25519PublicKey.from_public_bytes(bytes(self._fast.verify_key))
 
     def sign(self, body: bytes, wire_type: str = TASK_TYPE) -> bytes:
         """The 64-byte signature of ``body`` as a message of ``wire_type``."""
@@ -165,20 +220,28 @@ class KeyRing:
         self._reload_interval_s = reload_interval_s
         self._last_read = time.monotonic()
         self._stamp = _stamp(directory)
-        self._set(dict(keys or {}), dict(scopes or {}))
+        raw = {key_id: _raw_public(key) for key_id, key in (keys or {}).items()}
+        self._set(raw, dict(scopes or {}))
 
-    def _set(self, keys: dict[str, Ed25519PublicKey], scopes: dict[str, KeyScope | None]) -> None:
-        # One assignment each: a verify running meanwhile sees the old ring or the new one.
-        self._fast = {
-            key_id: (VerifyKey(key.public_bytes(*_RAW)), scopes.get(key_id))
-            for key_id, key in keys.items()
-        }
-        self._keys: Mapping[str, Ed25519PublicKey] = MappingProxyType(keys)
+    def _set(self, raw: dict[str, bytes], scopes: dict[str, KeyScope | None]) -> None:
+        # One assignment: a verify running meanwhile sees the old ring or the new one.
+        self._fast = {key_id: (VerifyKey(key), scopes.get(key_id)) for key_id, key in raw.items()}
 
     @property
     def keys(self) -> Mapping[str, Ed25519PublicKey]:
         """The trusted keys by key id, as of the last (re)load."""
-        return self._keys
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        made = {
+            key_id: Ed25519PublicKey.from_public_bytes(bytes(key))
+            for key_id, (key, _) in self._fast.items()
+        }
+        return MappingProxyType(made)
+
+    @property
+    def key_ids(self) -> frozenset[str]:
+        """The trusted keys' ids, as of the last (re)load."""
+        return frozenset(self._fast)
 
     def scope(self, key_id: str) -> KeyScope | None:
         """What ``key_id`` may sign (None: nothing, or no such key)."""
@@ -204,8 +267,9 @@ class KeyRing:
     @classmethod
     def load_dir(cls, directory: Path, *, reload_interval_s: float = 1.0) -> KeyRing:
         """Every ``*.pub`` PEM in ``directory`` with its scope, followed as it changes."""
-        keys, scopes = _read_public_keys(directory)
-        return cls(keys, scopes=scopes, directory=directory, reload_interval_s=reload_interval_s)
+        ring = cls(directory=directory, reload_interval_s=reload_interval_s)
+        ring._set(*_read_public_keys(directory))
+        return ring
 
     def reload(self) -> bool:
         """Read the directory again; True when the set of key ids changed. A ring made of
@@ -219,9 +283,10 @@ class KeyRing:
         except ConfigError as exc:
             logs.event(log, "keyring.reload_failed", logging.ERROR, error=exc.one_line())
             return False
-        added = sorted(keys.keys() - self._keys.keys())
-        removed = sorted(self._keys.keys() - keys.keys())
-        rescoped = sorted(k for k in keys.keys() & self._keys.keys() if scopes[k] != self.scope(k))
+        known = self._fast.keys()
+        added = sorted(keys.keys() - known)
+        removed = sorted(known - keys.keys())
+        rescoped = sorted(k for k in keys.keys() & known if scopes[k] != self.scope(k))
         self._set(keys, scopes)
         if added or removed or rescoped:
             logs.event(
@@ -245,7 +310,7 @@ class KeyRing:
         return self._fast.get(key_id)
 
     def __contains__(self, key_id: object) -> bool:
-        return key_id in self.keys
+        return key_id in self._fast
 
     def verify(
         self, body: bytes, headers: Mapping[str, object], wire_type: str = TASK_TYPE
@@ -303,30 +368,21 @@ def _stamp(directory: Path | None) -> int | None:
         return None
 
 
-def _read_public_keys(
-    directory: Path,
-) -> tuple[dict[str, Ed25519PublicKey], dict[str, KeyScope | None]]:
-    """Every ``*.pub`` in ``directory`` (PEM SubjectPublicKeyInfo) by derived key id, and the
-    scope beside each (``<stem>.toml``; None when there is none). File names do not matter."""
+def _read_public_keys(directory: Path) -> tuple[dict[str, bytes], dict[str, KeyScope | None]]:
+    """Every ``*.pub`` in ``directory`` (PEM SubjectPublicKeyInfo) by derived key id, as its
+    raw 32 bytes, and the scope beside each (``<stem>.toml``; None when there is none). File
+    names do not matter."""
     if not directory.is_dir():
         raise ConfigError(
             f"key directory {directory} does not exist",
             hint="create keys with `wayang-mq keys new --dir DIR`",
         )
-    keys: dict[str, Ed25519PublicKey] = {}
+    keys: dict[str, bytes] = {}
     scopes: dict[str, KeyScope | None] = {}
     for path in sorted(directory.glob("*.pub")):
-        try:
-            key = serialization.load_pem_public_key(path.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"cannot read public key {path}: {exc}",
-                hint="a .pub file is a PEM SubjectPublicKeyInfo Ed25519 key",
-            ) from exc
-        if not isinstance(key, Ed25519PublicKey):
-            raise ConfigError(f"{path} is not an Ed25519 public key")
-        key_id = key_id_of(key)
-        keys[key_id] = key
+        raw = _read_public_key(path)
+        key_id = _key_id(raw)
+        keys[key_id] = raw
         scope_file = scope_path(path)
         scopes[key_id] = read_scope(scope_file) if scope_file.exists() else None
         if scopes[key_id] is None:
@@ -342,12 +398,36 @@ def _read_public_keys(
     return keys, scopes
 
 
+def _read_public_key(path: Path) -> bytes:
+    """A ``.pub`` file's raw 32 bytes."""
+    try:
+        pem = path.read_bytes()
+        raw = _pem_der(pem, "PUBLIC KEY", _SPKI_PREFIX)
+        if raw is not None:
+            VerifyKey(raw)  # 32 bytes: always a key to libsodium, as to cryptography
+            return raw
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        key = serialization.load_pem_public_key(pem)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot read public key {path}: {exc}",
+            hint="a .pub file is a PEM SubjectPublicKeyInfo Ed25519 key",
+        ) from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"{path} is not an Ed25519 public key")
+    return _raw_public(key)
+
+
 def write_keypair(
     directory: Path, signer: Signer | None = None, scope: KeyScope = FULL_TRUST
 ) -> tuple[Path, Path]:
     """Write ``<id>.key`` (private, mode 0600), its scope ``<id>.toml`` and ``<id>.pub``;
     returns the key and public key paths. The .pub goes last, renamed into place: a running
     receiver that reloads never sees a key without its scope, nor half a key."""
+    from cryptography.hazmat.primitives import serialization
+
     signer = signer or Signer.generate()
     private_dir(directory, narrow_existing=False)  # a new key directory is private (0700)
     private_path = directory / f"{signer.key_id}.key"

@@ -21,12 +21,12 @@ import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict
-from typing import Any, Protocol
-
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from typing import TYPE_CHECKING, Any, Protocol
 
 from wayang_mq.observability.health import Health
+
+if TYPE_CHECKING:  # a daemon without metrics never loads the client
+    from prometheus_client import CollectorRegistry
 
 #: a request head larger than this is not read further (the health JSON is answered)
 MAX_HEAD_BYTES = 8 * 1024
@@ -75,6 +75,8 @@ async def respond(daemon: Probed, path: str) -> tuple[int, bytes, bytes]:
         registry = daemon.registry
         if registry is None:
             return 404, b"text/plain", b"metrics are off: start the daemon with --metrics-port\n"
+        from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
         return 200, CONTENT_TYPE_PLAIN_0_0_4.encode(), generate_latest(registry)
     health = daemon.health()
     fields: dict[str, Any] = asdict(health)

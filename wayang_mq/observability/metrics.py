@@ -9,6 +9,9 @@ process share them.
 Labels are bounded: no task ids; capabilities are validated names (and capped, see
 :class:`BoundedLabel`); reasons and error codes come from closed enums, never free text.
 Hot-path children (per capability) are bound once, so counting a task is an increment.
+
+``prometheus_client`` is imported where a registry or a family is made: a daemon started
+without metrics never loads it (2.5 MB of a worker's memory).
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import TYPE_CHECKING
 
 from wayang_mq.core import names
 from wayang_mq.core.errors import ErrorCode
 from wayang_mq.version import __version__
+
+if TYPE_CHECKING:  # imported where families are built: without metrics it is never loaded
+    from prometheus_client import CollectorRegistry, Counter, Histogram
 
 #: the label value for anything outside a closed set, or past a label's cap
 OTHER = "other"
@@ -52,6 +57,13 @@ TASK_BUCKETS = (
 
 #: error codes as label values: the wire's closed enum
 ERROR_CODES = frozenset(str(code) for code in ErrorCode)
+
+
+def new_registry() -> CollectorRegistry:
+    """A daemon's own registry (the first use of the client in a daemon with metrics on)."""
+    from prometheus_client import CollectorRegistry
+
+    return CollectorRegistry()
 
 
 class BoundedLabel:
@@ -86,6 +98,8 @@ class PublishMetrics:
     by exchange, backpressure events, and whether the broker blocks publishing now."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
         self._confirm = Histogram(
             "wayang_publish_confirm_seconds",
             "Time from publishing a message to the broker's confirm, by exchange.",
@@ -139,6 +153,8 @@ class DaemonMetrics:
     def __init__(
         self, registry: CollectorRegistry, daemon: str, daemon_id: str, ready: Callable[[], bool]
     ) -> None:
+        from prometheus_client import Gauge
+
         self.registry = registry
         info = Gauge(
             "wayang_daemon_info",
@@ -154,6 +170,8 @@ class DaemonMetrics:
 
     def heartbeat_age(self, age_s: Callable[[], float]) -> None:
         """Export the seconds since the last heartbeat this daemon sent."""
+        from prometheus_client import Gauge
+
         Gauge(
             "wayang_heartbeat_age_seconds",
             "Seconds since this daemon last sent a heartbeat (NaN before the first).",
@@ -185,6 +203,8 @@ class WorkerMetrics(DaemonMetrics):
         capabilities: tuple[str, ...],
         in_flight: Callable[[str], int],
     ) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
         super().__init__(registry, "worker", daemon_id, ready)
 
         def counter(name: str, doc: str, *labels: str) -> Counter:
@@ -254,6 +274,8 @@ class WorkerMetrics(DaemonMetrics):
     ) -> dict[str, Callable[[float], None]]:
         """The limit families (docs/executors.md, Limits), with series for the limited
         ``capabilities`` only; returns each one's wait observer."""
+        from prometheus_client import Gauge, Histogram
+
         wait = Histogram(
             "wayang_limit_wait_seconds",
             "Time a delivery waited for its capability's limit (rate, max running) here.",
@@ -297,6 +319,8 @@ class ReaperMetrics(DaemonMetrics):
     def __init__(
         self, registry: CollectorRegistry, daemon_id: str, ready: Callable[[], bool]
     ) -> None:
+        from prometheus_client import Counter
+
         super().__init__(registry, "reaper", daemon_id, ready)
         self._received = Counter(
             "wayang_dead_letters_received_total",
@@ -350,6 +374,8 @@ class ControlPlaneMetrics(DaemonMetrics):
     def __init__(
         self, registry: CollectorRegistry, daemon_id: str, ready: Callable[[], bool]
     ) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
         super().__init__(registry, "control_plane", daemon_id, ready)
         facts = Counter(
             "wayang_record_facts_total",
@@ -401,6 +427,8 @@ class DispatcherMetrics:
     results received, round trips, and its publishing."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        from prometheus_client import Counter, Histogram
+
         self.publish = PublishMetrics(registry)
         self._submitted = Counter(
             "wayang_tasks_submitted_total",
