@@ -154,7 +154,7 @@ async def _wait(future: asyncio.Future[Result], timeout_s: float | None, task: T
         ) from None
 
 
-@dataclass
+@dataclass(slots=True)  # one per outstanding task: no __dict__ each
 class _Waiting:
     task: Task | None  # its current attempt (None: only awaited by id, not submitted here)
     result: asyncio.Future[Result]
