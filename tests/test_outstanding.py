@@ -137,6 +137,21 @@ async def test_a_resubmit_of_an_outstanding_task_returns_its_handle_without_a_sl
         assert await depth(held, HELD) == 1
 
 
+async def test_an_outstanding_task_keeps_its_trace_however_many_tasks_come_after_it(
+    held: Fabric,
+) -> None:
+    # Given a dispatcher that remembers the last 2 tasks' traces, and one task outstanding
+    async with held.dispatcher(seen_results=2, max_outstanding=10) as dispatcher:
+        first = await dispatcher.submit(HELD, {}, task_id="os-traced", queue_timeout_s=300)
+        # When more tasks than it remembers are submitted after it
+        for n in range(4):
+            await dispatcher.submit(HELD, {"n": n}, queue_timeout_s=QUEUE_TIMEOUT_S)
+        # Then the outstanding task's trace is still known: a resubmit (as an expiry, a
+        # re-dispatch or a compensation would) continues the trace it was published in
+        again = await dispatcher.submit(HELD, {}, task_id="os-traced", queue_timeout_s=300)
+        assert first.traceparent is not None and again.traceparent == first.traceparent
+
+
 async def test_a_failed_publish_gives_its_slot_back(held: Fabric) -> None:
     config = {"max_outstanding": 2, "backpressure_wait_s": WAIT_S}
     async with held.dispatcher(**config) as dispatcher:

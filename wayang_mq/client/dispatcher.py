@@ -389,7 +389,8 @@ class Dispatcher:
 
     def _trace(self, task_id: str) -> tracing.TraceContext | None:
         """The trace a task was published in: kept while it waits, then while it is recent."""
-        return self._replies.trace(task_id) or self._traces.get(task_id)
+        trace = self._replies.trace(task_id)
+        return trace if trace is not None else self._traces.get(task_id)
 
     async def _publish_traced(
         self, task: Task, parent: tracing.TraceContext | None
