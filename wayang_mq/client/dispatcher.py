@@ -4,6 +4,10 @@ Tasks are signed, published ``mandatory`` with publisher confirms (a capability 
 is a typed :class:`NoExecutor`, never a silent drop; a full queue is retried with backoff for
 a bounded time, then a typed :class:`Backpressure`). Results come back on the dispatcher's own
 durable reply queue and are deduplicated by task id: the first terminal result wins.
+
+The tasks outstanding (submitted, not yet answered) are bounded by ``max_outstanding``: a
+submit past it waits, for the same bounded time, for one to end, then raises
+:class:`TooManyOutstanding` (a ``Backpressure``), so the dispatcher's memory stays bounded.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from wayang_mq.amqp.control import ControlClient, StatusSummary, summarize
 from wayang_mq.amqp.endpoint import split_urls
 from wayang_mq.amqp.publisher import ConfirmedPublisher, to_amqp
 from wayang_mq.client.backpressure import publish_task
+from wayang_mq.client.outstanding import Slots
 from wayang_mq.client.progress import ProgressFeed
 from wayang_mq.client.replies import (
     Replies,
@@ -40,7 +45,7 @@ from wayang_mq.core.authority import DECIDED_BY_DISPATCHER
 from wayang_mq.core.bounded import LastSeen
 from wayang_mq.core.durations import Seconds, to_ms, to_ms_or_none
 from wayang_mq.core.envelope import compensation_of
-from wayang_mq.core.errors import ErrorCode, WayangError
+from wayang_mq.core.errors import ErrorCode, TooManyOutstanding, WayangError
 from wayang_mq.core.fields import printable
 from wayang_mq.core.model import (
     DEFAULT_AUDIENCE,
@@ -87,6 +92,12 @@ REPLY_TO_ARGUMENT = "x-wayang-reply-to"
 
 #: how long a task may wait in its queue when the caller does not say
 DEFAULT_QUEUE_TIMEOUT_S = 60.0
+#: tasks a dispatcher may have outstanding (submitted, no terminal result yet) by default.
+#: Each costs about 7 KB of dispatcher memory while it waits (bench/backlog.py measured
+#: 6.9 KB: its Task, futures, handle and trace), so this bounds a dispatcher's outstanding
+#: state at about 350 MB; far above what one caller awaits at a time (a bench keeps a few
+#: hundred in flight), low enough that a caller which never awaits is stopped, not swapped.
+DEFAULT_MAX_OUTSTANDING = 50_000
 
 
 class TaskOptions(TypedDict, total=False):
@@ -125,7 +136,12 @@ class DispatcherConfig:
     dispatcher_id: str = field(default_factory=lambda: f"d-{new_id()[:8]}")
     issuer: str | None = None  # the id its key's scope names (default: dispatcher_id)
     audience: str = DEFAULT_AUDIENCE  # the deployment its tasks are for
-    backpressure_wait_s: float = 10.0  # how long a full queue is retried before Backpressure
+    #: how long a full queue is retried before Backpressure, and how long a submit past
+    #: max_outstanding waits for a task to end before TooManyOutstanding
+    backpressure_wait_s: float = 10.0
+    #: tasks outstanding at most (submitted, no terminal result yet; ~7 KB each): a submit
+    #: past it waits, first come first served, then raises TooManyOutstanding (a Backpressure)
+    max_outstanding: int = DEFAULT_MAX_OUTSTANDING
     prefetch: int = 512
     seen_results: int = 10_000  # terminal results kept: duplicates dropped, resubmits answered
     supervision: SupervisionConfig | None = field(default_factory=SupervisionConfig)
@@ -152,7 +168,11 @@ class Dispatcher:
         self.issuer = config.issuer or config.dispatcher_id
         self._progress = ProgressFeed(config.dispatcher_id, config.results_keyring)
         self._replies = Replies(
-            config.results_keyring, config.seen_results, self._unwatch, self._progress.events
+            config.results_keyring,
+            config.seen_results,
+            self._unwatch,
+            self._progress.events,
+            slots=Slots(config.max_outstanding),
         )
         self._control: ControlClient | None = None
         self._supervisor: Supervisor | None = None
@@ -162,7 +182,8 @@ class Dispatcher:
         if registry is not None:
             self._metrics = dispatcher_metrics(registry)
             self._replies.observe(self._count_result)
-        #: each waiting task's trace: its re-dispatches, expiry and compensation continue it
+        #: the traces of recent tasks, for a resubmit of one already answered; a task still
+        #: waiting keeps its own in the book of replies (never forgotten while it waits)
         self._traces: LastSeen[tracing.TraceContext] = LastSeen(config.seen_results)
 
     async def __aenter__(self) -> Self:
@@ -299,28 +320,77 @@ class Dispatcher:
         self, task: Task, *, traceparent: str | None = None, tracestate: str | None = None
     ) -> TaskHandle:
         """Publish an already built task (its ``reply_to`` should be this dispatcher's), in
-        the trace ``traceparent`` names (see :class:`TaskOptions`)."""
+        the trace ``traceparent`` names (see :class:`TaskOptions`).
+
+        With ``max_outstanding`` tasks waiting for their results, it waits up to
+        ``backpressure_wait_s`` for one to end, then raises :class:`TooManyOutstanding`.
+        """
+        return await self._submit(task, _caller_trace(traceparent, tracestate))
+
+    async def _submit(
+        self, task: Task, parent: tracing.TraceContext | None, *, replacing: bool = False
+    ) -> TaskHandle:
+        """``replacing``: the task takes the place of one about to end (the compensation of
+        a task expiring here), so it takes a slot without waiting for one."""
         if self._publisher is None:
             raise WayangError("dispatcher is not started", hint="use `async with Dispatcher(...)`")
-        # idempotent: a task id answered or on its way is not run again
-        known = self._replies.handle(task)
+        # idempotent: a task id answered or on its way is not run again (and takes no slot)
+        known = self._known(task)
         if known is not None:
-            known.traceparent = _traceparent(self._traces.get(task.task_id))
             return known
+        if replacing:
+            self._replies.slots.take_now()
+        else:
+            await self._take_slot(task)
+            known = self._known(task)  # submitted meanwhile, while this one waited
+            if known is not None:
+                self._replies.slots.give_back()
+                return known
         handle = self._replies.expect(task)
         started = time.monotonic()
         try:
-            trace = await self._publish_traced(task, _caller_trace(traceparent, tracestate))
+            trace = await self._publish_traced(task, parent)
         except BaseException:
-            self._replies.forget(task.task_id)
+            self._replies.forget(task.task_id)  # gives its slot back
             raise
         if self._metrics is not None:
             submitted, round_trip = self._metrics.per_capability(task.capability)
             submitted.inc()
             handle.when_answered(lambda _: round_trip.observe(time.monotonic() - started))
+        self._replies.traced(task.task_id, trace)
         self._traces.put(task.task_id, trace)
         handle.traceparent = trace.traceparent
         return handle
+
+    def _known(self, task: Task) -> TaskHandle | None:
+        """The handle of a task already answered or waiting here, with its trace."""
+        known = self._replies.handle(task)
+        if known is not None:
+            known.traceparent = _traceparent(self._trace(task.task_id))
+        return known
+
+    async def _take_slot(self, task: Task) -> None:
+        """An outstanding slot for ``task``, waiting (FIFO) up to ``backpressure_wait_s``."""
+        slots = self._replies.slots
+        started = time.monotonic()
+        if await slots.take(self.config.backpressure_wait_s):
+            return
+        waited = time.monotonic() - started
+        logs.event(
+            log,
+            "task.too_many_outstanding",
+            logging.WARNING,
+            task_id=task.task_id,
+            capability=task.capability,
+            max_outstanding=slots.limit,
+            waited_s=round(waited, 3),
+        )
+        raise TooManyOutstanding(slots.limit, waited)
+
+    def _trace(self, task_id: str) -> tracing.TraceContext | None:
+        """The trace a task was published in: kept while it waits, then while it is recent."""
+        trace = self._replies.trace(task_id)
+        return trace if trace is not None else self._traces.get(task_id)
 
     async def _publish_traced(
         self, task: Task, parent: tracing.TraceContext | None
@@ -400,9 +470,15 @@ class Dispatcher:
         """True once a PENDING result said the task was accepted (it is answered later)."""
         return self._replies.is_accepted(task_id)
 
+    @property
+    def outstanding(self) -> int:
+        """Tasks submitted here still waiting for their terminal result (at most
+        ``max_outstanding``, but for compensations of tasks that expired)."""
+        return self._replies.outstanding
+
     async def expire(self, task: Task) -> None:
         """End a task nobody started before its deadline: FAILED ``timeout``, decided here."""
-        trace = self._traces.get(task.task_id)
+        trace = self._trace(task.task_id)
         with logs.bound(**_task_fields(task, trace)):
             await self._expire(task, trace)
 
@@ -425,7 +501,8 @@ class Dispatcher:
             # window: the task's own deadline has just passed
             fresh = {"deadline_ms": now_ms() + task.queue_window_ms}
             compensation = compensation.model_copy(update=fresh)
-            await self.submit_task(compensation, traceparent=_traceparent(trace))
+            # it takes the expiring task's place: it must not wait for that task's own slot
+            await self._submit(compensation, trace, replacing=True)
             result = result.model_copy(update={"compensation_task_id": compensation.task_id})
         self._replies.deliver(result, trace)
         # Also on the wire, so whatever records results (a control plane, an audit) sees
@@ -446,7 +523,7 @@ class Dispatcher:
         so the old attempt's late result is recognised and discarded."""
         fresh = task.next_attempt(token=new_id(), deadline_ms=now_ms() + task.queue_window_ms)
         self._replies.replace(fresh)
-        trace = self._traces.get(task.task_id)
+        trace = self._trace(task.task_id)
         with logs.bound(**_task_fields(task, trace)):
             logs.event(
                 log,
@@ -456,7 +533,9 @@ class Dispatcher:
                 silent_executor=silent_executor,
                 attempt=fresh.attempt,
             )
-        self._traces.put(task.task_id, await self._publish_traced(fresh, trace))
+        trace = await self._publish_traced(fresh, trace)
+        self._replies.traced(task.task_id, trace)
+        self._traces.put(task.task_id, trace)
 
     def observe(self, listener: ResultListener) -> Callable[[], None]:
         """Tell ``listener`` about every result from now on, and what became of it.

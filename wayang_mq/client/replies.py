@@ -1,6 +1,11 @@
 """The dispatcher's book of replies: which tasks wait for an answer, and what became of every
 result that came back on the reply queue.
 
+Each task submitted here holds one of the dispatcher's outstanding slots
+(:class:`~wayang_mq.client.outstanding.Slots`) while it waits; every way its entry leaves the
+book (its terminal result, an expiry decided here, a publish that failed) goes through
+:meth:`Replies.forget`, which gives the slot back.
+
 Every result is verified first: its signature, and that the signing key may say it (an
 executor answers as itself for its capabilities, see :mod:`wayang_mq.core.authority`); an
 unsigned or forged one is rejected, never handed out. The first terminal result per task id
@@ -29,6 +34,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from wayang_mq.amqp import acks
 from wayang_mq.amqp.outcome import discard, reject, settle
+from wayang_mq.client.outstanding import Slots
 from wayang_mq.core import logs
 from wayang_mq.core.authority import check_result
 from wayang_mq.core.bounded import LastSeen
@@ -153,12 +159,16 @@ async def _wait(future: asyncio.Future[Result], timeout_s: float | None, task: T
         ) from None
 
 
-@dataclass
+@dataclass(slots=True)  # one per outstanding task: no __dict__ each
 class _Waiting:
     task: Task | None  # its current attempt (None: only awaited by id, not submitted here)
     result: asyncio.Future[Result]
     accepted: asyncio.Future[Result]
     accepted_token: str | None = None  # the token of the attempt a PENDING result accepted
+    holds_slot: bool = False  # submitted here: holds an outstanding slot until it ends
+    #: the trace its re-dispatches, expiry and compensation continue (kept while it waits,
+    #: however many tasks end meanwhile)
+    trace: tracing.TraceContext | None = None
 
 
 class Replies:
@@ -170,9 +180,13 @@ class Replies:
         seen_limit: int,
         on_forget: Callable[[str], None] = lambda task_id: None,
         progress: ProgressSource | None = None,
+        *,
+        slots: Slots,
     ) -> None:
         self._keyring = keyring  # every result's signature, and its key's scope
         self._waiting: dict[str, _Waiting] = {}
+        #: outstanding slots: taken by the caller of expect(), given back by forget()
+        self.slots = slots
         self._seen: LastSeen[Result] = LastSeen(seen_limit)  # terminal results handed out
         self._listeners: list[ResultListener] = []
         self._on_forget = on_forget
@@ -193,22 +207,44 @@ class Replies:
         return TaskHandle(waiting.task, waiting.result, waiting.accepted, self._progress)
 
     def expect(self, task: Task) -> TaskHandle:
-        """Wait for ``task``'s answer from now on."""
+        """Wait for ``task``'s answer from now on; it holds the slot its caller took from
+        ``slots`` until :meth:`forget` (``handle(task)`` was None: it is not waiting yet)."""
         loop = asyncio.get_running_loop()
         waiting = self._waiting.get(task.task_id)
         if waiting is None:  # result_of() may have asked for it already
             waiting = _Waiting(task, loop.create_future(), loop.create_future())
             self._waiting[task.task_id] = waiting
+        assert not waiting.holds_slot, f"task {task.task_id} is already outstanding"
         waiting.task = task
+        waiting.holds_slot = True
         return TaskHandle(task, waiting.result, waiting.accepted, self._progress)
+
+    def traced(self, task_id: str, trace: tracing.TraceContext) -> None:
+        """The trace the task's current attempt was published in."""
+        waiting = self._waiting.get(task_id)
+        if waiting is not None:
+            waiting.trace = trace
+
+    def trace(self, task_id: str) -> tracing.TraceContext | None:
+        """The trace of a task waiting here, if it has one."""
+        waiting = self._waiting.get(task_id)
+        return waiting.trace if waiting is not None else None
+
+    @property
+    def outstanding(self) -> int:
+        """Tasks submitted here still waiting for their terminal result."""
+        return self.slots.taken
 
     def replace(self, task: Task) -> None:
         """A new attempt replaces the current one (its token fences the old one's result)."""
         self._waiting[task.task_id].task = task
 
     def forget(self, task_id: str) -> None:
-        """Stop waiting for the task."""
-        self._waiting.pop(task_id, None)
+        """Stop waiting for the task, and give back its outstanding slot. The one way an
+        entry leaves the book, so that no slot is lost."""
+        waiting = self._waiting.pop(task_id, None)
+        if waiting is not None and waiting.holds_slot:
+            self.slots.give_back()
         self._on_forget(task_id)
 
     def waiting(self) -> list[Task]:

@@ -224,6 +224,22 @@ class BrokerBlocked(Backpressure):
         self.queue = ""
 
 
+class TooManyOutstanding(Backpressure):
+    """The dispatcher already has its ``max_outstanding`` tasks waiting for their results,
+    and none ended within its bounded wait: the task was not published."""
+
+    def __init__(self, limit: int, waited_s: float) -> None:
+        WayangError.__init__(
+            self,
+            f"{limit} tasks already wait for their results on this dispatcher, its "
+            f"max_outstanding (none ended in {waited_s:.1f}s); the task was not published",
+            hint="await results before submitting more, or raise DispatcherConfig."
+            "max_outstanding (about 7 KB of dispatcher memory per outstanding task)",
+        )
+        self.queue = ""
+        self.limit = limit
+
+
 class PublishFailed(WayangError):
     """A publish was not confirmed by the broker (channel closed or nack)."""
 
