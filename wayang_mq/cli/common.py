@@ -27,12 +27,14 @@ def run_daemon(main: Coroutine[Any, Any, T]) -> T:
     task and socket write cut (docs/performance.md)."""
     choice = os.environ.get(EVENT_LOOP_ENV, "").strip().lower()
     if choice not in ("", "uvloop", "asyncio"):
+        main.close()  # never run: no "never awaited" warning on the way out
         raise ConfigError(f"{EVENT_LOOP_ENV}={choice!r}: use uvloop or asyncio")
     if choice != "asyncio":
         try:
             import uvloop
         except ImportError:
             if choice == "uvloop":
+                main.close()
                 raise ConfigError(
                     f"{EVENT_LOOP_ENV}=uvloop but uvloop is not installed",
                     hint="pip install 'wayang-mq[fast]'",
