@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import gc
 import json
 import os
@@ -75,7 +74,7 @@ from bench.clients import (  # noqa: E402
     declare_raw_topology,
 )
 from bench.processes import WorkerProcess, WorkerSet  # noqa: E402
-from bench.report import code_version, machine  # noqa: E402
+from bench.report import code_version, header  # noqa: E402
 from bench.run import (  # noqa: E402
     QUEUES,
     Broker,
@@ -734,14 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         write_keypair(keys)
         found = run_async(_run(args, broker, keys, Path(tmp)))
     report = {
-        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([".venv/bin/python", "bench/backlog.py", *sys.argv[1:]]),
-        "code": version,
-        "machine": {
-            **machine(broker.version),
-            "load_average_at_start": [round(x, 2) for x in load],
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        },
+        **header("bench/backlog.py", version, broker.version, load),
         "params": {
             "count": args.count,
             "outstanding": args.outstanding,

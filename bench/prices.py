@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -52,7 +51,7 @@ sys.path.insert(0, str(ROOT))  # `python bench/prices.py` runs with bench/ on th
 from bench import metered, priced, variants  # noqa: E402
 from bench.clients import WayangClient  # noqa: E402
 from bench.processes import WorkerProcess, WorkerSet  # noqa: E402
-from bench.report import LABELS, Outcome, code_version, machine  # noqa: E402
+from bench.report import LABELS, Outcome, code_version, header  # noqa: E402
 from bench.run import (  # noqa: E402
     Broker,
     Contender,
@@ -437,14 +436,7 @@ def report(
     """Everything, for the JSON."""
     base = next(o for v, o in found if v.name == BASE)
     out: dict[str, Any] = {
-        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([".venv/bin/python", "bench/prices.py", *sys.argv[1:]]),
-        "code": version,
-        "machine": {
-            **machine(broker.version),
-            "load_average_at_start": [round(x, 2) for x in load],
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        },
+        **header("bench/prices.py", version, broker.version, load),
         "params": {
             "tasks_per_round": args.tasks,
             "rounds": args.rounds,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import importlib.metadata
 import os
 import platform
 import statistics
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +181,23 @@ def targets(found: dict[str, dict[str, float]]) -> dict[str, Any] | None:
             "metrics_cost_met": metrics["throughput"] >= TARGET_METRICS_ON_VS_OFF,
         }
     return met or None
+
+
+def header(
+    script: str, version: dict[str, str], rabbitmq_version: str, load: tuple[float, ...]
+) -> dict[str, Any]:
+    """What every bench JSON starts with: when, the command, the code, the machine (with the
+    load average when the run started, ``load``, and now)."""
+    return {
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join([".venv/bin/python", script, *sys.argv[1:]]),
+        "code": version,
+        "machine": {
+            **machine(rabbitmq_version),
+            "load_average_at_start": [round(x, 2) for x in load],
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
+    }
 
 
 def machine(rabbitmq_version: str) -> dict[str, Any]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import os
 import shutil
@@ -80,7 +79,7 @@ from bench.report import (  # noqa: E402
     LABELS,
     Outcome,
     code_version,
-    machine,
+    header,
     ratios,
     table,
     targets,
@@ -247,14 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = run_async(_bench_all(args, systems, broker, keys, Path(tmp)))
     found = ratios(outcomes)
     report = {
-        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]]),
-        "code": version,
-        "machine": {
-            **machine(broker.version),
-            "load_average_at_start": [round(x, 2) for x in load],
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        },
+        **header("bench/run.py", version, broker.version, load),
         "params": _params(args, broker),
         "systems": {o.system: o.as_json() for o in outcomes},
         "ratios": found,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import os
 import signal
@@ -53,7 +52,7 @@ from bench.clients import consumer_count  # noqa: E402
 from bench.measure import Throughput, throughput_async  # noqa: E402
 from bench.nap import CAPABILITY  # noqa: E402
 from bench.processes import WorkerProcess  # noqa: E402
-from bench.report import code_version, machine  # noqa: E402
+from bench.report import code_version, header  # noqa: E402
 from bench.run import Broker, interrupted, open_broker, run_async, worker_env  # noqa: E402
 from wayang_mq.amqp.connect import management_client  # noqa: E402
 from wayang_mq.client.dispatcher import Dispatcher, DispatcherConfig  # noqa: E402
@@ -299,14 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         write_keypair(keys)
         fleets = run_async(_run(args, broker, keys, Path(tmp)))
     report = {
-        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([".venv/bin/python", "bench/scaling.py", *sys.argv[1:]]),
-        "code": version,
-        "machine": {
-            **machine(broker.version),
-            "load_average_at_start": [round(x, 2) for x in load],
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        },
+        **header("bench/scaling.py", version, broker.version, load),
         "params": {
             "workers": args.workers,
             "concurrency_per_worker": args.concurrency,
