@@ -7,16 +7,17 @@ from typing import Any
 
 import aio_pika
 import psycopg
+import pytest
 from wayang_workers.demo import Echo, Fail
 
 from wayang_mq import ErrorCode, Status
 from wayang_mq.controlplane import store
-from wayang_mq.controlplane.facts import Delivery, read
+from wayang_mq.controlplane.facts import Delivery, Fact, read
 from wayang_mq.controlplane.migrate import migrate
 from wayang_mq.core.envelope import TaskChecks
-from wayang_mq.core.model import RetryHints, Task
+from wayang_mq.core.model import ErrorInfo, Result, RetryHints, Task
 from wayang_mq.core.names import RECORD_REFUSED_QUEUE, RESULTS_EXCHANGE, TASKS_EXCHANGE
-from wayang_mq.core.wire import task_message
+from wayang_mq.core.wire import WireMessage, signed_message, task_message
 from wayang_mq.ops.deadletters import replay
 from wayang_mq.testing.harness import Fabric, eventually
 
@@ -124,6 +125,44 @@ async def test_the_same_message_read_twice_is_written_once(record_db: str, fabri
     assert _rows(
         record_db, "SELECT count(*) FROM task_copies WHERE task_id = %s", task.task_id
     ) == [(1,)]
+
+
+@pytest.mark.parametrize("copy_first", [True, False], ids=["copy-first", "result-first"])
+async def test_a_replays_result_is_replayed_whichever_the_record_reads_first(
+    record_db: str, fabric: Fabric, copy_first: bool
+) -> None:
+    # Given a task answered FAILED timeout, then replayed (same id and token, new bytes with a
+    # fresh deadline) and answered SUCCESS by the replay's run: the copy comes from the
+    # operator's tool and the result from a worker, two publishers RabbitMQ does not order
+    task = Task.create("demo.echo", {"n": 1}, issuer="", reply_to="reply.d-1")
+    copy = task.model_copy(update={"deadline_ms": task.deadline_ms + 60_000})
+    failed = Result.failure(task, "reaper", ErrorInfo(code=ErrorCode.TIMEOUT, message="expired"))
+    succeeded = Result.answering(task, "w-1", Status.SUCCESS, output={"n": 1})
+
+    def delivered(message: WireMessage, exchange: str, key: str) -> Fact:
+        delivery = Delivery(
+            exchange=exchange,
+            routing_key=key,
+            body=message.body,
+            headers=message.headers,
+            message_id=task.task_id,
+        )
+        return read(delivery, fabric.keyring, TaskChecks())
+
+    def answer(result: Result) -> Fact:
+        signed = signed_message(result, fabric.signer, message_id=task.task_id)
+        return delivered(signed, RESULTS_EXCHANGE, "reply.d-1")
+
+    original = delivered(task_message(task, fabric.signer), TASKS_EXCHANGE, "demo.echo")
+    replayed = delivered(task_message(copy, fabric.signer), TASKS_EXCHANGE, "demo.echo")
+    later = [replayed, answer(succeeded)] if copy_first else [answer(succeeded), replayed]
+    # When the record reads them in either order
+    async with await psycopg.AsyncConnection.connect(record_db, autocommit=True) as conn:
+        for fact in [original, answer(failed), *later]:
+            assert await store.write(conn, fact) is True
+    # Then the first answer stays the task's and the replay's run is kept as 'replayed'
+    verdicts = "SELECT status, verdict FROM results WHERE task_id = %s ORDER BY seq"
+    assert _rows(record_db, verdicts, task.task_id) == [("FAILED", "won"), ("SUCCESS", "replayed")]
 
 
 async def test_an_unverifiable_message_is_counted_and_set_aside_never_written(

@@ -324,6 +324,25 @@ async def _copy(
         await conn.execute(
             "UPDATE tasks SET replayed_at = now() WHERE task_id = %s", (seen.task.task_id,)
         )
+        await _claim_replay_result(conn, seen.task.task_id, seen.task.token, sha)
+
+
+async def _claim_replay_result(conn: Conn, task_id: str, token: str, sha: bytes) -> None:
+    """A replay's run may be recorded before the replayed copy: RabbitMQ keeps order per
+    publisher, and the copy (the operator's ``dead replay``) and its run's result (a worker)
+    come from two, so the worker's result can reach the record first, where it found no
+    replay copy and was recorded a duplicate. The copy claims that result as its run's:
+    the verdict is the same whichever of the two the record reads first."""
+    cur = await conn.execute(
+        "UPDATE results SET verdict = 'replayed' WHERE seq = (SELECT max(seq) FROM results"
+        " WHERE task_id = %s AND token = %s AND verdict = 'duplicate') RETURNING 1",
+        (task_id, token),
+    )
+    if await cur.fetchone() is not None:
+        await conn.execute(
+            "UPDATE task_copies SET answered = true WHERE task_id = %s AND body_sha256 = %s",
+            (task_id, sha),
+        )
 
 
 async def _set_attempt(conn: Conn, seen: TaskSeen, state: str, token: str, decided_by: str) -> None:
