@@ -13,7 +13,6 @@ import tomllib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aio_pika
 import pytest
 
 from tests.test_cli import assert_one_line_error, wayang
@@ -67,15 +66,6 @@ async def empty_full_queue(bp_fabric: Fabric) -> AsyncIterator[Fabric]:
     await bp_fabric.purge(FULL)
 
 
-async def depth(fabric: Fabric, capability: str) -> int:
-    """Ready messages in the capability's queue, exact (a passive declare)."""
-    connection = await aio_pika.connect(fabric.endpoint.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(task_queue(capability), passive=True)
-        return int(queue.declaration_result.message_count or 0)
-
-
 async def test_a_full_queue_refuses_the_next_task_with_backpressure_and_never_enqueues_it(
     empty_full_queue: Fabric, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -85,11 +75,11 @@ async def test_a_full_queue_refuses_the_next_task_with_backpressure_and_never_en
         # Given no worker, and bp.full filled to its max-length
         for n in range(LIMIT):
             await dispatcher.submit(FULL, {"n": n}, queue_timeout_s=QUEUE_TIMEOUT_S)
-        assert await depth(fabric, FULL) == LIMIT
+        assert await fabric.depth(FULL) == LIMIT
         # (RabbitMQ checks the limit before it enqueues, so it takes exactly one more: the
         # overshoot DESIGN.md documents; a publish is refused once the queue is past the limit)
         await dispatcher.submit(FULL, {"n": LIMIT}, queue_timeout_s=QUEUE_TIMEOUT_S)
-        assert await depth(fabric, FULL) == LIMIT + 1
+        assert await fabric.depth(FULL) == LIMIT + 1
         # When one more task is submitted
         with pytest.raises(Backpressure) as refused:
             await dispatcher.submit(FULL, {"n": "refused"}, queue_timeout_s=QUEUE_TIMEOUT_S)
@@ -98,7 +88,7 @@ async def test_a_full_queue_refuses_the_next_task_with_backpressure_and_never_en
     assert task_queue(FULL) in refused.value.one_line()
     assert "event=task.backpressure" in caplog.text
     # and none of its attempts was enqueued: the queue holds exactly what it held
-    assert await depth(fabric, FULL) == LIMIT + 1
+    assert await fabric.depth(FULL) == LIMIT + 1
 
 
 async def test_the_cli_submit_to_a_full_queue_exits_5_with_one_line_naming_it(
@@ -118,7 +108,7 @@ async def test_the_cli_submit_to_a_full_queue_exits_5_with_one_line_naming_it(
     run = await asyncio.to_thread(wayang, "submit", FULL, env=env)
     # Then it exits 5 with one line naming the full queue, and did not enqueue the task
     assert_one_line_error(run, 5, task_queue(FULL), "full")
-    assert await depth(fabric, FULL) == LIMIT + 1
+    assert await fabric.depth(FULL) == LIMIT + 1
 
 
 async def test_after_backpressure_every_confirmed_task_gets_one_result_and_the_refused_none(
@@ -242,7 +232,7 @@ async def test_a_publish_while_the_broker_blocks_is_reported_as_broker_blocked_a
 
 
 async def _landed(fabric: Fabric, count: int) -> bool:
-    return await depth(fabric, BLOCKED) == count
+    return await fabric.depth(BLOCKED) == count
 
 
 async def _raised(submitting: Any) -> BaseException | None:

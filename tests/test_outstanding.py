@@ -11,7 +11,6 @@ import time
 import tomllib
 from collections.abc import AsyncIterator
 
-import aio_pika
 import pytest
 
 from wayang_mq import ErrorCode, Executor, Status, Task
@@ -20,7 +19,6 @@ from wayang_mq.client.outstanding import Slots
 from wayang_mq.client.supervisor import SupervisionConfig
 from wayang_mq.core.errors import Backpressure, NoExecutor, TooManyOutstanding
 from wayang_mq.core.model import JsonLike
-from wayang_mq.core.names import task_queue
 from wayang_mq.testing.harness import Fabric
 from wayang_mq.topology.apply import apply_topology
 from wayang_mq.topology.spec import parse_topology
@@ -59,15 +57,6 @@ async def held(held_fabric: Fabric) -> AsyncIterator[Fabric]:
     await held_fabric.purge(HELD)
 
 
-async def depth(fabric: Fabric, capability: str) -> int:
-    """Ready messages in the capability's queue, exact (a passive declare)."""
-    connection = await aio_pika.connect(fabric.endpoint.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(task_queue(capability), passive=True)
-        return int(queue.declaration_result.message_count or 0)
-
-
 async def test_past_max_outstanding_a_submit_waits_then_raises_too_many_outstanding(
     held: Fabric,
 ) -> None:
@@ -90,7 +79,7 @@ async def test_past_max_outstanding_a_submit_waits_then_raises_too_many_outstand
         line = refused.value.one_line()
         assert f"{LIMIT} tasks" in line and "max_outstanding" in line and "await results" in line
         # and it was never published, nor does it count as outstanding
-        assert await depth(held, HELD) == LIMIT
+        assert await held.depth(HELD) == LIMIT
         assert dispatcher.outstanding == LIMIT
 
 
@@ -134,7 +123,7 @@ async def test_a_resubmit_of_an_outstanding_task_returns_its_handle_without_a_sl
         assert time.monotonic() - started < WAIT_S
         assert again.task_id == handle.task_id and again.traceparent == handle.traceparent
         assert dispatcher.outstanding == 1
-        assert await depth(held, HELD) == 1
+        assert await held.depth(HELD) == 1
 
 
 async def test_an_outstanding_task_keeps_its_trace_however_many_tasks_come_after_it(

@@ -327,6 +327,15 @@ class Fabric:
             process.stop()
         self.processes.clear()
 
+    async def depth(self, capability: str) -> int:
+        """Ready messages in the capability's queue, exact (a passive declare; the management
+        API's counts lag)."""
+        connection = await aio_pika.connect(self.endpoint.amqp_urls[0])
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(names.task_queue(capability), passive=True)
+            return int(queue.declaration_result.message_count or 0)
+
     async def purge(self, *capabilities: str) -> None:
         """Empty the capabilities' task and dead-letter queues (between tests)."""
         connection = await aio_pika.connect(self.endpoint.amqp_urls[0])
